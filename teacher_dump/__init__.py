@@ -1,0 +1,1 @@
+"""teacher-dump: run a teacher in vLLM once and store its top-k logprobs as Parquet shards."""

@@ -1,0 +1,186 @@
+"""`teacher-dump inspect DIR [--validate]`: what a dump holds, and whether it is intact.
+
+The summary reads only the manifest plus a light pass over each shard (finish reasons and the
+captured top-k mass). `--validate` reads every shard fully and checks it against the schema and
+the manifest: checksum, row/token counts, list lengths, id range, finite sorted logprobs, unique
+sample ids; the first problem is reported with the shard's name.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from schemas.manifest import read_manifest
+from schemas.shard import (
+    PAD_ID,
+    SCHEMA_VERSION,
+    describe_schema_mismatch,
+    max_rounding_error,
+    schema_version_of,
+)
+from shared.errors import UserError
+from shared.files import sha256_of_file
+from teacher_dump.shards import shards_on_disk
+
+
+def topk_arrays(table) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, k) ids and logprobs of a table's topk columns, without Python loops."""
+    ids_column = table["topk_ids"].combine_chunks()
+    logprobs_column = table["topk_logprobs"].combine_chunks()
+    ids = ids_column.flatten().flatten().to_numpy(zero_copy_only=False)
+    logprobs = logprobs_column.flatten().flatten().to_numpy(zero_copy_only=False)
+    positions = len(ids_column.flatten())
+    width = len(ids) // positions if positions else 0
+    return ids.reshape(positions, width), logprobs.reshape(positions, width)
+
+
+def summarize(directory: Path) -> dict:
+    """Statistics of a dump for display."""
+    manifest = read_manifest(directory)
+    finish_reasons: Counter[str] = Counter()
+    mass_sum, positions = 0.0, 0
+    for entry in manifest["shards"]:
+        table = pq.read_table(
+            Path(directory) / entry["name"], columns=["finish_reason", "topk_logprobs"]
+        )
+        finish_reasons.update(table["finish_reason"].to_pylist())
+        logprobs = table["topk_logprobs"].combine_chunks().flatten()
+        if len(logprobs):
+            values = logprobs.flatten().to_numpy(zero_copy_only=False).reshape(len(logprobs), -1)
+            mass_sum += float(np.exp(values.astype(np.float64)).sum())
+            positions += len(logprobs)
+    totals = manifest["totals"]
+    return {
+        "manifest": manifest,
+        "finish_reasons": dict(finish_reasons.most_common()),
+        "mean_topk_mass": mass_sum / positions if positions else float("nan"),
+        "bytes_per_token": totals["bytes"] / max(totals["target_tokens"], 1),
+    }
+
+
+def format_summary(directory: Path, summary: dict) -> str:
+    manifest = summary["manifest"]
+    totals = manifest["totals"]
+    teacher = manifest["teacher"]
+    engine = manifest.get("engine") or {}
+    data = manifest["data"]
+    reasons = (
+        ", ".join(f"{reason} {count}" for reason, count in summary["finish_reasons"].items())
+        or "none"
+    )
+    lines = [
+        f"dump            {directory}",
+        f"schema version  {manifest['schema_version']}",
+        f"mode            {manifest['mode']}",
+        f"teacher         {teacher['model']} ({teacher['dtype']}, vllm {engine.get('version')}, {engine.get('platform')})",
+        f"tokenizer       {manifest['tokenizer']['fingerprint'][:16]} (size {manifest['tokenizer']['size']})",
+        f"top-k           {manifest['top_k']} ({manifest['logprobs']['mode']})",
+        f"data            {data['task']} from {data['source']} ({data['prompts']} prompts, {data['skipped_too_long']} skipped as too long)",
+        f"rows            {totals['rows']:,} of {data['expected_rows']:,} expected ({'complete' if manifest['complete'] else 'INCOMPLETE: rerun the same command to finish'})",
+        f"shards          {totals['shards']}",
+        f"target tokens   {totals['target_tokens']:,}",
+        f"bytes           {totals['bytes']:,} ({summary['bytes_per_token']:.1f} B per target token)",
+        f"top-k mass      {summary['mean_topk_mass']:.4f} mean sum of p over the stored ids",
+        f"finish reasons  {reasons}",
+    ]
+    padded = sum(entry.get("padded_topk_entries", 0) for entry in manifest["shards"])
+    if padded:
+        lines.append(f"padding ids     {padded:,} top-k entries were padding-row ids, stored as -1")
+    return "\n".join(lines)
+
+
+def validate(directory: Path) -> list[str]:
+    """Every problem found, each naming its shard; empty when the dump is intact."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    problems: list[str] = []
+    listed = {entry["name"] for entry in manifest["shards"]}
+    for path in shards_on_disk(directory):
+        if path.name not in listed:
+            problems.append(
+                f"{path.name}: on disk but not in the manifest (rerun the dump command to refresh it)"
+            )
+    seen_ids: set[str] = set()
+    top_k = manifest["top_k"]
+    tokenizer_size = manifest["tokenizer"]["size"]
+    for entry in manifest["shards"]:
+        problem = validate_shard(directory / entry["name"], entry, top_k, tokenizer_size, seen_ids)
+        if problem:
+            problems.append(f"{entry['name']}: {problem}")
+    return problems
+
+
+def validate_shard(
+    path: Path, entry: dict, top_k: int, tokenizer_size: int, seen_ids: set[str]
+) -> str | None:
+    """The first problem in one shard, or None."""
+    if not path.is_file():
+        return "listed in the manifest but missing on disk"
+    if path.stat().st_size != entry["bytes"]:
+        return f"size {path.stat().st_size} differs from the manifest's {entry['bytes']} (truncated or replaced)"
+    if sha256_of_file(path) != entry["sha256"]:
+        return "sha256 differs from the manifest (corrupt or replaced)"
+    try:
+        table = pq.read_table(path)
+    except Exception as error:
+        return f"unreadable Parquet ({str(error)[:120]})"
+    version = schema_version_of(table.schema)
+    if version != SCHEMA_VERSION:
+        return f"written with shard schema version {version}, expected {SCHEMA_VERSION}"
+    mismatch = describe_schema_mismatch(table.schema)
+    if mismatch:
+        return f"schema: {mismatch}"
+    if table.num_rows != entry["rows"]:
+        return f"{table.num_rows} rows, manifest says {entry['rows']}"
+    target_lengths = table["target_ids"].combine_chunks().value_lengths().to_numpy()
+    if int(target_lengths.sum()) != entry["target_tokens"]:
+        return f"{int(target_lengths.sum())} target tokens, manifest says {entry['target_tokens']}"
+    for column in ("target_logprobs", "topk_ids", "topk_logprobs"):
+        lengths = table[column].combine_chunks().value_lengths().to_numpy()
+        if not np.array_equal(lengths, target_lengths):
+            return f"column {column} has a different number of positions than target_ids"
+    ids, logprobs = topk_arrays(table)
+    if ids.size and ids.shape[1] != top_k:
+        return f"top-k width {ids.shape[1]}, manifest says k={top_k}"
+    if ids.size and (((ids < 0) & (ids != PAD_ID)).any() or (ids >= tokenizer_size).any()):
+        return f"top-k ids outside [0, {tokenizer_size}) other than the padding marker {PAD_ID}"
+    if np.isnan(logprobs).any() or np.isposinf(logprobs).any() or (logprobs > 0).any():
+        return "top-k logprobs contain NaN, +inf or positive values"
+    if ((ids == PAD_ID) != np.isneginf(logprobs)).any():
+        return "padding marker ids and -inf logprobs do not coincide"
+    if ids.size and (np.diff(logprobs, axis=1) > max_rounding_error() * 2).any():
+        return "top-k logprobs are not in descending rank order"
+    target_logprobs = (
+        table["target_logprobs"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    )
+    if not np.isfinite(target_logprobs).all() or (target_logprobs > 0).any():
+        return "target logprobs contain NaN/inf or positive values"
+    target_ids = table["target_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    if ((target_ids < 0) | (target_ids >= tokenizer_size)).any():
+        return f"target ids outside [0, {tokenizer_size})"
+    for sample_id in table["sample_id"].to_pylist():
+        if sample_id in seen_ids:
+            return f"sample_id {sample_id} appears more than once in the dump"
+        seen_ids.add(sample_id)
+    return None
+
+
+def run_inspect(directory: Path, check: bool) -> int:
+    """Print the summary (and validation result); returns the exit status."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory: pass a teacher-dump --out directory")
+    print(format_summary(directory, summarize(directory)))
+    if not check:
+        return 0
+    problems = validate(directory)
+    if problems:
+        for problem in problems:
+            print(f"INVALID {problem}")
+        return 1
+    print("valid           every shard matches the schema and the manifest")
+    return 0

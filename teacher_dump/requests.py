@@ -1,0 +1,170 @@
+"""Turning examples (or raw text) into token-level dump requests, validated before the engine starts.
+
+All of the input is rendered and checked up front (empty prompts, missing references, prompts
+that do not fit the context) so that a bad record fails in seconds, not after the engine's
+start-up, and the progress bar knows its exact total.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.errors import UserError
+from shared.tasks import Example
+from shared.tokenizer import render_prompt, render_target
+
+TEXT_BLOCK_CHARACTERS = 1 << 16
+"""Raw text is tokenized in blocks of about this many characters, split at line ends."""
+
+
+@dataclass(frozen=True)
+class DumpRequest:
+    """One prompt to send to the teacher."""
+
+    source_index: int
+    """Index of the prompt (text mode: of the chunk); sample ids and resume key on it."""
+    prompt_ids: np.ndarray
+    """(P,) int32 tokens before the target."""
+    target_ids: np.ndarray | None
+    """(T,) int32 teacher-forced target (score and text modes); None in generate mode."""
+    prompt_text: str
+    references: tuple[str, ...]
+
+
+def sample_seed(seed: int, source_index: int) -> int:
+    """A per-prompt sampling seed, independent of batching, ranks and resumes."""
+    digest = hashlib.blake2b(f"{seed}:{source_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def prompt_requests(
+    examples: list[Example],
+    tokenizer,
+    *,
+    mode: str,
+    use_chat_template: bool,
+    stop_ids: list[int],
+) -> list[DumpRequest]:
+    """Render each example's prompt (and, in score mode, its first reference as the target)."""
+    requests = []
+    for example in examples:
+        if not example.prompt.strip():
+            raise UserError(
+                f"record {example.index} has an empty prompt: fix or remove it (or check --prompt-column)"
+            )
+        prompt_ids = render_prompt(tokenizer, example.prompt, use_chat_template=use_chat_template)
+        target_ids = None
+        if mode == "score":
+            if not example.references or not example.references[0].strip():
+                raise UserError(
+                    f"record {example.index} has no reference answer, which score mode teacher-forces: "
+                    "pass --target-column naming the answer column, or use --mode generate"
+                )
+            target_ids = np.asarray(
+                render_target(
+                    tokenizer,
+                    example.prompt,
+                    prompt_ids,
+                    example.references[0],
+                    use_chat_template=use_chat_template,
+                    stop_ids=stop_ids,
+                ),
+                dtype=np.int32,
+            )
+        requests.append(
+            DumpRequest(
+                source_index=example.index,
+                prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
+                target_ids=target_ids,
+                prompt_text=example.prompt,
+                references=example.references,
+            )
+        )
+    return requests
+
+
+def text_requests(
+    texts: list[str], tokenizer, *, chunk_tokens: int, limit: int | None
+) -> list[DumpRequest]:
+    """Tokenize raw texts as one stream and cut it into chunks of `chunk_tokens` tokens.
+
+    Texts are joined with a blank line (no special tokens are inserted). Each chunk's first token
+    is its prompt and the rest its target, so every position but the first carries loss. A last
+    chunk shorter than 2 tokens is dropped.
+    """
+    joined = "".join(text if text.endswith("\n") else text + "\n\n" for text in texts if text)
+    if not joined.strip():
+        raise UserError("the text data is empty: pass a file with text in it")
+    blocks = _split_into_blocks(joined, TEXT_BLOCK_CHARACTERS)
+    encoded = tokenizer(blocks, add_special_tokens=False)["input_ids"]
+    tokens = np.fromiter((token for block in encoded for token in block), dtype=np.int32)
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        # Models trained with a BOS expect it at the start of every window.
+        chunk_body = chunk_tokens - 1
+        bos = np.asarray([tokenizer.bos_token_id], dtype=np.int32)
+    else:
+        chunk_body = chunk_tokens
+        bos = np.zeros(0, dtype=np.int32)
+    requests = []
+    for start in range(0, len(tokens), chunk_body):
+        chunk = np.concatenate([bos, tokens[start : start + chunk_body]])
+        if len(chunk) < 2:
+            break
+        requests.append(
+            DumpRequest(
+                source_index=len(requests),
+                prompt_ids=chunk[:1],
+                target_ids=chunk[1:],
+                prompt_text="",
+                references=(),
+            )
+        )
+        if limit is not None and len(requests) >= limit:
+            break
+    return requests
+
+
+def _split_into_blocks(text: str, size: int) -> list[str]:
+    """Split text into pieces of about `size` characters, each ending at a line end."""
+    blocks, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end == -1 else end + 1
+        blocks.append(text[start:end])
+        start = end
+    return blocks
+
+
+def check_lengths(
+    requests: list[DumpRequest],
+    *,
+    context: int,
+    max_new_tokens: int,
+    mode: str,
+    skip_too_long: bool,
+) -> tuple[list[DumpRequest], int]:
+    """Drop or refuse requests that do not fit the context. Returns (kept, skipped count)."""
+
+    def needed(request: DumpRequest) -> int:
+        extra = max_new_tokens if mode == "generate" else len(request.target_ids)
+        # Scoring generates one throw-away token after the sequence.
+        return len(request.prompt_ids) + extra + (1 if mode != "generate" else 0)
+
+    too_long = [request for request in requests if needed(request) > context]
+    if too_long and not skip_too_long:
+        first = too_long[0]
+        what = (
+            f"{len(first.prompt_ids)} prompt + {max_new_tokens} new tokens"
+            if mode == "generate"
+            else f"{len(first.prompt_ids)} prompt + {len(first.target_ids)} target tokens + 1"
+        )
+        raise UserError(
+            f"{len(too_long)} prompt(s) do not fit the model's context of {context} tokens "
+            f"(first: record {first.source_index}, {what}): raise --max-model-len, lower "
+            "--max-new-tokens/--chunk-tokens, or pass --skip-too-long to leave them out"
+        )
+    kept = [request for request in requests if needed(request) <= context]
+    return kept, len(requests) - len(kept)

@@ -1,0 +1,124 @@
+"""Pure conversions from the engine's per-position arrays to shard rows.
+
+No I/O and no engine here: inputs are numpy arrays, outputs are `ShardRow`s whose arrays follow
+the schema in schemas/shard.py (ids < tokenizer size, logprobs rounded to the storage grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas.shard import PAD_ID, round_logprobs
+from shared.errors import UserError
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    """One row of a shard (see schemas.shard.COLUMNS for the meaning of each field)."""
+
+    sample_id: str
+    source_index: int
+    completion_index: int
+    prompt_ids: np.ndarray
+    """(P,) int32."""
+    target_ids: np.ndarray
+    """(T,) int32."""
+    target_logprobs: np.ndarray
+    """(T,) float32."""
+    topk_ids: np.ndarray
+    """(T, K) int32."""
+    topk_logprobs: np.ndarray
+    """(T, K) float32."""
+    finish_reason: str
+    prompt_text: str
+    target_text: str
+    references: tuple[str, ...]
+    padded_topk_entries: int
+    """Top-k slots that held padding-row ids (>= tokenizer size) and were replaced by PAD_ID."""
+
+
+def drop_padding_ids(
+    topk_ids: np.ndarray, topk_logprobs: np.ndarray, tokenizer_size: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Remove ids >= tokenizer_size from each position's top-k, keeping rank order.
+
+    Args:
+        topk_ids: (T, K) int32 in rank order. topk_logprobs: (T, K) float32.
+    Returns:
+        (ids, logprobs, dropped): the valid entries moved to the front of each row, freed slots
+        filled with PAD_ID / -inf, and how many entries were dropped.
+    """
+    invalid = (topk_ids >= tokenizer_size) | (topk_ids < 0)
+    dropped = int(invalid.sum())
+    if dropped == 0:
+        return topk_ids, topk_logprobs, 0
+    # A stable sort on the invalid flag moves valid entries first without reordering them.
+    order = np.argsort(invalid, axis=1, kind="stable")
+    ids = np.take_along_axis(topk_ids, order, axis=1).copy()
+    logprobs = np.take_along_axis(topk_logprobs, order, axis=1).copy()
+    freed = np.take_along_axis(invalid, order, axis=1)
+    ids[freed] = PAD_ID
+    logprobs[freed] = -np.inf
+    return ids, logprobs, dropped
+
+
+def check_finite(logprobs: np.ndarray, sample_id: str) -> None:
+    """Refuse NaN/inf teacher logprobs (numerical overflow) before they reach a shard."""
+    if not np.isfinite(logprobs).all():
+        raise UserError(
+            f"the teacher returned NaN/inf logprobs for sample {sample_id} (numerical overflow): "
+            "rerun with --dtype float32, or check the model's weights"
+        )
+
+
+def make_row(
+    *,
+    sample_id: str,
+    source_index: int,
+    completion_index: int,
+    prompt_ids: np.ndarray,
+    target_ids: np.ndarray,
+    position_ids: np.ndarray,
+    position_logprobs: np.ndarray,
+    tokenizer_size: int,
+    finish_reason: str,
+    prompt_text: str,
+    target_text: str,
+    references: tuple[str, ...],
+) -> ShardRow:
+    """Build a row from the engine's (T, K+1) arrays for the target positions.
+
+    Column 0 of the position arrays is the target token itself (vLLM's layout), columns 1..K
+    the top-K in rank order.
+    """
+    if not np.array_equal(position_ids[:, 0], target_ids):
+        raise RuntimeError(f"engine logprobs are misaligned with the targets of sample {sample_id}")
+    check_finite(position_logprobs, sample_id)
+    topk_ids, topk_logprobs, dropped = drop_padding_ids(
+        np.ascontiguousarray(position_ids[:, 1:]),
+        np.ascontiguousarray(position_logprobs[:, 1:]),
+        tokenizer_size,
+    )
+    return ShardRow(
+        sample_id=sample_id,
+        source_index=source_index,
+        completion_index=completion_index,
+        prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
+        target_ids=np.asarray(target_ids, dtype=np.int32),
+        target_logprobs=round_logprobs(position_logprobs[:, 0]),
+        topk_ids=topk_ids.astype(np.int32, copy=False),
+        topk_logprobs=round_logprobs(topk_logprobs),
+        finish_reason=finish_reason,
+        prompt_text=prompt_text,
+        target_text=target_text,
+        references=references,
+        padded_topk_entries=dropped,
+    )
+
+
+def first_invalid_position(token_ids: np.ndarray, tokenizer_size: int) -> int | None:
+    """Index of the first sampled id that is not a real token (a padding row), if any."""
+    invalid = np.flatnonzero((token_ids >= tokenizer_size) | (token_ids < 0))
+    return int(invalid[0]) if invalid.size else None

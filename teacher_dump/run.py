@@ -1,0 +1,425 @@
+"""One teacher-dump run: resolve inputs, check them, resume, drive the engine, write shards.
+
+The order matters for the user: everything that can fail on bad input (model dir, tokenizer,
+data, prompt lengths, a different config already in --out) fails before the 20-60 s engine
+start. Then this rank's remaining prompts stream through the engine and their rows into shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from schemas.manifest import manifest_path
+from schemas.shard import LOGPROB_STEP, SCHEMA_VERSION
+from shared.config import config_to_dict
+from shared.errors import UserError
+from shared.files import atomic_write_json, directory_lock, remove_stale_temporaries
+from shared.models import ResolvedModel, context_length, resolve_model
+from shared.tasks import examples_from_records, load_records, resolve_task
+from shared.tokenizer import (
+    has_chat_template,
+    load_tokenizer,
+    stop_token_ids,
+    tokenizer_fingerprint,
+)
+from teacher_dump.config import LOCAL_FIELDS, DumpConfig
+from teacher_dump.requests import (
+    DumpRequest,
+    check_lengths,
+    prompt_requests,
+    sample_seed,
+    text_requests,
+)
+from teacher_dump.rows import ShardRow, first_invalid_position, make_row
+from teacher_dump.shards import ShardWriter, done_source_indices, refresh_manifest
+
+ENGINE_MODULE = "shared.engine"
+
+
+def identity_of(config: DumpConfig) -> dict:
+    """The config fields that define what the dump contains (see LOCAL_FIELDS)."""
+    return {key: value for key, value in config_to_dict(config).items() if key not in LOCAL_FIELDS}
+
+
+def prepare(config: DumpConfig):
+    """Resolve model, tokenizer and data; build and validate this dump's requests (no engine)."""
+    model = resolve_model(config.model, config.revision)
+    tokenizer = load_tokenizer(model.directory, trust_remote_code=config.trust_remote_code)
+    model_context = context_length(model.config)
+    context = config.max_model_len or model_context
+    if context is None:
+        raise UserError(
+            f"--model {config.model} does not state its context length: pass --max-model-len"
+        )
+    if model_context is not None and context > model_context:
+        raise UserError(
+            f"--max-model-len {context} exceeds the model's context of {model_context} tokens: lower it"
+        )
+    task = resolve_task(config.data, config.prompt_column, config.target_column)
+    if config.mode == "text" and task.name not in ("text", "columns"):
+        raise UserError(
+            f"--mode text needs raw text: use --data text (or a file with --prompt-column), not {config.data}"
+        )
+    if config.mode != "text" and task.name == "text":
+        raise UserError("--data text holds raw text without prompts: use --mode text with it")
+    data_path = Path(config.data_path) if config.data_path else None
+    records = load_records(task, config.data, data_path, config.split)
+    use_template = config.chat_template and has_chat_template(tokenizer)
+    stop_ids = stop_token_ids(tokenizer, model.directory)
+    if config.mode == "text":
+        examples = examples_from_records(task, records, None)
+        requests = text_requests(
+            [example.prompt or example.references[0] for example in examples],
+            tokenizer,
+            chunk_tokens=config.chunk_tokens,
+            limit=config.limit,
+        )
+    else:
+        examples = examples_from_records(task, records, config.limit)
+        requests = prompt_requests(
+            examples, tokenizer, mode=config.mode, use_chat_template=use_template, stop_ids=stop_ids
+        )
+    requests, skipped = check_lengths(
+        requests,
+        context=context,
+        max_new_tokens=config.max_new_tokens,
+        mode=config.mode,
+        skip_too_long=config.skip_too_long,
+    )
+    return model, tokenizer, records, requests, skipped, use_template, context
+
+
+def manifest_header(
+    config: DumpConfig,
+    model: ResolvedModel,
+    tokenizer,
+    records,
+    requests: list[DumpRequest],
+    skipped: int,
+    use_template: bool,
+    context: int,
+) -> dict:
+    """Everything the manifest records about the dump, except its shards."""
+    identity = identity_of(config)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    identity_blob = json.dumps(
+        {
+            "config": identity,
+            "weights": model.weights_fingerprint,
+            "data": records.fingerprint,
+            "tokenizer": fingerprint,
+        },
+        sort_keys=True,
+    )
+    samples_per_prompt = config.num_samples if config.mode == "generate" else 1
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "kd-shards teacher dump",
+        "identity": hashlib.sha256(identity_blob.encode()).hexdigest(),
+        "created": now,
+        "updated": now,
+        "mode": config.mode,
+        "teacher": {
+            "model": config.model,
+            "directory": str(model.directory),
+            "revision": model.revision,
+            "weights_fingerprint": model.weights_fingerprint,
+            "architectures": model.config.get("architectures"),
+            "embedding_rows": model.config.get("vocab_size"),
+            "dtype": config.dtype,
+            "context": context,
+        },
+        "tokenizer": {
+            "fingerprint": fingerprint,
+            "size": len(tokenizer),
+            "stop_token_ids": stop_token_ids(tokenizer, model.directory),
+            "chat_template_used": use_template,
+        },
+        "top_k": config.top_k,
+        "logprobs": {
+            "mode": "raw_logprobs",
+            "meaning": "natural-log probabilities of the raw logits (temperature 1, no top-p/top-k)",
+            "rounding_step": LOGPROB_STEP,
+            "padding_ids": "ids >= tokenizer.size are dropped from the top-k; freed slots hold id -1, logprob -inf",
+        },
+        "sampling": {
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens,
+            "num_samples": samples_per_prompt,
+            "seed": config.seed,
+            "per_prompt_seed": "blake2b('<seed>:<source_index>') & 0x7fffffff",
+        }
+        if config.mode == "generate"
+        else None,
+        "engine": {"name": "vllm", "version": None, "platform": None},
+        "data": {
+            "task": config.data,
+            "source": records.source,
+            "fingerprint": records.fingerprint,
+            "split": config.split,
+            "prompts": len(requests),
+            "skipped_too_long": skipped,
+            "expected_rows": len(requests) * samples_per_prompt,
+        },
+        "config": config_to_dict(config),
+        "shards": [],
+        "totals": {"shards": 0, "rows": 0, "target_tokens": 0, "bytes": 0},
+        "complete": False,
+    }
+
+
+def open_output(directory: Path, header: dict, config: DumpConfig) -> None:
+    """Create the manifest, or check that the existing one was made with the same config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with directory_lock(directory):
+        path = manifest_path(directory)
+        if not path.exists():
+            atomic_write_json(path, header)
+            return
+        try:
+            existing = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(
+                f"{path} is corrupt: delete it and rerun (it is rebuilt from the shards)"
+            ) from None
+        if existing.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(
+                f"{directory} holds a dump with schema version {existing.get('schema_version')}, "
+                f"this teacher-dump writes {SCHEMA_VERSION}: use a new --out directory"
+            )
+        if existing.get("identity") != header["identity"]:
+            old = {
+                key: value
+                for key, value in existing.get("config", {}).items()
+                if key not in LOCAL_FIELDS
+            }
+            new = identity_of(config)
+            changed = [
+                f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                for key in sorted(new)
+                if old.get(key) != new.get(key)
+            ]
+            if not changed:
+                changed = ["the model weights, tokenizer or data files changed"]
+            raise UserError(
+                f"{directory} already holds a dump made with a different config ({'; '.join(changed)}): "
+                "rerun with the original settings to resume it, or use a new --out directory"
+            )
+
+
+def rows_for_completions(request: DumpRequest, completions, tokenizer) -> list[ShardRow]:
+    """Rows of one prompt's sampled completions (generate mode)."""
+    rows = []
+    size = len(tokenizer)
+    for index, completion in enumerate(completions):
+        token_ids, position_ids, position_logprobs = (
+            completion.token_ids,
+            completion.position_ids,
+            completion.position_logprobs,
+        )
+        finish_reason = completion.finish_reason
+        cut = first_invalid_position(token_ids, size)
+        if cut is not None:
+            # A sampled padding-row id is not a token: keep the valid prefix only.
+            token_ids, position_ids, position_logprobs = (
+                token_ids[:cut],
+                position_ids[:cut],
+                position_logprobs[:cut],
+            )
+            finish_reason = "invalid_token"
+        sample_id = f"{request.source_index}-{index}"
+        rows.append(
+            make_row(
+                sample_id=sample_id,
+                source_index=request.source_index,
+                completion_index=index,
+                prompt_ids=request.prompt_ids,
+                target_ids=token_ids,
+                position_ids=position_ids,
+                position_logprobs=position_logprobs,
+                tokenizer_size=size,
+                finish_reason=finish_reason,
+                prompt_text=request.prompt_text,
+                target_text=tokenizer.decode(token_ids.tolist(), skip_special_tokens=True),
+                references=request.references,
+            )
+        )
+    return rows
+
+
+def row_for_scored(request: DumpRequest, scored, tokenizer, finish_reason: str) -> ShardRow:
+    """The row of one teacher-forced sequence (score and text modes)."""
+    start = len(request.prompt_ids) - 1  # row j-1 predicts token j; targets start at token P
+    return make_row(
+        sample_id=str(request.source_index),
+        source_index=request.source_index,
+        completion_index=0,
+        prompt_ids=request.prompt_ids,
+        target_ids=request.target_ids,
+        position_ids=scored.position_ids[start:],
+        position_logprobs=scored.position_logprobs[start:],
+        tokenizer_size=len(tokenizer),
+        finish_reason=finish_reason,
+        prompt_text=request.prompt_text,
+        target_text=tokenizer.decode(request.target_ids.tolist(), skip_special_tokens=True),
+        references=request.references,
+    )
+
+
+def run_dump(config: DumpConfig, engine=None) -> dict:
+    """Run (or resume) this rank's share of the dump; returns the final manifest.
+
+    `engine` may be an already-built TeacherEngine for the same model (tests reuse one).
+    """
+    started = time.perf_counter()
+    model, tokenizer, records, requests, skipped, use_template, context = prepare(config)
+    header = manifest_header(
+        config, model, tokenizer, records, requests, skipped, use_template, context
+    )
+    directory = Path(config.out)
+    open_output(directory, header, config)
+    remove_stale_temporaries(directory)
+    done = done_source_indices(directory)
+    mine = [
+        request for request in requests if request.source_index % config.world_size == config.rank
+    ]
+    todo = [request for request in mine if request.source_index not in done]
+    manifest = refresh_manifest(directory, [])
+    if todo:
+        engine = engine or build_engine(config, model)
+        record_engine(directory, engine)
+        written_tokens = dump_requests(
+            config, engine, tokenizer, todo, total=len(mine), directory=directory
+        )
+    else:
+        written_tokens = 0
+    manifest = refresh_manifest(directory, [])
+    print_summary(config, manifest, len(todo), written_tokens, time.perf_counter() - started)
+    return manifest
+
+
+def build_engine(config: DumpConfig, model: ResolvedModel):
+    import importlib
+
+    engine_module = importlib.import_module(ENGINE_MODULE)
+    return engine_module.TeacherEngine(
+        engine_module.EngineSettings(
+            model=str(model.directory),
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            max_logprobs=config.top_k,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            seed=config.seed,
+            enforce_eager=config.enforce_eager,
+            trust_remote_code=config.trust_remote_code,
+        )
+    )
+
+
+def record_engine(directory: Path, engine) -> None:
+    """Note the engine version/platform in the manifest (known only once it is built)."""
+    with directory_lock(directory):
+        path = manifest_path(directory)
+        manifest = json.loads(path.read_text())
+        manifest["engine"] = {
+            "name": "vllm",
+            "version": engine.vllm_version,
+            "platform": engine.platform,
+            "arguments": {
+                key: value for key, value in engine.engine_arguments.items() if key != "model"
+            },
+        }
+        atomic_write_json(path, manifest)
+
+
+def dump_requests(
+    config: DumpConfig, engine, tokenizer, todo: list[DumpRequest], *, total: int, directory: Path
+) -> int:
+    """Stream requests through the engine into shards; returns target tokens written."""
+    writer = ShardWriter(directory, config.rank, config.world_size, config.rows_per_shard)
+    progress = tqdm(
+        total=total,
+        initial=total - len(todo),
+        unit="prompt",
+        desc=f"teacher-dump r{config.rank}/{config.world_size}",
+        disable=not config.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    tokens = 0
+    started = time.perf_counter()
+    if config.mode == "generate":
+        stream = engine.generate(
+            (
+                (
+                    request,
+                    request.prompt_ids.tolist(),
+                    sample_seed(config.seed, request.source_index),
+                )
+                for request in todo
+            ),
+            num_samples=config.num_samples,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            top_k=config.top_k,
+            max_in_flight=config.max_in_flight,
+        )
+        results = (
+            (request, rows_for_completions(request, completions, tokenizer))
+            for request, completions in stream
+        )
+    else:
+        finish_reason = "reference" if config.mode == "score" else "text"
+        stream = engine.score(
+            (
+                (request, request.prompt_ids.tolist() + request.target_ids.tolist())
+                for request in todo
+            ),
+            top_k=config.top_k,
+            max_in_flight=config.max_in_flight,
+        )
+        results = (
+            (request, [row_for_scored(request, scored, tokenizer, finish_reason)])
+            for request, scored in stream
+        )
+    try:
+        for _, rows in results:
+            writer.add_prompt_rows(rows)
+            tokens += sum(len(row.target_ids) for row in rows)
+            progress.update(1)
+            progress.set_postfix_str(
+                f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f} tok/s", refresh=False
+            )
+        writer.flush()
+    finally:
+        progress.close()
+    return tokens
+
+
+def print_summary(
+    config: DumpConfig, manifest: dict, prompts: int, tokens: int, seconds: float
+) -> None:
+    totals = manifest["totals"]
+    bytes_per_token = totals["bytes"] / max(totals["target_tokens"], 1)
+    state = (
+        "complete"
+        if manifest["complete"]
+        else f"{totals['rows']}/{manifest['data']['expected_rows']} rows so far"
+    )
+    print(
+        f"teacher-dump: rank {config.rank}/{config.world_size} dumped {prompts} prompts, {tokens:,} target "
+        f"tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s); {config.out}: {state}, "
+        f"{totals['shards']} shards, {totals['target_tokens']:,} tokens, {bytes_per_token:.1f} B/token",
+        file=sys.stderr,
+    )

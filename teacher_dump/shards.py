@@ -1,0 +1,202 @@
+"""Writing shards atomically and keeping the manifest in step with what is on disk.
+
+Several independent processes (ranks) may write into one directory. Each writes only shards
+named after its own rank, each shard atomically (temp + fsync + rename). The manifest is
+rebuilt under a directory lock from the shards actually on disk, so it always covers every rank
+and a crash between a shard's rename and the manifest update is repaired by the next refresh.
+Resume reads back which prompts (source indices) the existing shards already hold.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.manifest import SHARD_SUFFIX, is_safe_shard_name, manifest_path, totals
+from schemas.shard import PARQUET_WRITE_OPTIONS, SCHEMA
+from shared.errors import UserError
+from shared.files import atomic_write, atomic_write_json, directory_lock, sha256_of_file
+from teacher_dump.rows import ShardRow
+
+ROW_GROUP_ROWS = 256
+"""Rows per Parquet row group: the unit the training loader reads at a time."""
+
+SHARD_NAME = re.compile(r"^part-r(\d+)-w(\d+)-(\d+)\.parquet$")
+
+
+def shard_name(rank: int, world_size: int, sequence: int) -> str:
+    return f"part-r{rank:05d}-w{world_size:05d}-{sequence:06d}{SHARD_SUFFIX}"
+
+
+def shards_on_disk(directory: Path) -> list[Path]:
+    """Complete shards in `directory` (temporaries and other files excluded), sorted by name."""
+    return sorted(
+        path for path in Path(directory).glob(f"*{SHARD_SUFFIX}") if is_safe_shard_name(path.name)
+    )
+
+
+def rows_to_table(rows: list[ShardRow]) -> pa.Table:
+    """Build an Arrow table in SCHEMA from rows, with whole-column numpy copies (no per-token Python)."""
+
+    def flat_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+        lengths = np.fromiter((len(array) for array in arrays), dtype=np.int32, count=len(arrays))
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+        values = np.concatenate(arrays) if arrays else np.array([])
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+    def nested_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+        width = arrays[0].shape[1] if arrays else 0
+        positions = np.fromiter(
+            (array.shape[0] for array in arrays), dtype=np.int64, count=len(arrays)
+        )
+        outer = np.concatenate([[0], np.cumsum(positions)]).astype(np.int32)
+        inner = (np.arange(int(positions.sum()) + 1, dtype=np.int64) * width).astype(np.int32)
+        values = np.concatenate([array.reshape(-1) for array in arrays]) if arrays else np.array([])
+        inner_lists = pa.ListArray.from_arrays(pa.array(inner), pa.array(values, type=value_type))
+        return pa.ListArray.from_arrays(pa.array(outer), inner_lists)
+
+    columns = {
+        "sample_id": pa.array([row.sample_id for row in rows], pa.string()),
+        "source_index": pa.array([row.source_index for row in rows], pa.int64()),
+        "completion_index": pa.array([row.completion_index for row in rows], pa.int32()),
+        "prompt_ids": flat_list([row.prompt_ids for row in rows], pa.int32()),
+        "target_ids": flat_list([row.target_ids for row in rows], pa.int32()),
+        "target_logprobs": flat_list([row.target_logprobs for row in rows], pa.float32()),
+        "topk_ids": nested_list([row.topk_ids for row in rows], pa.int32()),
+        "topk_logprobs": nested_list([row.topk_logprobs for row in rows], pa.float32()),
+        "finish_reason": pa.array([row.finish_reason for row in rows], pa.string()),
+        "prompt_text": pa.array([row.prompt_text for row in rows], pa.string()),
+        "target_text": pa.array([row.target_text for row in rows], pa.string()),
+        "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
+    }
+    return pa.Table.from_arrays(list(columns.values()), schema=SCHEMA)
+
+
+def write_shard(path: Path, rows: list[ShardRow]) -> dict:
+    """Write rows atomically as one Parquet shard; return its manifest entry."""
+    table = rows_to_table(rows)
+    atomic_write(
+        path,
+        lambda temp: pq.write_table(
+            table, temp, row_group_size=ROW_GROUP_ROWS, **PARQUET_WRITE_OPTIONS
+        ),
+    )
+    return {
+        "name": path.name,
+        "rows": len(rows),
+        "target_tokens": int(sum(len(row.target_ids) for row in rows)),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_of_file(path),
+        "padded_topk_entries": int(sum(row.padded_topk_entries for row in rows)),
+    }
+
+
+def describe_shard(path: Path) -> dict:
+    """The manifest entry of a shard already on disk (reads it)."""
+    try:
+        table = pq.read_table(path, columns=["target_ids", "topk_ids"])
+    except Exception as error:  # pyarrow raises several types for a corrupt file
+        raise UserError(
+            f"shard {path.name} is unreadable ({str(error)[:120]}): delete it and rerun the same "
+            "teacher-dump command to redo its samples"
+        ) from None
+    target_lengths = pc.list_value_length(table["target_ids"])
+    topk_values = pc.list_flatten(pc.list_flatten(table["topk_ids"]))
+    return {
+        "name": path.name,
+        "rows": table.num_rows,
+        "target_tokens": int(pc.sum(target_lengths).as_py() or 0),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_of_file(path),
+        "padded_topk_entries": int(pc.sum(pc.equal(topk_values, -1)).as_py() or 0),
+    }
+
+
+def done_source_indices(directory: Path) -> set[int]:
+    """Source indices of the prompts whose rows are already in complete shards."""
+    done: set[int] = set()
+    for path in shards_on_disk(directory):
+        try:
+            column = pq.read_table(path, columns=["source_index"])["source_index"]
+        except Exception as error:
+            raise UserError(
+                f"shard {path.name} is unreadable ({str(error)[:120]}): delete it and rerun the "
+                "same teacher-dump command to redo its samples"
+            ) from None
+        done.update(column.to_numpy().tolist())
+    return done
+
+
+def next_sequence(directory: Path, rank: int, world_size: int) -> int:
+    """The next free shard sequence number for this (rank, world size)."""
+    sequences = [
+        int(match.group(3))
+        for path in shards_on_disk(directory)
+        if (match := SHARD_NAME.match(path.name))
+        and int(match.group(1)) == rank
+        and int(match.group(2)) == world_size
+    ]
+    return max(sequences, default=-1) + 1
+
+
+def refresh_manifest(directory: Path, new_entries: list[dict]) -> dict:
+    """Rebuild the manifest's shard list from disk (under the directory lock) and save it.
+
+    Entries already in the manifest are kept when the file's size still matches; `new_entries`
+    (just written by this process) are taken as given; any other shard on disk (written by a
+    rank that has not refreshed yet) is described by reading it.
+    """
+    directory = Path(directory)
+    with directory_lock(directory):
+        manifest = json.loads(manifest_path(directory).read_text())
+        known = {entry["name"]: entry for entry in manifest["shards"]}
+        known.update({entry["name"]: entry for entry in new_entries})
+        shards = []
+        for path in shards_on_disk(directory):
+            entry = known.get(path.name)
+            if entry is None or entry["bytes"] != path.stat().st_size:
+                entry = describe_shard(path)
+            shards.append(entry)
+        manifest["shards"] = shards
+        manifest["totals"] = totals(shards)
+        manifest["complete"] = manifest["totals"]["rows"] == manifest["data"]["expected_rows"]
+        manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(manifest_path(directory), manifest)
+        return manifest
+
+
+class ShardWriter:
+    """Buffers rows and writes them as numbered shards of this rank; refreshes the manifest."""
+
+    def __init__(self, directory: Path, rank: int, world_size: int, rows_per_shard: int):
+        self.directory = Path(directory)
+        self.rank = rank
+        self.world_size = world_size
+        self.rows_per_shard = rows_per_shard
+        self.sequence = next_sequence(self.directory, rank, world_size)
+        self.buffer: list[ShardRow] = []
+        self.written: list[dict] = []
+
+    def add_prompt_rows(self, rows: list[ShardRow]) -> None:
+        """Add all rows of one prompt; shards only break between prompts, so resume is per prompt."""
+        self.buffer.extend(rows)
+        if len(self.buffer) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> dict | None:
+        if not self.buffer:
+            return None
+        path = self.directory / shard_name(self.rank, self.world_size, self.sequence)
+        entry = write_shard(path, self.buffer)
+        self.sequence += 1
+        self.buffer = []
+        self.written.append(entry)
+        refresh_manifest(self.directory, [entry])
+        return entry
