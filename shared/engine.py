@@ -141,6 +141,12 @@ class TeacherEngine:
         self.engine = self.llm.llm_engine
         self._request_counter = 0
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        shutdown = getattr(self.engine.engine_core, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
     def _stream(
         self, requests: Iterable[tuple[object, list[int], object]], max_in_flight: int
     ) -> Iterator[tuple[object, object]]:

@@ -43,10 +43,15 @@ def summarize(directory: Path) -> dict:
     manifest = read_manifest(directory)
     finish_reasons: Counter[str] = Counter()
     mass_sum, positions = 0.0, 0
+    unreadable = []
     for entry in manifest["shards"]:
-        table = pq.read_table(
-            Path(directory) / entry["name"], columns=["finish_reason", "topk_logprobs"]
-        )
+        try:
+            table = pq.read_table(
+                Path(directory) / entry["name"], columns=["finish_reason", "topk_logprobs"]
+            )
+        except Exception:  # reported by --validate with the reason; the summary goes on
+            unreadable.append(entry["name"])
+            continue
         finish_reasons.update(table["finish_reason"].to_pylist())
         logprobs = table["topk_logprobs"].combine_chunks().flatten()
         if len(logprobs):
@@ -59,6 +64,7 @@ def summarize(directory: Path) -> dict:
         "finish_reasons": dict(finish_reasons.most_common()),
         "mean_topk_mass": mass_sum / positions if positions else float("nan"),
         "bytes_per_token": totals["bytes"] / max(totals["target_tokens"], 1),
+        "unreadable": unreadable,
     }
 
 
@@ -87,6 +93,10 @@ def format_summary(directory: Path, summary: dict) -> str:
         f"top-k mass      {summary['mean_topk_mass']:.4f} mean sum of p over the stored ids",
         f"finish reasons  {reasons}",
     ]
+    if summary["unreadable"]:
+        lines.append(
+            f"UNREADABLE      {', '.join(summary['unreadable'])} (run inspect --validate for details)"
+        )
     padded = sum(entry.get("padded_topk_entries", 0) for entry in manifest["shards"])
     if padded:
         lines.append(f"padding ids     {padded:,} top-k entries were padding-row ids, stored as -1")
@@ -152,7 +162,9 @@ def validate_shard(
         return "top-k logprobs contain NaN, +inf or positive values"
     if ((ids == PAD_ID) != np.isneginf(logprobs)).any():
         return "padding marker ids and -inf logprobs do not coincide"
-    if ids.size and (np.diff(logprobs, axis=1) > max_rounding_error() * 2).any():
+    # Padding slots (-inf) sit at the end of each row; compare them as a very low value.
+    ranked = np.where(np.isneginf(logprobs), -1e30, logprobs)
+    if ids.size and (np.diff(ranked, axis=1) > max_rounding_error() * 2).any():
         return "top-k logprobs are not in descending rank order"
     target_logprobs = (
         table["target_logprobs"].combine_chunks().flatten().to_numpy(zero_copy_only=False)

@@ -58,6 +58,10 @@ def prepare(config: DumpConfig):
         raise UserError(
             f"--model {config.model} does not state its context length: pass --max-model-len"
         )
+    if config.top_k > len(tokenizer):
+        raise UserError(
+            f"--top-k {config.top_k} is above the vocabulary size {len(tokenizer)}: lower it"
+        )
     if model_context is not None and context > model_context:
         raise UserError(
             f"--max-model-len {context} exceeds the model's context of {model_context} tokens: lower it"
@@ -293,17 +297,30 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
         request for request in requests if request.source_index % config.world_size == config.rank
     ]
     todo = [request for request in mine if request.source_index not in done]
-    manifest = refresh_manifest(directory, [])
+    refresh_manifest(directory, [])
+    written_tokens, dump_seconds = 0, 0.0
     if todo:
+        own_engine = engine is None
         engine = engine or build_engine(config, model)
+        if engine.settings.max_logprobs < config.top_k:
+            raise UserError(
+                f"--top-k {config.top_k} is above the engine's max_logprobs of "
+                f"{engine.settings.max_logprobs}: build the engine with max_logprobs >= k"
+            )
         record_engine(directory, engine)
-        written_tokens = dump_requests(
-            config, engine, tokenizer, todo, total=len(mine), directory=directory
-        )
-    else:
-        written_tokens = 0
+        dump_started = time.perf_counter()
+        try:
+            written_tokens = dump_requests(
+                config, engine, tokenizer, todo, total=len(mine), directory=directory
+            )
+        finally:
+            if own_engine:
+                engine.close()
+        dump_seconds = time.perf_counter() - dump_started
     manifest = refresh_manifest(directory, [])
-    print_summary(config, manifest, len(todo), written_tokens, time.perf_counter() - started)
+    print_summary(
+        config, manifest, len(todo), written_tokens, dump_seconds, time.perf_counter() - started
+    )
     return manifest
 
 
@@ -408,7 +425,12 @@ def dump_requests(
 
 
 def print_summary(
-    config: DumpConfig, manifest: dict, prompts: int, tokens: int, seconds: float
+    config: DumpConfig,
+    manifest: dict,
+    prompts: int,
+    tokens: int,
+    dump_seconds: float,
+    total_seconds: float,
 ) -> None:
     totals = manifest["totals"]
     bytes_per_token = totals["bytes"] / max(totals["target_tokens"], 1)
@@ -419,7 +441,8 @@ def print_summary(
     )
     print(
         f"teacher-dump: rank {config.rank}/{config.world_size} dumped {prompts} prompts, {tokens:,} target "
-        f"tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s); {config.out}: {state}, "
+        f"tokens in {dump_seconds:.1f}s ({tokens / max(dump_seconds, 1e-9):,.0f} tok/s; {total_seconds:.0f}s with "
+        f"start-up); {config.out}: {state}, "
         f"{totals['shards']} shards, {totals['target_tokens']:,} tokens, {bytes_per_token:.1f} B/token",
         file=sys.stderr,
     )
