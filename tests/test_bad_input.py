@@ -1,0 +1,226 @@
+"""Every bad input of design.md §7 that applies to the dump gets a one-line error naming the cause
+and the fix (acceptance 6). Most fail before the engine starts; none leaves a partial shard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from shared.errors import UserError
+from tests.conftest import dump_config
+
+
+def dump_error(config, engine=None) -> str:
+    from teacher_dump.run import run_dump
+
+    with pytest.raises(UserError) as caught:
+        run_dump(config, engine)
+    message = str(caught.value)
+    assert "\n" not in message, "errors must be one line"
+    return message
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_malformed_jsonl_line_is_named_with_its_number(tiny_model, tmp_path):
+    data = write_jsonl(
+        tmp_path / "bad.jsonl",
+        ['{"question": "a?", "answer": "b"}', "", '{"question": "c?", "answer": '],
+    )
+    message = dump_error(dump_config(tiny_model, data, tmp_path / "out"))
+    assert "bad.jsonl line 3 is not valid JSON" in message and "fix or remove that line" in message
+    assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
+
+
+def test_missing_column(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ['{"prompt": "a?", "answer": "b"}'])
+    message = dump_error(dump_config(tiny_model, data, tmp_path / "out"))
+    assert "record 0 has no column question" in message and "--prompt-column" in message
+
+
+def test_empty_prompt(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.csv", [])
+    data.write_text("q,a\nhello,world\n   ,x\n")
+    message = dump_error(
+        dump_config(tiny_model, data, tmp_path / "out", data=str(data), prompt_column="q")
+    )
+    assert "record 1 has an empty prompt" in message
+
+
+def test_prompt_longer_than_the_context(tiny_model, tmp_path):
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [json.dumps({"question": "why " * 600, "answer": "x"})]
+    )
+    message = dump_error(dump_config(tiny_model, data, tmp_path / "out"))
+    assert "do not fit the model's context of 512 tokens" in message
+    assert "--skip-too-long" in message and "--max-model-len" in message
+
+
+def test_context_beyond_the_model_and_k_beyond_the_vocabulary(tiny_model, gsm8k_file, tmp_path):
+    message = dump_error(dump_config(tiny_model, gsm8k_file, tmp_path / "o", max_model_len=4096))
+    assert "exceeds the model's context of 512" in message
+    message = dump_error(dump_config(tiny_model, gsm8k_file, tmp_path / "o", top_k=600))
+    assert "--top-k 600 is above the vocabulary size 500" in message
+
+
+def test_score_mode_without_a_reference(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ['{"q": "a?"}'])
+    message = dump_error(
+        dump_config(
+            tiny_model, data, tmp_path / "out", data=str(data), prompt_column="q", mode="score"
+        )
+    )
+    assert "no reference answer" in message and "--target-column" in message
+
+
+def test_unknown_task_and_missing_files(tiny_model, gsm8k_file, tmp_path):
+    assert "unknown --data 'gsm9k'" in dump_error(
+        dump_config(tiny_model, gsm8k_file, tmp_path / "o", data="gsm9k")
+    )
+    assert "does not exist" in dump_error(
+        dump_config(tiny_model, tmp_path / "missing.jsonl", tmp_path / "o")
+    )
+    assert "no such directory" in dump_error(
+        dump_config(tmp_path / "no-model", gsm8k_file, tmp_path / "o")
+    )
+
+
+def test_hub_model_offline_fails_fast(gsm8k_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = dump_error(dump_config("kd-shards-test/not-a-model", gsm8k_file, tmp_path / "o"))
+    assert "cannot get model kd-shards-test/not-a-model from the Hugging Face hub" in message
+    assert "pass a local model directory" in message
+
+
+def test_pickle_weights_are_refused(tmp_path, gsm8k_file):
+    model = tmp_path / "pickled"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"\x80")
+    message = dump_error(dump_config(model, gsm8k_file, tmp_path / "o"))
+    assert "no .safetensors weights" in message and "pytorch_model.bin" in message
+
+
+def test_rerun_with_a_different_config_is_refused(tiny_model, gsm8k_file, engine, tmp_path):
+    from teacher_dump.run import run_dump
+
+    run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=2), engine)
+    message = dump_error(dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=2, top_k=4))
+    assert "already holds a dump made with a different config (top_k: 8 -> 4)" in message
+    # A process-local setting is not part of the identity: this resumes (nothing left to do).
+    manifest = run_dump(
+        dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=2, rows_per_shard=7), engine
+    )
+    assert manifest["complete"]
+
+
+def test_k_above_a_reused_engines_cap(tiny_model, gsm8k_file, engine, tmp_path):
+    message = dump_error(dump_config(tiny_model, gsm8k_file, tmp_path / "o", top_k=9), engine)
+    assert "above the engine's max_logprobs of 8" in message
+
+
+def test_corrupt_shard_is_named_on_resume(tiny_model, gsm8k_file, engine, tmp_path):
+    from teacher_dump.run import run_dump
+
+    config = dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=4, rows_per_shard=2)
+    run_dump(config, engine)
+    shard = sorted((tmp_path / "out").glob("*.parquet"))[1]
+    shard.write_bytes(b"not parquet at all")
+    message = dump_error(config, engine)
+    assert f"shard {shard.name} is unreadable" in message and "delete it and rerun" in message
+
+
+def test_schema_version_mismatch_and_unsafe_shard_names(tmp_path):
+    from schemas.manifest import read_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99, "shards": []}))
+    with pytest.raises(
+        UserError, match="shard schema version 99 but this kd-shards reads version 1"
+    ):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"schema_version": 1, "shards": [{"name": "../../etc/passwd.parquet"}]})
+    )
+    with pytest.raises(UserError, match="not a plain file name"):
+        read_manifest(tmp_path)
+    with pytest.raises(UserError, match="has no manifest.json"):
+        read_manifest(tmp_path / "elsewhere")
+
+
+def test_tokenizer_mismatch_names_both_fingerprints():
+    from schemas.manifest import check_tokenizer_fingerprint
+
+    manifest = {"tokenizer": {"fingerprint": "a" * 64}}
+    with pytest.raises(UserError) as caught:
+        check_tokenizer_fingerprint(manifest, "b" * 64, "student")
+    assert "a" * 16 in str(caught.value) and "b" * 16 in str(caught.value)
+    check_tokenizer_fingerprint(manifest, "a" * 64, "student")
+
+
+def test_nan_or_inf_teacher_logprobs_are_refused():
+    from teacher_dump.rows import make_row
+
+    logprobs = np.full((2, 3), -1.0, dtype=np.float32)
+    logprobs[1, 2] = np.nan
+    with pytest.raises(UserError, match="NaN/inf logprobs for sample 7-0"):
+        make_row(
+            sample_id="7-0",
+            source_index=7,
+            completion_index=0,
+            prompt_ids=np.array([1]),
+            target_ids=np.array([4, 5]),
+            position_ids=np.array([[4, 4, 9], [5, 5, 9]]),
+            position_logprobs=logprobs,
+            tokenizer_size=100,
+            finish_reason="stop",
+            prompt_text="",
+            target_text="",
+            references=(),
+        )
+
+
+def test_config_errors(tmp_path):
+    from shared.config import build_config
+    from teacher_dump.config import DumpConfig
+
+    base = {"model": "m", "data": "gsm8k", "out": "o"}
+    (tmp_path / "c.toml").write_text('top_k = 4\ncolour = "red"\n')
+    with pytest.raises(UserError, match="unknown key\\(s\\) colour"):
+        build_config(DumpConfig, config_file=tmp_path / "c.toml", flags=base)
+    with pytest.raises(UserError, match="unknown key\\(s\\) topk"):
+        build_config(DumpConfig, config_file=None, flags=base, assignments=("topk=3",))
+    with pytest.raises(UserError, match="not a valid int"):
+        build_config(DumpConfig, config_file=None, flags=base, assignments=("top_k=many",))
+    with pytest.raises(UserError, match="--rank must be in \\[0, 1\\]"):
+        build_config(DumpConfig, config_file=None, flags={**base, "rank": 2, "world_size": 2})
+    (tmp_path / "c.toml").write_text("top_k = 4\ntemperature = 0.5\n")
+    config = build_config(
+        DumpConfig,
+        config_file=tmp_path / "c.toml",
+        flags={**base, "top_k": 6},
+        assignments=("temperature=0.25",),
+    )
+    # file < flags < --set
+    assert (config.top_k, config.temperature) == (6, 0.25)
+
+
+def test_cli_prints_one_error_line_and_exits_2(tmp_path):
+    from teacher_dump.cli import main
+
+    result = CliRunner().invoke(
+        main,
+        ["--model", str(tmp_path), "--data", "gsm8k", "--out", str(tmp_path / "o"), "--top-k", "0"],
+    )
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --top-k must be at least 1"
+    result = CliRunner().invoke(main, ["--data", "gsm8k"])
+    assert result.exit_code == 2 and "--model, --out required" in result.output
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "is not a directory" in result.output
