@@ -8,8 +8,8 @@ pyarrow, duckdb, pandas and `datasets` read without this package.
 
 Conventions that readers must honour (they are part of the contract, see README "Shard format"):
 - Log-probabilities are natural-log, "raw" (temperature 1, before top-p/top-k filtering), and
-  rounded to multiples of LOGPROB_STEP (2**-10 nats, error <= 4.9e-4). The rounding leaves the
-  low mantissa bits zero, which is what makes them compress; readers need no decoding step.
+  rounded to multiples of LOGPROB_STEP (2**-10 nats, error <= 4.9e-4), which bounds the number
+  of distinct values so they dictionary-encode; readers need no decoding step.
 - Token ids are < the manifest's `tokenizer_size` (len(tokenizer)). Where the teacher's top-k at
   a position contained ids of the embedding's padding rows (>= tokenizer_size), those entries are
   dropped, the rest move up, and the freed slots at the end hold PAD_ID with logprob -inf. Their
@@ -67,17 +67,11 @@ SCHEMA = pa.schema(
 PARQUET_WRITE_OPTIONS = {
     "compression": "zstd",
     "compression_level": 3,
-    # Rounded float32 logprobs split into byte streams leave whole streams near-constant; ids and
-    # short strings do best with the default dictionary encoding.
-    "use_byte_stream_split": ["target_logprobs", "topk_logprobs"],
-    "use_dictionary": [
-        "sample_id",
-        "finish_reason",
-        "prompt_ids",
-        "target_ids",
-        "topk_ids",
-        "references",
-    ],
+    # Dictionary encoding on every column: ids come from a bounded vocabulary and rounded
+    # logprobs from a bounded grid, so dictionary indices + zstd beat plain encoding (measured on
+    # SmolLM2 GSM8K shards at k=20: logprobs 41.9 vs 45.4 B/token; byte-stream-split is not
+    # applied by pyarrow to these nested columns).
+    "use_dictionary": True,
     "write_statistics": ["source_index", "completion_index"],
 }
 """Keyword arguments for pyarrow.parquet.write_table / ParquetWriter."""
