@@ -110,8 +110,3 @@ def describe_schema_mismatch(actual: pa.Schema) -> str | None:
         if got != field.type:
             return f"column {field.name} has type {got}, expected {field.type}"
     return None
-
-
-def is_finite_or_pad(values: np.ndarray) -> bool:
-    """True when no value is NaN or +inf (-inf marks PAD_ID slots and is allowed)."""
-    return not (np.isnan(values).any() or np.isposinf(values).any())

@@ -8,11 +8,8 @@ config is saved beside every artefact (the dump's manifest, checkpoints' meta.js
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import json
-import textwrap
 import types
 import typing
 from pathlib import Path
@@ -23,23 +20,6 @@ import tomllib
 from shared.errors import UserError
 
 ConfigT = TypeVar("ConfigT")
-
-
-def field_docs(config_class: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass, by field name."""
-    source = textwrap.dedent(inspect.getsource(config_class))
-    body = ast.parse(source).body[0].body
-    docs: dict[str, str] = {}
-    for statement, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(statement, ast.AnnAssign)
-            and isinstance(statement.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[statement.target.id] = " ".join(following.value.value.split())
-    return docs
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
