@@ -104,10 +104,12 @@ def sha256_of_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 @contextlib.contextmanager
-def directory_lock(directory: Path, name: str = ".lock") -> Iterator[None]:
-    """Exclusive advisory lock shared by every process writing into `directory`."""
+def directory_lock(directory: Path, name: str = ".lock", wait: bool = True) -> Iterator[None]:
+    """Exclusive advisory lock shared by every process writing into `directory`.
+
+    With wait=False, raises BlockingIOError at once when another process holds it."""
     with open(Path(directory) / name, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         try:
             yield
         finally:

@@ -33,26 +33,29 @@ class ResolvedModel:
     """The model's config.json."""
 
 
-def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
-    """Resolve a local model directory or a hub id to a ResolvedModel."""
+def resolve_model(
+    reference: str, revision: str | None = None, flag: str = "--model"
+) -> ResolvedModel:
+    """Resolve a local model directory or a hub id to a ResolvedModel (`flag` names the option in
+    error messages)."""
     path = Path(reference).expanduser()
     hub_revision = None
     if path.is_dir():
         directory = path.resolve()
     elif path.exists():
         raise UserError(
-            f"--model {reference} is a file: pass the model's directory (config.json + weights)"
+            f"{flag} {reference} is a file: pass the model's directory (config.json + weights)"
         )
     elif reference.startswith((".", "/", "~")) or reference.count("/") != 1:
         raise UserError(
-            f"--model {reference}: no such directory; pass a local model directory or a hub id org/name"
+            f"{flag} {reference}: no such directory; pass a local model directory or a hub id org/name"
         )
     else:
         directory, hub_revision = _download_from_hub(reference, revision)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise UserError(
-            f"--model {reference}: {directory} has no config.json; pass a Hugging Face model directory"
+            f"{flag} {reference}: {directory} has no config.json; pass a Hugging Face model directory"
         )
     weights = sorted(directory.glob("*.safetensors"))
     if not weights:
@@ -63,7 +66,7 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
         ]
         hint = f" (found {', '.join(pickles[:3])})" if pickles else ""
         raise UserError(
-            f"--model {reference}: no .safetensors weights in {directory}{hint}; convert the "
+            f"{flag} {reference}: no .safetensors weights in {directory}{hint}; convert the "
             "checkpoint to safetensors (save_pretrained(..., safe_serialization=True)) first"
         )
     return ResolvedModel(

@@ -1,0 +1,151 @@
+"""Checkpoints: everything needed to continue training exactly, written so a kill never leaves
+one that looks complete but is not.
+
+Layout of OUT/checkpoints/step-00000123/:
+- the model as `save_pretrained` writes it (safetensors; for LoRA the adapter), loadable by
+  transformers (and, for full models, vLLM), plus the tokenizer files;
+- training_state.pt: optimizer, scheduler and every rank's RNG state (torch.load with
+  weights_only=True can read it);
+- meta.json: step, tokens seen, every rank's loader position, the resolved config, the dump's
+  identity. It is written last.
+The directory is assembled under a temporary name, fsynced, then renamed: a checkpoint exists
+under its final name only once complete. Old checkpoints are renamed to a temporary name before
+deletion for the same reason. OUT/final/ is the trained student (hard links into the last
+checkpoint, or the merged model for --merge-lora).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from shared.files import TEMP_PREFIX, atomic_write_json, fsync_directory
+
+CHECKPOINTS_DIRECTORY = "checkpoints"
+FINAL_DIRECTORY = "final"
+META_NAME = "meta.json"
+STATE_NAME = "training_state.pt"
+_STEP_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_directory(out: Path, step: int) -> Path:
+    return Path(out) / CHECKPOINTS_DIRECTORY / f"step-{step:08d}"
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints in step order (a directory counts only with its meta.json)."""
+    root = Path(out) / CHECKPOINTS_DIRECTORY
+    if not root.is_dir():
+        return []
+    found = [
+        path
+        for path in root.iterdir()
+        if _STEP_PATTERN.match(path.name) and (path / META_NAME).is_file()
+    ]
+    return sorted(found, key=lambda path: path.name)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = complete_checkpoints(out)
+    return found[-1] if found else None
+
+
+def remove_temporaries(out: Path) -> None:
+    """Delete half-written checkpoints left by a killed run (one trainer owns OUT at a time)."""
+    for root in (Path(out) / CHECKPOINTS_DIRECTORY, Path(out)):
+        if root.is_dir():
+            for path in root.glob(f"{TEMP_PREFIX}*"):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
+        fsync_directory(path)
+
+
+def publish_directory(temporary: Path, final: Path) -> None:
+    """fsync `temporary` and rename it to `final` (replacing an older `final` safely)."""
+    _fsync_tree(temporary)
+    if final.exists():
+        retired = final.with_name(f"{TEMP_PREFIX}old-{os.getpid()}-{final.name}")
+        os.rename(final, retired)
+        os.rename(temporary, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(temporary, final)
+    fsync_directory(final.parent)
+
+
+def save_checkpoint(
+    out: Path, step: int, *, model, tokenizer, training_state: dict, meta: dict, keep: int
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the `keep` newest."""
+    final = checkpoint_directory(out, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    model.save_pretrained(str(temporary), safe_serialization=True)
+    tokenizer.save_pretrained(str(temporary))
+    torch.save(training_state, temporary / STATE_NAME)
+    (temporary / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    publish_directory(temporary, final)
+    for old in complete_checkpoints(out)[:-keep]:
+        retired = old.with_name(f"{TEMP_PREFIX}old-{os.getpid()}-{old.name}")
+        os.rename(old, retired)
+        shutil.rmtree(retired, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(directory: Path) -> tuple[dict, dict]:
+    """(meta, training_state) of a checkpoint."""
+    meta = json.loads((directory / META_NAME).read_text(encoding="utf-8"))
+    state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
+    return meta, state
+
+
+def publish_final(out: Path, checkpoint: Path, summary: dict) -> Path:
+    """OUT/final/: the last checkpoint's model and tokenizer files, hard-linked (no copy)."""
+    final = Path(out) / FINAL_DIRECTORY
+    temporary = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    for path in checkpoint.iterdir():
+        if path.is_file() and path.name not in (STATE_NAME, META_NAME):
+            try:
+                os.link(path, temporary / path.name)
+            except OSError:  # file systems without hard links
+                shutil.copy2(path, temporary / path.name)
+    atomic_write_json(temporary / "training.json", summary)
+    publish_directory(temporary, final)
+    return final
+
+
+def publish_merged(
+    out: Path, merged_model, tokenizer, adapter_checkpoint: Path, summary: dict
+) -> Path:
+    """OUT/final/: a LoRA run's adapter merged into the base weights (a plain model), with the
+    adapter itself kept in final/adapter/."""
+    final = Path(out) / FINAL_DIRECTORY
+    temporary = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    merged_model.save_pretrained(str(temporary), safe_serialization=True)
+    tokenizer.save_pretrained(str(temporary))
+    (temporary / "adapter").mkdir()
+    for path in adapter_checkpoint.iterdir():
+        if path.is_file() and path.name not in (STATE_NAME, META_NAME):
+            shutil.copy2(path, temporary / "adapter" / path.name)
+    atomic_write_json(temporary / "training.json", summary)
+    publish_directory(temporary, final)
+    return final

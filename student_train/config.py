@@ -1,0 +1,178 @@
+"""The resolved configuration of one student-train run (parsed once at the CLI).
+
+It is saved as `train_config.json` in the output directory and inside every checkpoint's
+`meta.json`; `--resume` refuses a config that differs in anything but RESUMABLE_FIELDS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.errors import UserError
+from student_train.losses import DEFAULT_BETA, LOSSES, TAIL_POLICIES
+
+RESUMABLE_FIELDS = frozenset(
+    {"resume", "stop_at_step", "progress", "keep_checkpoints", "log_every", "allow_incomplete"}
+)
+"""Fields a resumed run may change: they say how this process runs, not what it trains."""
+
+DEFAULT_MICRO_BATCH = 8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    shards: str
+    """Directory written by teacher-dump (manifest.json + Parquet shards) to train on."""
+    student: str
+    """Student: a local Hugging Face causal-LM directory (safetensors) or a hub id."""
+    out: str
+    """Output directory: checkpoints/, final/, metrics.jsonl, curve.png, train_config.json."""
+    eval_shards: str | None = None
+    """Held-out teacher-dump directory for periodic eval (CE, KL to teacher, top-1 agreement)."""
+    loss: str = "fkl"
+    """ce (sequence KD: CE on the teacher's tokens) or a logit-KD loss: fkl, rkl, jsd, skew-kl,
+    tvd."""
+    alpha: float = 0.0
+    """Weight of CE in total = alpha * CE + (1 - alpha) * KD (ignored for loss ce)."""
+    beta: float | None = None
+    """jsd: mixture weight beta (0 = forward KL, 1 = reverse KL; default 0.5); skew-kl: skew
+    (default 0.1)."""
+    temperature: float = 1.0
+    """Distillation temperature T (student logits / T, teacher p^(1/T), loss x T^2)."""
+    tail: str = "bucket"
+    """What to do with the teacher mass outside its top-k: bucket (one extra outcome) or
+    renormalize (compare on the k ids only)."""
+    max_steps: int | None = None
+    """Optimizer steps to train (the stream cycles through epochs as needed)."""
+    epochs: float | None = None
+    """Train this many passes over the shards instead of --max-steps (whole epochs)."""
+    micro_batch: int | None = None
+    """Rows per micro-batch (default 8 unless --batch-tokens is given)."""
+    batch_tokens: int | None = None
+    """Pack each micro-batch with rows up to this many padded tokens (rows x longest row)
+    instead of a fixed --micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (per rank)."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup: float = 0.03
+    """Linear warm-up: a fraction of the total steps when < 1, else a number of steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (applied to matrices only, not to norms and biases)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    seed: int = 0
+    """Seed of the data order and of the student's random state (dropout, LoRA init)."""
+    shuffle_buffer: int = 1024
+    """Rows read and shuffled together; bounds the loader's memory."""
+    max_length: int | None = None
+    """Longest sequence (prompt + target) fed to the student; longer rows lose prompt tokens
+    from the left, then target tokens from the end. Default: the student's context length."""
+    chunk_tokens: int = 512
+    """Target positions whose full-vocabulary logits exist at once in the loss."""
+    bf16: bool = False
+    """Run the student's forward under bfloat16 autocast (weights and losses stay float32)."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains all weights."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with --rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
+    lora_target: tuple[str, ...] = ("all-linear",)
+    """Module names LoRA adapts (e.g. q_proj,v_proj), or all-linear."""
+    rslora: bool = False
+    """Rank-stabilized LoRA scaling alpha / sqrt(r)."""
+    merge_lora: bool = False
+    """Also save the LoRA adapter merged into the base weights as a plain model in final/."""
+    eval_every: int = 0
+    """Evaluate on --eval-shards every N steps (0: only before the first and after the last)."""
+    eval_limit: int | None = None
+    """Evaluate on at most this many rows of --eval-shards."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end); the last step is always saved."""
+    keep_checkpoints: int = 2
+    """Keep this many most recent checkpoints (older ones are deleted)."""
+    log_every: int = 1
+    """Write a metrics line every N steps."""
+    stop_at_step: int | None = None
+    """Checkpoint and stop after this step, as if interrupted (to split a run across job time
+    limits); continue with --resume."""
+    resume: bool = False
+    """Continue from the latest checkpoint in --out."""
+    trust_remote_code: bool = False
+    """Allow Python code shipped with the student model/tokenizer to run."""
+    allow_incomplete: bool = False
+    """Train on a dump whose manifest says it is not complete (a dump still running or stopped)."""
+    progress: bool = True
+    """Show the progress bar on stderr."""
+
+    @property
+    def rows_per_micro_batch(self) -> int | None:
+        """Fixed rows per micro-batch, or None when packing by --batch-tokens."""
+        if self.batch_tokens is not None:
+            return None
+        return self.micro_batch if self.micro_batch is not None else DEFAULT_MICRO_BATCH
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.loss, 0.0)
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.tail not in TAIL_POLICIES:
+            raise UserError(f"--tail {self.tail!r} is not one of {', '.join(TAIL_POLICIES)}")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise UserError("pass exactly one of --max-steps N or --epochs E")
+        checks = [
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.epochs is None or self.epochs > 0, "--epochs must be > 0"),
+            (
+                self.epochs is None or float(self.epochs).is_integer(),
+                "--epochs must be a whole number (use --max-steps for a partial pass)",
+            ),
+            (
+                self.micro_batch is None or self.batch_tokens is None,
+                "pass --micro-batch or --batch-tokens, not both",
+            ),
+            (self.micro_batch is None or self.micro_batch >= 1, "--micro-batch must be >= 1"),
+            (self.batch_tokens is None or self.batch_tokens >= 2, "--batch-tokens must be >= 2"),
+            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (0.0 <= self.alpha <= 1.0, "--alpha must be in [0, 1]"),
+            (
+                self.beta is None or 0.0 <= self.beta <= 1.0,
+                "--beta must be in [0, 1]",
+            ),
+            (
+                self.loss != "skew-kl" or self.beta is None or 0.0 < self.beta < 1.0,
+                "skew-kl needs 0 < --beta < 1",
+            ),
+            (self.temperature > 0, "--temperature must be > 0"),
+            (self.lr > 0, "--lr must be > 0"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio must be in [0, 1]"),
+            (self.warmup >= 0, "--warmup must be >= 0"),
+            (self.grad_clip >= 0, "--grad-clip must be >= 0"),
+            (self.shuffle_buffer >= 1, "--shuffle-buffer must be at least 1"),
+            (self.max_length is None or self.max_length >= 2, "--max-length must be >= 2"),
+            (self.chunk_tokens >= 1, "--chunk-tokens must be at least 1"),
+            (self.lora_r >= 0, "--lora-r must be >= 0"),
+            (not self.merge_lora or self.lora_r > 0, "--merge-lora needs --lora-r > 0"),
+            (self.eval_every >= 0, "--eval-every must be >= 0"),
+            (self.eval_limit is None or self.eval_limit >= 1, "--eval-limit must be >= 1"),
+            (self.save_every >= 0, "--save-every must be >= 0"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (self.log_every >= 1, "--log-every must be at least 1"),
+            (
+                self.stop_at_step is None or self.stop_at_step >= 1,
+                "--stop-at-step must be at least 1",
+            ),
+        ]
+        for holds, message in checks:
+            if not holds:
+                raise UserError(message)

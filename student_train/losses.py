@@ -1,0 +1,276 @@
+"""Distillation losses: pure functions of student logits and the teacher's stored top-k.
+
+This is the arithmetic core of student-train (design.md §4). Nothing here reads files or
+configs. Shapes use N for target positions (flattened over the batch), K for the teacher's
+top-k, V for the student's vocabulary (already sliced to len(tokenizer)), H for hidden size.
+
+Every function returns SUMS over positions. The caller divides once, by the number of target
+tokens in the whole optimizer step (all micro-batches, all ranks), so that the gradient does not
+depend on how a batch is split.
+
+Distributions compared by the KD losses, per position:
+- tail "renormalize": teacher and student both restricted to the teacher's k ids and
+  renormalized there (a proper divergence on the shared support).
+- tail "bucket": k+1 outcomes, the k ids plus one "everything else" outcome holding
+  p_tail = 1 - sum(p_i) for the teacher and the student's exact remaining mass for the student.
+Teacher slots holding PAD_ID (-1, logprob -inf) are outside the support on both sides.
+Temperature T scales the student's logits by 1/T and raises the teacher's probabilities to the
+power 1/T (the bucketed tail is treated as one outcome, an approximation for T != 1); KD losses
+are multiplied by T^2 so gradient magnitudes stay comparable across temperatures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOSSES = ("ce", "fkl", "rkl", "jsd", "skew-kl", "tvd")
+TAIL_POLICIES = ("renormalize", "bucket")
+DEFAULT_BETA = {"jsd": 0.5, "skew-kl": 0.1}
+"""Default β: JSD's mixture weight (GKD) and skew KL's skew (DistiLLM)."""
+
+TEACHER_TAIL_FLOOR = 1e-9
+"""Smallest teacher tail mass in the bucket policy. Stored logprobs are rounded, so 1 - sum(p)
+can be zero or slightly negative when the top-k holds almost all the mass; the floor keeps
+reverse KL and JSD finite there."""
+STUDENT_LOG_FLOOR = -100.0
+"""Lower bound of the student's log tail mass (reached only when the top-k covers the vocabulary)."""
+_MASKED_LOGIT = -1e30
+"""Finite stand-in for -inf when masking logits: logsumexp and its gradient stay finite even when
+every entry is masked."""
+
+
+def teacher_log_distribution(
+    topk_logprobs: torch.Tensor, temperature: float, tail: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher log-probabilities over the compared outcomes.
+
+    Args:
+        topk_logprobs: (N, K) float, raw teacher logprobs; -inf marks PAD_ID slots.
+        temperature: T > 0.
+        tail: "renormalize" or "bucket".
+    Returns:
+        (log_p, valid): (N, M) float32 and bool, M = K (renormalize) or K + 1 (bucket, last =
+        tail). log_p is -inf where not valid; each row's valid entries sum to 1 in probability.
+    """
+    logprobs = topk_logprobs.float()
+    valid = torch.isfinite(logprobs)
+    scaled = torch.where(valid, logprobs / temperature, -math.inf)
+    if tail == "bucket":
+        mass = torch.where(valid, logprobs.exp(), 0.0).sum(-1, keepdim=True)
+        tail_mass = (1.0 - mass).clamp(min=TEACHER_TAIL_FLOOR)
+        scaled = torch.cat([scaled, tail_mass.log() / temperature], dim=-1)
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=-1)
+    elif tail != "renormalize":
+        raise ValueError(f"unknown tail policy {tail!r}")
+    log_p = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    return torch.where(valid, log_p, -math.inf), valid
+
+
+def student_log_distribution(
+    logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float, tail: str
+) -> torch.Tensor:
+    """Student log-probabilities over the same outcomes as teacher_log_distribution.
+
+    Args:
+        logits: (N, V) student logits (any float dtype; computed in float32).
+        topk_ids: (N, K) int, teacher ids in [0, V) or PAD_ID (< 0). Every row must have at
+            least one valid id (rows without one are filtered out by the caller).
+        temperature: T > 0.
+        tail: "renormalize" or "bucket".
+    Returns:
+        log_q: (N, M) float32, M = K or K + 1; -inf where the teacher slot is PAD_ID.
+    """
+    scaled = logits.float() / temperature
+    valid = topk_ids >= 0
+    # PAD slots borrow the row's first (always valid) id so gathers and masks stay in range;
+    # their values are discarded below.
+    ids = torch.where(valid, topk_ids, topk_ids[:, :1]).long()
+    log_normalizer = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    gathered = torch.gather(scaled, 1, ids) - log_normalizer
+    gathered = gathered.masked_fill(~valid, -math.inf)
+    if tail == "renormalize":
+        return gathered - torch.logsumexp(gathered, dim=-1, keepdim=True)
+    if tail != "bucket":
+        raise ValueError(f"unknown tail policy {tail!r}")
+    # The student's tail mass, exactly: logsumexp over the logits outside the teacher's top-k
+    # (1 - sum(q_i) would cancel catastrophically when the top-k holds nearly all the mass).
+    in_topk = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, ids, True)
+    outside = torch.logsumexp(scaled.masked_fill(in_topk, _MASKED_LOGIT), dim=-1, keepdim=True)
+    log_tail = (outside - log_normalizer).clamp(min=STUDENT_LOG_FLOOR)
+    return torch.cat([gathered, log_tail], dim=-1)
+
+
+def divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, valid: torch.Tensor, loss: str, beta: float
+) -> torch.Tensor:
+    """Per-position divergence between teacher p and student q on shared outcomes.
+
+    Args:
+        log_p, log_q: (N, M) log-probabilities (-inf outside `valid`).
+        valid: (N, M) bool support mask.
+        loss: fkl = KL(p||q); rkl = KL(q||p); jsd = β KL(p||m) + (1-β) KL(q||m) with
+            m = β p + (1-β) q, and β = 0 / 1 meaning forward / reverse KL (as in GKD);
+            skew-kl = KL(p || β p + (1-β) q) (DistiLLM); tvd = ½ Σ|p - q|.
+        beta: the JSD mixture weight or the skew of skew KL.
+    Returns:
+        (N,) float32, no reduction.
+    """
+    p = torch.where(valid, log_p.exp(), 0.0)
+    q = torch.where(valid, log_q.exp(), 0.0)
+    # Zero the log terms outside the support so that 0 * log 0 never produces NaN (in values or
+    # in gradients).
+    lp = torch.where(valid, log_p, 0.0)
+    lq = torch.where(valid, log_q, 0.0)
+    if loss == "jsd" and beta <= 0.0:
+        loss = "fkl"
+    elif loss == "jsd" and beta >= 1.0:
+        loss = "rkl"
+    if loss == "fkl":
+        return (p * (lp - lq)).sum(-1)
+    if loss == "rkl":
+        return (q * (lq - lp)).sum(-1)
+    if loss == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if loss in ("jsd", "skew-kl"):
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"{loss} needs 0 < beta < 1, got {beta}")
+        log_mixture = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+        log_mixture = torch.where(valid, log_mixture, 0.0)
+        teacher_to_mixture = (p * (lp - log_mixture)).sum(-1)
+        if loss == "skew-kl":
+            return teacher_to_mixture
+        student_to_mixture = (q * (lq - log_mixture)).sum(-1)
+        return beta * teacher_to_mixture + (1.0 - beta) * student_to_mixture
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def kd_loss_sum(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    loss: str,
+    beta: float,
+    temperature: float,
+    tail: str,
+) -> torch.Tensor:
+    """Summed KD loss of student logits against the teacher's top-k.
+
+    Args:
+        logits: (N, V) student logits. topk_ids: (N, K) int. topk_logprobs: (N, K) float.
+    Returns:
+        Scalar: T² · Σ_positions divergence. Positions where the teacher kept no valid id carry
+        nothing (they do not occur in practice; the teacher's top-k always has a real token).
+    """
+    has_support = (topk_ids >= 0).any(-1)
+    if not bool(has_support.all()):
+        logits, topk_ids, topk_logprobs = (
+            logits[has_support],
+            topk_ids[has_support],
+            topk_logprobs[has_support],
+        )
+    log_p, valid = teacher_log_distribution(topk_logprobs, temperature, tail)
+    log_q = student_log_distribution(logits, topk_ids, temperature, tail)
+    return divergence(log_p, log_q, valid, loss, beta).sum() * temperature**2
+
+
+def loss_sums(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    loss: str,
+    alpha: float,
+    beta: float,
+    temperature: float,
+    tail: str,
+) -> torch.Tensor:
+    """Summed training loss of one chunk: total = α·CE + (1-α)·KD (loss "ce": total = CE).
+
+    Args:
+        logits: (N, V). target_ids: (N,) int, the tokens that carry loss (sequence KD target).
+        topk_ids: (N, K) int. topk_logprobs: (N, K) float.
+    Returns:
+        (3,) float32: [total, ce, kd] sums over the N positions (kd is 0 for loss "ce").
+    """
+    ce = F.cross_entropy(logits.float(), target_ids.long(), reduction="sum")
+    if loss == "ce":
+        return torch.stack([ce, ce, torch.zeros_like(ce)])
+    kd = kd_loss_sum(
+        logits, topk_ids, topk_logprobs, loss=loss, beta=beta, temperature=temperature, tail=tail
+    )
+    return torch.stack([alpha * ce + (1.0 - alpha) * kd, ce, kd])
+
+
+def chunked_loss_sums(
+    hidden: torch.Tensor,
+    output_logits: Callable[[torch.Tensor], torch.Tensor],
+    target_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    chunk_tokens: int,
+    **loss_options,
+) -> torch.Tensor:
+    """loss_sums over hidden states, chunk by chunk, never holding all positions' logits.
+
+    Each chunk's logits are computed inside activation checkpointing: the forward keeps only the
+    chunk's hidden states, and the backward recomputes that chunk's (chunk_tokens, V) logits.
+    Peak memory is therefore one chunk of full-vocabulary logits, whatever the sequence length.
+
+    Args:
+        hidden: (N, H) final hidden states at the positions that predict each target.
+        output_logits: maps (C, H) hidden states to (C, V) logits (the LM head, sliced to V).
+        target_ids: (N,). topk_ids, topk_logprobs: (N, K).
+        chunk_tokens: positions per chunk.
+        loss_options: loss, alpha, beta, temperature, tail (see loss_sums).
+    Returns:
+        (3,) float32: [total, ce, kd] sums over the N positions.
+    """
+
+    def chunk_sums(hidden_chunk, target_chunk, ids_chunk, logprobs_chunk):
+        return loss_sums(
+            output_logits(hidden_chunk), target_chunk, ids_chunk, logprobs_chunk, **loss_options
+        )
+
+    totals = torch.zeros(3, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        stop = start + chunk_tokens
+        arguments = (hidden[start:stop], target_ids[start:stop])
+        arguments += (topk_ids[start:stop], topk_logprobs[start:stop])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            totals = totals + checkpoint(chunk_sums, *arguments, use_reentrant=False)
+        else:
+            totals = totals + chunk_sums(*arguments)
+    return totals
+
+
+def fidelity_sums(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+) -> torch.Tensor:
+    """Evaluation sums of one chunk: how close the student is to the teacher.
+
+    Args:
+        logits: (N, V). target_ids: (N,). topk_ids, topk_logprobs: (N, K).
+    Returns:
+        (4,) float64: [CE on the targets, KL(teacher || student) on the teacher's top-k with the
+        tail bucketed (T = 1), top-1 agreement count (student argmax == teacher's rank-1 id),
+        positions]. All sums; divide by positions for means.
+    """
+    with torch.no_grad():
+        ce = F.cross_entropy(logits.float(), target_ids.long(), reduction="sum")
+        kl = kd_loss_sum(
+            logits, topk_ids, topk_logprobs, loss="fkl", beta=0.0, temperature=1.0, tail="bucket"
+        )
+        agreement = (logits.argmax(-1) == topk_ids[:, 0]).sum()
+        positions = ce.new_tensor(len(logits), dtype=torch.float64)
+        return torch.stack([ce.double(), kl.double(), agreement.double(), positions])
