@@ -14,9 +14,11 @@ Distributions compared by the KD losses, per position:
 - tail "bucket": k+1 outcomes, the k ids plus one "everything else" outcome holding
   p_tail = 1 - sum(p_i) for the teacher and the student's exact remaining mass for the student.
 Teacher slots holding PAD_ID (-1, logprob -inf) are outside the support on both sides.
-Temperature T scales the student's logits by 1/T and raises the teacher's probabilities to the
-power 1/T (the bucketed tail is treated as one outcome, an approximation for T != 1); KD losses
-are multiplied by T^2 so gradient magnitudes stay comparable across temperatures.
+Temperature T raises both compared distributions to the power 1/T and renormalizes them over
+their outcomes. For the student under "renormalize" that is exactly softmax(z / T) restricted to
+the k ids; under "bucket" the tail is tempered as one outcome on both sides (the teacher's
+individual tail tokens are unknown), so identical distributions still cost zero. KD losses are
+multiplied by T^2 so gradient magnitudes stay comparable across temperatures.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ TAIL_POLICIES = ("renormalize", "bucket")
 DEFAULT_BETA = {"jsd": 0.5, "skew-kl": 0.1}
 """Default β: JSD's mixture weight (GKD) and skew KL's skew (DistiLLM)."""
 
-TEACHER_TAIL_FLOOR = 1e-9
-"""Smallest teacher tail mass in the bucket policy. Stored logprobs are rounded, so 1 - sum(p)
-can be zero or slightly negative when the top-k holds almost all the mass; the floor keeps
-reverse KL and JSD finite there."""
-STUDENT_LOG_FLOOR = -100.0
-"""Lower bound of the student's log tail mass (reached only when the top-k covers the vocabulary)."""
+TAIL_NOISE = 1e-3
+"""Bucket policy: tail masses below this count as empty, on both sides. Stored logprobs are
+rounded by up to 4.9e-4 nats each, so the teacher's 1 - sum(p) is only known to about that
+precision; a temperature > 1 would otherwise amplify rounding noise into visible tail mass."""
+TAIL_FLOOR = 1e-9
+"""The mass an empty tail gets: keeps reverse KL and JSD finite."""
 _MASKED_LOGIT = -1e30
 """Finite stand-in for -inf when masking logits: logsumexp and its gradient stay finite even when
 every entry is masked."""
@@ -62,7 +64,8 @@ def teacher_log_distribution(
     scaled = torch.where(valid, logprobs / temperature, -math.inf)
     if tail == "bucket":
         mass = torch.where(valid, logprobs.exp(), 0.0).sum(-1, keepdim=True)
-        tail_mass = (1.0 - mass).clamp(min=TEACHER_TAIL_FLOOR)
+        tail_mass = 1.0 - mass
+        tail_mass = torch.where(tail_mass < TAIL_NOISE, TAIL_FLOOR, tail_mass)
         scaled = torch.cat([scaled, tail_mass.log() / temperature], dim=-1)
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=-1)
     elif tail != "renormalize":
@@ -85,7 +88,7 @@ def student_log_distribution(
     Returns:
         log_q: (N, M) float32, M = K or K + 1; -inf where the teacher slot is PAD_ID.
     """
-    scaled = logits.float() / temperature
+    scaled = logits.float()
     valid = topk_ids >= 0
     # PAD slots borrow the row's first (always valid) id so gathers and masks stay in range;
     # their values are discarded below.
@@ -94,15 +97,22 @@ def student_log_distribution(
     gathered = torch.gather(scaled, 1, ids) - log_normalizer
     gathered = gathered.masked_fill(~valid, -math.inf)
     if tail == "renormalize":
-        return gathered - torch.logsumexp(gathered, dim=-1, keepdim=True)
+        return _temper(gathered, temperature)
     if tail != "bucket":
         raise ValueError(f"unknown tail policy {tail!r}")
     # The student's tail mass, exactly: logsumexp over the logits outside the teacher's top-k
     # (1 - sum(q_i) would cancel catastrophically when the top-k holds nearly all the mass).
     in_topk = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, ids, True)
     outside = torch.logsumexp(scaled.masked_fill(in_topk, _MASKED_LOGIT), dim=-1, keepdim=True)
-    log_tail = (outside - log_normalizer).clamp(min=STUDENT_LOG_FLOOR)
-    return torch.cat([gathered, log_tail], dim=-1)
+    log_tail = outside - log_normalizer
+    log_tail = torch.where(log_tail < math.log(TAIL_NOISE), math.log(TAIL_FLOOR), log_tail)
+    return _temper(torch.cat([gathered, log_tail], dim=-1), temperature)
+
+
+def _temper(log_probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Raise a distribution over outcomes to the power 1/T and renormalize (in log space)."""
+    scaled = log_probabilities / temperature
+    return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
 
 
 def divergence(
