@@ -217,7 +217,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(loss):
     torch.testing.assert_close(whole[0], reference.detach(), rtol=1e-5, atol=1e-5)
     for chunk in (1, 5, 16):
         chunked = run(chunk)
-        for got, expected in zip(chunked, whole):
+        for got, expected in zip(chunked, whole, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
