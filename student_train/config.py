@@ -12,7 +12,18 @@ from shared.errors import UserError
 from student_train.losses import DEFAULT_BETA, LOSSES, TAIL_POLICIES
 
 RESUMABLE_FIELDS = frozenset(
-    {"resume", "stop_at_step", "progress", "keep_checkpoints", "log_every", "allow_incomplete"}
+    {
+        "resume",
+        "stop_at_step",
+        "progress",
+        "keep_checkpoints",
+        "log_every",
+        "log_samples",
+        "allow_incomplete",
+        "save_every",
+        "eval_every",
+        "eval_limit",
+    }
 )
 """Fields a resumed run may change: they say how this process runs, not what it trains."""
 
@@ -100,6 +111,9 @@ class TrainConfig:
     """Keep this many most recent checkpoints (older ones are deleted)."""
     log_every: int = 1
     """Write a metrics line every N steps."""
+    log_samples: bool = False
+    """Also write samples-rank{R}.jsonl: the sample ids each rank trained on at each step (to
+    audit the data order)."""
     stop_at_step: int | None = None
     """Checkpoint and stop after this step, as if interrupted (to split a run across job time
     limits); continue with --resume."""

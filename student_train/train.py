@@ -195,6 +195,8 @@ def _train_locked(
     )
 
     metrics_path, curve_path = out / METRICS_NAME, out / CURVE_NAME
+    if config.log_samples:
+        truncate_metrics(out / f"samples-rank{context.rank}.jsonl", step)
     if context.is_main:
         truncate_metrics(metrics_path, step)
         atomic_write_json(out / CONFIG_NAME, run_description(config, dump, student, total_steps))
@@ -237,6 +239,11 @@ def _train_locked(
             batch_sums = batch_loss_sums(model, batch, output_logits, config, loss_options, context)
             (batch_sums[0] / step_tokens).backward()
             sums += batch_sums.detach().double()
+        if config.log_samples:
+            samples = [sample for batch in micro_batches for sample in batch.sample_ids]
+            append_metrics(
+                out / f"samples-rank{context.rank}.jsonl", {"step": step + 1, "samples": samples}
+            )
         sum_gradients(context, parameters)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             parameters, config.grad_clip if config.grad_clip > 0 else math.inf

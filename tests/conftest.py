@@ -106,3 +106,55 @@ def cli_command(*arguments: str) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "teacher_dump.cli", *arguments]
+
+
+@pytest.fixture(scope="session")
+def student_model(tmp_path_factory) -> Path:
+    """A differently initialized tiny Llama sharing the teacher's tokenizer."""
+    from tests.tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-student"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def text_shards(tiny_model, text_file, engine, tmp_path_factory) -> Path:
+    """Real teacher-dump shards (text mode): 32 rows of 63 target tokens in 4 shards."""
+    from teacher_dump.run import run_dump
+
+    out = tmp_path_factory.mktemp("text-shards")
+    config = dump_config(
+        tiny_model,
+        text_file,
+        out,
+        data="text",
+        mode="text",
+        chunk_tokens=64,
+        limit=32,
+        rows_per_shard=8,
+    )
+    run_dump(config, engine)
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_text_shards(tiny_model, engine, tmp_path_factory) -> Path:
+    """Held-out teacher-dump shards over different text than text_shards."""
+    import pydoc_data.topics
+
+    from teacher_dump.run import run_dump
+
+    directory = tmp_path_factory.mktemp("eval-text")
+    topics = pydoc_data.topics.topics
+    text_path = directory / "held_out.txt"
+    text_path.write_text("\n\n".join(topics[key] for key in sorted(topics)[6:9]))
+    config = dump_config(
+        tiny_model,
+        text_path,
+        directory / "shards",
+        data="text",
+        mode="text",
+        chunk_tokens=64,
+        limit=12,
+    )
+    run_dump(config, engine)
+    return directory / "shards"

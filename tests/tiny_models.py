@@ -14,7 +14,7 @@ TOKENIZER_SIZE = 500
 EMBEDDING_ROWS = 512
 
 
-def build_tiny_tokenizer(directory: Path):
+def build_tiny_tokenizer(directory: Path, size: int = TOKENIZER_SIZE):
     import pydoc_data.topics
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -24,7 +24,7 @@ def build_tiny_tokenizer(directory: Path):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_SIZE,
+        vocab_size=size,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -42,14 +42,19 @@ def build_tiny_tokenizer(directory: Path):
 
 
 def build_tiny_llama(
-    directory: Path, *, seed: int = 0, layers: int = 2, scale: float = 0.3
+    directory: Path,
+    *,
+    seed: int = 0,
+    layers: int = 2,
+    scale: float = 0.3,
+    tokenizer_size: int = TOKENIZER_SIZE,
 ) -> Path:
     """Save a tiny random Llama (head_dim 32, as vLLM's CPU kernels need) with its tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
-    tokenizer = build_tiny_tokenizer(directory)
+    tokenizer = build_tiny_tokenizer(directory, tokenizer_size)
     config = LlamaConfig(
         vocab_size=EMBEDDING_ROWS,
         hidden_size=64,
