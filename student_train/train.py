@@ -372,7 +372,10 @@ def count_steps(dump: Dump, config: TrainConfig, context: Distributed, batch_sha
         columns=LENGTH_COLUMNS,
     )
     steps = 0
-    while any(take_micro_batch(stream, **batch_shape) for _ in range(config.grad_accum)):
+    while True:
+        micro_batches = [take_micro_batch(stream, **batch_shape) for _ in range(config.grad_accum)]
+        if not any(micro_batches):
+            break
         steps += 1
     return max(1, max_across_ranks(context, steps))
 

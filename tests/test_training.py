@@ -231,6 +231,42 @@ def test_torchrun_two_processes_see_each_sample_once_per_epoch(
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"loss": "ce"},
+        {"loss": "rkl", "tail": "renormalize", "temperature": 2.0},
+        {"loss": "jsd", "beta": 0.3, "alpha": 0.5},
+        {"loss": "skew-kl", "batch_tokens": 200, "micro_batch": None},
+        {"loss": "tvd", "bf16": True},
+        {"loss": "fkl", "epochs": 1, "max_steps": None, "grad_accum": 3},
+    ],
+)
+def test_every_loss_and_batching_mode_trains(
+    text_shards, eval_text_shards, student_model, tmp_path, options
+):
+    options = {"max_steps": 3, **options}
+    summary = run_training(
+        train_config(
+            text_shards, student_model, tmp_path / "out", eval_shards=str(eval_text_shards),
+            eval_limit=5, **options,
+        )
+    )  # fmt: skip
+    lines = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    steps = [line for line in lines if "loss" in line]
+    if options.get("epochs"):
+        assert len(steps) == summary["total_steps"] == 6  # 32 rows, 2 rows x 3 micro-batches
+        assert steps[-1]["tokens"] == 32 * 63
+    else:
+        assert len(steps) == 3
+    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in steps)
+    if options["loss"] == "ce":
+        assert all(line["kd"] == 0 and line["loss"] == line["ce"] for line in steps)
+    evals = [line for line in lines if "eval_kl" in line]
+    assert evals[0]["eval_tokens"] == 5 * 63
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
 def test_lora_saves_an_adapter_and_a_merged_model(text_shards, student_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -259,6 +295,20 @@ def test_lora_saves_an_adapter_and_a_merged_model(text_shards, student_model, tm
         base_logits = AutoModelForCausalLM.from_pretrained(student_model)(input_ids).logits
     torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-4, atol=1e-4)
     assert (merged_logits - base_logits).abs().max() > 1e-3  # the adapter learned something
+
+    # A stopped and resumed LoRA run ends with the same adapter.
+    lora = dict(
+        max_steps=3, lr=1e-2, micro_batch=8, grad_accum=1, shuffle_buffer=1024, chunk_tokens=512,
+        lora_r=4, lora_alpha=8.0, lora_target=("q_proj", "v_proj"), rslora=True, merge_lora=True,
+    )  # fmt: skip
+    resumed = tmp_path / "lora-resumed"
+    run_training(train_config(text_shards, student_model, resumed, stop_at_step=2, **lora))
+    run_training(train_config(text_shards, student_model, resumed, resume=True, **lora))
+    got = load_file(resumed / "final" / "adapter" / "adapter_model.safetensors")
+    want = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
 
 
 def test_bad_training_input_is_refused_with_one_line(text_shards, student_model, tmp_path):
