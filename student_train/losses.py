@@ -41,9 +41,6 @@ rounded by up to 4.9e-4 nats each, so the teacher's 1 - sum(p) is only known to 
 precision; a temperature > 1 would otherwise amplify rounding noise into visible tail mass."""
 TAIL_FLOOR = 1e-9
 """The mass an empty tail gets: keeps reverse KL and JSD finite."""
-_MASKED_LOGIT = -1e30
-"""Finite stand-in for -inf when masking logits: logsumexp and its gradient stay finite even when
-every entry is masked."""
 
 
 def teacher_log_distribution(
@@ -75,7 +72,11 @@ def teacher_log_distribution(
 
 
 def student_log_distribution(
-    logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float, tail: str
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    temperature: float,
+    tail: str,
+    log_normalizer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Student log-probabilities over the same outcomes as teacher_log_distribution.
 
@@ -85,27 +86,30 @@ def student_log_distribution(
             least one valid id (rows without one are filtered out by the caller).
         temperature: T > 0.
         tail: "renormalize" or "bucket".
+        log_normalizer: (N, 1) logsumexp of the logits, when the caller already has it.
     Returns:
         log_q: (N, M) float32, M = K or K + 1; -inf where the teacher slot is PAD_ID.
     """
-    scaled = logits.float()
+    logits = logits.float()
     valid = topk_ids >= 0
-    # PAD slots borrow the row's first (always valid) id so gathers and masks stay in range;
-    # their values are discarded below.
+    # PAD slots borrow the row's first (always valid) id so gathers stay in range; their values
+    # are discarded below.
     ids = torch.where(valid, topk_ids, topk_ids[:, :1]).long()
-    log_normalizer = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    gathered = torch.gather(scaled, 1, ids) - log_normalizer
-    gathered = gathered.masked_fill(~valid, -math.inf)
+    gathered = torch.gather(logits, 1, ids)
     if tail == "renormalize":
-        return _temper(gathered, temperature)
+        # The normalizer cancels on the k ids: no (N, V) work beyond the gather.
+        return _temper(gathered.masked_fill(~valid, -math.inf), temperature)
     if tail != "bucket":
         raise ValueError(f"unknown tail policy {tail!r}")
-    # The student's tail mass, exactly: logsumexp over the logits outside the teacher's top-k
-    # (1 - sum(q_i) would cancel catastrophically when the top-k holds nearly all the mass).
-    in_topk = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, ids, True)
-    outside = torch.logsumexp(scaled.masked_fill(in_topk, _MASKED_LOGIT), dim=-1, keepdim=True)
-    log_tail = outside - log_normalizer
-    log_tail = torch.where(log_tail < math.log(TAIL_NOISE), math.log(TAIL_FLOOR), log_tail)
+    if log_normalizer is None:
+        log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+    gathered = (gathered - log_normalizer).masked_fill(~valid, -math.inf)
+    # Tail = 1 - sum(q_i). Its float32 cancellation error (~1e-6) is far below TAIL_NOISE, and
+    # tails under TAIL_NOISE are replaced by the floor, so the subtraction is safe here.
+    tail_mass = 1.0 - gathered.exp().sum(-1, keepdim=True)
+    log_tail = torch.where(
+        tail_mass < TAIL_NOISE, math.log(TAIL_FLOOR), tail_mass.clamp(min=TAIL_NOISE).log()
+    )
     return _temper(torch.cat([gathered, log_tail], dim=-1), temperature)
 
 
@@ -168,11 +172,13 @@ def kd_loss_sum(
     beta: float,
     temperature: float,
     tail: str,
+    log_normalizer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed KD loss of student logits against the teacher's top-k.
 
     Args:
         logits: (N, V) student logits. topk_ids: (N, K) int. topk_logprobs: (N, K) float.
+        log_normalizer: optional (N, 1) logsumexp of the logits (shared with the CE term).
     Returns:
         Scalar: T² · Σ_positions divergence. Positions where the teacher kept no valid id carry
         nothing (they do not occur in practice; the teacher's top-k always has a real token).
@@ -184,8 +190,10 @@ def kd_loss_sum(
             topk_ids[has_support],
             topk_logprobs[has_support],
         )
+        if log_normalizer is not None:
+            log_normalizer = log_normalizer[has_support]
     log_p, valid = teacher_log_distribution(topk_logprobs, temperature, tail)
-    log_q = student_log_distribution(logits, topk_ids, temperature, tail)
+    log_q = student_log_distribution(logits, topk_ids, temperature, tail, log_normalizer)
     return divergence(log_p, log_q, valid, loss, beta).sum() * temperature**2
 
 
@@ -209,11 +217,28 @@ def loss_sums(
     Returns:
         (3,) float32: [total, ce, kd] sums over the N positions (kd is 0 for loss "ce").
     """
-    ce = F.cross_entropy(logits.float(), target_ids.long(), reduction="sum")
+    logits = logits.float()
+    ce_trains = loss == "ce" or alpha > 0
+    # One logsumexp over the vocabulary serves CE and the bucketed tail. When neither needs its
+    # gradient (renormalized KD with alpha = 0), CE is computed for the logs only, without one.
+    normalizer_trains = ce_trains or tail == "bucket"
+    with torch.set_grad_enabled(torch.is_grad_enabled() and normalizer_trains):
+        log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+    target_logits = torch.gather(logits, 1, target_ids.long().unsqueeze(-1))
+    ce = (log_normalizer - target_logits).sum()
+    if not ce_trains:
+        ce = ce.detach()
     if loss == "ce":
         return torch.stack([ce, ce, torch.zeros_like(ce)])
     kd = kd_loss_sum(
-        logits, topk_ids, topk_logprobs, loss=loss, beta=beta, temperature=temperature, tail=tail
+        logits,
+        topk_ids,
+        topk_logprobs,
+        loss=loss,
+        beta=beta,
+        temperature=temperature,
+        tail=tail,
+        log_normalizer=log_normalizer,
     )
     return torch.stack([alpha * ce + (1.0 - alpha) * kd, ce, kd])
 
