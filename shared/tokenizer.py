@@ -124,3 +124,54 @@ def _as_ids(rendered) -> list[int]:
     if isinstance(rendered, dict) or hasattr(rendered, "keys"):
         rendered = rendered["input_ids"]
     return [int(token_id) for token_id in rendered]
+
+
+TEXT_BLOCK_CHARACTERS = 1 << 16
+"""Raw text is tokenized in blocks of about this many characters, split at line ends."""
+
+
+def chunk_text(texts: list[str], tokenizer, *, chunk_tokens: int, limit: int | None) -> list:
+    """Tokenize raw texts as one stream and cut it into chunks of `chunk_tokens` tokens.
+
+    Texts are joined with a blank line (no special tokens are inserted); a tokenizer that adds a
+    BOS gets it at the start of every chunk. A last chunk shorter than 2 tokens is dropped.
+    Used by teacher-dump's text mode and kd-eval's lm task, so both see the same windows.
+
+    Returns:
+        Up to `limit` (P,) int32 numpy arrays.
+    """
+    import numpy as np
+
+    joined = "".join(text if text.endswith("\n") else text + "\n\n" for text in texts if text)
+    if not joined.strip():
+        raise UserError("the text data is empty: pass a file with text in it")
+    blocks = _split_into_blocks(joined, TEXT_BLOCK_CHARACTERS)
+    encoded = tokenizer(blocks, add_special_tokens=False)["input_ids"]
+    tokens = np.fromiter((token for block in encoded for token in block), dtype=np.int32)
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        # Models trained with a BOS expect it at the start of every window.
+        chunk_body = chunk_tokens - 1
+        bos = np.asarray([tokenizer.bos_token_id], dtype=np.int32)
+    else:
+        chunk_body = chunk_tokens
+        bos = np.zeros(0, dtype=np.int32)
+    chunks = []
+    for start in range(0, len(tokens), chunk_body):
+        chunk = np.concatenate([bos, tokens[start : start + chunk_body]])
+        if len(chunk) < 2:
+            break
+        chunks.append(chunk)
+        if limit is not None and len(chunks) >= limit:
+            break
+    return chunks
+
+
+def _split_into_blocks(text: str, size: int) -> list[str]:
+    """Split text into pieces of about `size` characters, each ending at a line end."""
+    blocks, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end == -1 else end + 1
+        blocks.append(text[start:end])
+        start = end
+    return blocks

@@ -1,11 +1,72 @@
-"""`kd-eval`: scores teacher, baseline and distilled students side by side (issue 4; not yet implemented)."""
+"""`kd-eval`: teacher, baselines and distilled students on one task, side by side."""
+
+from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+import click
+
+from shared.config import build_config
+from shared.errors import UserError
 
 
-def main() -> None:
-    print(
-        "kd-eval: not yet implemented (it will compare teacher and students on a task)",
-        file=sys.stderr,
-    )
-    sys.exit(2)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--task",
+    type=click.Choice(["gsm8k", "summ", "lm", "cls"]),
+    default=None,
+    help="gsm8k | summ | lm | cls.",
+)
+@click.option(
+    "--model", "models", multiple=True, metavar="NAME=PATH", help="A model to evaluate (repeat)."
+)
+@click.option("--data-path", default=None, help="Local data file or directory.")
+@click.option("--split", default=None, help="Split to read [test].")
+@click.option("--limit", type=int, default=None, help="First N examples (lm: N windows).")
+@click.option(
+    "--teacher-shards", default=None, help="teacher-dump dir: adds KL and top-1 agreement."
+)
+@click.option("--max-new-tokens", type=int, default=None, help="Longest answer [256].")
+@click.option("--chunk-tokens", type=int, default=None, help="lm: tokens per window [512].")
+@click.option("--out", default=None, help="Write results.json, chart.png and predictions here.")
+@click.option("--dtype", default=None, help="Engine dtype for every model [auto; CPU: float32].")
+@click.option("--max-model-len", type=int, default=None, help="Engine context length.")
+@click.option("--enforce-eager", is_flag=True, default=None, help="Skip vLLM compilation.")
+@click.option("--no-chat-template", "no_chat_template", is_flag=True, default=False)
+@click.option("--trust-remote-code", is_flag=True, default=None)
+@click.option("--no-progress", "no_progress", is_flag=True, default=False)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None)
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE")
+def main(config_file, assignments, no_chat_template, no_progress, models, **flags) -> None:
+    """Evaluate models on a task with identical prompts and decoding; print a table.
+
+    \b
+    kd-eval --task gsm8k|summ|lm --model NAME=PATH [--model NAME=PATH ...] [--data-path P]
+            [--split S] [--limit N] [--teacher-shards DIR] [--max-new-tokens N] [--out DIR]
+    """
+    if models:
+        flags["models"] = tuple(models)
+    if no_chat_template:
+        flags["chat_template"] = False
+    if no_progress:
+        flags["progress"] = False
+    try:
+        from student_train.evaluation import EvalConfig, markdown_table, run_evaluation
+
+        config = build_config(
+            EvalConfig, config_file=config_file, flags=flags, assignments=assignments
+        )
+        report = run_evaluation(config)
+    except UserError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    click.echo(markdown_table(report))
+    if config.out:
+        click.echo(
+            f"\nresults: {Path(config.out) / 'results.json'}  chart: {Path(config.out) / 'chart.png'}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,8 @@ from student_train.distributed import (
     sum_across_ranks,
     sum_gradients,
 )
-from student_train.losses import chunked_loss_sums, fidelity_sums
+from student_train.fidelity import fidelity_metrics, fidelity_sums_on_dump
+from student_train.losses import chunked_loss_sums
 from student_train.reporting import (
     CURVE_NAME,
     METRICS_NAME,
@@ -409,53 +410,25 @@ def batch_loss_sums(
 def evaluate(
     model, dump: Dump, context: Distributed, output_logits, config: TrainConfig, batch_shape: dict
 ) -> dict:
-    """CE, KL(teacher || student) and top-1 agreement on held-out shards (all ranks share)."""
-    stream = ShardStream(
-        dump,
-        rank=context.rank,
-        world_size=context.world_size,
-        shuffle=False,
-        buffer_rows=config.shuffle_buffer,
-        epochs=1,
-    )
+    """CE, KL(teacher || student) and top-1 agreement on held-out shards (ranks share them)."""
     limit = None
     if config.eval_limit is not None:
         limit = config.eval_limit // context.world_size
         limit += 1 if context.rank < config.eval_limit % context.world_size else 0
-    device = context.device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    taken = 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-        while rows := take_micro_batch(stream, **batch_shape):
-            if limit is not None:
-                rows = rows[: max(0, limit - taken)]
-            if not rows:
-                break
-            taken += len(rows)
-            batch = collate(rows)
-            hidden = final_hidden_states(
-                model, batch.input_ids.to(device), batch.attention_mask.to(device)
-            )
-            selected = hidden[batch.row_index.to(device), batch.position.to(device)]
-            for start in range(0, len(selected), config.chunk_tokens):
-                stop = start + config.chunk_tokens
-                sums += fidelity_sums(
-                    output_logits(selected[start:stop]),
-                    batch.target_ids[start:stop].to(device),
-                    batch.topk_ids[start:stop].to(device),
-                    batch.topk_logprobs[start:stop].to(device),
-                )
-    model.train(was_training)
-    ce, kl, agreement, positions = sum_across_ranks(context, sums).tolist()
-    positions = max(positions, 1.0)
-    return {
-        "eval_ce": ce / positions,
-        "eval_kl": kl / positions,
-        "eval_top1": agreement / positions,
-        "eval_tokens": int(positions),
-    }
+    sums = fidelity_sums_on_dump(
+        model,
+        output_logits,
+        dump,
+        rank=context.rank,
+        world_size=context.world_size,
+        batch_shape=batch_shape,
+        chunk_tokens=config.chunk_tokens,
+        buffer_rows=config.shuffle_buffer,
+        limit=limit,
+        device=context.device,
+        bf16=config.bf16,
+    )
+    return fidelity_metrics(sum_across_ranks(context, sums))
 
 
 def save_training_state(

@@ -14,10 +14,7 @@ import numpy as np
 
 from shared.errors import UserError
 from shared.tasks import Example
-from shared.tokenizer import render_prompt, render_target
-
-TEXT_BLOCK_CHARACTERS = 1 << 16
-"""Raw text is tokenized in blocks of about this many characters, split at line ends."""
+from shared.tokenizer import chunk_text, render_prompt, render_target
 
 
 @dataclass(frozen=True)
@@ -89,53 +86,21 @@ def prompt_requests(
 def text_requests(
     texts: list[str], tokenizer, *, chunk_tokens: int, limit: int | None
 ) -> list[DumpRequest]:
-    """Tokenize raw texts as one stream and cut it into chunks of `chunk_tokens` tokens.
-
-    Texts are joined with a blank line (no special tokens are inserted). Each chunk's first token
-    is its prompt and the rest its target, so every position but the first carries loss. A last
-    chunk shorter than 2 tokens is dropped.
-    """
-    joined = "".join(text if text.endswith("\n") else text + "\n\n" for text in texts if text)
-    if not joined.strip():
-        raise UserError("the text data is empty: pass a file with text in it")
-    blocks = _split_into_blocks(joined, TEXT_BLOCK_CHARACTERS)
-    encoded = tokenizer(blocks, add_special_tokens=False)["input_ids"]
-    tokens = np.fromiter((token for block in encoded for token in block), dtype=np.int32)
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        # Models trained with a BOS expect it at the start of every window.
-        chunk_body = chunk_tokens - 1
-        bos = np.asarray([tokenizer.bos_token_id], dtype=np.int32)
-    else:
-        chunk_body = chunk_tokens
-        bos = np.zeros(0, dtype=np.int32)
-    requests = []
-    for start in range(0, len(tokens), chunk_body):
-        chunk = np.concatenate([bos, tokens[start : start + chunk_body]])
-        if len(chunk) < 2:
-            break
-        requests.append(
-            DumpRequest(
-                source_index=len(requests),
-                prompt_ids=chunk[:1],
-                target_ids=chunk[1:],
-                prompt_text="",
-                references=(),
-            )
+    """Raw texts as chunks of `chunk_tokens` tokens (shared.tokenizer.chunk_text): each chunk's
+    first token is its prompt and the rest its target, so every position but the first carries
+    loss."""
+    return [
+        DumpRequest(
+            source_index=index,
+            prompt_ids=chunk[:1],
+            target_ids=chunk[1:],
+            prompt_text="",
+            references=(),
         )
-        if limit is not None and len(requests) >= limit:
-            break
-    return requests
-
-
-def _split_into_blocks(text: str, size: int) -> list[str]:
-    """Split text into pieces of about `size` characters, each ending at a line end."""
-    blocks, start = [], 0
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end == -1 else end + 1
-        blocks.append(text[start:end])
-        start = end
-    return blocks
+        for index, chunk in enumerate(
+            chunk_text(texts, tokenizer, chunk_tokens=chunk_tokens, limit=limit)
+        )
+    ]
 
 
 def check_lengths(

@@ -1,0 +1,124 @@
+"""Task metrics, written once: pure functions of model outputs and references.
+
+kd-eval scores every model with these, so teacher, baseline and distilled students are measured
+by the same code:
+- gsm8k: the final number of an answer ('#### n', else the last number), exact match.
+- summ: ROUGE-1/2/L F1 (rouge-score, Porter stemming, best over the references) and corpus BLEU
+  (sacrebleu, all references).
+- lm: perplexity, next-token accuracy @1 and @5, from the per-position logprobs and top-k.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+
+import numpy as np
+
+_MARKED_ANSWER = re.compile(r"####\s*(-?\$?\s*-?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?\$?\s*-?\d[\d,]*(?:\.\d+)?|-?\$?\s*-?\.\d+")
+
+
+def normalize_number(text: str) -> str | None:
+    """Canonical form of a number as written in an answer: '$1,000.50' -> '1000.5', '7.0' -> '7'.
+
+    Returns None when `text` is not a number.
+    """
+    cleaned = text.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return None
+    if not value.is_finite():
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def final_number(answer: str) -> str | None:
+    """The answer's final number: after the last '#### ', else the last number in the text."""
+    marked = _MARKED_ANSWER.findall(answer)
+    if marked:
+        return normalize_number(marked[-1])
+    numbers = _NUMBER.findall(answer)
+    for candidate in reversed(numbers):
+        value = normalize_number(candidate)
+        if value is not None:
+            return value
+    return None
+
+
+def gsm8k_correct(prediction: str, reference: str) -> bool:
+    """Exact match of the final numbers (a prediction without a number is wrong)."""
+    predicted = final_number(prediction)
+    return predicted is not None and predicted == final_number(reference)
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """Mean ROUGE-1/2/L F1 over samples, each sample scored against its best reference.
+
+    Args:
+        predictions: one string per sample. references: one or more strings per sample.
+    Returns:
+        {"rouge1", "rouge2", "rougeL"}: floats in [0, 1].
+    """
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for prediction, sample_references in zip(predictions, references, strict=True):
+        if not sample_references:
+            raise ValueError("every sample needs at least one reference")
+        scores = [scorer.score(reference, prediction) for reference in sample_references]
+        for name in totals:
+            totals[name] += max(score[name].fmeasure for score in scores)
+    count = max(len(predictions), 1)
+    return {name: value / count for name, value in totals.items()}
+
+
+def bleu_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU (sacrebleu, 0-100) with every sample's references."""
+    import sacrebleu
+
+    width = max((len(sample) for sample in references), default=1)
+    # sacrebleu takes reference *streams*; samples with fewer references repeat their first one,
+    # which leaves BLEU's clipped counts and closest-length choice unchanged.
+    streams = [
+        [sample[index] if index < len(sample) else sample[0] for sample in references]
+        for index in range(width)
+    ]
+    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+
+
+def language_model_sums(
+    target_ids: np.ndarray, target_logprobs: np.ndarray, topk_ids: np.ndarray
+) -> np.ndarray:
+    """Sums for perplexity and next-token accuracy over scored positions.
+
+    Args:
+        target_ids: (N,) int, the actual next tokens. target_logprobs: (N,) float, the model's
+            logprob of each. topk_ids: (N, K) int, the model's top-K ids in rank order (K >= 5
+            for acc@5).
+    Returns:
+        (4,) float64: [negative log-likelihood sum, top-1 hits, top-5 hits, positions].
+    """
+    target_ids = np.asarray(target_ids).reshape(-1, 1)
+    hits_at_1 = (np.asarray(topk_ids)[:, :1] == target_ids).any(-1).sum()
+    hits_at_5 = (np.asarray(topk_ids)[:, :5] == target_ids).any(-1).sum()
+    nll = -np.asarray(target_logprobs, dtype=np.float64).sum()
+    return np.array([nll, hits_at_1, hits_at_5, len(target_ids)], dtype=np.float64)
+
+
+def language_model_metrics(sums: np.ndarray) -> dict:
+    """Perplexity, acc@1, acc@5 from language_model_sums (added over chunks)."""
+    nll, hits_at_1, hits_at_5, positions = (float(value) for value in sums)
+    positions = max(positions, 1.0)
+    return {
+        "perplexity": math.exp(nll / positions),
+        "acc@1": hits_at_1 / positions,
+        "acc@5": hits_at_5 / positions,
+        "tokens": int(positions),
+    }
