@@ -22,7 +22,7 @@ import numpy as np
 from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import atomic_write, atomic_write_json, atomic_write_text
-from shared.models import resolve_model
+from shared.models import context_length, resolve_model
 from shared.records import LoadedRecords
 from shared.scoring import (
     bleu_score,
@@ -250,6 +250,18 @@ def run_generation(
         render_prompt(tokenizer, prompt, use_chat_template=use_template)
         for prompt in inputs.prompts
     ]
+    context = engine_context(config, directory)
+    too_long = [
+        index for index, ids in enumerate(prompt_ids) if len(ids) + config.max_new_tokens > context
+    ]
+    if too_long:
+        first = too_long[0]
+        raise UserError(
+            f"{len(too_long)} prompt(s) do not fit {directory.name}'s context of {context} tokens "
+            f"with --max-new-tokens {config.max_new_tokens} (first: record {first}, "
+            f"{len(prompt_ids[first])} prompt tokens): lower --max-new-tokens, raise "
+            "--max-model-len, or use shorter inputs"
+        )
     stop_ids = stop_token_ids(tokenizer, directory)
     requests = ((index, ids, 0) for index, ids in enumerate(prompt_ids))
     answers: dict[int, np.ndarray] = {}
@@ -293,6 +305,13 @@ def run_generation(
         "chat_template": use_template,
         "predictions": texts,
     }
+
+
+def engine_context(config: EvalConfig, directory: Path) -> int:
+    """The context length the engine runs with: --max-model-len, else the model's."""
+    if config.max_model_len:
+        return config.max_model_len
+    return context_length(json.loads((directory / "config.json").read_text())) or 1 << 30
 
 
 def run_language_model(config: EvalConfig, engine, tokenizer, inputs: TaskInputs) -> dict:
@@ -416,7 +435,8 @@ def markdown_table(report: dict) -> str:
     header += ["ms/sample", "tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in report["models"].items():
-        row = [name, f"{result['parameters'] / 1e6:.1f}M"]
+        millions = result["parameters"] / 1e6
+        row = [name, f"{millions:.1f}M" if millions >= 10 else f"{millions:.2f}M"]
         row += [form.format(result["metrics"][key]) for key, _, form in metric_columns]
         if fidelity:
             values = result.get("fidelity") or {}

@@ -52,7 +52,11 @@ def main(config_file, assignments, no_chat_template, no_progress, models, **flag
     if no_progress:
         flags["progress"] = False
     try:
+        from transformers.utils import logging as transformers_logging
+
         from student_train.evaluation import EvalConfig, markdown_table, run_evaluation
+
+        transformers_logging.disable_progress_bar()
 
         config = build_config(
             EvalConfig, config_file=config_file, flags=flags, assignments=assignments
