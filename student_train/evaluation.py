@@ -22,7 +22,7 @@ import numpy as np
 from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import atomic_write, atomic_write_json, atomic_write_text
-from shared.models import context_length, resolve_model
+from shared.models import ResolvedModel, context_length, resolve_model
 from shared.records import LoadedRecords
 from shared.scoring import (
     bleu_score,
@@ -213,11 +213,9 @@ def engine_settings(config: EvalConfig, directory: Path, max_logprobs: int):
 
 
 def evaluate_model(
-    config: EvalConfig, name: str, reference: str, inputs: TaskInputs, engine=None
+    config: EvalConfig, resolved: ResolvedModel, tokenizer, inputs: TaskInputs, engine=None
 ) -> dict:
     """One model: task metrics, cost and (with --teacher-shards) fidelity."""
-    resolved = resolve_model(reference, flag=f"--model {name}=")
-    tokenizer = load_tokenizer(resolved.directory, trust_remote_code=config.trust_remote_code)
     result: dict = {
         "path": str(resolved.directory),
         "parameters": count_parameters(resolved.directory),
@@ -385,12 +383,19 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
 
     `engines` maps a model NAME to an already running TeacherEngine to reuse (tests)."""
     inputs = load_task_inputs(config)
-    models = [parse_model(text) for text in config.models]
+    # Every model and tokenizer is checked before the first engine starts: bad input fails in
+    # seconds, not after minutes of evaluating the models before it.
+    models = []
+    for name, reference in (parse_model(text) for text in config.models):
+        resolved = resolve_model(reference, flag="--model")
+        tokenizer = load_tokenizer(resolved.directory, trust_remote_code=config.trust_remote_code)
+        models.append((name, resolved, tokenizer))
     results = {}
-    for name, reference in models:
+    for name, resolved, tokenizer in models:
         if config.progress:
-            print(f"kd-eval: {name} ({reference}) on {config.task}...", file=sys.stderr, flush=True)
-        results[name] = evaluate_model(config, name, reference, inputs, (engines or {}).get(name))
+            print(f"kd-eval: {name} ({resolved.reference}) on {config.task}...", file=sys.stderr)
+        engine = (engines or {}).get(name)
+        results[name] = evaluate_model(config, resolved, tokenizer, inputs, engine)
     report = {
         "task": config.task,
         "settings": {
