@@ -59,6 +59,10 @@ class DemoConfig:
     """Peak learning rate of both student runs."""
     loss: str = "fkl"
     """The KD student's loss (the SFT baseline always uses ce)."""
+    alpha: float = 0.5
+    """CE weight in the KD student's loss (alpha * CE + (1 - alpha) * KD). Measured on this data
+    at 40 steps: alpha 0 gave the best KL and top-1 but a worse held-out perplexity than SFT
+    (6.10 vs 6.06 nats); alpha 0.5 beat SFT on all three (6.02 nats)."""
     tail: str = "bucket"
     """Tail policy of the KD loss."""
     temperature: float = 1.0
@@ -158,9 +162,10 @@ def run_demo(config: DemoConfig) -> dict:
 
     training = ["--shards", shards / "train", "--eval-shards", shards / "heldout", "--student", student,
                 "--max-steps", config.steps, "--micro-batch", config.micro_batch, "--lr", config.lr,
-                "--eval-every", max(1, config.steps // 4), "--resume"]  # fmt: skip
+                "--eval-every", max(1, config.steps // 2), "--resume"]  # fmt: skip
     run_stage(5, f"kd: the student learns the teacher's top-{config.top_k} ({config.loss})", "student-train",
-              [*training, "--loss", config.loss, "--tail", config.tail, "--temperature", config.temperature,
+              [*training, "--loss", config.loss, "--alpha", config.alpha, "--tail", config.tail,
+               "--temperature", config.temperature,
                "--out", runs / "kd"])  # fmt: skip
     run_stage(6, "sft: the same student, plain CE on the same text (baseline)", "student-train",
               [*training, "--loss", "ce", "--out", runs / "sft"])  # fmt: skip

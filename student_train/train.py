@@ -10,6 +10,7 @@ The teacher is never loaded: its signal is the top-k stored in the shards.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -24,6 +25,7 @@ from shared.files import atomic_write_json, directory_lock
 from shared.tokenizer import tokenizer_fingerprint
 from student_train.batches import Batch, collate, take_micro_batch
 from student_train.checkpoints import (
+    FINAL_DIRECTORY,
     latest_checkpoint,
     publish_final,
     publish_merged,
@@ -497,6 +499,9 @@ def publish_student(
 ) -> Path:
     """OUT/final/: the trained student, ready for transformers, vLLM and kd-eval."""
     description = {"student": student.reference, "config": config_to_dict(config), **summary}
+    existing = out / FINAL_DIRECTORY / "training.json"
+    if existing.is_file() and json.loads(existing.read_text()).get("checkpoint") == str(checkpoint):
+        return existing.parent  # a rerun of a finished run: final/ is already this checkpoint
     if student.is_lora and config.merge_lora:
         merged = student.model.merge_and_unload()
         return publish_merged(out, merged, student.tokenizer, checkpoint, description)
