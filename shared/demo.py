@@ -45,14 +45,14 @@ class DemoConfig:
     """Decoder layers the student keeps (evenly spaced, first and last included)."""
     chunk_tokens: int = 256
     """Tokens per text window."""
-    train_windows: int = 160
+    train_windows: int = 128
     """Training windows the teacher scores (the training text holds about 390)."""
     heldout_windows: int = 32
     """Held-out windows for the evaluation."""
     top_k: int = 20
     """Teacher top-k stored per position."""
-    steps: int = 40
-    """Optimizer steps of each student run."""
+    steps: int = 32
+    """Optimizer steps of each student run (2 epochs of the training windows)."""
     micro_batch: int = 8
     """Windows per optimizer step."""
     lr: float = 3e-4
