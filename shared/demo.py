@@ -77,8 +77,12 @@ def command_line(name: str, arguments: list[str]) -> str:
     return " ".join([name, *(shlex.quote(str(argument)) for argument in arguments)])
 
 
-def run_stage(number: int, title: str, name: str, arguments: list[str]) -> None:
-    """Run one pipeline command (as a module of this Python), echoing it as the user would type it."""
+def run_stage(
+    number: int, title: str, name: str, arguments: list[str], show_output: bool = True
+) -> None:
+    """Run one pipeline command (as a module of this Python), echoing it as the user would type it.
+
+    `show_output=False` drops the command's stdout (the demo prints kd-eval's table itself)."""
     modules = {
         "teacher-dump": "teacher_dump.cli",
         "student-train": "student_train.cli",
@@ -87,7 +91,10 @@ def run_stage(number: int, title: str, name: str, arguments: list[str]) -> None:
     click.secho(f"\n[{number}/7] {title}", bold=True, err=True)
     click.echo(f"$ {command_line(name, arguments)}", err=True)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", modules[name], *map(str, arguments)])
+    result = subprocess.run(
+        [sys.executable, "-m", modules[name], *map(str, arguments)],
+        stdout=None if show_output else subprocess.DEVNULL,
+    )
     if result.returncode != 0:
         raise UserError(
             f"stage {number} ({title}) failed with exit status {result.returncode}; see above"
@@ -186,7 +193,7 @@ def run_demo(config: DemoConfig) -> dict:
                   ["--task", "lm", *[f"--model={name}={path}" for name, path in contenders.items()],
                    "--data-path", held_out_text, "--limit", config.heldout_windows, "--chunk-tokens",
                    config.chunk_tokens, "--teacher-shards", shards / "heldout", "--out", evaluation,
-                   *engine, "--no-progress"])  # fmt: skip
+                   *engine, "--no-progress"], show_output=False)  # fmt: skip
     report = json.loads(results_path.read_text())
     verdicts = check_claims(report)
     print_report(report, verdicts, out, time.perf_counter() - started)
