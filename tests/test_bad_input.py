@@ -131,7 +131,7 @@ def test_corrupt_shard_is_named_on_resume(tiny_model, gsm8k_file, engine, tmp_pa
 
     config = dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=4, rows_per_shard=2)
     run_dump(config, engine)
-    shard = sorted((tmp_path / "out").glob("*.parquet"))[1]
+    shard = sorted((tmp_path / "out").glob("part-*.parquet"))[1]
     shard.write_bytes(b"not parquet at all")
     message = dump_error(config, engine)
     assert f"shard {shard.name} is unreadable" in message and "delete it and rerun" in message

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.engine
 
 def read_rows(directory: Path) -> dict[str, dict]:
     rows = {}
-    for path in sorted(Path(directory).glob("*.parquet")):
+    for path in sorted(Path(directory).glob("part-*.parquet")):
         for row in pq.read_table(path).to_pylist():
             assert row["sample_id"] not in rows, f"duplicate sample_id {row['sample_id']}"
             rows[row["sample_id"]] = row
@@ -169,7 +169,7 @@ def test_shards_load_with_polars_pyarrow_and_datasets(tiny_model, gsm8k_file, en
     from teacher_dump.run import run_dump
 
     run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "out", rows_per_shard=5), engine)
-    files = sorted(str(path) for path in (tmp_path / "out").glob("*.parquet"))
+    files = sorted(str(path) for path in (tmp_path / "out").glob("part-*.parquet"))
     assert len(files) == 3
     frame = polars.read_parquet(files)
     assert frame.height == len(QUESTIONS)
@@ -210,7 +210,7 @@ def test_resume_after_sigkill_yields_every_sample_once(tiny_model, tmp_path, eng
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(out.glob("*.parquet"))) < 2:
+    while time.monotonic() < deadline and len(list(out.glob("part-*.parquet"))) < 2:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the CLI and vLLM's engine processes
@@ -279,7 +279,7 @@ def test_cli_inspect_reports_and_validates(tiny_model, gsm8k_file, engine, tmp_p
         "valid",
     ):
         assert expected in result.stdout
-    shard = sorted((tmp_path / "out").glob("*.parquet"))[0]
+    shard = sorted((tmp_path / "out").glob("part-*.parquet"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncate it
     result = subprocess.run(
         cli_command("inspect", str(tmp_path / "out"), "--validate"),

@@ -219,7 +219,7 @@ def test_torchrun_two_processes_see_each_sample_once_per_epoch(
         lines = read_metrics(out / f"samples-rank{rank}.jsonl")
         seen[rank] = [sample for line in lines for sample in line["samples"]]
     written = []
-    for path in sorted(text_shards.glob("*.parquet")):
+    for path in sorted(text_shards.glob("part-*.parquet")):
         written += pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist()
     assert len(written) == 32
     assert not set(seen[0]) & set(seen[1])
