@@ -129,6 +129,26 @@ def build_config(
     return config_class(**values)
 
 
+def config_options(command):
+    """The `--config FILE` and `--set KEY=VALUE` options every command takes (see build_config)."""
+    import click
+
+    command = click.option(
+        "--set",
+        "assignments",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override any config key (repeatable).",
+    )(command)
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="JSON/TOML file of config keys.",
+    )(command)
+
+
 def config_to_dict(config: object) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists, paths strings)."""
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 
 from shared.config import build_config
-from shared.errors import UserError
+from shared.errors import UserError, exit_with
 
 HELD_OUT_EVERY = 10
 
@@ -253,8 +253,7 @@ def main(out, assignments) -> None:
         )
         result = run_demo(config)
     except UserError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        exit_with(error)
     sys.exit(0 if all(held for _, held, _ in result["claims"]) else 1)
 
 

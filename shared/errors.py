@@ -5,6 +5,24 @@ Every message names the cause and the fix ("X is wrong: do Y"). The CLIs catch i
 traceback.
 """
 
+from collections.abc import Iterable
+from typing import NoReturn
+
 
 class UserError(Exception):
     """Bad input or an incompatible artefact; the message is one line naming cause and fix."""
+
+
+def check_all(checks: Iterable[tuple[bool, str]]) -> None:
+    """Raise UserError with the message of the first (holds, message) pair that does not hold."""
+    for holds, message in checks:
+        if not holds:
+            raise UserError(message)
+
+
+def exit_with(error: UserError) -> NoReturn:
+    """How every command ends on bad input: `error: <message>` on stderr, exit status 2."""
+    import sys
+
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)

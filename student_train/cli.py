@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from shared.config import build_config
-from shared.errors import UserError
+from shared.config import build_config, config_options
+from shared.errors import UserError, exit_with
 from student_train.config import TrainConfig
 
 
@@ -62,20 +62,7 @@ from student_train.config import TrainConfig
 @click.option(
     "--no-progress", "no_progress", is_flag=True, default=False, help="Hide the progress bar."
 )
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="JSON/TOML file of config keys.",
-)
-@click.option(
-    "--set",
-    "assignments",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override any config key (repeatable).",
-)
+@config_options
 @click.pass_context
 def main(context, config_file, assignments, no_progress, lora_target, **flags) -> None:
     """Train a student from teacher-dump shards (sequence-level and logit KD, no teacher).
@@ -106,8 +93,7 @@ def main(context, config_file, assignments, no_progress, lora_target, **flags) -
 
         summary = run_training(config)
     except UserError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        exit_with(error)
     if summary is not None and summary.get("final"):
         print_summary(summary)
 
@@ -151,8 +137,7 @@ def init_student(teacher: str, layers: int, out: Path, trust_remote_code: bool) 
         directory = resolve_model(teacher, flag="--teacher").directory
         derive_student(directory, layers, out, trust_remote_code=trust_remote_code)
     except UserError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        exit_with(error)
     click.echo(str(out))
 
 

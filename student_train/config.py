@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.errors import UserError
+from shared.errors import UserError, check_all
 from student_train.losses import DEFAULT_BETA, LOSSES, TAIL_POLICIES
 
 RESUMABLE_FIELDS = frozenset(
@@ -187,6 +187,4 @@ class TrainConfig:
                 "--stop-at-step must be at least 1",
             ),
         ]
-        for holds, message in checks:
-            if not holds:
-                raise UserError(message)
+        check_all(checks)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.config import config_to_dict
-from shared.errors import UserError
+from shared.errors import UserError, check_all
 from shared.files import atomic_write, atomic_write_json, atomic_write_text
 from shared.models import ResolvedModel, context_length, resolve_model
 from shared.records import LoadedRecords
@@ -43,11 +43,11 @@ from shared.tokenizer import (
 
 EVAL_TASKS = ("gsm8k", "summ", "lm", "cls")
 HEADLINE = {
-    "gsm8k": ("accuracy", "GSM8K exact-match accuracy", True),
-    "summ": ("rougeL", "ROUGE-L F1", True),
-    "lm": ("perplexity", "perplexity (lower is better)", False),
+    "gsm8k": ("accuracy", "GSM8K exact-match accuracy"),
+    "summ": ("rougeL", "ROUGE-L F1"),
+    "lm": ("perplexity", "perplexity (lower is better)"),
 }
-"""Per task: the metric plotted in the bar chart, its label, and whether higher is better."""
+"""Per task: the metric plotted in the bar chart and its label."""
 LM_TOP_K = 5
 """lm: the top-k each position is scored with (acc@5 needs 5)."""
 
@@ -117,9 +117,7 @@ class EvalConfig:
                 "--fidelity-limit must be at least 1",
             ),
         ]
-        for holds, message in checks:
-            if not holds:
-                raise UserError(message)
+        check_all(checks)
 
 
 def parse_model(text: str) -> tuple[str, str]:
@@ -478,7 +476,7 @@ def plot_headline(path: Path, report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, label, _ = HEADLINE[report["task"]]
+    key, label = HEADLINE[report["task"]]
     names = list(report["models"])
     values = [report["models"][name]["metrics"][key] for name in names]
     figure, axis = plt.subplots(figsize=(max(4, 1.4 * len(names) + 2), 3.5))

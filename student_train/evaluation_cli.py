@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from shared.config import build_config
-from shared.errors import UserError
+from shared.config import build_config, config_options
+from shared.errors import UserError, exit_with
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,8 +35,7 @@ from shared.errors import UserError
 @click.option("--no-chat-template", "no_chat_template", is_flag=True, default=False)
 @click.option("--trust-remote-code", is_flag=True, default=None)
 @click.option("--no-progress", "no_progress", is_flag=True, default=False)
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None)
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE")
+@config_options
 def main(config_file, assignments, no_chat_template, no_progress, models, **flags) -> None:
     """Evaluate models on a task with identical prompts and decoding; print a table.
 
@@ -63,8 +61,7 @@ def main(config_file, assignments, no_chat_template, no_progress, models, **flag
         )
         report = run_evaluation(config)
     except UserError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        exit_with(error)
     click.echo(markdown_table(report))
     if config.out:
         click.echo(

@@ -216,6 +216,13 @@ def _train_locked(
         last_eval = evaluate(model, eval_dump, context, output_logits, config, batch_shape)
         log({"step": 0, **last_eval})
 
+    def save_checkpoint_now() -> Path:
+        return save_training_state(
+            out, step, tokens_seen, student, optimizer, scheduler, stream, context, config,
+            dump, last_train, last_eval,
+        )  # fmt: skip
+
+    saved_step = step if meta is not None else None
     model.train()
     last_train: dict = {}
     stopped_early = False
@@ -288,20 +295,7 @@ def _train_locked(
             if context.is_main:
                 plot_curve(metrics_path, curve_path)
         if is_last or stopped_early or (config.save_every and step % config.save_every == 0):
-            checkpoint = save_training_state(
-                out,
-                step,
-                tokens_seen,
-                student,
-                optimizer,
-                scheduler,
-                stream,
-                context,
-                config,
-                dump,
-                last_train,
-                last_eval,
-            )
+            checkpoint, saved_step = save_checkpoint_now(), step
         if stopped_early and not is_last:
             break
     progress.close()
@@ -316,22 +310,9 @@ def _train_locked(
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "out": str(out),
     }
-    if step < total_steps and not summary["stopped_early"]:
-        # --epochs: the streams ended before the planned count (rows without targets)
-        checkpoint = save_training_state(
-            out,
-            step,
-            tokens_seen,
-            student,
-            optimizer,
-            scheduler,
-            stream,
-            context,
-            config,
-            dump,
-            last_train,
-            last_eval,
-        )
+    if saved_step != step:
+        # --epochs: every stream ended before the planned step count (rows without targets)
+        checkpoint, saved_step = save_checkpoint_now(), step
         summary["checkpoint"] = str(checkpoint)
     if context.is_main:
         plot_curve(metrics_path, curve_path)

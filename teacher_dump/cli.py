@@ -7,14 +7,9 @@ from pathlib import Path
 
 import click
 
-from shared.config import build_config
-from shared.errors import UserError
+from shared.config import build_config, config_options
+from shared.errors import UserError, exit_with
 from teacher_dump.config import DumpConfig
-
-
-def _fail(error: UserError) -> None:
-    click.echo(f"error: {error}", err=True)
-    sys.exit(2)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,20 +77,7 @@ def _fail(error: UserError) -> None:
 @click.option(
     "--no-progress", "no_progress", is_flag=True, default=False, help="Hide the progress bar."
 )
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="JSON/TOML file of config keys.",
-)
-@click.option(
-    "--set",
-    "assignments",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override any config key (repeatable).",
-)
+@config_options
 @click.pass_context
 def main(
     context: click.Context, config_file, assignments, no_chat_template, no_progress, **flags
@@ -120,7 +102,7 @@ def main(
 
         manifest = run_dump(config)
     except UserError as error:
-        _fail(error)
+        exit_with(error)
     sys.exit(0 if manifest["complete"] or config.world_size > 1 else 1)
 
 
@@ -138,7 +120,7 @@ def inspect(directory: Path, validate: bool) -> None:
     try:
         sys.exit(run_inspect(directory, validate))
     except UserError as error:
-        _fail(error)
+        exit_with(error)
 
 
 @main.command("convert-gguf")
@@ -160,7 +142,7 @@ def convert_gguf_command(gguf_file: Path | None, package: str | None, out: Path)
         click.echo(f"converting {source} -> {out}", err=True)
         convert_gguf(source, out)
     except UserError as error:
-        _fail(error)
+        exit_with(error)
     click.echo(str(out))
 
 

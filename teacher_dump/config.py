@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.errors import UserError
+from shared.errors import UserError, check_all
 
 MODES = ("generate", "score", "text")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -106,6 +106,4 @@ class DumpConfig:
                 "--num-samples > 1 needs --mode generate",
             ),
         ]
-        for holds, message in checks:
-            if not holds:
-                raise UserError(message)
+        check_all(checks)
