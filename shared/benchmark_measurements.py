@@ -195,7 +195,7 @@ def measure_storage(engine, base: dict, top_k: int, out: Path) -> dict:
     seconds = time.perf_counter() - started
     decoded = decoded_topk(out)
     size = manifest["tokenizer"]["size"]
-    divergences, errors = [], []
+    divergences, errors, originals_kept, decoded_kept = [], [], [], []
     for request, scored in recording.records:
         start = len(request.prompt_ids) - 1
         # The same lossless reordering teacher-dump applies (padding-row ids move to the end).
@@ -208,9 +208,18 @@ def measure_storage(engine, base: dict, top_k: int, out: Path) -> dict:
                 f"row {request.source_index}: stored top-k ids differ from the engine's"
             )
         divergences.append(decoding_kl(original, logprobs))
+        originals_kept.append(original)
+        decoded_kept.append(logprobs)
         finite = np.isfinite(original)
         errors.append(np.abs(original[finite].astype(np.float64) - logprobs[finite]).max())
     kl = np.concatenate(divergences)
+    originals = np.concatenate(originals_kept)
+    decodeds = np.concatenate(decoded_kept)
+    worst = int(np.argmax(kl))
+
+    def tail_mass(logprobs: np.ndarray) -> float:
+        return float(1.0 - np.exp(logprobs.astype(np.float64)).sum())
+
     all_ids = np.concatenate([ids for ids, _ in decoded.values()])
     all_logprobs = np.concatenate([logprobs for _, logprobs in decoded.values()])
     estimates = encoding_estimates(all_ids, all_logprobs, LOGPROB_STEP)
@@ -227,6 +236,10 @@ def measure_storage(engine, base: dict, top_k: int, out: Path) -> dict:
         "kl_mean": float(kl.mean()),
         "kl_max": float(kl.max()),
         "compared_positions": int(kl.size),
+        "worst_position_tail": {
+            "original": tail_mass(originals[worst]),
+            "decoded": tail_mass(decodeds[worst]),
+        },
         "max_abs_logprob_error": float(max(errors)),
         "seconds": seconds,
     }
@@ -268,7 +281,7 @@ def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: P
     """teacher-dump end to end (engine already started) against bare LLM.generate loops on the
     same prompts; each repeat runs every variant, in a rotated order so drift hits all alike."""
     from teacher_dump.config import DumpConfig
-    from teacher_dump.run import prepare, run_dump
+    from teacher_dump.run import dump_requests, manifest_header, open_output, prepare, run_dump
 
     repeats = settings["repeats"]
     config = DumpConfig(
@@ -311,21 +324,30 @@ def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: P
             else:
                 results[variant].append(bare_generate(engine, requests, style=variant, **options))
 
-    # teacher-dump's own work: the same runs, end to end, fed by recorded engine results.
+    # teacher-dump's own work: its run (the same steps run_dump takes) fed by recorded engine
+    # results, timed apart: reading and tokenizing the data once per run, then the per-token
+    # work (flat lists to arrays, rows, Parquet, manifest).
     replay = ReplayEngine(recording)
     host = []
     for repeat in range(repeats):
         run_config = replace(config, out=str(out / f"replay-{repeat}"))
         began = time.perf_counter()
-        prepare(run_config)  # the fixed part, to tell it from the per-token part
+        model, tokenizer, records, run_requests, skipped, use_template, context = prepare(
+            run_config
+        )
+        header = manifest_header(
+            run_config, model, tokenizer, records, run_requests, skipped, use_template, context
+        )
+        open_output(Path(run_config.out), header, run_config)
         fixed = time.perf_counter() - began
         began = time.perf_counter()
-        manifest = run_dump(run_config, replay)
-        seconds = time.perf_counter() - began
-        host.append(
-            {"tokens": manifest["totals"]["target_tokens"], "seconds": seconds,
-             "prepare_seconds": fixed}
+        tokens = dump_requests(
+            run_config, replay, tokenizer, run_requests, total=len(run_requests),
+            directory=Path(run_config.out),
         )  # fmt: skip
+        host.append(
+            {"tokens": tokens, "seconds": time.perf_counter() - began, "prepare_seconds": fixed}
+        )
     return {
         "prompts": len(requests),
         "prepare_seconds": prepare_seconds,
