@@ -29,7 +29,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -39,6 +38,7 @@ import click
 
 from shared.config import build_config
 from shared.errors import UserError, check_all, exit_with
+from shared.files import atomic_write_text
 
 GROUPS = ("storage", "dump", "training", "loader", "online")
 
@@ -759,17 +759,11 @@ def run_bench(config: BenchConfig) -> dict:
     rows = table_rows(config, raw, groups)
     report = {**header, "rows": [asdict(row) for row in rows], "measurements": raw}
     table = markdown(rows, header)
-    write_text(out / "results.json", json.dumps(report, indent=1))
-    write_text(out / "results.md", table + "\n")
+    atomic_write_text(out / "results.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "results.md", table + "\n")
     click.echo(table)
     click.echo(f"\nbench: {out / 'results.json'}, {out / 'results.md'}", err=True)
     return report
-
-
-def write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
-        file.write(text)
-    os.replace(file.name, path)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
