@@ -295,9 +295,7 @@ def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: P
         temperature=1.0,
         out=str(out / "unused"),
     )
-    started = time.perf_counter()
     requests = prepare(config)[3]
-    prepare_seconds = time.perf_counter() - started
     options = {
         "top_k": config.top_k,
         "temperature": config.temperature,
@@ -350,7 +348,6 @@ def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: P
         )
     return {
         "prompts": len(requests),
-        "prepare_seconds": prepare_seconds,
         "runs": results,
         "host_only": host,
     }
@@ -447,6 +444,8 @@ def measure_online(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from student_train.config import TrainConfig
+    from student_train.distributed import Distributed
     from student_train.student import final_hidden_states, load_student, output_logits_function
     from student_train.train import batch_loss_sums
 
@@ -459,13 +458,9 @@ def measure_online(
     teacher_logits = output_logits_function(teacher_model, student_model.vocabulary)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-    class Settings:  # the TrainConfig fields batch_loss_sums reads
-        bf16 = False
-        chunk_tokens = 512
-
-    class Context:
-        device = torch.device("cpu")
-
+    # The trainer's own defaults (chunked LM head, fp32) for the one config batch_loss_sums reads.
+    settings = TrainConfig(shards=shards, student=student, out="unused", max_steps=1)
+    context = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
     options = {"loss": "fkl", "alpha": 0.0, "beta": 0.5, "temperature": 1.0, "tail": "bucket"}
 
     def teacher_topk():
@@ -479,7 +474,7 @@ def measure_online(
     def step(online: bool) -> float:
         started = time.perf_counter()
         step_batch = teacher_topk() if online else batch
-        sums = batch_loss_sums(model, step_batch, output_logits, Settings, options, Context)
+        sums = batch_loss_sums(model, step_batch, output_logits, settings, options, context)
         (sums[0] / batch.target_tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
