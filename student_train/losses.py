@@ -36,11 +36,14 @@ DEFAULT_BETA = {"jsd": 0.5, "skew-kl": 0.1}
 """Default β: JSD's mixture weight (GKD) and skew KL's skew (DistiLLM)."""
 
 TAIL_NOISE = 1e-3
-"""Bucket policy: tail masses below this count as empty, on both sides. Stored logprobs are
+"""Bucket policy: teacher tail masses below this count as empty. Stored logprobs are
 rounded by up to 4.9e-4 nats each, so the teacher's 1 - sum(p) is only known to about that
 precision; a temperature > 1 would otherwise amplify rounding noise into visible tail mass."""
 TAIL_FLOOR = 1e-9
-"""The mass an empty tail gets: keeps reverse KL and JSD finite."""
+"""The mass an empty teacher tail gets: keeps reverse KL and JSD finite."""
+EXACT_TAIL_BELOW = 1e-2
+"""Student tails below this are computed from the logits outside the teacher's ids rather than
+as 1 - sum(q): float32 log-probabilities leave 1 - sum(q) only ~1e-6 accurate."""
 
 
 def teacher_log_distribution(
@@ -61,8 +64,7 @@ def teacher_log_distribution(
     valid = torch.isfinite(logprobs)
     scaled = torch.where(valid, logprobs / temperature, -math.inf)
     if tail == "bucket":
-        mass = torch.where(valid, logprobs.exp(), 0.0).sum(-1, keepdim=True)
-        tail_mass = 1.0 - mass
+        tail_mass = teacher_tail_mass(logprobs)
         tail_mass = torch.where(tail_mass < TAIL_NOISE, TAIL_FLOOR, tail_mass)
         scaled = torch.cat([scaled, tail_mass.log() / temperature], dim=-1)
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=-1)
@@ -78,6 +80,7 @@ def student_log_distribution(
     temperature: float,
     tail: str,
     log_normalizer: torch.Tensor | None = None,
+    empty_teacher_tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Student log-probabilities over the same outcomes as teacher_log_distribution.
 
@@ -88,6 +91,10 @@ def student_log_distribution(
         temperature: T > 0.
         tail: "renormalize" or "bucket".
         log_normalizer: (N, 1) logsumexp of the logits, when the caller already has it.
+        empty_teacher_tail: (N, 1) bool (bucket only): teacher_tail_mass < TAIL_NOISE. Where the
+            teacher's tail is empty within the stored precision (set to TAIL_FLOOR), the
+            student's exact tail is compared at no less than that floor, so that identical
+            distributions cost nothing at any temperature. Elsewhere it is exact.
     Returns:
         log_q: (N, M) float32, M = K or K + 1; -inf where the teacher slot is PAD_ID.
     """
@@ -105,13 +112,53 @@ def student_log_distribution(
     if log_normalizer is None:
         log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
     gathered = (gathered - log_normalizer).masked_fill(~valid, -math.inf)
-    # Tail = 1 - sum(q_i). Its float32 cancellation error (~1e-6) is far below TAIL_NOISE, and
-    # tails under TAIL_NOISE are replaced by the floor, so the subtraction is safe here.
-    tail_mass = 1.0 - gathered.exp().sum(-1, keepdim=True)
-    log_tail = torch.where(
-        tail_mass < TAIL_NOISE, math.log(TAIL_FLOOR), tail_mass.clamp(min=TAIL_NOISE).log()
-    )
+    log_tail = log_remaining_mass(logits, ids, gathered, log_normalizer)
+    if empty_teacher_tail is not None:
+        log_tail = torch.where(
+            empty_teacher_tail, log_tail.clamp(min=math.log(TAIL_FLOOR)), log_tail
+        )
     return _temper(torch.cat([gathered, log_tail], dim=-1), temperature)
+
+
+def log_remaining_mass(
+    logits: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor, log_normalizer: torch.Tensor
+) -> torch.Tensor:
+    """log of the student's exact probability mass outside the teacher's ids, with gradient.
+
+    Unlike the teacher's tail (known only to the precision of the stored logprobs), the
+    student's tail is exact and is never floored or zeroed. Where it is large, log1p(-sum q) in
+    float64 is accurate. Where it is small, that subtraction loses its digits (the float32
+    log-probabilities carry absolute errors of ~1e-6), so those rows take the logsumexp of the
+    logits outside the ids instead: an (n, V) pass over those rows only.
+
+    Args:
+        logits: (N, V) float32. ids: (N, K) int64 in [0, V) (PAD slots already replaced by a
+            valid id of the row). log_q: (N, K) student log-probabilities at the ids, -inf at
+            PAD slots. log_normalizer: (N, 1) logsumexp of the logits.
+    Returns:
+        (N, 1) float32, in log space (no floor); where the ids cover the whole vocabulary the
+        empty complement gets log(TAIL_FLOOR**2) instead of -inf.
+    """
+    remaining = 1.0 - log_q.double().exp().sum(-1, keepdim=True)
+    log_tail = torch.log(remaining.clamp(min=EXACT_TAIL_BELOW)).float()
+    small = (remaining < EXACT_TAIL_BELOW).squeeze(-1)
+    if bool(small.any()):
+        rows = small.nonzero().squeeze(-1)
+        outside = logits[rows].scatter(1, ids[rows], -math.inf)
+        exact = torch.logsumexp(outside, dim=-1, keepdim=True) - log_normalizer[rows]
+        exact = torch.where(torch.isneginf(exact), 2 * math.log(TAIL_FLOOR), exact)
+        log_tail = log_tail.index_put((rows,), exact)
+    return log_tail
+
+
+def teacher_tail_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """(N, 1) the mass the teacher's stored top-k leaves outside it, 1 - sum(p), unfloored.
+
+    Args:
+        topk_logprobs: (N, K) float, -inf at PAD slots (float32 at least in the result).
+    """
+    logprobs = topk_logprobs.to(torch.promote_types(topk_logprobs.dtype, torch.float32))
+    return 1.0 - torch.where(torch.isfinite(logprobs), logprobs.exp(), 0.0).sum(-1, keepdim=True)
 
 
 def _temper(log_probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -194,7 +241,10 @@ def kd_loss_sum(
         if log_normalizer is not None:
             log_normalizer = log_normalizer[has_support]
     log_p, valid = teacher_log_distribution(topk_logprobs, temperature, tail)
-    log_q = student_log_distribution(logits, topk_ids, temperature, tail, log_normalizer)
+    empty_tail = teacher_tail_mass(topk_logprobs) < TAIL_NOISE if tail == "bucket" else None
+    log_q = student_log_distribution(
+        logits, topk_ids, temperature, tail, log_normalizer, empty_teacher_tail=empty_tail
+    )
     return divergence(log_p, log_q, valid, loss, beta).sum() * temperature**2
 
 
