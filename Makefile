@@ -47,13 +47,13 @@ format: setup
 # 2 CPU cores. Artefacts go to demo/; rerunning reuses finished stages. DEMO_ARGS='--set steps=80'
 # changes a setting (see shared/demo.py).
 demo: setup
-	$(BIN)/python -m shared.demo $(DEMO_ARGS)
+	$(BIN)/python -m scripts.demo $(DEMO_ARGS)
 
 # The performance table (storage, dump overhead, training overhead, loader headroom, offline vs
 # online), measured in one run: about 15 minutes on 2 CPU cores. Writes bench/results.json and
 # bench/results.md. BENCH_ARGS='--only storage' runs one group; benchmarks never fail the build.
 bench: setup
-	$(BIN)/python -m shared.benchmarks $(BENCH_ARGS)
+	$(BIN)/python -m scripts.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

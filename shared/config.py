@@ -8,14 +8,18 @@ config is saved beside every artefact (the dump's manifest, checkpoints' meta.js
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
+import textwrap
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tomllib
+import click
 
 from shared.errors import UserError
 
@@ -131,8 +135,6 @@ def build_config(
 
 def config_options(command):
     """The `--config FILE` and `--set KEY=VALUE` options every command takes (see build_config)."""
-    import click
-
     command = click.option(
         "--set",
         "assignments",
@@ -160,3 +162,131 @@ def config_to_dict(config: object) -> dict[str, Any]:
         return value
 
     return {key: plain(value) for key, value in dataclasses.asdict(config).items()}
+
+
+def literal_choices(annotation: Any) -> tuple[str, ...] | None:
+    """The allowed values of a Literal[...] annotation (also inside `X | None`), else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for argument in typing.get_args(annotation):
+            if (choices := literal_choices(argument)) is not None:
+                return choices
+    return None
+
+
+def check_choices(config: object) -> None:
+    """Refuse a value outside its field's Literal choices, naming the flag and the choices."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        choices = literal_choices(hints[field.name])
+        value = getattr(config, field.name)
+        if choices is not None and value is not None and value not in choices:
+            raise UserError(
+                f"--{field.name.replace('_', '-')} {value!r} is not one of {', '.join(choices)}"
+            )
+
+
+def field_docs(config_class: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, whitespace-collapsed."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(config_class)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for previous, node in zip(body, body[1:], strict=False):
+        is_field = isinstance(previous, ast.AnnAssign) and isinstance(previous.target, ast.Name)
+        is_doc = (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        )
+        if is_field and is_doc:
+            docs[previous.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def field_default(config_class: type, name: str) -> Any:
+    """A field's default value, or dataclasses.MISSING when it is required."""
+    field = {field.name: field for field in dataclasses.fields(config_class)}[name]
+    return field.default
+
+
+def format_default(value: Any) -> str:
+    """How a default reads in --help and the README: [value], nothing when there is none."""
+    if value is dataclasses.MISSING or value is None:
+        return ""
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, tuple):
+        return f"[{','.join(map(str, value))}]"
+    return f"[{value}]"
+
+
+def config_flags(
+    config_class: type,
+    names: typing.Iterable[str],
+    *,
+    help: dict[str, str] | None = None,
+    negated: dict[str, str] | None = None,
+):
+    """click options for the given fields of a config dataclass, derived from the dataclass.
+
+    Each field `some_name` becomes `--some-name`. Its click type follows the annotation: a
+    Literal gives the choices, bool gives a flag, tuple[str, ...] a comma-separated list, int
+    and float themselves. The help text is the `help` entry or the first sentence of the field's
+    docstring, followed by the dataclass default. Every option defaults to None, meaning "not
+    given", so that build_config applies the file < flags < --set precedence. `negated` maps a
+    bool field whose default is True to a flag that turns it off (e.g. progress: --no-progress).
+    """
+    hints = typing.get_type_hints(config_class)
+    docs = field_docs(config_class)
+    help = help or {}
+    negated = negated or {}
+
+    def decorate(command):
+        for name in reversed(list(names)):
+            annotation = hints[name]
+            default = format_default(field_default(config_class, name))
+            text = help.get(name) or docs.get(name, "").split(". ")[0].rstrip(".") + "."
+            text = f"{text} {default}".strip()
+            if name in negated:
+                option = click.option(
+                    negated[name], name, flag_value=False, default=None, help=text
+                )
+            elif annotation is bool:
+                flag = f"--{name.replace('_', '-')}"
+                option = click.option(flag, name, is_flag=True, default=None, help=text)
+            else:
+                option = click.option(
+                    f"--{name.replace('_', '-')}",
+                    name,
+                    type=click_type(annotation),
+                    default=None,
+                    help=text,
+                )
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def click_type(annotation: Any):
+    """The click parameter type of a config field's annotation (see config_flags)."""
+    if (choices := literal_choices(annotation)) is not None:
+        return click.Choice(choices)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return click_type(options[0])
+    if typing.get_origin(annotation) is tuple:
+        return CommaSeparated()
+    return {int: int, float: float}.get(annotation, str)
+
+
+class CommaSeparated(click.ParamType):
+    """A comma-separated list on the command line, a tuple in the config."""
+
+    name = "a,b,..."
+
+    def convert(self, value, parameter, context):
+        if isinstance(value, tuple):
+            return value
+        return tuple(part.strip() for part in str(value).split(",") if part.strip())

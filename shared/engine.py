@@ -24,10 +24,10 @@ from shared.errors import UserError
 
 LOGPROBS_MODE = "raw_logprobs"
 
-# vLLM's defaults suit a dedicated GPU server; here it shares a machine with our own work and
-# prints our progress bar, so reserve a modest KV cache on CPU and keep its logs to warnings.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+ENVIRONMENT_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
+"""Set (unless the user set them) just before vLLM is imported. vLLM's defaults suit a dedicated
+GPU server; here it shares a machine with our own work and prints under our progress bar, so a
+modest KV cache on CPU (GiB) and logs kept to warnings."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,8 @@ class TeacherEngine:
     """A vLLM engine serving top-k logprobs for generation and teacher forcing."""
 
     def __init__(self, settings: EngineSettings):
+        for name, value in ENVIRONMENT_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         try:
             import vllm
             from vllm.platforms import current_platform
@@ -257,3 +259,38 @@ class TeacherEngine:
                 flat.token_ids[start:], flat.logprobs[start:], positions, top_k + 1
             )
             yield key, ScoredSequence(position_ids=ids, position_logprobs=values)
+
+    def generate_batch(
+        self,
+        prompts: list[list[int]],
+        *,
+        seeds: list[int],
+        top_k: int,
+        temperature: float,
+        max_new_tokens: int,
+        style: str,
+    ) -> int:
+        """One blocking `LLM.generate` call over all prompts, the loop a user would write by hand;
+        the benchmark's baseline for teacher-dump. Returns the number of generated tokens.
+
+        style: "same" (teacher-dump's request: flat logprobs, no detokenizing), "none" (no
+        logprobs) or "defaults" (vLLM's default logprobs: one dict per position, detokenized).
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=temperature,
+                max_tokens=max_new_tokens,
+                logprobs=None if style == "none" else top_k,
+                seed=seed,
+                flat_logprobs=style == "same",
+                detokenize=style == "defaults",
+            )
+            for seed in seeds
+        ]
+        inputs = [TokensPrompt(prompt_token_ids=prompt) for prompt in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        return sum(len(output.outputs[0].token_ids) for output in outputs)

@@ -1,119 +1,42 @@
-"""Micro-batches: packing rows from a ShardStream and collating them into tensors.
+"""Micro-batches for training: how many rows of the stream go into each one.
 
-`collate` is a pure function of rows. Sequences are prompt + target, right-padded (so causal
-attention at real positions never sees padding and results do not depend on how rows are
-grouped). Only target positions carry loss: for target token t of a row with P prompt tokens,
-the predicting position is P + t - 1; prompt positions and padding are never selected.
+`take_micro_batch` consumes rows from a ShardStream by a fixed row count or a padded-token
+budget; a row that does not fit stays in the stream, so the stream's position after each call is
+exact (what checkpoints save).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from student_train.shard_stream import ShardStream, TrainingRow
+from shared.collation import fit_row
+from shared.shard_reader import TrainingRow
+from student_train.shard_stream import ShardStream
 
 
 @dataclass(frozen=True)
-class Batch:
-    """One micro-batch. B rows, L longest sequence, N target positions, K teacher top-k."""
+class BatchShape:
+    """How micro-batches are cut from the stream."""
 
-    input_ids: torch.Tensor
-    """(B, L) int64, right-padded with 0 (masked)."""
-    attention_mask: torch.Tensor
-    """(B, L) int64, 1 on real tokens."""
-    row_index: torch.Tensor
-    """(N,) int64: the row of each target position."""
-    position: torch.Tensor
-    """(N,) int64: the sequence position whose output predicts the target."""
-    target_ids: torch.Tensor
-    """(N,) int64: the target tokens."""
-    topk_ids: torch.Tensor | None
-    """(N, K) int64 teacher ids (PAD_ID = -1 in freed slots); None when lengths only."""
-    topk_logprobs: torch.Tensor | None
-    """(N, K) float32 teacher logprobs (-inf in freed slots)."""
-    sample_ids: tuple[str, ...]
-
-    @property
-    def target_tokens(self) -> int:
-        return int(self.target_ids.numel())
-
-    @property
-    def rows(self) -> int:
-        return len(self.sample_ids)
+    rows: int | None
+    """A fixed number of rows per micro-batch; None packs by batch_tokens instead."""
+    batch_tokens: int | None
+    """Pack as many rows as fit in rows x longest row <= batch_tokens (a longer row goes alone)."""
+    max_length: int
+    """Rows longer than this lose prompt tokens from the left, then target tokens from the end."""
 
 
-def fit_row(row: TrainingRow, max_length: int) -> TrainingRow:
-    """Shorten a row to at most max_length tokens: prompt tokens go first (from the left, keeping
-    at least one, because the first target is predicted from the last prompt token), then target
-    tokens from the end."""
-    if row.length <= max_length:
-        return row
-    keep_prompt = max(1, max_length - len(row.target_ids))
-    keep_target = max_length - keep_prompt
-    return replace(
-        row,
-        prompt_ids=row.prompt_ids[len(row.prompt_ids) - keep_prompt :],
-        target_ids=row.target_ids[:keep_target],
-        topk_ids=None if row.topk_ids is None else row.topk_ids[:keep_target],
-        topk_logprobs=None if row.topk_logprobs is None else row.topk_logprobs[:keep_target],
-    )
-
-
-def collate(rows: list[TrainingRow]) -> Batch:
-    """Stack rows into a right-padded Batch (see Batch for shapes). Rows need >= 1 prompt token."""
-    longest = max(row.length for row in rows) if rows else 0
-    input_ids = np.zeros((len(rows), longest), dtype=np.int64)
-    attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
-    row_index, position = [], []
-    for index, row in enumerate(rows):
-        prompt_length = len(row.prompt_ids)
-        input_ids[index, :prompt_length] = row.prompt_ids
-        input_ids[index, prompt_length : row.length] = row.target_ids
-        attention_mask[index, : row.length] = 1
-        row_index.append(np.full(len(row.target_ids), index, dtype=np.int64))
-        position.append(np.arange(prompt_length - 1, row.length - 1, dtype=np.int64))
-
-    def concatenate(parts: list[np.ndarray], dtype, width: int | None = None) -> torch.Tensor:
-        if parts:
-            return torch.from_numpy(np.concatenate(parts).astype(dtype, copy=False))
-        return torch.zeros((0,) if width is None else (0, width), dtype=getattr(torch, dtype))
-
-    has_topk = bool(rows) and rows[0].topk_ids is not None
-    width = rows[0].topk_ids.shape[1] if has_topk else None
-    return Batch(
-        input_ids=torch.from_numpy(input_ids),
-        attention_mask=torch.from_numpy(attention_mask),
-        row_index=concatenate(row_index, "int64"),
-        position=concatenate(position, "int64"),
-        target_ids=concatenate([row.target_ids for row in rows], "int64"),
-        topk_ids=concatenate([row.topk_ids for row in rows], "int64", width) if has_topk else None,
-        topk_logprobs=(
-            concatenate([row.topk_logprobs for row in rows], "float32", width) if has_topk else None
-        ),
-        sample_ids=tuple(row.sample_id for row in rows),
-    )
-
-
-def take_micro_batch(
-    stream: ShardStream, *, rows: int | None, batch_tokens: int | None, max_length: int
-) -> list[TrainingRow]:
-    """Consume the next micro-batch's rows from the stream (fewer, or none, at its end).
-
-    With `rows`, a fixed number of rows. With `batch_tokens`, as many rows as fit in
-    rows x longest-row <= batch_tokens (a row longer than the budget goes alone). A row that does
-    not fit stays in the stream, so the stream's position after this call is exact.
-    """
+def take_micro_batch(stream: ShardStream, shape: BatchShape) -> list[TrainingRow]:
+    """Consume the next micro-batch's rows from the stream (fewer, or none, at its end)."""
     taken: list[TrainingRow] = []
     longest = 0
     while (row := stream.peek()) is not None:
-        row = fit_row(row, max_length)
-        if rows is not None and len(taken) == rows:
+        row = fit_row(row, shape.max_length)
+        if shape.rows is not None and len(taken) == shape.rows:
             break
         too_long = (
-            batch_tokens is not None and (len(taken) + 1) * max(longest, row.length) > batch_tokens
+            shape.batch_tokens is not None
+            and (len(taken) + 1) * max(longest, row.length) > shape.batch_tokens
         )
         if taken and too_long:
             break

@@ -11,60 +11,25 @@ from pathlib import Path
 
 import click
 
-from shared.config import build_config, config_options
+from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
 from student_train.config import TrainConfig
 
+FLAGS = (
+    "shards", "eval_shards", "student", "out", "loss", "alpha", "beta", "temperature", "tail",
+    "max_steps", "epochs", "micro_batch", "batch_tokens", "grad_accum", "lr", "warmup", "seed",
+    "lora_r", "lora_alpha", "lora_target", "rslora", "merge_lora", "eval_every", "save_every",
+    "stop_at_step", "max_length", "chunk_tokens", "bf16", "resume", "trust_remote_code",
+    "progress",
+)  # fmt: skip
+"""The TrainConfig fields that have a flag; every field can be set with --set or --config."""
+
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--shards", help="teacher-dump output directory to train on.")
-@click.option("--eval-shards", help="Held-out teacher-dump directory for periodic eval.")
-@click.option("--student", help="Student: local causal-LM directory (safetensors) or hub id.")
-@click.option("--out", help="Output directory (checkpoints/, final/, metrics.jsonl, curve.png).")
-@click.option(
-    "--loss",
-    type=click.Choice(["ce", "fkl", "rkl", "jsd", "skew-kl", "tvd"]),
-    default=None,
-    help="ce (sequence KD) or a logit-KD loss [fkl].",
-)
-@click.option("--alpha", type=float, default=None, help="CE weight: α·CE + (1−α)·KD [0].")
-@click.option("--beta", type=float, default=None, help="jsd mixture β [0.5] / skew-kl skew [0.1].")
-@click.option("--temperature", type=float, default=None, help="Distillation temperature [1].")
-@click.option(
-    "--tail",
-    type=click.Choice(["renormalize", "bucket"]),
-    default=None,
-    help="Teacher mass outside the top-k [bucket].",
-)
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps to train.")
-@click.option("--epochs", type=float, default=None, help="Whole passes over the shards.")
-@click.option("--micro-batch", type=int, default=None, help="Rows per micro-batch [8].")
-@click.option("--batch-tokens", type=int, default=None, help="Pack micro-batches to N tokens.")
-@click.option("--grad-accum", type=int, default=None, help="Micro-batches per step [1].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [5e-5].")
-@click.option("--warmup", type=float, default=None, help="Warm-up: fraction (<1) or steps [0.03].")
-@click.option("--seed", type=int, default=None, help="Data order and init seed [0].")
-@click.option("--lora-r", type=int, default=None, help="LoRA rank (0: full fine-tune) [0].")
-@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha [16].")
-@click.option("--lora-target", default=None, help="Comma-separated modules for LoRA [all-linear].")
-@click.option("--rslora", is_flag=True, default=None, help="Rank-stabilized LoRA scaling.")
-@click.option("--merge-lora", is_flag=True, default=None, help="Save final/ with LoRA merged.")
-@click.option("--eval-every", type=int, default=None, help="Eval every N steps [start and end].")
-@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps [end].")
-@click.option("--stop-at-step", type=int, default=None, help="Checkpoint and stop after step N.")
-@click.option("--max-length", type=int, default=None, help="Longest sequence [student's context].")
-@click.option("--chunk-tokens", type=int, default=None, help="Positions per logits chunk [512].")
-@click.option("--bf16", is_flag=True, default=None, help="bfloat16 autocast for the forward.")
-@click.option("--resume", is_flag=True, default=None, help="Continue from the latest checkpoint.")
-@click.option(
-    "--trust-remote-code", is_flag=True, default=None, help="Allow model-shipped Python code."
-)
-@click.option(
-    "--no-progress", "no_progress", is_flag=True, default=False, help="Hide the progress bar."
-)
+@config_flags(TrainConfig, FLAGS, negated={"progress": "--no-progress"})
 @config_options
 @click.pass_context
-def main(context, config_file, assignments, no_progress, lora_target, **flags) -> None:
+def main(context, config_file, assignments, **flags) -> None:
     """Train a student from teacher-dump shards (sequence-level and logit KD, no teacher).
 
     \b
@@ -74,12 +39,6 @@ def main(context, config_file, assignments, no_progress, lora_target, **flags) -
     """
     if context.invoked_subcommand is not None:
         return
-    if no_progress:
-        flags["progress"] = False
-    if lora_target is not None:
-        flags["lora_target"] = tuple(
-            part.strip() for part in lora_target.split(",") if part.strip()
-        )
     try:
         config = build_config(
             TrainConfig, config_file=config_file, flags=flags, assignments=assignments

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.errors import UserError, check_all
-from student_train.losses import DEFAULT_BETA, LOSSES, TAIL_POLICIES
+from shared.config import check_choices
+from shared.distributions import TailPolicy
+from shared.errors import check_all
+from student_train.losses import DEFAULT_BETA, Loss
+from student_train.student import LoraOptions
 
 RESUMABLE_FIELDS = frozenset(
     {
@@ -31,6 +34,18 @@ DEFAULT_MICRO_BATCH = 8
 
 
 @dataclass(frozen=True)
+class LossOptions:
+    """The loss settings the training step passes to student_train.losses."""
+
+    loss: Loss
+    alpha: float
+    beta: float
+    """Resolved: the per-loss default when --beta is not given."""
+    temperature: float
+    tail: TailPolicy
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     shards: str
     """Directory written by teacher-dump (manifest.json + Parquet shards) to train on."""
@@ -40,7 +55,7 @@ class TrainConfig:
     """Output directory: checkpoints/, final/, metrics.jsonl, curve.png, train_config.json."""
     eval_shards: str | None = None
     """Held-out teacher-dump directory for periodic eval (CE, KL to teacher, top-1 agreement)."""
-    loss: str = "fkl"
+    loss: Loss = "fkl"
     """ce (sequence KD: CE on the teacher's tokens) or a logit-KD loss: fkl, rkl, jsd, skew-kl,
     tvd."""
     alpha: float = 0.0
@@ -50,7 +65,7 @@ class TrainConfig:
     (default 0.1)."""
     temperature: float = 1.0
     """Distillation temperature T (student logits / T, teacher p^(1/T), loss x T^2)."""
-    tail: str = "bucket"
+    tail: TailPolicy = "bucket"
     """What to do with the teacher mass outside its top-k: bucket (one extra outcome) or
     renormalize (compare on the k ids only)."""
     max_steps: int | None = None
@@ -134,17 +149,23 @@ class TrainConfig:
         return self.micro_batch if self.micro_batch is not None else DEFAULT_MICRO_BATCH
 
     @property
-    def resolved_beta(self) -> float:
-        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.loss, 0.0)
+    def loss_options(self) -> LossOptions:
+        beta = self.beta if self.beta is not None else DEFAULT_BETA.get(self.loss, 0.0)
+        return LossOptions(self.loss, self.alpha, beta, self.temperature, self.tail)
+
+    @property
+    def lora_options(self) -> LoraOptions:
+        return LoraOptions(
+            self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target, self.rslora
+        )
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise UserError(f"--loss {self.loss!r} is not one of {', '.join(LOSSES)}")
-        if self.tail not in TAIL_POLICIES:
-            raise UserError(f"--tail {self.tail!r} is not one of {', '.join(TAIL_POLICIES)}")
-        if (self.max_steps is None) == (self.epochs is None):
-            raise UserError("pass exactly one of --max-steps N or --epochs E")
+        check_choices(self)
         checks = [
+            (
+                (self.max_steps is None) != (self.epochs is None),
+                "pass exactly one of --max-steps N or --epochs E",
+            ),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.epochs is None or self.epochs > 0, "--epochs must be > 0"),
             (

@@ -1,251 +1,33 @@
-"""Distillation losses: pure functions of student logits and the teacher's stored top-k.
+"""Training losses of student-train: pure functions of student logits and the teacher's stored
+top-k.
 
-This is the arithmetic core of student-train (design.md §4). Nothing here reads files or
-configs. Shapes use N for target positions (flattened over the batch), K for the teacher's
-top-k, V for the student's vocabulary (already sliced to len(tokenizer)), H for hidden size.
+Nothing here reads files or configs. Shapes use N for target positions (flattened over the
+batch), K for the teacher's top-k, V for the student's vocabulary (already sliced to
+len(tokenizer)), H for hidden size.
 
 Every function returns SUMS over positions. The caller divides once, by the number of target
 tokens in the whole optimizer step (all micro-batches, all ranks), so that the gradient does not
-depend on how a batch is split.
-
-Distributions compared by the KD losses, per position:
-- tail "renormalize": teacher and student both restricted to the teacher's k ids and
-  renormalized there (a proper divergence on the shared support).
-- tail "bucket": k+1 outcomes, the k ids plus one "everything else" outcome holding
-  p_tail = 1 - sum(p_i) for the teacher and the student's exact remaining mass for the student.
-Teacher slots holding PAD_ID (-1, logprob -inf) are outside the support on both sides.
-Temperature T raises both compared distributions to the power 1/T and renormalizes them over
-their outcomes. For the student under "renormalize" that is exactly softmax(z / T) restricted to
-the k ids; under "bucket" the tail is tempered as one outcome on both sides (the teacher's
-individual tail tokens are unknown), so identical distributions still cost zero. KD losses are
-multiplied by T^2 so gradient magnitudes stay comparable across temperatures.
+depend on how a batch is split. The KD term compares the distributions that
+shared.distributions defines (tail policies, temperature, PAD slots); CE is on the stored
+target tokens (sequence-level KD when those are the teacher's samples).
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-LOSSES = ("ce", "fkl", "rkl", "jsd", "skew-kl", "tvd")
-TAIL_POLICIES = ("renormalize", "bucket")
+from shared.causal_lm import chunked_head_sums
+from shared.distributions import TailPolicy, topk_divergence_sum
+
+Loss = Literal["ce", "fkl", "rkl", "jsd", "skew-kl", "tvd"]
+"""ce: cross-entropy on the target tokens only; the rest are logit-KD divergences."""
+LOSSES: tuple[str, ...] = get_args(Loss)
 DEFAULT_BETA = {"jsd": 0.5, "skew-kl": 0.1}
 """Default β: JSD's mixture weight (GKD) and skew KL's skew (DistiLLM)."""
-
-TAIL_NOISE = 1e-3
-"""Bucket policy: teacher tail masses below this count as empty. Stored logprobs are
-rounded by up to 4.9e-4 nats each, so the teacher's 1 - sum(p) is only known to about that
-precision; a temperature > 1 would otherwise amplify rounding noise into visible tail mass."""
-TAIL_FLOOR = 1e-9
-"""The mass an empty teacher tail gets: keeps reverse KL and JSD finite."""
-EXACT_TAIL_BELOW = 1e-2
-"""Student tails below this are computed from the logits outside the teacher's ids rather than
-as 1 - sum(q): float32 log-probabilities leave 1 - sum(q) only ~1e-6 accurate."""
-
-
-def teacher_log_distribution(
-    topk_logprobs: torch.Tensor, temperature: float, tail: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher log-probabilities over the compared outcomes.
-
-    Args:
-        topk_logprobs: (N, K) float, raw teacher logprobs; -inf marks PAD_ID slots.
-        temperature: T > 0.
-        tail: "renormalize" or "bucket".
-    Returns:
-        (log_p, valid): (N, M) float32 and bool, M = K (renormalize) or K + 1 (bucket, last =
-        tail). log_p is -inf where not valid; each row's valid entries sum to 1 in probability.
-    """
-    # float32 at least (float64 stays: the benchmark measures KLs near 1e-7 with it)
-    logprobs = topk_logprobs.to(torch.promote_types(topk_logprobs.dtype, torch.float32))
-    valid = torch.isfinite(logprobs)
-    scaled = torch.where(valid, logprobs / temperature, -math.inf)
-    if tail == "bucket":
-        tail_mass = teacher_tail_mass(logprobs)
-        tail_mass = torch.where(tail_mass < TAIL_NOISE, TAIL_FLOOR, tail_mass)
-        scaled = torch.cat([scaled, tail_mass.log() / temperature], dim=-1)
-        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=-1)
-    elif tail != "renormalize":
-        raise ValueError(f"unknown tail policy {tail!r}")
-    log_p = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
-    return torch.where(valid, log_p, -math.inf), valid
-
-
-def student_log_distribution(
-    logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    temperature: float,
-    tail: str,
-    log_normalizer: torch.Tensor | None = None,
-    empty_teacher_tail: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Student log-probabilities over the same outcomes as teacher_log_distribution.
-
-    Args:
-        logits: (N, V) student logits (any float dtype; computed in float32).
-        topk_ids: (N, K) int, teacher ids in [0, V) or PAD_ID (< 0). Every row must have at
-            least one valid id (rows without one are filtered out by the caller).
-        temperature: T > 0.
-        tail: "renormalize" or "bucket".
-        log_normalizer: (N, 1) logsumexp of the logits, when the caller already has it.
-        empty_teacher_tail: (N, 1) bool (bucket only): teacher_tail_mass < TAIL_NOISE. Where the
-            teacher's tail is empty within the stored precision (set to TAIL_FLOOR), the
-            student's exact tail is compared at no less than that floor, so that identical
-            distributions cost nothing at any temperature. Elsewhere it is exact.
-    Returns:
-        log_q: (N, M) float32, M = K or K + 1; -inf where the teacher slot is PAD_ID.
-    """
-    logits = logits.float()
-    valid = topk_ids >= 0
-    # PAD slots borrow the row's first (always valid) id so gathers stay in range; their values
-    # are discarded below.
-    ids = torch.where(valid, topk_ids, topk_ids[:, :1]).long()
-    gathered = torch.gather(logits, 1, ids)
-    if tail == "renormalize":
-        # The normalizer cancels on the k ids: no (N, V) work beyond the gather.
-        return _temper(gathered.masked_fill(~valid, -math.inf), temperature)
-    if tail != "bucket":
-        raise ValueError(f"unknown tail policy {tail!r}")
-    if log_normalizer is None:
-        log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
-    gathered = (gathered - log_normalizer).masked_fill(~valid, -math.inf)
-    log_tail = log_remaining_mass(logits, ids, gathered, log_normalizer)
-    if empty_teacher_tail is not None:
-        log_tail = torch.where(
-            empty_teacher_tail, log_tail.clamp(min=math.log(TAIL_FLOOR)), log_tail
-        )
-    return _temper(torch.cat([gathered, log_tail], dim=-1), temperature)
-
-
-def log_remaining_mass(
-    logits: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor, log_normalizer: torch.Tensor
-) -> torch.Tensor:
-    """log of the student's exact probability mass outside the teacher's ids, with gradient.
-
-    Unlike the teacher's tail (known only to the precision of the stored logprobs), the
-    student's tail is exact and is never floored or zeroed. Where it is large, log1p(-sum q) in
-    float64 is accurate. Where it is small, that subtraction loses its digits (the float32
-    log-probabilities carry absolute errors of ~1e-6), so those rows take the logsumexp of the
-    logits outside the ids instead: an (n, V) pass over those rows only.
-
-    Args:
-        logits: (N, V) float32. ids: (N, K) int64 in [0, V) (PAD slots already replaced by a
-            valid id of the row). log_q: (N, K) student log-probabilities at the ids, -inf at
-            PAD slots. log_normalizer: (N, 1) logsumexp of the logits.
-    Returns:
-        (N, 1) float32, in log space (no floor); where the ids cover the whole vocabulary the
-        empty complement gets log(TAIL_FLOOR**2) instead of -inf.
-    """
-    remaining = 1.0 - log_q.double().exp().sum(-1, keepdim=True)
-    log_tail = torch.log(remaining.clamp(min=EXACT_TAIL_BELOW)).float()
-    small = (remaining < EXACT_TAIL_BELOW).squeeze(-1)
-    if bool(small.any()):
-        rows = small.nonzero().squeeze(-1)
-        outside = logits[rows].scatter(1, ids[rows], -math.inf)
-        exact = torch.logsumexp(outside, dim=-1, keepdim=True) - log_normalizer[rows]
-        exact = torch.where(torch.isneginf(exact), 2 * math.log(TAIL_FLOOR), exact)
-        log_tail = log_tail.index_put((rows,), exact)
-    return log_tail
-
-
-def teacher_tail_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """(N, 1) the mass the teacher's stored top-k leaves outside it, 1 - sum(p), unfloored.
-
-    Args:
-        topk_logprobs: (N, K) float, -inf at PAD slots (float32 at least in the result).
-    """
-    logprobs = topk_logprobs.to(torch.promote_types(topk_logprobs.dtype, torch.float32))
-    return 1.0 - torch.where(torch.isfinite(logprobs), logprobs.exp(), 0.0).sum(-1, keepdim=True)
-
-
-def _temper(log_probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Raise a distribution over outcomes to the power 1/T and renormalize (in log space)."""
-    scaled = log_probabilities / temperature
-    return scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
-
-
-def divergence(
-    log_p: torch.Tensor, log_q: torch.Tensor, valid: torch.Tensor, loss: str, beta: float
-) -> torch.Tensor:
-    """Per-position divergence between teacher p and student q on shared outcomes.
-
-    Args:
-        log_p, log_q: (N, M) log-probabilities (-inf outside `valid`).
-        valid: (N, M) bool support mask.
-        loss: fkl = KL(p||q); rkl = KL(q||p); jsd = β KL(p||m) + (1-β) KL(q||m) with
-            m = β p + (1-β) q, and β = 0 / 1 meaning forward / reverse KL (as in GKD);
-            skew-kl = KL(p || β p + (1-β) q) (DistiLLM); tvd = ½ Σ|p - q|.
-        beta: the JSD mixture weight or the skew of skew KL.
-    Returns:
-        (N,) float32, no reduction.
-    """
-    p = torch.where(valid, log_p.exp(), 0.0)
-    q = torch.where(valid, log_q.exp(), 0.0)
-    # Zero the log terms outside the support so that 0 * log 0 never produces NaN (in values or
-    # in gradients).
-    lp = torch.where(valid, log_p, 0.0)
-    lq = torch.where(valid, log_q, 0.0)
-    if loss == "jsd" and beta <= 0.0:
-        loss = "fkl"
-    elif loss == "jsd" and beta >= 1.0:
-        loss = "rkl"
-    if loss == "fkl":
-        return (p * (lp - lq)).sum(-1)
-    if loss == "rkl":
-        return (q * (lq - lp)).sum(-1)
-    if loss == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if loss in ("jsd", "skew-kl"):
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"{loss} needs 0 < beta < 1, got {beta}")
-        log_mixture = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
-        log_mixture = torch.where(valid, log_mixture, 0.0)
-        teacher_to_mixture = (p * (lp - log_mixture)).sum(-1)
-        if loss == "skew-kl":
-            return teacher_to_mixture
-        student_to_mixture = (q * (lq - log_mixture)).sum(-1)
-        return beta * teacher_to_mixture + (1.0 - beta) * student_to_mixture
-    raise ValueError(f"unknown loss {loss!r}")
-
-
-def kd_loss_sum(
-    logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    *,
-    loss: str,
-    beta: float,
-    temperature: float,
-    tail: str,
-    log_normalizer: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Summed KD loss of student logits against the teacher's top-k.
-
-    Args:
-        logits: (N, V) student logits. topk_ids: (N, K) int. topk_logprobs: (N, K) float.
-        log_normalizer: optional (N, 1) logsumexp of the logits (shared with the CE term).
-    Returns:
-        Scalar: T² · Σ_positions divergence. Positions where the teacher kept no valid id carry
-        nothing (they do not occur in practice; the teacher's top-k always has a real token).
-    """
-    has_support = (topk_ids >= 0).any(-1)
-    if not bool(has_support.all()):
-        logits, topk_ids, topk_logprobs = (
-            logits[has_support],
-            topk_ids[has_support],
-            topk_logprobs[has_support],
-        )
-        if log_normalizer is not None:
-            log_normalizer = log_normalizer[has_support]
-    log_p, valid = teacher_log_distribution(topk_logprobs, temperature, tail)
-    empty_tail = teacher_tail_mass(topk_logprobs) < TAIL_NOISE if tail == "bucket" else None
-    log_q = student_log_distribution(
-        logits, topk_ids, temperature, tail, log_normalizer, empty_teacher_tail=empty_tail
-    )
-    return divergence(log_p, log_q, valid, loss, beta).sum() * temperature**2
 
 
 def loss_sums(
@@ -254,11 +36,11 @@ def loss_sums(
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
     *,
-    loss: str,
+    loss: Loss,
     alpha: float,
     beta: float,
     temperature: float,
-    tail: str,
+    tail: TailPolicy,
 ) -> torch.Tensor:
     """Summed training loss of one chunk: total = α·CE + (1-α)·KD (loss "ce": total = CE).
 
@@ -281,11 +63,11 @@ def loss_sums(
         ce = ce.detach()
     if loss == "ce":
         return torch.stack([ce, ce, torch.zeros_like(ce)])
-    kd = kd_loss_sum(
+    kd = topk_divergence_sum(
         logits,
         topk_ids,
         topk_logprobs,
-        loss=loss,
+        divergence=loss,
         beta=beta,
         temperature=temperature,
         tail=tail,
@@ -302,61 +84,31 @@ def chunked_loss_sums(
     topk_logprobs: torch.Tensor,
     *,
     chunk_tokens: int,
-    **loss_options,
+    loss: Loss,
+    alpha: float,
+    beta: float,
+    temperature: float,
+    tail: TailPolicy,
 ) -> torch.Tensor:
-    """loss_sums over hidden states, chunk by chunk, never holding all positions' logits.
-
-    Each chunk's logits are computed inside activation checkpointing: the forward keeps only the
-    chunk's hidden states, and the backward recomputes that chunk's (chunk_tokens, V) logits.
-    Peak memory is therefore one chunk of full-vocabulary logits, whatever the sequence length.
+    """loss_sums over hidden states, chunk by chunk, never holding all positions' logits
+    (shared.causal_lm.chunked_head_sums: peak memory is one chunk of full-vocabulary logits).
 
     Args:
         hidden: (N, H) final hidden states at the positions that predict each target.
         output_logits: maps (C, H) hidden states to (C, V) logits (the LM head, sliced to V).
         target_ids: (N,). topk_ids, topk_logprobs: (N, K).
-        chunk_tokens: positions per chunk.
-        loss_options: loss, alpha, beta, temperature, tail (see loss_sums).
+        chunk_tokens: positions per chunk. The rest: see loss_sums.
     Returns:
         (3,) float32: [total, ce, kd] sums over the N positions.
     """
-
-    def chunk_sums(hidden_chunk, target_chunk, ids_chunk, logprobs_chunk):
-        return loss_sums(
-            output_logits(hidden_chunk), target_chunk, ids_chunk, logprobs_chunk, **loss_options
-        )
-
-    totals = torch.zeros(3, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        stop = start + chunk_tokens
-        arguments = (hidden[start:stop], target_ids[start:stop])
-        arguments += (topk_ids[start:stop], topk_logprobs[start:stop])
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            totals = totals + checkpoint(chunk_sums, *arguments, use_reentrant=False)
-        else:
-            totals = totals + chunk_sums(*arguments)
-    return totals
-
-
-def fidelity_sums(
-    logits: torch.Tensor,
-    target_ids: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-) -> torch.Tensor:
-    """Evaluation sums of one chunk: how close the student is to the teacher.
-
-    Args:
-        logits: (N, V). target_ids: (N,). topk_ids, topk_logprobs: (N, K).
-    Returns:
-        (4,) float64: [CE on the targets, KL(teacher || student) on the teacher's top-k with the
-        tail bucketed (T = 1), top-1 agreement count (student argmax == teacher's rank-1 id),
-        positions]. All sums; divide by positions for means.
-    """
-    with torch.no_grad():
-        ce = F.cross_entropy(logits.float(), target_ids.long(), reduction="sum")
-        kl = kd_loss_sum(
-            logits, topk_ids, topk_logprobs, loss="fkl", beta=0.0, temperature=1.0, tail="bucket"
-        )
-        agreement = (logits.argmax(-1) == topk_ids[:, 0]).sum()
-        positions = ce.new_tensor(len(logits), dtype=torch.float64)
-        return torch.stack([ce.double(), kl.double(), agreement.double(), positions])
+    per_chunk = functools.partial(
+        loss_sums, loss=loss, alpha=alpha, beta=beta, temperature=temperature, tail=tail
+    )
+    return chunked_head_sums(
+        hidden,
+        output_logits,
+        per_chunk,
+        (target_ids, topk_ids, topk_logprobs),
+        chunk_tokens=chunk_tokens,
+        width=3,
+    )

@@ -16,37 +16,10 @@ the one window the position is in and skips to the offset, without replaying the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from schemas.manifest import read_manifest
-from schemas.shard import PAD_ID, SCHEMA_VERSION, describe_schema_mismatch, schema_version_of
-from shared.errors import UserError
-
-TRAINING_COLUMNS = ("sample_id", "prompt_ids", "target_ids", "topk_ids", "topk_logprobs")
-LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
-"""Enough to plan batches (count steps) without decoding the top-k."""
-
-
-@dataclass(frozen=True)
-class TrainingRow:
-    """One shard row as the trainer needs it (numpy views into the decoded row group)."""
-
-    sample_id: str
-    prompt_ids: np.ndarray
-    """(P,) int32."""
-    target_ids: np.ndarray
-    """(T,) int32."""
-    topk_ids: np.ndarray | None
-    """(T, K) int32, PAD_ID in freed slots; None when only lengths were read."""
-    topk_logprobs: np.ndarray | None
-    """(T, K) float32, -inf in freed slots; None when only lengths were read."""
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.target_ids)
+from shared.shard_reader import TRAINING_COLUMNS, Dump, RowGroup, TrainingRow, decode_row_group
 
 
 @dataclass(frozen=True)
@@ -64,93 +37,6 @@ class StreamPosition:
     @classmethod
     def from_dict(cls, values: dict) -> StreamPosition:
         return cls(int(values["epoch"]), int(values["window"]), int(values["offset"]))
-
-
-@dataclass(frozen=True)
-class RowGroup:
-    path: Path
-    index: int
-    rows: int
-
-
-@dataclass(frozen=True)
-class Dump:
-    """An opened teacher-dump directory: its manifest and every row group, in manifest order."""
-
-    directory: Path
-    manifest: dict
-    row_groups: tuple[RowGroup, ...]
-
-    @property
-    def rows(self) -> int:
-        return sum(group.rows for group in self.row_groups)
-
-
-def open_dump(
-    directory: Path | str, *, allow_incomplete: bool = False, flag: str = "--shards"
-) -> Dump:
-    """Read a dump's manifest and its shards' footers, refusing anything inconsistent.
-
-    Only metadata is read here (fast); row contents are checked as they stream. A full check of
-    every byte is `teacher-dump inspect DIR --validate`.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(
-            f"{flag} {directory}: no such directory; pass a teacher-dump --out directory"
-        )
-    manifest = read_manifest(directory)
-    if not manifest.get("complete") and not allow_incomplete:
-        totals = manifest.get("totals", {})
-        raise UserError(
-            f"{flag} {directory}: the dump is incomplete ({totals.get('rows', 0)} of "
-            f"{manifest.get('data', {}).get('expected_rows', '?')} rows): rerun its teacher-dump "
-            "command to finish it, or pass --set allow_incomplete=true to train on what is there"
-        )
-    row_groups: list[RowGroup] = []
-    for entry in manifest["shards"]:
-        path = directory / entry["name"]
-        if not path.is_file():
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} is listed in the manifest but missing: "
-                "rerun the teacher-dump command to rewrite it"
-            )
-        if path.stat().st_size != entry["bytes"]:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} has {path.stat().st_size} bytes, the "
-                f"manifest says {entry['bytes']} (truncated or replaced): delete it and rerun the "
-                "teacher-dump command"
-            )
-        try:
-            metadata = pq.ParquetFile(path).metadata
-        except Exception as error:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
-                f"({str(error)[:100]}): delete it and rerun the teacher-dump command"
-            ) from None
-        schema = metadata.schema.to_arrow_schema()
-        version = schema_version_of(schema)
-        mismatch = describe_schema_mismatch(schema)
-        if version != SCHEMA_VERSION or mismatch:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} has schema version {version} "
-                f"({mismatch or 'columns ok'}), this kd-shards reads version {SCHEMA_VERSION}: "
-                "redo the dump with this release"
-            )
-        if metadata.num_rows != entry["rows"]:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} holds {metadata.num_rows} rows, the "
-                f"manifest says {entry['rows']}: rerun the teacher-dump command to refresh it"
-            )
-        for index in range(metadata.num_row_groups):
-            rows = metadata.row_group(index).num_rows
-            if rows:
-                row_groups.append(RowGroup(path, index, rows))
-    if not row_groups:
-        raise UserError(
-            f"{flag} {directory}: the dump holds no rows; run teacher-dump with data first"
-        )
-    return Dump(directory, manifest, tuple(row_groups))
 
 
 def epoch_windows(
@@ -175,66 +61,6 @@ def epoch_windows(
     if current:
         windows.append((current, start))
     return windows
-
-
-def decode_row_group(
-    group: RowGroup, columns: tuple[str, ...], top_k: int, vocabulary: int
-) -> list[TrainingRow]:
-    """Read one row group into TrainingRows, checking what would silently corrupt training."""
-    try:
-        table = pq.ParquetFile(group.path).read_row_group(group.index, columns=list(columns))
-    except Exception as error:
-        raise UserError(
-            f"shard {group.path.name} row group {group.index} is unreadable ({str(error)[:100]}): "
-            "check it with teacher-dump inspect --validate and rerun the dump"
-        ) from None
-    sample_ids = table["sample_id"].to_pylist()
-
-    def flat(column: str) -> tuple[np.ndarray, np.ndarray]:
-        array = table[column].combine_chunks()
-        return array.flatten().to_numpy(zero_copy_only=False), array.offsets.to_numpy()
-
-    prompt_values, prompt_offsets = flat("prompt_ids")
-    target_values, target_offsets = flat("target_ids")
-    if ((target_values < 0) | (target_values >= vocabulary)).any():
-        raise UserError(
-            f"shard {group.path.name}: target ids outside [0, {vocabulary}): the shard does not "
-            "match its manifest; run teacher-dump inspect --validate"
-        )
-    topk_ids = topk_logprobs = None
-    if "topk_ids" in columns:
-        ids_positions = table["topk_ids"].combine_chunks()
-        logprob_positions = table["topk_logprobs"].combine_chunks()
-        positions = len(target_values)
-        topk_ids = ids_positions.flatten().flatten().to_numpy(zero_copy_only=False)
-        topk_logprobs = logprob_positions.flatten().flatten().to_numpy(zero_copy_only=False)
-        if len(ids_positions.flatten()) != positions or topk_ids.size != positions * top_k:
-            raise UserError(
-                f"shard {group.path.name}: top-k lists do not have {top_k} entries at each of "
-                "the target positions; run teacher-dump inspect --validate"
-            )
-        topk_ids = topk_ids.reshape(positions, top_k)
-        topk_logprobs = topk_logprobs.reshape(positions, top_k)
-        bad_ids = ((topk_ids < 0) & (topk_ids != PAD_ID)) | (topk_ids >= vocabulary)
-        bad_logprobs = np.isnan(topk_logprobs) | (topk_logprobs > 0) | np.isposinf(topk_logprobs)
-        if bad_ids.any() or bad_logprobs.any():
-            raise UserError(
-                f"shard {group.path.name}: top-k ids outside the vocabulary or NaN/positive "
-                "logprobs; run teacher-dump inspect --validate and redo the dump"
-            )
-    rows = []
-    for row, sample_id in enumerate(sample_ids):
-        first, last = target_offsets[row], target_offsets[row + 1]
-        rows.append(
-            TrainingRow(
-                sample_id=sample_id,
-                prompt_ids=prompt_values[prompt_offsets[row] : prompt_offsets[row + 1]],
-                target_ids=target_values[first:last],
-                topk_ids=None if topk_ids is None else topk_ids[first:last],
-                topk_logprobs=None if topk_logprobs is None else topk_logprobs[first:last],
-            )
-        )
-    return rows
 
 
 class ShardStream:

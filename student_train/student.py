@@ -1,16 +1,10 @@
-"""The student model: loading it (optionally with a LoRA adapter), proving it can read the
-shards (tokenizer fingerprint), and the two halves of its forward that the chunked loss needs.
-
-The loss never calls `model(...).logits`, which would materialize (B, L, V) logits. Instead it
-runs the decoder to final hidden states, selects the target positions, and applies the LM head
-chunk by chunk (student_train.losses.chunked_loss_sums). `check_output_path` proves at start-up,
-on a short input, that this reproduces the model's own logits, so an architecture that does
-something extra after its LM head is refused instead of silently mistrained.
+"""The student model: loading it in float32 (optionally with a LoRA adapter) and proving it can
+read the shards (its tokenizer fingerprint must equal the teacher's). Its forward is split in
+two halves by shared.causal_lm, so the loss never builds (B, L, V) logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +16,17 @@ from shared.models import context_length, resolve_model
 from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """A peft LoRA adapter on the student (r = 0: train all weights instead)."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target: tuple[str, ...] = ("all-linear",)
+    rslora: bool = False
 
 
 @dataclass
@@ -43,11 +48,7 @@ def load_student(
     *,
     manifest: dict,
     trust_remote_code: bool,
-    lora_r: int = 0,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    lora_target: tuple[str, ...] = ("all-linear",),
-    rslora: bool = False,
+    lora: LoraOptions = LoraOptions(),
     device: torch.device | str = "cpu",
     weights_from: Path | None = None,
 ) -> Student:
@@ -61,7 +62,7 @@ def load_student(
     tokenizer = load_tokenizer(resolved.directory, trust_remote_code=trust_remote_code)
     check_tokenizer_fingerprint(manifest, tokenizer_fingerprint(tokenizer), "student")
     vocabulary = len(tokenizer)
-    full_weights = weights_from if weights_from is not None and lora_r == 0 else None
+    full_weights = weights_from if weights_from is not None and lora.r == 0 else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(full_weights or resolved.directory),
@@ -81,8 +82,8 @@ def load_student(
             "tokens: resize the student's embeddings to the tokenizer first"
         )
     model.config.use_cache = False
-    if lora_r > 0:
-        model = add_lora(model, lora_r, lora_alpha, lora_dropout, lora_target, rslora)
+    if lora.r > 0:
+        model = add_lora(model, lora)
         if weights_from is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -94,22 +95,22 @@ def load_student(
         tokenizer=tokenizer,
         vocabulary=vocabulary,
         context=context_length(resolved.config),
-        is_lora=lora_r > 0,
+        is_lora=lora.r > 0,
         reference=reference,
     )
 
 
-def add_lora(model, r: int, alpha: float, dropout: float, target: tuple[str, ...], rslora: bool):
+def add_lora(model, lora: LoraOptions):
     """Wrap `model` in a peft LoRA adapter; only the adapter's weights train."""
     from peft import LoraConfig, get_peft_model
 
-    targets = target[0] if tuple(target) == ("all-linear",) else list(target)
+    target = tuple(lora.target)
     config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=targets,
-        use_rslora=rslora,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target[0] if target == ("all-linear",) else list(target),
+        use_rslora=lora.rslora,
         task_type="CAUSAL_LM",
     )
     try:
@@ -119,55 +120,3 @@ def add_lora(model, r: int, alpha: float, dropout: float, target: tuple[str, ...
             f"--lora-target {','.join(target)}: {str(error).splitlines()[0][:160]}: name modules "
             "the student has (e.g. q_proj,v_proj) or use all-linear"
         ) from None
-
-
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM inside a possible peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def final_hidden_states(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """(B, L, H) final hidden states (after the final norm), without the LM head."""
-    decoder = causal_lm(model).get_decoder()
-    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return outputs.last_hidden_state
-
-
-def output_logits_function(
-    model: torch.nn.Module, vocabulary: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Maps (C, H) hidden states to (C, vocabulary) logits: the LM head, sliced to the tokenizer
-    (padding rows of the embedding never receive probability), with final-logit soft-capping
-    where the architecture has it (Gemma 2)."""
-    language_model = causal_lm(model)
-    head = language_model.get_output_embeddings()
-    softcap = getattr(language_model.config, "final_logit_softcapping", None)
-
-    def output_logits(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)[..., :vocabulary]
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return output_logits
-
-
-def check_output_path(student: Student, device: torch.device | str = "cpu") -> None:
-    """Refuse a student whose logits final_hidden_states + output_logits do not reproduce."""
-    model = student.model
-    input_ids = torch.arange(1, 9, device=device).remainder(student.vocabulary).unsqueeze(0)
-    attention_mask = torch.ones_like(input_ids)
-    with torch.no_grad():
-        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        hidden = final_hidden_states(model, input_ids, attention_mask)
-        actual = output_logits_function(model, student.vocabulary)(hidden).float()
-    expected = expected[..., : student.vocabulary]
-    difference = (expected - actual).abs().max().item()
-    if not difference <= 1e-3 * max(1.0, expected.abs().max().item()):
-        architecture = type(causal_lm(model)).__name__
-        raise UserError(
-            f"--student: {architecture} computes its logits in a way student-train does not "
-            f"reproduce (max difference {difference:.3g}): this architecture is not supported yet"
-        )

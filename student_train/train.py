@@ -1,10 +1,12 @@
-"""The training loop of student-train: one explicit loop, readable top to bottom.
+"""The training loop of student-train: setup, one explicit loop, finish.
 
     shards ──ShardStream──► micro-batches ──student decoder──► hidden states at target positions
            ──chunked LM head + loss (SUM)──► ÷ target tokens of the whole step (all ranks)
            ──backward, sum gradients over ranks, clip, AdamW, warm-up + cosine──► checkpoint
 
-The teacher is never loaded: its signal is the top-k stored in the shards.
+The teacher is never loaded: its signal is the top-k stored in the shards. `setup` builds a
+`TrainingRun` (everything the loop reads and updates), `loop` trains it step by step, and
+`finish` publishes the student.
 """
 
 from __future__ import annotations
@@ -14,16 +16,21 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from schemas.manifest import check_tokenizer_fingerprint
+from shared.causal_lm import check_output_path, final_hidden_states, output_logits_function
+from shared.collation import Batch, collate
 from shared.config import config_to_dict
 from shared.errors import UserError
+from shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
 from shared.files import atomic_write_json, directory_lock
+from shared.shard_reader import LENGTH_COLUMNS, Dump, open_dump
 from shared.tokenizer import tokenizer_fingerprint
-from student_train.batches import Batch, collate, take_micro_batch
+from student_train.batches import BatchShape, take_micro_batch
 from student_train.checkpoints import (
     FINAL_DIRECTORY,
     latest_checkpoint,
@@ -33,7 +40,7 @@ from student_train.checkpoints import (
     remove_temporaries,
     save_checkpoint,
 )
-from student_train.config import RESUMABLE_FIELDS, TrainConfig
+from student_train.config import RESUMABLE_FIELDS, LossOptions, TrainConfig
 from student_train.distributed import (
     Distributed,
     barrier,
@@ -45,7 +52,6 @@ from student_train.distributed import (
     sum_across_ranks,
     sum_gradients,
 )
-from student_train.fidelity import fidelity_metrics, fidelity_sums_on_dump
 from student_train.losses import chunked_loss_sums
 from student_train.reporting import (
     CURVE_NAME,
@@ -54,21 +60,55 @@ from student_train.reporting import (
     plot_curve,
     truncate_metrics,
 )
-from student_train.shard_stream import LENGTH_COLUMNS, Dump, ShardStream, StreamPosition, open_dump
-from student_train.student import (
-    Student,
-    check_output_path,
-    final_hidden_states,
-    load_student,
-    output_logits_function,
-)
+from student_train.shard_stream import ShardStream, StreamPosition
+from student_train.student import Student, load_student
 
 CONFIG_NAME = "train_config.json"
 UNLIMITED_LENGTH = 1 << 30
 
 
+@dataclass
+class TrainingRun:
+    """Everything the loop reads and updates; built by `setup`, advanced by `loop`."""
+
+    config: TrainConfig
+    context: Distributed
+    out: Path
+    dump: Dump
+    eval_dump: Dump | None
+    student: Student
+    output_logits: object
+    """(C, H) hidden states -> (C, V) logits: the student's LM head sliced to its tokenizer."""
+    batch_shape: BatchShape
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: ShardStream
+    total_steps: int
+    progress: object
+    step: int = 0
+    tokens_seen: int = 0
+    checkpoint: Path | None = None
+    """The newest checkpoint written or resumed from."""
+    saved_step: int | None = None
+    """The step of `checkpoint` (None: nothing saved in this run or the one it resumes)."""
+    last_train: dict = field(default_factory=dict)
+    last_eval: dict | None = None
+    stopped_early: bool = False
+    training_seconds: float = 0.0
+    tokens_at_start: int = 0
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / METRICS_NAME
+
+    def log(self, values: dict) -> None:
+        if self.context.is_main:
+            append_metrics(self.metrics_path, values)
+
+
 def learning_rate_multiplier(
-    step: int, warmup_steps: int, total_steps: int, min_ratio: float
+    step: int, *, warmup_steps: int, total_steps: int, min_ratio: float
 ) -> float:
     """LR / peak LR for optimizer step `step` (0-based): linear warm-up, then cosine to
     min_ratio at the last step."""
@@ -96,8 +136,7 @@ def train(config: TrainConfig, context: Distributed) -> dict:
     torch.manual_seed(config.seed)
     dump = open_dump(config.shards, allow_incomplete=config.allow_incomplete)
     eval_dump = open_dump(config.eval_shards, flag="--eval-shards") if config.eval_shards else None
-
-    # Output directory: one trainer at a time; a previous run is only continued with --resume.
+    # One trainer at a time per output directory; a previous run is only continued with --resume.
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
     barrier(context)
@@ -110,12 +149,15 @@ def train(config: TrainConfig, context: Distributed) -> dict:
                     f"--out {out}: another student-train is writing there; wait for it to "
                     "finish or choose another --out"
                 ) from None
-        return _train_locked(config, context, out, dump, eval_dump)
+        run = setup(config, context, out, dump, eval_dump)
+        loop(run)
+        return finish(run)
 
 
-def _train_locked(
+def setup(
     config: TrainConfig, context: Distributed, out: Path, dump: Dump, eval_dump: Dump | None
-) -> dict:
+) -> TrainingRun:
+    """Load the student, build the optimizer, schedule and stream, and restore a checkpoint."""
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None and not config.resume:
         raise UserError(
@@ -132,35 +174,20 @@ def _train_locked(
         config.student,
         manifest=dump.manifest,
         trust_remote_code=config.trust_remote_code,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        lora_target=config.lora_target,
-        rslora=config.rslora,
+        lora=config.lora_options,
         device=context.device,
         weights_from=checkpoint,
     )
     if eval_dump is not None:
         fingerprint = tokenizer_fingerprint(student.tokenizer)
         check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
-    check_output_path(student, context.device)
-    model = student.model
-    output_logits = output_logits_function(model, student.vocabulary)
-    max_length = config.max_length or student.context or UNLIMITED_LENGTH
-    batch_shape = {
-        "rows": config.rows_per_micro_batch,
-        "batch_tokens": config.batch_tokens,
-        "max_length": max_length,
-    }
-    loss_options = {
-        "loss": config.loss,
-        "alpha": config.alpha,
-        "beta": config.resolved_beta,
-        "temperature": config.temperature,
-        "tail": config.tail,
-    }
-
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    check_output_path(student.model, student.vocabulary, context.device)
+    batch_shape = BatchShape(
+        rows=config.rows_per_micro_batch,
+        batch_tokens=config.batch_tokens,
+        max_length=config.max_length or student.context or UNLIMITED_LENGTH,
+    )
+    parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(
         [
             {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": config.weight_decay},
@@ -169,14 +196,14 @@ def _train_locked(
         lr=config.lr,
         betas=(config.adam_beta1, config.adam_beta2),
     )
-    epochs = int(config.epochs) if config.epochs is not None else None
     total_steps = config.max_steps or count_steps(dump, config, context, batch_shape)
     warmup_steps = warmup_steps_of(config.warmup, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: learning_rate_multiplier(step, warmup_steps, total_steps, config.min_lr_ratio),
+        lambda step: learning_rate_multiplier(
+            step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=config.min_lr_ratio
+        ),
     )
-
     step, tokens_seen, position = 0, 0, StreamPosition()
     if meta is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -193,133 +220,219 @@ def _train_locked(
         seed=config.seed,
         shuffle=True,
         buffer_rows=config.shuffle_buffer,
-        epochs=epochs,
+        epochs=int(config.epochs) if config.epochs is not None else None,
         position=position,
     )
-
-    metrics_path, curve_path = out / METRICS_NAME, out / CURVE_NAME
     if config.log_samples:
         truncate_metrics(out / f"samples-rank{context.rank}.jsonl", step)
     if context.is_main:
-        truncate_metrics(metrics_path, step)
+        truncate_metrics(out / METRICS_NAME, step)
         atomic_write_json(out / CONFIG_NAME, run_description(config, dump, student, total_steps))
         if meta is not None:
             print(f"resuming from {checkpoint} (step {step} of {total_steps})", file=sys.stderr)
-    progress = make_progress_bar(total_steps, step, enabled=context.is_main and config.progress)
+    return TrainingRun(
+        config=config,
+        context=context,
+        out=out,
+        dump=dump,
+        eval_dump=eval_dump,
+        student=student,
+        output_logits=output_logits_function(student.model, student.vocabulary),
+        batch_shape=batch_shape,
+        parameters=parameters,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=stream,
+        total_steps=total_steps,
+        progress=make_progress_bar(total_steps, step, enabled=context.is_main and config.progress),
+        step=step,
+        tokens_seen=tokens_seen,
+        checkpoint=checkpoint,
+        saved_step=step if meta is not None else None,
+        tokens_at_start=tokens_seen,
+    )
 
-    def log(values: dict) -> None:
-        if context.is_main:
-            append_metrics(metrics_path, values)
 
-    last_eval = None
-    if eval_dump is not None and step == 0:
-        last_eval = evaluate(model, eval_dump, context, output_logits, config, batch_shape)
-        log({"step": 0, **last_eval})
-
-    def save_checkpoint_now() -> Path:
-        return save_training_state(
-            out, step, tokens_seen, student, optimizer, scheduler, stream, context, config,
-            dump, last_train, last_eval,
-        )  # fmt: skip
-
-    saved_step = step if meta is not None else None
-    model.train()
-    last_train: dict = {}
-    stopped_early = False
-    training_seconds, tokens_at_start = 0.0, tokens_seen
-    while step < total_steps:
-        step_started = time.perf_counter()
-        # One optimizer step: every rank takes grad_accum micro-batches from its stream; the loss
-        # sums are divided by the target tokens of the whole step across ranks, so the gradient
-        # equals that of one big batch however it is split.
+def loop(run: TrainingRun) -> None:
+    """Optimizer steps until total_steps, the end of the data (--epochs) or --stop-at-step."""
+    config = run.config
+    if run.eval_dump is not None and run.step == 0:
+        run.last_eval = evaluate(run)
+        run.log({"step": 0, **run.last_eval})
+    run.student.model.train()
+    while run.step < run.total_steps:
+        started = time.perf_counter()
         micro_batches = [
-            collate(take_micro_batch(stream, **batch_shape)) for _ in range(config.grad_accum)
+            collate(take_micro_batch(run.stream, run.batch_shape)) for _ in range(config.grad_accum)
         ]
-        local = torch.tensor(
-            [sum(b.target_tokens for b in micro_batches), sum(b.rows for b in micro_batches)],
-            dtype=torch.float64,
+        totals = accumulate_gradients(
+            run.student.model,
+            micro_batches,
+            output_logits=run.output_logits,
+            loss_options=config.loss_options,
+            chunk_tokens=config.chunk_tokens,
+            bf16=config.bf16,
+            context=run.context,
         )
-        step_tokens, step_rows = sum_across_ranks(context, local).tolist()
-        if step_rows == 0:
+        if totals.rows == 0:
             break  # every rank's stream has ended (--epochs)
-        sums = torch.zeros(3, dtype=torch.float64, device=context.device)
-        for batch in micro_batches:
-            if batch.target_tokens == 0:
-                continue
-            batch_sums = batch_loss_sums(model, batch, output_logits, config, loss_options, context)
-            (batch_sums[0] / step_tokens).backward()
-            sums += batch_sums.detach().double()
         if config.log_samples:
             samples = [sample for batch in micro_batches for sample in batch.sample_ids]
-            append_metrics(
-                out / f"samples-rank{context.rank}.jsonl", {"step": step + 1, "samples": samples}
-            )
-        sum_gradients(context, parameters)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            parameters, config.grad_clip if config.grad_clip > 0 else math.inf
-        )
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += int(step_tokens)
-
-        total, ce, kd = (sum_across_ranks(context, sums) / step_tokens).tolist()
+            path = run.out / f"samples-rank{run.context.rank}.jsonl"
+            append_metrics(path, {"step": run.step + 1, "samples": samples})
+        grad_norm, learning_rate = optimizer_step(run)
+        run.step += 1
+        run.tokens_seen += totals.tokens
         # Throughput counts training steps only (loading, forward, backward, optimizer), not
         # evals and checkpoints.
-        training_seconds += time.perf_counter() - step_started
-        last_train = {
-            "step": step,
-            "epoch": stream.position.epoch,
-            "loss": total,
-            "ce": ce,
-            "kd": kd,
-            "lr": learning_rate,
-            "grad_norm": float(grad_norm),
-            "tokens": tokens_seen,
-            "tokens_per_second": (tokens_seen - tokens_at_start) / max(training_seconds, 1e-9),
-        }
-        if step % config.log_every == 0 or step == total_steps:
-            log(last_train)
-        progress.update(1)
-        progress.set_postfix(loss=f"{total:.4f}", tok_s=f"{last_train['tokens_per_second']:.0f}")
+        run.training_seconds += time.perf_counter() - started
+        run.last_train = step_metrics(run, totals, grad_norm, learning_rate)
+        is_last = run.step == run.total_steps
+        run.stopped_early = config.stop_at_step == run.step and not is_last
 
-        is_last = step == total_steps
-        stopped_early = config.stop_at_step == step
-        if eval_dump is not None and (
-            is_last or (config.eval_every and step % config.eval_every == 0)
+        # Log: every log_every steps and the last.
+        if run.step % config.log_every == 0 or is_last:
+            run.log(run.last_train)
+        run.progress.update(1)
+        run.progress.set_postfix(
+            loss=f"{run.last_train['loss']:.4f}",
+            tok_s=f"{run.last_train['tokens_per_second']:.0f}",
+        )
+        # Eval: every eval_every steps and after the last.
+        if run.eval_dump is not None and (
+            is_last or (config.eval_every and run.step % config.eval_every == 0)
         ):
-            last_eval = evaluate(model, eval_dump, context, output_logits, config, batch_shape)
-            log({"step": step, **last_eval})
-            if context.is_main:
-                plot_curve(metrics_path, curve_path)
-        if is_last or stopped_early or (config.save_every and step % config.save_every == 0):
-            checkpoint, saved_step = save_checkpoint_now(), step
-        if stopped_early and not is_last:
+            run.last_eval = evaluate(run)
+            run.log({"step": run.step, **run.last_eval})
+            if run.context.is_main:
+                plot_curve(run.metrics_path, run.out / CURVE_NAME)
+        # Checkpoint: every save_every steps, the last step, and --stop-at-step.
+        if (
+            is_last
+            or config.stop_at_step == run.step
+            or (config.save_every and run.step % config.save_every == 0)
+        ):
+            save_training_state(run)
+        if run.stopped_early:
             break
-    progress.close()
+    run.progress.close()
 
-    summary = {
-        "steps": step,
-        "total_steps": total_steps,
-        "tokens": tokens_seen,
-        "train": last_train,
-        "eval": last_eval,
-        "stopped_early": stopped_early and step < total_steps,
-        "checkpoint": str(checkpoint) if checkpoint is not None else None,
-        "out": str(out),
-    }
-    if saved_step != step:
+
+def finish(run: TrainingRun) -> dict:
+    """Save the last step if it is not saved yet, plot, publish OUT/final/; the summary."""
+    if run.saved_step != run.step:
         # --epochs: every stream ended before the planned step count (rows without targets)
-        checkpoint, saved_step = save_checkpoint_now(), step
-        summary["checkpoint"] = str(checkpoint)
-    if context.is_main:
-        plot_curve(metrics_path, curve_path)
-        if not summary["stopped_early"] and checkpoint is not None:
-            summary["final"] = str(publish_student(out, Path(checkpoint), student, config, summary))
-    barrier(context)
+        save_training_state(run)
+    summary = {
+        "steps": run.step,
+        "total_steps": run.total_steps,
+        "tokens": run.tokens_seen,
+        "train": run.last_train,
+        "eval": run.last_eval,
+        "stopped_early": run.stopped_early,
+        "checkpoint": str(run.checkpoint) if run.checkpoint is not None else None,
+        "out": str(run.out),
+    }
+    if run.context.is_main:
+        plot_curve(run.metrics_path, run.out / CURVE_NAME)
+        if not run.stopped_early and run.checkpoint is not None:
+            summary["final"] = str(publish_student(run, summary))
+    barrier(run.context)
     return summary
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """One optimizer step, added over its micro-batches and all ranks."""
+
+    sums: torch.Tensor
+    """(3,) float64 [total, ce, kd] loss sums."""
+    tokens: int
+    """Target tokens: the one divisor of the step's loss."""
+    rows: int
+    """Rows (0 when every rank's stream has ended)."""
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    micro_batches: list[Batch],
+    *,
+    output_logits,
+    loss_options: LossOptions,
+    chunk_tokens: int,
+    bf16: bool,
+    context: Distributed,
+) -> StepTotals:
+    """Forward and backward over one optimizer step's micro-batches (this rank's share).
+
+    The loss sums are divided once, by the target tokens of the whole step across every
+    micro-batch and rank, so the step's gradient equals that of one big batch however it is
+    split. The gradients are left in .grad, not yet summed over ranks.
+    """
+    local = [
+        sum(batch.target_tokens for batch in micro_batches),
+        sum(b.rows for b in micro_batches),
+    ]
+    step_tokens, step_rows = (
+        int(value) for value in sum_across_ranks(context, torch.tensor(local, dtype=torch.float64))
+    )
+    device = context.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch in micro_batches:
+        if batch.target_tokens == 0:
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = final_hidden_states(
+                model, batch.input_ids.to(device), batch.attention_mask.to(device)
+            )
+            selected = hidden[batch.row_index.to(device), batch.position.to(device)]
+            batch_sums = chunked_loss_sums(
+                selected,
+                output_logits,
+                batch.target_ids.to(device),
+                batch.topk_ids.to(device),
+                batch.topk_logprobs.to(device),
+                chunk_tokens=chunk_tokens,
+                loss=loss_options.loss,
+                alpha=loss_options.alpha,
+                beta=loss_options.beta,
+                temperature=loss_options.temperature,
+                tail=loss_options.tail,
+            )
+        (batch_sums[0] / step_tokens).backward()
+        sums += batch_sums.detach().double()
+    return StepTotals(sum_across_ranks(context, sums), step_tokens, step_rows)
+
+
+def optimizer_step(run: TrainingRun) -> tuple[float, float]:
+    """Sum gradients over ranks, clip, step AdamW and the schedule; (grad norm, LR used)."""
+    sum_gradients(run.context, run.parameters)
+    clip = run.config.grad_clip if run.config.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.parameters, clip)
+    learning_rate = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), learning_rate
+
+
+def step_metrics(
+    run: TrainingRun, totals: StepTotals, grad_norm: float, learning_rate: float
+) -> dict:
+    """One metrics.jsonl line for the step just taken."""
+    total, ce, kd = (totals.sums / max(totals.tokens, 1)).tolist()
+    return {
+        "step": run.step,
+        "epoch": run.stream.position.epoch,
+        "loss": total,
+        "ce": ce,
+        "kd": kd,
+        "lr": learning_rate,
+        "grad_norm": grad_norm,
+        "tokens": run.tokens_seen,
+        "tokens_per_second": (run.tokens_seen - run.tokens_at_start)
+        / max(run.training_seconds, 1e-9),
+    }
 
 
 def check_resumable(config: TrainConfig, meta: dict, context: Distributed) -> None:
@@ -342,7 +455,9 @@ def check_resumable(config: TrainConfig, meta: dict, context: Distributed) -> No
         )
 
 
-def count_steps(dump: Dump, config: TrainConfig, context: Distributed, batch_shape: dict) -> int:
+def count_steps(
+    dump: Dump, config: TrainConfig, context: Distributed, batch_shape: BatchShape
+) -> int:
     """Optimizer steps that --epochs passes take: the same packing as training, run over the
     row lengths only (no top-k decoding), the maximum over ranks."""
     stream = ShardStream(
@@ -356,137 +471,109 @@ def count_steps(dump: Dump, config: TrainConfig, context: Distributed, batch_sha
         columns=LENGTH_COLUMNS,
     )
     steps = 0
-    while True:
-        micro_batches = [take_micro_batch(stream, **batch_shape) for _ in range(config.grad_accum)]
-        if not any(micro_batches):
-            break
+    while any([take_micro_batch(stream, batch_shape) for _ in range(config.grad_accum)]):
         steps += 1
     return max(1, max_across_ranks(context, steps))
 
 
-def batch_loss_sums(
-    model,
-    batch: Batch,
-    output_logits,
-    config: TrainConfig,
-    loss_options: dict,
-    context: Distributed,
-) -> torch.Tensor:
-    """(3,) [total, ce, kd] loss sums of one micro-batch (with gradient)."""
-    device = context.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-        hidden = final_hidden_states(
-            model, batch.input_ids.to(device), batch.attention_mask.to(device)
-        )
-        selected = hidden[batch.row_index.to(device), batch.position.to(device)]
-        return chunked_loss_sums(
-            selected,
-            output_logits,
-            batch.target_ids.to(device),
-            batch.topk_ids.to(device),
-            batch.topk_logprobs.to(device),
-            chunk_tokens=config.chunk_tokens,
-            **loss_options,
-        )
-
-
-def evaluate(
-    model, dump: Dump, context: Distributed, output_logits, config: TrainConfig, batch_shape: dict
-) -> dict:
+def evaluate(run: TrainingRun) -> dict:
     """CE, KL(teacher || student) and top-1 agreement on held-out shards (ranks share them)."""
+    config, context = run.config, run.context
     limit = None
     if config.eval_limit is not None:
         limit = config.eval_limit // context.world_size
         limit += 1 if context.rank < config.eval_limit % context.world_size else 0
-    sums = fidelity_sums_on_dump(
-        model,
-        output_logits,
-        dump,
+    stream = ShardStream(
+        run.eval_dump,
         rank=context.rank,
         world_size=context.world_size,
-        batch_shape=batch_shape,
-        chunk_tokens=config.chunk_tokens,
+        shuffle=False,
         buffer_rows=config.shuffle_buffer,
-        limit=limit,
+        epochs=1,
+    )
+
+    def batches():
+        taken = 0
+        while rows := take_micro_batch(stream, run.batch_shape):
+            if limit is not None:
+                rows = rows[: max(0, limit - taken)]
+            if not rows:
+                return
+            taken += len(rows)
+            yield rows
+
+    sums = fidelity_sums_over_batches(
+        run.student.model,
+        run.output_logits,
+        batches(),
+        chunk_tokens=config.chunk_tokens,
         device=context.device,
         bf16=config.bf16,
     )
     return fidelity_metrics(sum_across_ranks(context, sums))
 
 
-def save_training_state(
-    out: Path,
-    step: int,
-    tokens_seen: int,
-    student: Student,
-    optimizer,
-    scheduler,
-    stream: ShardStream,
-    context: Distributed,
-    config: TrainConfig,
-    dump: Dump,
-    last_train: dict,
-    last_eval: dict | None,
-) -> Path:
-    """Checkpoint (rank 0 writes; every rank contributes its RNG state and loader position)."""
+def save_training_state(run: TrainingRun) -> None:
+    """Checkpoint the current step (rank 0 writes; every rank contributes its RNG state and
+    loader position); updates run.checkpoint and run.saved_step."""
+    context = run.context
     rng_states = gather_objects(context, torch.get_rng_state())
     cuda_states = (
         gather_objects(context, torch.cuda.get_rng_state(context.device))
         if context.device.type == "cuda"
         else []
     )
-    positions = gather_objects(context, stream.position.to_dict())
+    positions = gather_objects(context, run.stream.position.to_dict())
     path = None
     if context.is_main:
         meta = {
-            "step": step,
-            "tokens_seen": tokens_seen,
+            "step": run.step,
+            "tokens_seen": run.tokens_seen,
             "world_size": context.world_size,
             "loader_positions": positions,
-            "config": config_to_dict(config),
+            "config": config_to_dict(run.config),
             "shards": {
-                "directory": str(dump.directory),
-                "identity": dump.manifest.get("identity"),
-                "tokenizer": dump.manifest["tokenizer"]["fingerprint"],
+                "directory": str(run.dump.directory),
+                "identity": run.dump.manifest.get("identity"),
+                "tokenizer": run.dump.manifest["tokenizer"]["fingerprint"],
             },
-            "student": student.reference,
-            "lora": student.is_lora,
-            "train": last_train,
-            "eval": last_eval,
+            "student": run.student.reference,
+            "lora": run.student.is_lora,
+            "train": run.last_train,
+            "eval": run.last_eval,
             "torch": torch.__version__,
         }
         state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
             "rng": rng_states,
             "cuda_rng": cuda_states,
         }
         path = save_checkpoint(
-            out,
-            step,
-            model=student.model,
-            tokenizer=student.tokenizer,
+            run.out,
+            run.step,
+            model=run.student.model,
+            tokenizer=run.student.tokenizer,
             training_state=state,
             meta=meta,
-            keep=config.keep_checkpoints,
+            keep=run.config.keep_checkpoints,
         )
-    path = broadcast_object(context, str(path) if path else None)
+    run.checkpoint = Path(broadcast_object(context, str(path) if path else None))
+    run.saved_step = run.step
     barrier(context)
-    return Path(path)
 
 
-def publish_student(
-    out: Path, checkpoint: Path, student: Student, config: TrainConfig, summary: dict
-) -> Path:
+def publish_student(run: TrainingRun, summary: dict) -> Path:
     """OUT/final/: the trained student, ready for transformers, vLLM and kd-eval."""
-    description = {"student": student.reference, "config": config_to_dict(config), **summary}
-    existing = out / FINAL_DIRECTORY / "training.json"
+    student, checkpoint = run.student, run.checkpoint
+    description = {"student": student.reference, "config": config_to_dict(run.config), **summary}
+    existing = run.out / FINAL_DIRECTORY / "training.json"
     if existing.is_file() and json.loads(existing.read_text()).get("checkpoint") == str(checkpoint):
         return existing.parent  # a rerun of a finished run: final/ is already this checkpoint
-    if student.is_lora and config.merge_lora:
+    if student.is_lora and run.config.merge_lora:
         merged = student.model.merge_and_unload()
-        return publish_merged(out, merged, student.tokenizer, checkpoint, description)
-    return publish_final(out, checkpoint, description)
+        return publish_merged(run.out, merged, student.tokenizer, checkpoint, description)
+    return publish_final(run.out, checkpoint, description)
 
 
 def run_description(config: TrainConfig, dump: Dump, student: Student, total_steps: int) -> dict:

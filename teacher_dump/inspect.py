@@ -15,27 +15,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from schemas.manifest import read_manifest
-from schemas.shard import (
-    PAD_ID,
-    SCHEMA_VERSION,
-    describe_schema_mismatch,
-    max_rounding_error,
-    schema_version_of,
-)
+from schemas.shard import SCHEMA_VERSION, describe_schema_mismatch, schema_version_of
 from shared.errors import UserError
 from shared.files import sha256_of_file
+from shared.shard_reader import shard_columns, value_problem
 from teacher_dump.shards import shards_on_disk
-
-
-def topk_arrays(table) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, k) ids and logprobs of a table's topk columns, without Python loops."""
-    ids_column = table["topk_ids"].combine_chunks()
-    logprobs_column = table["topk_logprobs"].combine_chunks()
-    ids = ids_column.flatten().flatten().to_numpy(zero_copy_only=False)
-    logprobs = logprobs_column.flatten().flatten().to_numpy(zero_copy_only=False)
-    positions = len(ids_column.flatten())
-    width = len(ids) // positions if positions else 0
-    return ids.reshape(positions, width), logprobs.reshape(positions, width)
 
 
 def summarize(directory: Path) -> dict:
@@ -127,7 +111,7 @@ def validate(directory: Path) -> list[str]:
 def validate_shard(
     path: Path, entry: dict, top_k: int, tokenizer_size: int, seen_ids: set[str]
 ) -> str | None:
-    """The first problem in one shard, or None."""
+    """The first problem in one shard, or None (the same value checks as the trainer's reader)."""
     if not path.is_file():
         return "listed in the manifest but missing on disk"
     if path.stat().st_size != entry["bytes"]:
@@ -146,35 +130,15 @@ def validate_shard(
         return f"schema: {mismatch}"
     if table.num_rows != entry["rows"]:
         return f"{table.num_rows} rows, manifest says {entry['rows']}"
-    target_lengths = table["target_ids"].combine_chunks().value_lengths().to_numpy()
-    if int(target_lengths.sum()) != entry["target_tokens"]:
-        return f"{int(target_lengths.sum())} target tokens, manifest says {entry['target_tokens']}"
-    for column in ("target_logprobs", "topk_ids", "topk_logprobs"):
-        lengths = table[column].combine_chunks().value_lengths().to_numpy()
-        if not np.array_equal(lengths, target_lengths):
-            return f"column {column} has a different number of positions than target_ids"
-    ids, logprobs = topk_arrays(table)
-    if ids.size and ids.shape[1] != top_k:
-        return f"top-k width {ids.shape[1]}, manifest says k={top_k}"
-    if ids.size and (((ids < 0) & (ids != PAD_ID)).any() or (ids >= tokenizer_size).any()):
-        return f"top-k ids outside [0, {tokenizer_size}) other than the padding marker {PAD_ID}"
-    if np.isnan(logprobs).any() or np.isposinf(logprobs).any() or (logprobs > 0).any():
-        return "top-k logprobs contain NaN, +inf or positive values"
-    if ((ids == PAD_ID) != np.isneginf(logprobs)).any():
-        return "padding marker ids and -inf logprobs do not coincide"
-    # Padding slots (-inf) sit at the end of each row; compare them as a very low value.
-    ranked = np.where(np.isneginf(logprobs), -1e30, logprobs)
-    if ids.size and (np.diff(ranked, axis=1) > max_rounding_error() * 2).any():
-        return "top-k logprobs are not in descending rank order"
-    target_logprobs = (
-        table["target_logprobs"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    )
-    if not np.isfinite(target_logprobs).all() or (target_logprobs > 0).any():
-        return "target logprobs contain NaN/inf or positive values"
-    target_ids = table["target_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    if ((target_ids < 0) | (target_ids >= tokenizer_size)).any():
-        return f"target ids outside [0, {tokenizer_size})"
-    for sample_id in table["sample_id"].to_pylist():
+    columns = shard_columns(table, top_k)
+    if isinstance(columns, str):
+        return columns
+    if len(columns.target_ids) != entry["target_tokens"]:
+        return f"{len(columns.target_ids)} target tokens, manifest says {entry['target_tokens']}"
+    problem = value_problem(columns, tokenizer_size)
+    if problem:
+        return problem
+    for sample_id in columns.sample_ids:
         if sample_id in seen_ids:
             return f"sample_id {sample_id} appears more than once in the dump"
         seen_ids.add(sample_id)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
@@ -123,7 +123,7 @@ def manifest_header(
         sort_keys=True,
     )
     samples_per_prompt = config.num_samples if config.mode == "generate" else 1
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "kd-shards teacher dump",

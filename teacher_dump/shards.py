@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +167,7 @@ def refresh_manifest(directory: Path, new_entries: list[dict]) -> dict:
         manifest["shards"] = shards
         manifest["totals"] = totals(shards)
         manifest["complete"] = manifest["totals"]["rows"] == manifest["data"]["expected_rows"]
-        manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_json(manifest_path(directory), manifest)
         return manifest
 

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from shared.benchmark_measurements import decoding_kl
-from shared.benchmarks import GROUPS, BenchConfig, run_bench, step_seconds
+from scripts.bench import GROUPS, BenchConfig, run_bench, step_seconds
+from scripts.bench_measurements import decoding_kl
 
 
 def test_decoding_kl_matches_direct_computation():
@@ -114,7 +114,7 @@ def test_bench_smoke_on_tiny_models(tiny_model, student_model, text_file, gsm8k_
 
 def test_bench_refuses_missing_data(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "shared.benchmarks", "--out", str(tmp_path / "bench"),
+        [sys.executable, "-m", "scripts.bench", "--out", str(tmp_path / "bench"),
          "--data-dir", str(tmp_path / "nowhere")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -92,7 +92,7 @@ def test_reduced_demo_runs_every_stage_and_reuses_them(tiny_model, tmp_path):
         "heldout_windows=4", "top_k=8", "steps=2", "micro_batch=4", "max_model_len=512",
     ]  # fmt: skip
     arguments = ["--out", str(out)] + [part for setting in settings for part in ("--set", setting)]
-    first = run_module("shared.demo", *arguments)
+    first = run_module("scripts.demo", *arguments)
     assert first.returncode in (0, 1), first.stderr[-3000:]  # 1: a quality claim did not hold
     for command in (
         "student-train init-student",
@@ -111,7 +111,7 @@ def test_reduced_demo_runs_every_stage_and_reuses_them(tiny_model, tmp_path):
     assert kd_config["loss"] == "fkl" and sft_config["loss"] == "ce"
     assert kd_config["shards"] == sft_config["shards"]
 
-    second = run_module("shared.demo", *arguments)
+    second = run_module("scripts.demo", *arguments)
     assert second.returncode == first.returncode, second.stderr[-3000:]
     assert "(made earlier)" in second.stderr and "(up to date)" in second.stderr
     assert second.stderr.count("dumped 0 prompts") == 2  # both dumps complete: no engine started

@@ -99,7 +99,7 @@ requires_shared_data = pytest.mark.skipif(
 
 
 def eval_config(**values):
-    from student_train.evaluation import EvalConfig
+    from kd_eval.evaluation import EvalConfig
 
     defaults = dict(
         dtype="float32",
@@ -117,7 +117,7 @@ def test_uniform_model_has_the_vocabulary_as_perplexity(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from student_train.evaluation import run_evaluation
+    from kd_eval.evaluation import run_evaluation
     from tests.tiny_models import build_tiny_llama
 
     directory = build_tiny_llama(tmp_path / "uniform")
@@ -149,7 +149,7 @@ def _chunks(directory: Path, text: Path, chunk_tokens: int):
 def test_gsm8k_two_models_share_prompts_and_decoding(
     tiny_model, student_model, text_shards, engine, tmp_path
 ):
-    from student_train.evaluation import markdown_table, run_evaluation
+    from kd_eval.evaluation import markdown_table, run_evaluation
 
     config = eval_config(
         task="gsm8k",
@@ -194,7 +194,7 @@ def _jsonl(path: Path, limit: int) -> list[dict]:
 @requires_shared_data
 @pytest.mark.engine
 def test_summ_on_scitldr_and_plain_document_summary_data(tiny_model, engine, tmp_path):
-    from student_train.evaluation import run_evaluation
+    from kd_eval.evaluation import run_evaluation
 
     # SciTLDR dev rows, shortened to each abstract's first sentence so that they fit the tiny
     # model's 512-token context; the references stay all of the dev set's 2-3 TLDRs.
@@ -231,7 +231,7 @@ def test_summ_on_scitldr_and_plain_document_summary_data(tiny_model, engine, tmp
 @requires_shared_data
 @pytest.mark.engine
 def test_lm_on_wikitext(tiny_model, engine, tmp_path):
-    from student_train.evaluation import run_evaluation
+    from kd_eval.evaluation import run_evaluation
 
     report = run_evaluation(
         eval_config(
@@ -253,7 +253,7 @@ def test_lm_on_wikitext(tiny_model, engine, tmp_path):
 
 def kd_eval(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "student_train.evaluation_cli", *arguments],
+        [sys.executable, "-m", "kd_eval.cli", *arguments],
         capture_output=True,
         text=True,
         timeout=300,

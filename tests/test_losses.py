@@ -10,24 +10,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from schemas.shard import round_logprobs
-from student_train.batches import collate
-from student_train.losses import (
-    LOSSES,
-    chunked_loss_sums,
-    fidelity_sums,
-    kd_loss_sum,
-    loss_sums,
+from shared.collation import collate
+from shared.distributions import (
     student_log_distribution,
     teacher_log_distribution,
+    topk_divergence_sum,
 )
-from student_train.shard_stream import TrainingRow
+from shared.fidelity import fidelity_sums
+from shared.shard_reader import TrainingRow
+from student_train.losses import LOSSES, chunked_loss_sums, loss_sums
 
 KD_LOSSES = [loss for loss in LOSSES if loss != "ce"]
 TAILS = ["renormalize", "bucket"]
+
+
+def kd_loss_sum(logits, ids, logprobs, *, loss, beta, temperature, tail):
+    return topk_divergence_sum(
+        logits, ids, logprobs, divergence=loss, beta=beta, temperature=temperature, tail=tail
+    )
 
 
 def teacher_topk_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +167,11 @@ def test_identical_distributions_cost_nothing(
     logits = random_logits(seed, 5, vocabulary)
     k = max(1, min(vocabulary, round(k_fraction * vocabulary)))
     ids, logprobs = teacher_topk_from_logits(logits, k)
+    # A teacher tail under 1e-3 is below the stored precision and counts as empty, so a student
+    # holding that same small tail is (rightly) charged for it: such cases are not identical
+    # under the documented comparison and are left to the reference test above.
+    tail_mass = 1 - torch.softmax(logits, -1).gather(1, ids).sum(-1)
+    assume(tail == "renormalize" or not ((tail_mass > 1e-9) & (tail_mass < 1e-3)).any())
     value = kd_loss_sum(
         logits.float(), ids, logprobs, loss=loss, beta=0.3, temperature=temperature, tail=tail
     )
@@ -302,10 +311,10 @@ def test_bucket_tail_carries_the_mass_outside_the_top_k():
 def test_padding_slots_are_outside_the_support():
     logprobs = torch.tensor([[math.log(0.7), math.log(0.2), -math.inf]])
     ids = torch.tensor([[3, 1, -1]])
-    log_p, valid = teacher_log_distribution(logprobs, 1.0, "bucket")
+    log_p, valid = teacher_log_distribution(logprobs, temperature=1.0, tail="bucket")
     assert valid.tolist() == [[True, True, False, True]]
     assert log_p.exp()[0, 3].item() == pytest.approx(0.1, abs=1e-6)
-    log_q = student_log_distribution(torch.zeros(1, 5), ids, 1.0, "bucket")
+    log_q = student_log_distribution(torch.zeros(1, 5), ids, temperature=1.0, tail="bucket")
     assert torch.isneginf(log_q[0, 2])
     assert log_q.exp()[0, 3].item() == pytest.approx(3 / 5, abs=1e-6)  # ids 0, 2, 4
 
@@ -372,7 +381,7 @@ def test_fidelity_sums_hand_example():
 
 def micro_batch_gradient(model, rows, groups, loss):
     """Gradient of one optimizer step over `rows` split into `groups` micro-batches."""
-    from student_train.student import final_hidden_states
+    from shared.causal_lm import final_hidden_states
 
     model.zero_grad()
     size = len(rows) // groups

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from shared.collation import collate, fit_row
 from shared.errors import UserError
-from student_train.batches import collate, fit_row, take_micro_batch
-from student_train.shard_stream import ShardStream, StreamPosition, TrainingRow, open_dump
+from shared.shard_reader import TrainingRow, open_dump
+from student_train.batches import BatchShape, take_micro_batch
+from student_train.shard_stream import ShardStream, StreamPosition
 from tests.synthetic_dumps import write_synthetic_dump
 
 ROWS = 103
@@ -87,15 +89,15 @@ def test_restored_position_continues_exactly(dump, cut):
 
 
 def test_restored_position_gives_identical_micro_batches(dump):
-    shape = {"rows": None, "batch_tokens": 24, "max_length": 12}
+    shape = BatchShape(rows=None, batch_tokens=24, max_length=12)
     reference = ShardStream(dump, seed=2, buffer_rows=9)
-    expected = [collate(take_micro_batch(reference, **shape)) for _ in range(30)]
+    expected = [collate(take_micro_batch(reference, shape)) for _ in range(30)]
     first = ShardStream(dump, seed=2, buffer_rows=9)
     for _ in range(11):
-        take_micro_batch(first, **shape)
+        take_micro_batch(first, shape)
     resumed = ShardStream(dump, seed=2, buffer_rows=9, position=first.position)
     for batch in expected[11:]:
-        got = collate(take_micro_batch(resumed, **shape))
+        got = collate(take_micro_batch(resumed, shape))
         assert got.sample_ids == batch.sample_ids
         assert torch.equal(got.input_ids, batch.input_ids)
         assert torch.equal(got.topk_logprobs, batch.topk_logprobs)
@@ -159,7 +161,7 @@ def test_fit_row_drops_prompt_from_the_left_then_targets_from_the_end():
 def test_batch_tokens_packing_respects_the_budget(dump):
     stream = ShardStream(dump, seed=0, buffer_rows=50, epochs=1)
     total = 0
-    while rows := take_micro_batch(stream, rows=None, batch_tokens=30, max_length=100):
+    while rows := take_micro_batch(stream, BatchShape(rows=None, batch_tokens=30, max_length=100)):
         longest = max(row.length for row in rows)
         assert len(rows) == 1 or len(rows) * longest <= 30
         total += len(rows)

@@ -52,7 +52,7 @@ def main(config_file, assignments, no_chat_template, no_progress, models, **flag
     try:
         from transformers.utils import logging as transformers_logging
 
-        from student_train.evaluation import EvalConfig, markdown_table, run_evaluation
+        from kd_eval.evaluation import EvalConfig, markdown_table, run_evaluation
 
         transformers_logging.disable_progress_bar()
 

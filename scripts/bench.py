@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -149,8 +149,8 @@ def run_process(command: list[str], log: Path) -> tuple[int, float]:
 
 
 def measurement(name: str, log: Path, **arguments) -> dict:
-    """Run one measurement of shared.benchmark_measurements in a fresh process."""
-    command = [sys.executable, "-m", "shared.benchmark_measurements", name, json.dumps(arguments)]
+    """Run one measurement of scripts.bench_measurements in a fresh process."""
+    command = [sys.executable, "-m", "scripts.bench_measurements", name, json.dumps(arguments)]
     code, peak = run_process(command, log)
     lines = log.read_text(errors="replace").strip().splitlines()
     if code != 0 or not lines:
@@ -748,7 +748,7 @@ def run_bench(config: BenchConfig) -> dict:
         )
 
     header = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": machine_description(),
         "versions": package_versions(),
         "minutes": (time.perf_counter() - started) / 60,

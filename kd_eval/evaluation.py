@@ -11,6 +11,7 @@ Prompts come from shared/tasks.py and are rendered by shared/tokenizer.py, as in
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -50,6 +51,8 @@ HEADLINE = {
 """Per task: the metric plotted in the bar chart and its label."""
 LM_TOP_K = 5
 """lm: the top-k each position is scored with (acc@5 needs 5)."""
+FIDELITY_BATCH_ROWS = 8
+"""Rows of --teacher-shards per forward pass when measuring fidelity (file order)."""
 
 
 @dataclass(frozen=True)
@@ -345,9 +348,9 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from student_train.fidelity import fidelity_metrics, fidelity_sums_on_dump
-    from student_train.shard_stream import open_dump
-    from student_train.student import output_logits_function
+    from shared.causal_lm import output_logits_function
+    from shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
+    from shared.shard_reader import iterate_rows, open_dump
 
     dump = open_dump(config.teacher_shards, flag="--teacher-shards")
     if tokenizer_fingerprint(tokenizer) != dump.manifest["tokenizer"]["fingerprint"]:
@@ -355,16 +358,13 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         str(directory), dtype=torch.float32, trust_remote_code=config.trust_remote_code
     )
-    sums = fidelity_sums_on_dump(
+    rows = iter(itertools.islice(iterate_rows(dump), config.fidelity_limit))
+    batches = iter(lambda: list(itertools.islice(rows, FIDELITY_BATCH_ROWS)), [])
+    sums = fidelity_sums_over_batches(
         model,
         output_logits_function(model, len(tokenizer)),
-        dump,
-        rank=0,
-        world_size=1,
-        batch_shape={"rows": 8, "batch_tokens": None, "max_length": 1 << 30},
+        batches,
         chunk_tokens=512,
-        buffer_rows=1024,
-        limit=config.fidelity_limit,
         device=torch.device("cpu"),
     )
     metrics = fidelity_metrics(sums)

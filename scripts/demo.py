@@ -86,7 +86,7 @@ def run_stage(
     modules = {
         "teacher-dump": "teacher_dump.cli",
         "student-train": "student_train.cli",
-        "kd-eval": "student_train.evaluation_cli",
+        "kd-eval": "kd_eval.cli",
     }
     click.secho(f"\n[{number}/7] {title}", bold=True, err=True)
     click.echo(f"$ {command_line(name, arguments)}", err=True)
@@ -224,7 +224,7 @@ def check_claims(report: dict) -> list[tuple[str, bool, str]]:
 
 
 def print_report(report: dict, verdicts: list, out: Path, seconds: float) -> None:
-    from student_train.evaluation import markdown_table
+    from kd_eval.evaluation import markdown_table
 
     click.echo("\n" + markdown_table(report))
     click.echo("")

@@ -1,6 +1,6 @@
 """The measurements behind `make bench`, each run in a fresh Python process.
 
-`shared.benchmarks` starts one process per measurement (`python -m shared.benchmark_measurements
+`scripts.bench` starts one process per measurement (`python -m scripts.bench_measurements
 NAME JSON`), so that every peak RSS belongs to one configuration alone, and reads the JSON line
 it prints. Nothing here decides pass or miss: these functions only measure.
 """
@@ -99,10 +99,14 @@ def decoding_kl(original: np.ndarray, decoded: np.ndarray, tail: str = "bucket")
     """
     import torch
 
-    from student_train.losses import teacher_log_distribution
+    from shared.distributions import teacher_log_distribution
 
-    log_p, valid = teacher_log_distribution(torch.from_numpy(original).double(), 1.0, tail)
-    log_q, _ = teacher_log_distribution(torch.from_numpy(decoded).double(), 1.0, tail)
+    log_p, valid = teacher_log_distribution(
+        torch.from_numpy(original).double(), temperature=1.0, tail=tail
+    )
+    log_q, _ = teacher_log_distribution(
+        torch.from_numpy(decoded).double(), temperature=1.0, tail=tail
+    )
     terms = torch.where(valid, log_p.exp() * (log_p - log_q), 0.0)
     return terms.sum(-1).double().numpy()
 
@@ -246,35 +250,20 @@ def measure_storage(engine, base: dict, top_k: int, out: Path) -> dict:
 
 
 def bare_generate(engine, requests, *, top_k, temperature, max_new_tokens, seed, style) -> dict:
-    """vLLM's own `LLM.generate` over the same prompts and per-prompt seeds as teacher-dump.
-
-    style: "same" (teacher-dump's exact request: flat logprobs, no detokenizing), "none" (no
-    logprobs at all) or "defaults" (logprobs as vLLM returns them by default: one dict per
-    position, text detokenized), which is what a hand-written loop gets.
-    """
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
+    """vLLM's own `LLM.generate` over the same prompts and per-prompt seeds as teacher-dump
+    (see TeacherEngine.generate_batch for the styles)."""
     from teacher_dump.requests import sample_seed
 
-    prompts = [TokensPrompt(prompt_token_ids=request.prompt_ids.tolist()) for request in requests]
-    params = [
-        SamplingParams(
-            n=1,
-            temperature=temperature,
-            max_tokens=max_new_tokens,
-            logprobs=None if style == "none" else top_k,
-            seed=sample_seed(seed, request.source_index),
-            flat_logprobs=style == "same",
-            detokenize=style == "defaults",
-        )
-        for request in requests
-    ]
     started = time.perf_counter()
-    outputs = engine.llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - started
-    tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
-    return {"tokens": tokens, "seconds": seconds}
+    tokens = engine.generate_batch(
+        [request.prompt_ids.tolist() for request in requests],
+        seeds=[sample_seed(seed, request.source_index) for request in requests],
+        top_k=top_k,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        style=style,
+    )
+    return {"tokens": tokens, "seconds": time.perf_counter() - started}
 
 
 def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: Path) -> dict:
@@ -422,12 +411,16 @@ def measure_engine(
 
 def fixed_batch(shards: str, micro_batch: int):
     """The first `micro_batch` rows of a dump (file order) as one Batch."""
-    from student_train.batches import collate, take_micro_batch
-    from student_train.shard_stream import ShardStream, open_dump
+    from shared.collation import collate
+    from shared.shard_reader import open_dump
+    from student_train.batches import BatchShape, take_micro_batch
+    from student_train.shard_stream import ShardStream
 
     dump = open_dump(shards)
     stream = ShardStream(dump, seed=0, shuffle=False)
-    rows = take_micro_batch(stream, rows=micro_batch, batch_tokens=None, max_length=1 << 30)
+    rows = take_micro_batch(
+        stream, BatchShape(rows=micro_batch, batch_tokens=None, max_length=1 << 30)
+    )
     return dump, collate(rows)
 
 
@@ -444,10 +437,11 @@ def measure_online(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from shared.causal_lm import final_hidden_states, output_logits_function
     from student_train.config import TrainConfig
     from student_train.distributed import Distributed
-    from student_train.student import final_hidden_states, load_student, output_logits_function
-    from student_train.train import batch_loss_sums
+    from student_train.student import load_student
+    from student_train.train import accumulate_gradients
 
     dump, batch = fixed_batch(shards, micro_batch)
     student_model = load_student(student, manifest=dump.manifest, trust_remote_code=False)
@@ -458,10 +452,11 @@ def measure_online(
     teacher_logits = output_logits_function(teacher_model, student_model.vocabulary)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-    # The trainer's own defaults (chunked LM head, fp32) for the one config batch_loss_sums reads.
-    settings = TrainConfig(shards=shards, student=student, out="unused", max_steps=1)
+    # The trainer's own defaults (chunked LM head, fp32), with forward KL on the bucketed tail.
+    settings = TrainConfig(
+        shards=shards, student=student, out="unused", max_steps=1, loss="fkl", tail="bucket"
+    )
     context = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
-    options = {"loss": "fkl", "alpha": 0.0, "beta": 0.5, "temperature": 1.0, "tail": "bucket"}
 
     def teacher_topk():
         with torch.no_grad():
@@ -474,8 +469,15 @@ def measure_online(
     def step(online: bool) -> float:
         started = time.perf_counter()
         step_batch = teacher_topk() if online else batch
-        sums = batch_loss_sums(model, step_batch, output_logits, settings, options, context)
-        (sums[0] / batch.target_tokens).backward()
+        accumulate_gradients(
+            model,
+            [step_batch],
+            output_logits=output_logits,
+            loss_options=settings.loss_options,
+            chunk_tokens=settings.chunk_tokens,
+            bf16=settings.bf16,
+            context=context,
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - started
@@ -515,17 +517,18 @@ def measure_loader(shards: str, micro_batch: int, buffer_rows: int) -> dict:
     the process's peak RSS, with the trainer's shuffle window."""
     import torch  # noqa: F401  (the trainer's process has it loaded: same baseline RSS)
 
-    from student_train.batches import collate, take_micro_batch
-    from student_train.shard_stream import ShardStream, open_dump
+    from shared.collation import collate
+    from shared.shard_reader import open_dump
+    from student_train.batches import BatchShape, take_micro_batch
+    from student_train.shard_stream import ShardStream
 
     dump = open_dump(shards)
     baseline = peak_rss_megabytes()
     stream = ShardStream(dump, seed=0, epochs=1, buffer_rows=buffer_rows)
     tokens, rows = 0, 0
     started = time.perf_counter()
-    while batch_rows := take_micro_batch(
-        stream, rows=micro_batch, batch_tokens=None, max_length=1 << 30
-    ):
+    shape = BatchShape(rows=micro_batch, batch_tokens=None, max_length=1 << 30)
+    while batch_rows := take_micro_batch(stream, shape):
         tokens += collate(batch_rows).target_tokens
         rows += len(batch_rows)
     seconds = time.perf_counter() - started

@@ -1,0 +1,302 @@
+"""Reading teacher-dump output: the one place that opens shards and checks their contents.
+
+Every reader goes through here: student-train's stream, the fidelity evaluation of student-train
+and kd-eval, and `teacher-dump inspect --validate`. `open_dump` checks the manifest against the
+shards' footers (cheap); `decode_row_group` reads one row group and refuses any value that would
+silently corrupt training, with one line naming the shard and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from schemas.manifest import read_manifest
+from schemas.shard import (
+    PAD_ID,
+    SCHEMA_VERSION,
+    describe_schema_mismatch,
+    max_rounding_error,
+    schema_version_of,
+)
+from shared.errors import UserError
+
+TRAINING_COLUMNS = ("sample_id", "prompt_ids", "target_ids", "topk_ids", "topk_logprobs")
+LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
+"""Enough to plan batches (count steps) without decoding the top-k."""
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """One shard row as the trainer needs it (numpy views into the decoded row group)."""
+
+    sample_id: str
+    prompt_ids: np.ndarray
+    """(P,) int32."""
+    target_ids: np.ndarray
+    """(T,) int32."""
+    topk_ids: np.ndarray | None
+    """(T, K) int32, PAD_ID in freed slots; None when only lengths were read."""
+    topk_logprobs: np.ndarray | None
+    """(T, K) float32, -inf in freed slots; None when only lengths were read."""
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.target_ids)
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    path: Path
+    index: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Dump:
+    """An opened teacher-dump directory: its manifest and every row group, in manifest order."""
+
+    directory: Path
+    manifest: dict
+    row_groups: tuple[RowGroup, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(group.rows for group in self.row_groups)
+
+
+def open_dump(
+    directory: Path | str, *, allow_incomplete: bool = False, flag: str = "--shards"
+) -> Dump:
+    """Read a dump's manifest and its shards' footers, refusing anything inconsistent.
+
+    Only metadata is read here (fast); row contents are checked as they stream. A full check of
+    every byte is `teacher-dump inspect DIR --validate`.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(
+            f"{flag} {directory}: no such directory; pass a teacher-dump --out directory"
+        )
+    manifest = read_manifest(directory)
+    if not manifest.get("complete") and not allow_incomplete:
+        totals = manifest.get("totals", {})
+        raise UserError(
+            f"{flag} {directory}: the dump is incomplete ({totals.get('rows', 0)} of "
+            f"{manifest.get('data', {}).get('expected_rows', '?')} rows): rerun its teacher-dump "
+            "command to finish it, or pass --set allow_incomplete=true to train on what is there"
+        )
+    row_groups: list[RowGroup] = []
+    for entry in manifest["shards"]:
+        path = directory / entry["name"]
+        if not path.is_file():
+            raise UserError(
+                f"{flag} {directory}: shard {entry['name']} is listed in the manifest but missing: "
+                "rerun the teacher-dump command to rewrite it"
+            )
+        if path.stat().st_size != entry["bytes"]:
+            raise UserError(
+                f"{flag} {directory}: shard {entry['name']} has {path.stat().st_size} bytes, the "
+                f"manifest says {entry['bytes']} (truncated or replaced): delete it and rerun the "
+                "teacher-dump command"
+            )
+        try:
+            metadata = pq.ParquetFile(path).metadata
+        except Exception as error:
+            raise UserError(
+                f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
+                f"({str(error)[:100]}): delete it and rerun the teacher-dump command"
+            ) from None
+        schema = metadata.schema.to_arrow_schema()
+        version = schema_version_of(schema)
+        mismatch = describe_schema_mismatch(schema)
+        if version != SCHEMA_VERSION or mismatch:
+            raise UserError(
+                f"{flag} {directory}: shard {entry['name']} has schema version {version} "
+                f"({mismatch or 'columns ok'}), this kd-shards reads version {SCHEMA_VERSION}: "
+                "redo the dump with this release"
+            )
+        if metadata.num_rows != entry["rows"]:
+            raise UserError(
+                f"{flag} {directory}: shard {entry['name']} holds {metadata.num_rows} rows, the "
+                f"manifest says {entry['rows']}: rerun the teacher-dump command to refresh it"
+            )
+        for index in range(metadata.num_row_groups):
+            rows = metadata.row_group(index).num_rows
+            if rows:
+                row_groups.append(RowGroup(path, index, rows))
+    if not row_groups:
+        raise UserError(
+            f"{flag} {directory}: the dump holds no rows; run teacher-dump with data first"
+        )
+    return Dump(directory, manifest, tuple(row_groups))
+
+
+@dataclass(frozen=True)
+class ShardColumns:
+    """A shard table's list columns as flat numpy arrays (N target positions in all, K = k).
+
+    Only the columns that were read are set; the rest are None."""
+
+    sample_ids: list
+    target_offsets: np.ndarray
+    """(rows + 1,) int: row r's targets are positions target_offsets[r]:target_offsets[r+1]."""
+    target_ids: np.ndarray
+    """(N,) int32."""
+    prompt_offsets: np.ndarray | None = None
+    prompt_ids: np.ndarray | None = None
+    target_logprobs: np.ndarray | None = None
+    """(N,) float32."""
+    topk_ids: np.ndarray | None = None
+    """(N, K) int32, PAD_ID in freed slots."""
+    topk_logprobs: np.ndarray | None = None
+    """(N, K) float32, -inf in freed slots."""
+
+
+def shard_columns(table, top_k: int) -> ShardColumns | str:
+    """Flatten a shard table (or row group) without Python loops, or say why it cannot be.
+
+    Refuses nulls, and lists whose lengths disagree with target_ids row by row or with k.
+    Returns the ShardColumns, or a description of the first structural problem.
+    """
+    for name in table.column_names:
+        if table[name].null_count:
+            return f"column {name} holds {table[name].null_count} null value(s)"
+
+    def flat(column: str) -> tuple[np.ndarray, np.ndarray]:
+        array = table[column].combine_chunks()
+        offsets = array.offsets.to_numpy()
+        values = array.values.to_numpy(zero_copy_only=False)
+        return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+    target_ids, target_offsets = flat("target_ids")
+    target_lengths = np.diff(target_offsets)
+    arrays: dict[str, np.ndarray] = {}
+    for column in ("target_logprobs", "topk_ids", "topk_logprobs"):
+        if column not in table.column_names:
+            continue
+        values, offsets = flat(column)
+        if not np.array_equal(np.diff(offsets), target_lengths):
+            rows = np.flatnonzero(np.diff(offsets) != target_lengths)
+            return f"column {column} has a different number of positions than target_ids in row {int(rows[0])}"
+        if column == "target_logprobs":
+            arrays[column] = values
+            continue
+        inner = table[column].combine_chunks().values
+        inner_lengths = np.diff(inner.offsets.to_numpy())[offsets[0] : offsets[-1]]
+        if inner_lengths.size and (inner_lengths != top_k).any():
+            position = int(np.flatnonzero(inner_lengths != top_k)[0])
+            return (
+                f"column {column} has {int(inner_lengths[position])} entries at position "
+                f"{position}, the manifest says k={top_k}"
+            )
+        flat_values = inner.values.to_numpy(zero_copy_only=False)
+        start = inner.offsets.to_numpy()[offsets[0]]
+        arrays[column] = flat_values[start : start + len(target_ids) * top_k].reshape(-1, top_k)
+    prompt_ids = prompt_offsets = None
+    if "prompt_ids" in table.column_names:
+        prompt_ids, prompt_offsets = flat("prompt_ids")
+    return ShardColumns(
+        sample_ids=table["sample_id"].to_pylist(),
+        target_offsets=target_offsets,
+        target_ids=target_ids,
+        prompt_offsets=prompt_offsets,
+        prompt_ids=prompt_ids,
+        target_logprobs=arrays.get("target_logprobs"),
+        topk_ids=arrays.get("topk_ids"),
+        topk_logprobs=arrays.get("topk_logprobs"),
+    )
+
+
+def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
+    """The first value that would silently corrupt training or evaluation, or None.
+
+    Ids must lie in [0, vocabulary); a top-k slot is either a real id with a finite logprob <= 0
+    or the padding marker (PAD_ID with -inf), padding only after the real slots, each position
+    with at least one real id and no id twice; logprobs in rank order (within the rounding).
+    """
+    targets = columns.target_ids
+    if ((targets < 0) | (targets >= vocabulary)).any():
+        return f"target ids outside [0, {vocabulary})"
+    if columns.target_logprobs is not None:
+        values = columns.target_logprobs
+        if not np.isfinite(values).all() or (values > 0).any():
+            return "target logprobs contain NaN, infinite or positive values"
+    if columns.topk_ids is None:
+        return None
+    ids, logprobs = columns.topk_ids, columns.topk_logprobs
+    if not ids.size:
+        return None
+    padding = ids == PAD_ID
+    if (((ids < 0) & ~padding) | (ids >= vocabulary)).any():
+        return f"top-k ids outside [0, {vocabulary}) other than the padding marker {PAD_ID}"
+    if np.isnan(logprobs).any() or np.isposinf(logprobs).any() or (logprobs > 0).any():
+        return "top-k logprobs contain NaN, +inf or positive values"
+    if (padding != np.isneginf(logprobs)).any():
+        return f"top-k slots with id {PAD_ID} and slots with logprob -inf do not coincide"
+    if padding[:, 0].any():
+        return "a position has no real top-k id (only padding)"
+    if (padding[:, :-1] & ~padding[:, 1:]).any():
+        return "padding slots are followed by real ids (padding must come last)"
+    ranked = np.where(padding, -1e30, logprobs)
+    if (np.diff(ranked, axis=1) > 2 * max_rounding_error()).any():
+        return "top-k logprobs are not in descending rank order"
+    ordered = np.sort(np.where(padding, -1 - np.arange(ids.shape[1]), ids), axis=1)
+    if (np.diff(ordered, axis=1) == 0).any():
+        return "a top-k id appears twice at one position"
+    return None
+
+
+def decode_row_group(
+    group: RowGroup, columns: tuple[str, ...], top_k: int, vocabulary: int
+) -> list[TrainingRow]:
+    """Read one row group into TrainingRows, refusing what would silently corrupt training."""
+    try:
+        table = pq.ParquetFile(group.path).read_row_group(group.index, columns=list(columns))
+    except Exception as error:
+        raise UserError(
+            f"shard {group.path.name} row group {group.index} is unreadable ({str(error)[:100]}): "
+            "check it with teacher-dump inspect --validate and rerun the dump"
+        ) from None
+    decoded = shard_columns(table, top_k)
+    problem = decoded if isinstance(decoded, str) else value_problem(decoded, vocabulary)
+    if problem:
+        raise UserError(
+            f"shard {group.path.name} row group {group.index}: {problem}: the shard is corrupt or "
+            "was not written by teacher-dump; run teacher-dump inspect --validate and redo it"
+        )
+    target_offsets, prompt_offsets = decoded.target_offsets, decoded.prompt_offsets
+    rows = []
+    for row, sample_id in enumerate(decoded.sample_ids):
+        first, last = target_offsets[row], target_offsets[row + 1]
+        rows.append(
+            TrainingRow(
+                sample_id=sample_id,
+                prompt_ids=decoded.prompt_ids[prompt_offsets[row] : prompt_offsets[row + 1]],
+                target_ids=decoded.target_ids[first:last],
+                topk_ids=None if decoded.topk_ids is None else decoded.topk_ids[first:last],
+                topk_logprobs=(
+                    None if decoded.topk_logprobs is None else decoded.topk_logprobs[first:last]
+                ),
+            )
+        )
+    return rows
+
+
+def iterate_rows(
+    dump: Dump, *, rank: int = 0, world_size: int = 1, columns: tuple[str, ...] = TRAINING_COLUMNS
+) -> Iterator[TrainingRow]:
+    """Rank `rank`'s share of the dump's rows in file order (row i goes to rank i mod W), one
+    row group in memory at a time."""
+    top_k = int(dump.manifest["top_k"])
+    vocabulary = int(dump.manifest["tokenizer"]["size"])
+    index = 0
+    for group in dump.row_groups:
+        for row in decode_row_group(group, columns, top_k, vocabulary):
+            if index % world_size == rank:
+                yield row
+            index += 1
