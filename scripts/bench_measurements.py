@@ -36,6 +36,7 @@ class RecordingEngine:
         self.vllm_version = engine.vllm_version
         self.platform = engine.platform
         self.engine_arguments = engine.engine_arguments
+        self.dtype = engine.dtype
 
     def score(self, sequences, **options):
         for key, scored in self.wrapped.score(sequences, **options):
@@ -69,6 +70,7 @@ class ReplayEngine:
         self.vllm_version = recording.vllm_version
         self.platform = recording.platform
         self.engine_arguments = recording.engine_arguments
+        self.dtype = recording.dtype
 
     def generate(self, prompts, *, top_k, **options):
         from shared.engine import Completion, positions_to_arrays
@@ -89,7 +91,7 @@ class ReplayEngine:
 
 def decoding_kl(original: np.ndarray, decoded: np.ndarray, tail: str = "bucket") -> np.ndarray:
     """KL(original || decoded) per position, between the teacher distributions the trainer builds
-    from each (student_train.losses.teacher_log_distribution: the k outcomes and, with the
+    from each (shared.distributions.teacher_log_distribution: the k outcomes and, with the
     bucket tail, the mass outside them, where tails under its noise level count as empty).
 
     Args:
@@ -284,7 +286,7 @@ def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: P
         temperature=1.0,
         out=str(out / "unused"),
     )
-    requests = prepare(config)[3]
+    requests = prepare(config).requests
     options = {
         "top_k": config.top_k,
         "temperature": config.temperature,
@@ -319,17 +321,12 @@ def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: P
     for repeat in range(repeats):
         run_config = replace(config, out=str(out / f"replay-{repeat}"))
         began = time.perf_counter()
-        model, tokenizer, records, run_requests, skipped, use_template, context = prepare(
-            run_config
-        )
-        header = manifest_header(
-            run_config, model, tokenizer, records, run_requests, skipped, use_template, context
-        )
-        open_output(Path(run_config.out), header, run_config)
+        prepared = prepare(run_config)
+        open_output(Path(run_config.out), manifest_header(run_config, prepared), run_config)
         fixed = time.perf_counter() - began
         began = time.perf_counter()
         tokens = dump_requests(
-            run_config, replay, tokenizer, run_requests, total=len(run_requests),
+            run_config, replay, prepared.tokenizer, prepared.requests, total=len(prepared.requests),
             directory=Path(run_config.out),
         )  # fmt: skip
         host.append(

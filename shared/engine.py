@@ -145,6 +145,8 @@ class TeacherEngine:
                 "--dtype and --max-model-len"
             ) from None
         self.engine = self.llm.llm_engine
+        self.dtype = str(self.llm.model_config.dtype).removeprefix("torch.")
+        """The dtype the weights actually run in (with --dtype auto, vLLM may downcast)."""
         self._request_counter = 0
 
     def close(self) -> None:

@@ -66,7 +66,9 @@ def format_summary(directory: Path, summary: dict) -> str:
         f"dump            {directory}",
         f"schema version  {manifest['schema_version']}",
         f"mode            {manifest['mode']}",
-        f"teacher         {teacher['model']} ({teacher['dtype']}, vllm {engine.get('version')}, {engine.get('platform')})",
+        f"teacher         {teacher['model']} (ran in {teacher.get('dtype') or 'not run yet'}; "
+        f"--dtype {teacher.get('dtype_requested', '?')}, weights stored as "
+        f"{teacher.get('checkpoint_dtype') or '?'}; vllm {engine.get('version')}, {engine.get('platform')})",
         f"tokenizer       {manifest['tokenizer']['fingerprint'][:16]} (size {manifest['tokenizer']['size']})",
         f"top-k           {manifest['top_k']} ({manifest['logprobs']['mode']})",
         f"data            {data['task']} from {data['source']} ({data['prompts']} prompts, {data['skipped_too_long']} skipped as too long)",

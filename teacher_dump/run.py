@@ -11,6 +11,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import atomic_write_json, directory_lock, remove_stale_temporaries
 from shared.models import ResolvedModel, context_length, resolve_model
+from shared.records import LoadedRecords
 from shared.tasks import examples_from_records, load_records, resolve_task
 from shared.tokenizer import (
     has_chat_template,
@@ -40,15 +42,30 @@ from teacher_dump.requests import (
 from teacher_dump.rows import ShardRow, first_invalid_position, make_row
 from teacher_dump.shards import ShardWriter, done_source_indices, refresh_manifest
 
-ENGINE_MODULE = "shared.engine"
-
 
 def identity_of(config: DumpConfig) -> dict:
     """The config fields that define what the dump contains (see LOCAL_FIELDS)."""
     return {key: value for key, value in config_to_dict(config).items() if key not in LOCAL_FIELDS}
 
 
-def prepare(config: DumpConfig):
+@dataclass(frozen=True)
+class PreparedDump:
+    """Everything resolved and checked before the engine starts."""
+
+    model: ResolvedModel
+    tokenizer: object
+    records: LoadedRecords
+    requests: list[DumpRequest]
+    """Every prompt of the dump (all ranks), in source order."""
+    skipped: int
+    """Prompts left out because they do not fit the context (--skip-too-long)."""
+    use_template: bool
+    """Whether prompts were wrapped in the teacher's chat template."""
+    context: int
+    """The engine's context length."""
+
+
+def prepare(config: DumpConfig) -> PreparedDump:
     """Resolve model, tokenizer and data; build and validate this dump's requests (no engine)."""
     model = resolve_model(config.model, config.revision)
     tokenizer = load_tokenizer(model.directory, trust_remote_code=config.trust_remote_code)
@@ -97,20 +114,13 @@ def prepare(config: DumpConfig):
         mode=config.mode,
         skip_too_long=config.skip_too_long,
     )
-    return model, tokenizer, records, requests, skipped, use_template, context
+    return PreparedDump(model, tokenizer, records, requests, skipped, use_template, context)
 
 
-def manifest_header(
-    config: DumpConfig,
-    model: ResolvedModel,
-    tokenizer,
-    records,
-    requests: list[DumpRequest],
-    skipped: int,
-    use_template: bool,
-    context: int,
-) -> dict:
+def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
     """Everything the manifest records about the dump, except its shards."""
+    model, tokenizer, records = prepared.model, prepared.tokenizer, prepared.records
+    requests = prepared.requests
     identity = identity_of(config)
     fingerprint = tokenizer_fingerprint(tokenizer)
     identity_blob = json.dumps(
@@ -138,14 +148,16 @@ def manifest_header(
             "weights_fingerprint": model.weights_fingerprint,
             "architectures": model.config.get("architectures"),
             "embedding_rows": model.config.get("vocab_size"),
-            "dtype": config.dtype,
-            "context": context,
+            "checkpoint_dtype": checkpoint_dtype(model.config),
+            "dtype_requested": config.dtype,
+            "dtype": None,
+            "context": prepared.context,
         },
         "tokenizer": {
             "fingerprint": fingerprint,
             "size": len(tokenizer),
             "stop_token_ids": stop_token_ids(tokenizer, model.directory),
-            "chat_template_used": use_template,
+            "chat_template_used": prepared.use_template,
         },
         "top_k": config.top_k,
         "logprobs": {
@@ -171,7 +183,7 @@ def manifest_header(
             "fingerprint": records.fingerprint,
             "split": config.split,
             "prompts": len(requests),
-            "skipped_too_long": skipped,
+            "skipped_too_long": prepared.skipped,
             "expected_rows": len(requests) * samples_per_prompt,
         },
         "config": config_to_dict(config),
@@ -285,33 +297,33 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     `engine` may be an already-built TeacherEngine for the same model (tests reuse one).
     """
     started = time.perf_counter()
-    model, tokenizer, records, requests, skipped, use_template, context = prepare(config)
-    header = manifest_header(
-        config, model, tokenizer, records, requests, skipped, use_template, context
-    )
+    prepared = prepare(config)
+    header = manifest_header(config, prepared)
     directory = Path(config.out)
     open_output(directory, header, config)
     remove_stale_temporaries(directory)
     done = done_source_indices(directory)
     mine = [
-        request for request in requests if request.source_index % config.world_size == config.rank
+        request
+        for request in prepared.requests
+        if request.source_index % config.world_size == config.rank
     ]
     todo = [request for request in mine if request.source_index not in done]
     refresh_manifest(directory, [])
     written_tokens, dump_seconds = 0, 0.0
     if todo:
         own_engine = engine is None
-        engine = engine or build_engine(config, model)
+        engine = engine or build_engine(config, prepared.model)
         if engine.settings.max_logprobs < config.top_k:
             raise UserError(
                 f"--top-k {config.top_k} is above the engine's max_logprobs of "
                 f"{engine.settings.max_logprobs}: build the engine with max_logprobs >= k"
             )
-        record_engine(directory, engine)
+        record_engine(directory, engine, checkpoint_dtype(prepared.model.config))
         dump_started = time.perf_counter()
         try:
             written_tokens = dump_requests(
-                config, engine, tokenizer, todo, total=len(mine), directory=directory
+                config, engine, prepared.tokenizer, todo, total=len(mine), directory=directory
             )
         finally:
             if own_engine:
@@ -325,11 +337,10 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
 
 
 def build_engine(config: DumpConfig, model: ResolvedModel):
-    import importlib
+    from shared.engine import EngineSettings, TeacherEngine
 
-    engine_module = importlib.import_module(ENGINE_MODULE)
-    return engine_module.TeacherEngine(
-        engine_module.EngineSettings(
+    return TeacherEngine(
+        EngineSettings(
             model=str(model.directory),
             dtype=config.dtype,
             max_model_len=config.max_model_len,
@@ -343,11 +354,26 @@ def build_engine(config: DumpConfig, model: ResolvedModel):
     )
 
 
-def record_engine(directory: Path, engine) -> None:
-    """Note the engine version/platform in the manifest (known only once it is built)."""
+def checkpoint_dtype(model_config: dict) -> str | None:
+    """The dtype a model's config.json says its weights are stored in (None if unstated)."""
+    return model_config.get("dtype") or model_config.get("torch_dtype")
+
+
+def record_engine(directory: Path, engine, stored_dtype: str | None) -> None:
+    """Note what actually ran in the manifest (known only once the engine is built): vLLM's
+    version and platform, its arguments, and the dtype the weights were run in. A float32
+    checkpoint run in lower precision gets a warning: its logprobs differ from the model's."""
+    if stored_dtype == "float32" and engine.dtype != "float32":
+        print(
+            f"warning: the teacher's weights are float32 but vLLM runs them in {engine.dtype} "
+            f"(--dtype {engine.settings.dtype}): stored logprobs can differ from a float32 "
+            "forward by ~0.1 nats and near-tied ids can swap; pass --dtype float32 for exact values",
+            file=sys.stderr,
+        )
     with directory_lock(directory):
         path = manifest_path(directory)
         manifest = json.loads(path.read_text())
+        manifest["teacher"]["dtype"] = engine.dtype
         manifest["engine"] = {
             "name": "vllm",
             "version": engine.vllm_version,

@@ -289,3 +289,30 @@ def test_cli_inspect_reports_and_validates(tiny_model, gsm8k_file, engine, tmp_p
     )
     assert result.returncode == 1
     assert f"INVALID {shard.name}: size" in result.stdout
+
+
+def test_manifest_records_the_dtype_that_ran_and_warns_on_a_downcast(
+    tiny_model, gsm8k_file, tmp_path
+):
+    # --dtype auto: vLLM runs the float32 checkpoint in a lower precision on this build. The
+    # manifest must say what ran (not "auto"), inspect must show it, and the user is warned.
+    out = tmp_path / "auto"
+    result = subprocess.run(
+        cli_command(
+            "--model", str(tiny_model), "--data", "gsm8k", "--data-path", str(gsm8k_file),
+            "--mode", "score", "--limit", "2", "--out", str(out), "--dtype", "auto",
+            "--max-model-len", "512", "--enforce-eager", "--no-progress",
+        ),
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    teacher = json.loads((out / "manifest.json").read_text())["teacher"]
+    assert teacher["dtype_requested"] == "auto" and teacher["checkpoint_dtype"] == "float32"
+    assert teacher["dtype"] in ("bfloat16", "float16", "float32")
+    inspected = subprocess.run(
+        cli_command("inspect", str(out)), cwd=REPO, capture_output=True, text=True
+    )
+    assert f"ran in {teacher['dtype']}; --dtype auto, weights stored as float32" in inspected.stdout
+    downcast = teacher["dtype"] != "float32"
+    assert ("warning: the teacher's weights are float32" in result.stderr) == downcast
+    assert downcast, "expected vLLM-CPU to run a float32 checkpoint in bfloat16 under auto"
