@@ -6,37 +6,31 @@ from pathlib import Path
 
 import click
 
-from shared.config import build_config, config_options
+from kd_eval.config import EvalConfig
+from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
+
+FLAGS = (
+    "task", "data_path", "split", "limit", "teacher_shards", "max_new_tokens", "chunk_tokens",
+    "out", "dtype", "max_model_len", "enforce_eager", "chat_template", "trust_remote_code",
+    "progress",
+)  # fmt: skip
+"""The EvalConfig fields that have a flag (plus --model); any field can be set with --set."""
+NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
+"""Flags that turn off a field that is on by default."""
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--task",
-    type=click.Choice(["gsm8k", "summ", "lm", "cls"]),
-    default=None,
-    help="gsm8k | summ | lm | cls.",
-)
-@click.option(
     "--model", "models", multiple=True, metavar="NAME=PATH", help="A model to evaluate (repeat)."
 )
-@click.option("--data-path", default=None, help="Local data file or directory.")
-@click.option("--split", default=None, help="Split to read [test].")
-@click.option("--limit", type=int, default=None, help="First N examples (lm: N windows).")
-@click.option(
-    "--teacher-shards", default=None, help="teacher-dump dir: adds KL and top-1 agreement."
+@config_flags(
+    EvalConfig,
+    FLAGS,
+    negated=NEGATED,
 )
-@click.option("--max-new-tokens", type=int, default=None, help="Longest answer [256].")
-@click.option("--chunk-tokens", type=int, default=None, help="lm: tokens per window [512].")
-@click.option("--out", default=None, help="Write results.json, chart.png and predictions here.")
-@click.option("--dtype", default=None, help="Engine dtype for every model [auto; CPU: float32].")
-@click.option("--max-model-len", type=int, default=None, help="Engine context length.")
-@click.option("--enforce-eager", is_flag=True, default=None, help="Skip vLLM compilation.")
-@click.option("--no-chat-template", "no_chat_template", is_flag=True, default=False)
-@click.option("--trust-remote-code", is_flag=True, default=None)
-@click.option("--no-progress", "no_progress", is_flag=True, default=False)
 @config_options
-def main(config_file, assignments, no_chat_template, no_progress, models, **flags) -> None:
+def main(config_file, assignments, models, **flags) -> None:
     """Evaluate models on a task with identical prompts and decoding; print a table.
 
     \b
@@ -45,14 +39,11 @@ def main(config_file, assignments, no_chat_template, no_progress, models, **flag
     """
     if models:
         flags["models"] = tuple(models)
-    if no_chat_template:
-        flags["chat_template"] = False
-    if no_progress:
-        flags["progress"] = False
     try:
         from transformers.utils import logging as transformers_logging
 
-        from kd_eval.evaluation import EvalConfig, markdown_table, run_evaluation
+        from kd_eval.evaluation import run_evaluation
+        from kd_eval.report import markdown_table
 
         transformers_logging.disable_progress_bar()
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_eval.config import EvalConfig, parse_model
+from kd_eval.report import write_outputs
 from shared.config import config_to_dict
-from shared.errors import UserError, check_all
-from shared.files import atomic_write, atomic_write_json, atomic_write_text
+from shared.errors import UserError
 from shared.models import ResolvedModel, context_length, resolve_model
 from shared.records import LoadedRecords
 from shared.scoring import (
@@ -42,96 +43,10 @@ from shared.tokenizer import (
     tokenizer_fingerprint,
 )
 
-EVAL_TASKS = ("gsm8k", "summ", "lm", "cls")
-HEADLINE = {
-    "gsm8k": ("accuracy", "GSM8K exact-match accuracy"),
-    "summ": ("rougeL", "ROUGE-L F1"),
-    "lm": ("perplexity", "perplexity (lower is better)"),
-}
-"""Per task: the metric plotted in the bar chart and its label."""
 LM_TOP_K = 5
 """lm: the top-k each position is scored with (acc@5 needs 5)."""
 FIDELITY_BATCH_ROWS = 8
 """Rows of --teacher-shards per forward pass when measuring fidelity (file order)."""
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    task: str
-    """gsm8k (greedy, final-number exact match), summ (ROUGE/BLEU), lm (perplexity, acc@1/5),
-    cls (not available yet)."""
-    models: tuple[str, ...]
-    """NAME=PATH pairs (PATH: a local model directory with safetensors, or a hub id)."""
-    data_path: str | None = None
-    """Local data file or directory (else the task's hub dataset, which needs network)."""
-    split: str = "test"
-    """Split to read (the file name stem when --data-path is a directory)."""
-    limit: int | None = None
-    """Evaluate on the first N examples (lm: N chunks)."""
-    teacher_shards: str | None = None
-    """A teacher-dump directory: adds KL(teacher || model) and top-1 agreement per model."""
-    fidelity_limit: int | None = None
-    """Use at most this many rows of --teacher-shards."""
-    max_new_tokens: int = 256
-    """gsm8k/summ: the longest generated answer."""
-    chunk_tokens: int = 512
-    """lm: tokens per scored window."""
-    chat_template: bool = True
-    """Render prompts with each model's chat template when it has one (as teacher-dump does)."""
-    out: str | None = None
-    """Directory for results.json, the chart and per-model predictions (default: print only)."""
-    dtype: str = "auto"
-    """Engine dtype for every model (use float32 on CPU)."""
-    max_model_len: int | None = None
-    """Engine context length for every model (default: each model's)."""
-    gpu_memory_utilization: float | None = None
-    """Fraction of accelerator memory per engine; default 0.9 on GPU, 0.1 on CPU."""
-    enforce_eager: bool = False
-    """Skip vLLM compilation (tiny models, tests)."""
-    trust_remote_code: bool = False
-    """Allow Python code shipped with a model/tokenizer to run."""
-    max_in_flight: int = 256
-    """Requests handed to each engine at once."""
-    seed: int = 0
-    """Engine seed (decoding is greedy, so results do not depend on it)."""
-    progress: bool = True
-    """Print one progress line per model stage on stderr."""
-
-    def __post_init__(self):
-        if self.task not in EVAL_TASKS:
-            raise UserError(f"--task {self.task!r} is not one of {', '.join(EVAL_TASKS)}")
-        if self.task == "cls":
-            raise UserError(
-                "kd-eval --task cls: sequence-classification models are not supported yet (they "
-                "come with the classification work); use gsm8k, summ or lm"
-            )
-        if not self.models:
-            raise UserError("pass at least one --model NAME=PATH")
-        names = [parse_model(text)[0] for text in self.models]
-        if len(set(names)) != len(names):
-            raise UserError(f"--model names must be unique, got {', '.join(names)}")
-        checks = [
-            (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
-            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-            (self.chunk_tokens >= 2, "--chunk-tokens must be at least 2"),
-            (self.max_in_flight >= 1, "--max-in-flight must be at least 1"),
-            (
-                self.fidelity_limit is None or self.fidelity_limit >= 1,
-                "--fidelity-limit must be at least 1",
-            ),
-        ]
-        check_all(checks)
-
-
-def parse_model(text: str) -> tuple[str, str]:
-    """'NAME=PATH' -> (NAME, PATH); a bare PATH is named after its last component."""
-    name, separator, path = text.partition("=")
-    if not separator:
-        path = text
-        name = Path(text.rstrip("/")).name or text
-    if not name or not path:
-        raise UserError(f"--model {text!r}: write NAME=PATH, e.g. --model student=out/final")
-    return name, path
 
 
 @dataclass(frozen=True)
@@ -412,79 +327,3 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
     if config.out:
         write_outputs(Path(config.out), report)
     return report
-
-
-def markdown_table(report: dict) -> str:
-    """One row per model: params, the task's metrics, fidelity and cost."""
-    task = report["task"]
-    metric_columns = {
-        "gsm8k": [("accuracy", "accuracy", "{:.3f}")],
-        "summ": [
-            ("rouge1", "ROUGE-1", "{:.4f}"),
-            ("rouge2", "ROUGE-2", "{:.4f}"),
-            ("rougeL", "ROUGE-L", "{:.4f}"),
-            ("bleu", "BLEU", "{:.2f}"),
-        ],
-        "lm": [
-            ("perplexity", "perplexity", "{:.2f}"),
-            ("acc@1", "acc@1", "{:.3f}"),
-            ("acc@5", "acc@5", "{:.3f}"),
-        ],
-    }[task]
-    fidelity = any("fidelity" in result for result in report["models"].values())
-    header = ["model", "params"] + [label for _, label, _ in metric_columns]
-    if fidelity:
-        header += ["KL to teacher", "top-1 agreement"]
-    header += ["ms/sample", "tok/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, result in report["models"].items():
-        millions = result["parameters"] / 1e6
-        row = [name, f"{millions:.1f}M" if millions >= 10 else f"{millions:.2f}M"]
-        row += [form.format(result["metrics"][key]) for key, _, form in metric_columns]
-        if fidelity:
-            values = result.get("fidelity") or {}
-            if "kl" in values:
-                row += [f"{values['kl']:.4f}", f"{values['top1_agreement']:.3f}"]
-            else:
-                row += ["n/a", "n/a"]
-        row += [
-            f"{result['cost']['ms_per_sample']:.1f}",
-            f"{result['cost']['tokens_per_second']:.0f}",
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def write_outputs(out: Path, report: dict) -> None:
-    """results.json, chart.png and predictions-NAME.jsonl in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    compact = {**report, "models": {}}
-    for name, result in report["models"].items():
-        predictions = result.get("predictions")
-        if predictions is not None:
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-            lines = "".join(json.dumps({"prediction": text}) + "\n" for text in predictions)
-            atomic_write_text(out / f"predictions-{safe}.jsonl", lines)
-        compact["models"][name] = {k: v for k, v in result.items() if k != "predictions"}
-    atomic_write_json(out / "results.json", compact)
-    plot_headline(out / "chart.png", report)
-
-
-def plot_headline(path: Path, report: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key, label = HEADLINE[report["task"]]
-    names = list(report["models"])
-    values = [report["models"][name]["metrics"][key] for name in names]
-    figure, axis = plt.subplots(figsize=(max(4, 1.4 * len(names) + 2), 3.5))
-    bars = axis.bar(names, values, color=[f"C{index}" for index in range(len(names))])
-    axis.bar_label(bars, fmt="%.3g")
-    axis.set_ylabel(label)
-    axis.set_title(f"kd-eval {report['task']}: {label}")
-    axis.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
-    plt.close(figure)

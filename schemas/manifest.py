@@ -18,9 +18,6 @@ from shared.errors import UserError
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".parquet"
 
-SHARD_ENTRY_KEYS = ("name", "rows", "target_tokens", "bytes", "sha256", "padded_topk_entries")
-"""Per-shard fields; `padded_topk_entries` counts top-k slots freed by padding-row ids."""
-
 
 def manifest_path(directory: Path) -> Path:
     return Path(directory) / MANIFEST_NAME
@@ -83,11 +80,6 @@ def check_tokenizer_fingerprint(manifest: dict, fingerprint: str, who: str) -> N
             f"but {who} has tokenizer {fingerprint[:16]}: use a {who} that shares the "
             "teacher's tokenizer, or redo the dump with a teacher whose tokenizer matches"
         )
-
-
-def shard_paths(directory: Path, manifest: dict) -> list[Path]:
-    """Paths of the shards a manifest lists, in manifest order."""
-    return [Path(directory) / entry["name"] for entry in manifest["shards"]]
 
 
 def totals(shards: list[dict]) -> dict:

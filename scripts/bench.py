@@ -309,7 +309,7 @@ def storage_rows(config: BenchConfig, storage: list[dict], engine_start: float) 
                     "max": per_token / naive,
                     "repeats": 1,
                 },
-                "≤ 64 B/token at k=64 (design §3)" if at_goal_k else "—",
+                "≤ 64 B/token at k=64" if at_goal_k else "—",
                 per_token <= 64 if at_goal_k else None,
                 f"k={k}: per top-k entry ids {ids / k:.2f} B and logprobs {logprobs / k:.2f} B "
                 "(dictionary-encoded int32/float32 lists + zstd)"

@@ -167,23 +167,13 @@ def column_bytes(directory: Path) -> dict[str, int]:
 
 
 def decoded_topk(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """sample_id -> (topk_ids, topk_logprobs) as any reader gets them back from the shards."""
-    import pyarrow.parquet as pq
+    """sample_id -> (topk_ids, topk_logprobs) as the trainer's reader gets them back."""
+    from shared.shard_reader import iterate_rows, open_dump
 
-    manifest = json.loads((directory / "manifest.json").read_text())
-    rows = {}
-    for entry in manifest["shards"]:
-        table = pq.read_table(
-            directory / entry["name"], columns=["sample_id", "topk_ids", "topk_logprobs"]
-        )
-        for sample_id, ids, logprobs in zip(
-            table["sample_id"].to_pylist(),
-            table["topk_ids"].to_pylist(),
-            table["topk_logprobs"].to_pylist(),
-            strict=True,
-        ):
-            rows[sample_id] = (np.asarray(ids), np.asarray(logprobs, dtype=np.float32))
-    return rows
+    return {
+        row.sample_id: (row.topk_ids, row.topk_logprobs)
+        for row in iterate_rows(open_dump(directory))
+    }
 
 
 def measure_storage(engine, base: dict, top_k: int, out: Path) -> dict:

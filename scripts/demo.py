@@ -224,7 +224,7 @@ def check_claims(report: dict) -> list[tuple[str, bool, str]]:
 
 
 def print_report(report: dict, verdicts: list, out: Path, seconds: float) -> None:
-    from kd_eval.evaluation import markdown_table
+    from kd_eval.report import markdown_table
 
     click.echo("\n" + markdown_table(report))
     click.echo("")

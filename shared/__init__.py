@@ -1,1 +1,3 @@
-"""Code common to teacher-dump, student-train and kd-eval: tasks, the engine, tokenizers."""
+"""The ground floor: what more than one command needs (data and prompts, the one vLLM engine
+wrapper, reading shards, the distributions and fidelity metrics, files and config). It imports
+no command and no script."""

@@ -249,6 +249,7 @@ def config_flags(
             text = help.get(name) or docs.get(name, "").split(". ")[0].rstrip(".") + "."
             text = f"{text} {default}".strip()
             if name in negated:
+                text = f"Turn off (on by default): {text[0].lower()}{text[1:]}"
                 option = click.option(
                     negated[name], name, flag_value=False, default=None, help=text
                 )

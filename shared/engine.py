@@ -17,12 +17,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from shared.errors import UserError
+from shared.errors import UserError, first_line
 
 LOGPROBS_MODE = "raw_logprobs"
+
+EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""The dtype vLLM runs the weights in. auto follows the checkpoint but may downcast float32 on
+CPU builds (the manifest records what actually ran); use float32 on CPU."""
 
 ENVIRONMENT_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
 """Set (unless the user set them) just before vLLM is imported. vLLM's defaults suit a dedicated
@@ -139,9 +144,9 @@ class TeacherEngine:
         try:
             self.llm = vllm.LLM(**self.engine_arguments)
         except (ValueError, TypeError, OSError) as error:
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = first_line(error, 300)
             raise UserError(
-                f"vLLM could not start the teacher engine ({first_line[:300]}): check --model, "
+                f"vLLM could not start the teacher engine ({reason}): check --model, "
                 "--dtype and --max-model-len"
             ) from None
         self.engine = self.llm.llm_engine

@@ -13,6 +13,13 @@ class UserError(Exception):
     """Bad input or an incompatible artefact; the message is one line naming cause and fix."""
 
 
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to its first line (at most `limit` characters), or its type's
+    name when it has none: what a one-line UserError quotes of a library's error."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
 def check_all(checks: Iterable[tuple[bool, str]]) -> None:
     """Raise UserError with the message of the first (holds, message) pair that does not hold."""
     for holds, message in checks:

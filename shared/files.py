@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,55 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if temp.exists():
             temp.unlink()
     fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path, *, replace: bool = True) -> Iterator[Path]:
+    """Build a directory under a temporary name beside `final`; publish it under `final` when
+    the block ends without an exception (fsync of every file, rename, fsync of the parent).
+
+    A reader therefore sees either no `final` (or the previous one) or the complete new one,
+    never a partial one, whatever moment a kill comes. With replace=False an existing `final`
+    is an error (raised by the rename); otherwise it is retired under a temporary name first and
+    removed after the swap. On an exception the temporary directory is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_path_for(final)
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        _fsync_tree(temporary)
+        if final.exists() and replace:
+            retired = temporary_path_for(final.with_name(f"old-{final.name}"))
+            os.rename(final, retired)
+            os.rename(temporary, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        elif final.exists():
+            raise FileExistsError(final)
+        else:
+            os.rename(temporary, final)
+        fsync_directory(final.parent)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def remove_directory_atomically(directory: Path) -> None:
+    """Rename `directory` to a temporary name, then delete it: it disappears at once and a kill
+    during the deletion leaves only a temporary that remove_stale_temporaries can clear."""
+    retired = temporary_path_for(Path(directory).with_name(f"old-{Path(directory).name}"))
+    os.rename(directory, retired)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
+        fsync_directory(path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -7,13 +7,13 @@ Exposed as `teacher-dump convert-gguf` and `student-train init-student`; the dem
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import os
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from shared.errors import UserError
-from shared.files import TEMP_PREFIX, fsync_directory
+from shared.errors import UserError, first_line
+from shared.files import atomic_directory
 
 
 def find_package_gguf(package: str) -> Path:
@@ -31,20 +31,6 @@ def find_package_gguf(package: str) -> Path:
     if not files:
         raise UserError(f"package {package} holds no .gguf file: pass --gguf FILE instead")
     return files[0]
-
-
-def _publish(temporary: Path, out: Path) -> None:
-    if out.exists():
-        raise UserError(f"--out {out} already exists: remove it or choose another directory")
-    os.rename(temporary, out)
-    fsync_directory(out.parent)
-
-
-def _temporary_beside(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f"{TEMP_PREFIX}{os.getpid()}-{out.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    return temporary
 
 
 def convert_gguf(gguf_file: Path, out: Path) -> Path:
@@ -69,7 +55,7 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
         )
     except (OSError, ValueError, ImportError) as error:
         raise UserError(
-            f"cannot read {gguf_file} ({str(error).splitlines()[0][:160]}): it needs the gguf "
+            f"cannot read {gguf_file} ({first_line(error)}): it needs the gguf "
             "and accelerate packages (pip install -e '.[gguf]') and an architecture transformers "
             "can load from GGUF"
         ) from None
@@ -85,10 +71,9 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     plain.tie_weights()
-    temporary = _temporary_beside(out)
-    plain.save_pretrained(str(temporary), safe_serialization=True)
-    tokenizer.save_pretrained(str(temporary))
-    _publish(temporary, out)
+    with publishing(out) as temporary:
+        plain.save_pretrained(str(temporary), safe_serialization=True)
+        tokenizer.save_pretrained(str(temporary))
     return out
 
 
@@ -132,8 +117,20 @@ def derive_student(
     model.config.num_hidden_layers = len(kept)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[index] for index in kept]
-    temporary = _temporary_beside(out)
-    model.save_pretrained(str(temporary), safe_serialization=True)
-    load_tokenizer(teacher, trust_remote_code=trust_remote_code).save_pretrained(str(temporary))
-    _publish(temporary, out)
+    with publishing(out) as temporary:
+        model.save_pretrained(str(temporary), safe_serialization=True)
+        load_tokenizer(teacher, trust_remote_code=trust_remote_code).save_pretrained(str(temporary))
     return out
+
+
+@contextlib.contextmanager
+def publishing(out: Path) -> Iterator[Path]:
+    """A new model directory built under a temporary name and published as `out` when complete;
+    an `out` that appeared meanwhile is never overwritten."""
+    try:
+        with atomic_directory(out, replace=False) as temporary:
+            yield temporary
+    except FileExistsError:
+        raise UserError(
+            f"--out {out} already exists: remove it or choose another directory"
+        ) from None

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import UserError
+from shared.errors import UserError, first_line
 
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
 
@@ -88,7 +88,7 @@ def _download_from_hub(repo_id: str, revision: str | None) -> tuple[Path, str | 
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
         )
     except Exception as error:  # offline/not found/gated all surface as different types
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = first_line(error)
         raise UserError(
             f"cannot get model {repo_id} from the Hugging Face hub ({reason[:160]}): offline or "
             "unknown id; pass a local model directory instead"

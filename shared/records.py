@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import UserError
+from shared.errors import UserError, first_line
+from shared.files import sha256_of_file
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 TEXT_SUFFIXES = (".txt", ".raw", ".md")
@@ -30,14 +31,6 @@ class LoadedRecords:
     """Human-readable origin: a file path or 'hub:<name>/<config>:<split>'."""
     fingerprint: str
     """sha256 of the file bytes, or the hub dataset's fingerprint."""
-
-
-def file_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_table_file(path: Path) -> LoadedRecords:
@@ -75,7 +68,7 @@ def read_table_file(path: Path) -> LoadedRecords:
         )
     if not rows:
         raise UserError(f"{path} holds no records: pass a non-empty data file")
-    return LoadedRecords(rows=rows, source=str(path), fingerprint=file_fingerprint(path))
+    return LoadedRecords(rows=rows, source=str(path), fingerprint=sha256_of_file(path))
 
 
 def _starts_with(path: Path, character: str) -> bool:
@@ -134,7 +127,7 @@ def load_hub_records(name: str, config: str | None, split: str) -> LoadedRecords
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError...)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise UserError(
             f"cannot load dataset {name}{'/' + config if config else ''} split {split!r} from the "
             f"Hugging Face hub ({reason[:200]}): when offline, pass a local file with --data-path"

@@ -23,7 +23,7 @@ from schemas.shard import (
     max_rounding_error,
     schema_version_of,
 )
-from shared.errors import UserError
+from shared.errors import UserError, first_line
 
 TRAINING_COLUMNS = ("sample_id", "prompt_ids", "target_ids", "topk_ids", "topk_logprobs")
 LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
@@ -109,7 +109,7 @@ def open_dump(
         except Exception as error:
             raise UserError(
                 f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
-                f"({str(error)[:100]}): delete it and rerun the teacher-dump command"
+                f"({first_line(error)}): delete it and rerun the teacher-dump command"
             ) from None
         schema = metadata.schema.to_arrow_schema()
         version = schema_version_of(schema)
@@ -259,7 +259,7 @@ def decode_row_group(
         table = pq.ParquetFile(group.path).read_row_group(group.index, columns=list(columns))
     except Exception as error:
         raise UserError(
-            f"shard {group.path.name} row group {group.index} is unreadable ({str(error)[:100]}): "
+            f"shard {group.path.name} row group {group.index} is unreadable ({first_line(error)}): "
             "check it with teacher-dump inspect --validate and rerun the dump"
         ) from None
     decoded = shard_columns(table, top_k)

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.errors import UserError
+from shared.errors import UserError, first_line
 
 
 def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):
@@ -23,11 +23,9 @@ def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
+        reason = first_line(error)
         raise UserError(
-            f"cannot load a tokenizer from {model_dir} ({first_line}): pass a model directory "
+            f"cannot load a tokenizer from {model_dir} ({reason}): pass a model directory "
             "that holds tokenizer files (tokenizer.json / tokenizer_config.json)"
         ) from None
 

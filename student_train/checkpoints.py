@@ -24,7 +24,12 @@ from pathlib import Path
 
 import torch
 
-from shared.files import TEMP_PREFIX, atomic_write_json, fsync_directory
+from shared.files import (
+    TEMP_PREFIX,
+    atomic_directory,
+    atomic_write_json,
+    remove_directory_atomically,
+)
 
 CHECKPOINTS_DIRECTORY = "checkpoints"
 FINAL_DIRECTORY = "final"
@@ -64,46 +69,18 @@ def remove_temporaries(out: Path) -> None:
                     shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    for path in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
-        fsync_directory(path)
-
-
-def publish_directory(temporary: Path, final: Path) -> None:
-    """fsync `temporary` and rename it to `final` (replacing an older `final` safely)."""
-    _fsync_tree(temporary)
-    if final.exists():
-        retired = final.with_name(f"{TEMP_PREFIX}old-{os.getpid()}-{final.name}")
-        os.rename(final, retired)
-        os.rename(temporary, final)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(temporary, final)
-    fsync_directory(final.parent)
-
-
 def save_checkpoint(
     out: Path, step: int, *, model, tokenizer, training_state: dict, meta: dict, keep: int
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the `keep` newest."""
     final = checkpoint_directory(out, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    model.save_pretrained(str(temporary), safe_serialization=True)
-    tokenizer.save_pretrained(str(temporary))
-    torch.save(training_state, temporary / STATE_NAME)
-    (temporary / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    publish_directory(temporary, final)
+    with atomic_directory(final) as temporary:
+        model.save_pretrained(str(temporary), safe_serialization=True)
+        tokenizer.save_pretrained(str(temporary))
+        torch.save(training_state, temporary / STATE_NAME)
+        (temporary / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     for old in complete_checkpoints(out)[:-keep]:
-        retired = old.with_name(f"{TEMP_PREFIX}old-{os.getpid()}-{old.name}")
-        os.rename(old, retired)
-        shutil.rmtree(retired, ignore_errors=True)
+        remove_directory_atomically(old)
     return final
 
 
@@ -117,17 +94,14 @@ def read_checkpoint(directory: Path) -> tuple[dict, dict]:
 def publish_final(out: Path, checkpoint: Path, summary: dict) -> Path:
     """OUT/final/: the last checkpoint's model and tokenizer files, hard-linked (no copy)."""
     final = Path(out) / FINAL_DIRECTORY
-    temporary = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    for path in checkpoint.iterdir():
-        if path.is_file() and path.name not in (STATE_NAME, META_NAME):
-            try:
-                os.link(path, temporary / path.name)
-            except OSError:  # file systems without hard links
-                shutil.copy2(path, temporary / path.name)
-    atomic_write_json(temporary / "training.json", summary)
-    publish_directory(temporary, final)
+    with atomic_directory(final) as temporary:
+        for path in checkpoint.iterdir():
+            if path.is_file() and path.name not in (STATE_NAME, META_NAME):
+                try:
+                    os.link(path, temporary / path.name)
+                except OSError:  # file systems without hard links
+                    shutil.copy2(path, temporary / path.name)
+        atomic_write_json(temporary / "training.json", summary)
     return final
 
 
@@ -137,15 +111,12 @@ def publish_merged(
     """OUT/final/: a LoRA run's adapter merged into the base weights (a plain model), with the
     adapter itself kept in final/adapter/."""
     final = Path(out) / FINAL_DIRECTORY
-    temporary = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    merged_model.save_pretrained(str(temporary), safe_serialization=True)
-    tokenizer.save_pretrained(str(temporary))
-    (temporary / "adapter").mkdir()
-    for path in adapter_checkpoint.iterdir():
-        if path.is_file() and path.name not in (STATE_NAME, META_NAME):
-            shutil.copy2(path, temporary / "adapter" / path.name)
-    atomic_write_json(temporary / "training.json", summary)
-    publish_directory(temporary, final)
+    with atomic_directory(final) as temporary:
+        merged_model.save_pretrained(str(temporary), safe_serialization=True)
+        tokenizer.save_pretrained(str(temporary))
+        (temporary / "adapter").mkdir()
+        for path in adapter_checkpoint.iterdir():
+            if path.is_file() and path.name not in (STATE_NAME, META_NAME):
+                shutil.copy2(path, temporary / "adapter" / path.name)
+        atomic_write_json(temporary / "training.json", summary)
     return final

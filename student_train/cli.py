@@ -23,10 +23,12 @@ FLAGS = (
     "progress",
 )  # fmt: skip
 """The TrainConfig fields that have a flag; every field can be set with --set or --config."""
+NEGATED = {"progress": "--no-progress"}
+"""Flags that turn off a field that is on by default."""
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@config_flags(TrainConfig, FLAGS, negated={"progress": "--no-progress"})
+@config_flags(TrainConfig, FLAGS, negated=NEGATED)
 @config_options
 @click.pass_context
 def main(context, config_file, assignments, **flags) -> None:

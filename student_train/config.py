@@ -48,30 +48,41 @@ class LossOptions:
 @dataclass(frozen=True)
 class TrainConfig:
     shards: str
-    """Directory written by teacher-dump (manifest.json + Parquet shards) to train on."""
+    """teacher-dump directory to train on (manifest.json + Parquet shards)."""
     student: str
-    """Student: a local Hugging Face causal-LM directory (safetensors) or a hub id."""
+    """Student: a local Hugging Face causal-LM directory (safetensors) or a hub id. Its
+    tokenizer fingerprint must equal the dump's, otherwise it is refused with both fingerprints
+    in the message. Its logits are sliced to len(tokenizer)."""
     out: str
     """Output directory: checkpoints/, final/, metrics.jsonl, curve.png, train_config.json."""
     eval_shards: str | None = None
-    """Held-out teacher-dump directory for periodic eval (CE, KL to teacher, top-1 agreement)."""
+    """Held-out teacher-dump directory. Gives CE, KL(teacher ‖ student) on the teacher's
+    top-k (tail bucketed, T=1) and top-1 agreement with the teacher, before the first step,
+    every --eval-every steps and after the last."""
     loss: Loss = "fkl"
-    """ce (sequence KD: CE on the teacher's tokens) or a logit-KD loss: fkl, rkl, jsd, skew-kl,
-    tvd."""
+    """The loss. ce: cross-entropy on the stored target tokens (sequence-level KD; with
+    generate-mode shards these are the teacher's samples). fkl KL(p‖q), rkl KL(q‖p), jsd
+    generalized JSD(β) as in GKD (β=0 forward, β=1 reverse KL), skew-kl KL(p ‖ βp+(1−β)q) as in
+    DistiLLM, tvd total variation."""
     alpha: float = 0.0
-    """Weight of CE in total = alpha * CE + (1 - alpha) * KD (ignored for loss ce)."""
+    """Weight of CE: total = α·CE + (1−α)·KD (ignored for --loss ce)."""
     beta: float | None = None
-    """jsd: mixture weight beta (0 = forward KL, 1 = reverse KL; default 0.5); skew-kl: skew
-    (default 0.1)."""
+    """JSD's mixture weight β (default 0.5) or skew-KL's skew (default 0.1)."""
     temperature: float = 1.0
-    """Distillation temperature T (student logits / T, teacher p^(1/T), loss x T^2)."""
+    """Distillation temperature T: both compared distributions are raised to 1/T and
+    renormalized; the KD loss is multiplied by T²."""
     tail: TailPolicy = "bucket"
-    """What to do with the teacher mass outside its top-k: bucket (one extra outcome) or
-    renormalize (compare on the k ids only)."""
+    """The teacher's mass outside its top-k. bucket: compare k+1 outcomes, the top-k ids plus
+    "everything else" (the teacher's 1 − Σp, the student's exact remaining mass); a teacher
+    tail below 10⁻³ (the precision of the stored logprobs) counts as empty (10⁻⁹) and the
+    student's tail is then compared at no less than 10⁻⁹. renormalize: compare both
+    distributions restricted to the k ids."""
     max_steps: int | None = None
-    """Optimizer steps to train (the stream cycles through epochs as needed)."""
+    """Optimizer steps to train (the stream cycles through epochs as needed). Give this or
+    --epochs."""
     epochs: float | None = None
-    """Train this many passes over the shards instead of --max-steps (whole epochs)."""
+    """Whole passes over the shards instead of --max-steps; the step count is planned exactly
+    from the row lengths."""
     micro_batch: int | None = None
     """Rows per micro-batch (default 8 unless --batch-tokens is given)."""
     batch_tokens: int | None = None
@@ -80,7 +91,8 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step (per rank)."""
     lr: float = 5e-5
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate (AdamW), reached after the warm-up, then cosine decay to
+    lr × min_lr_ratio."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
     warmup: float = 0.03
@@ -103,9 +115,10 @@ class TrainConfig:
     chunk_tokens: int = 512
     """Target positions whose full-vocabulary logits exist at once in the loss."""
     bf16: bool = False
-    """Run the student's forward under bfloat16 autocast (weights and losses stay float32)."""
+    """bfloat16 autocast for the student's forward (weights and losses stay float32). Slow on
+    CPUs without native bf16."""
     lora_r: int = 0
-    """LoRA rank; 0 trains all weights."""
+    """LoRA rank: train a peft LoRA adapter instead of all weights (0: full fine-tuning)."""
     lora_alpha: float = 16.0
     """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with --rslora)."""
     lora_dropout: float = 0.0
@@ -115,7 +128,8 @@ class TrainConfig:
     rslora: bool = False
     """Rank-stabilized LoRA scaling alpha / sqrt(r)."""
     merge_lora: bool = False
-    """Also save the LoRA adapter merged into the base weights as a plain model in final/."""
+    """Also save the LoRA adapter merged into the base weights as a plain model in final/
+    (the adapter itself in final/adapter/)."""
     eval_every: int = 0
     """Evaluate on --eval-shards every N steps (0: only before the first and after the last)."""
     eval_limit: int | None = None
@@ -130,10 +144,10 @@ class TrainConfig:
     """Also write samples-rank{R}.jsonl: the sample ids each rank trained on at each step (to
     audit the data order)."""
     stop_at_step: int | None = None
-    """Checkpoint and stop after this step, as if interrupted (to split a run across job time
-    limits); continue with --resume."""
+    """Checkpoint and stop after this step, e.g. to fit a job time limit; continue with
+    --resume."""
     resume: bool = False
-    """Continue from the latest checkpoint in --out."""
+    """Continue from the latest checkpoint in --out (a fresh start if there is none)."""
     trust_remote_code: bool = False
     """Allow Python code shipped with the student model/tokenizer to run."""
     allow_incomplete: bool = False

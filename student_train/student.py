@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from schemas.manifest import check_tokenizer_fingerprint
-from shared.errors import UserError
+from shared.errors import UserError, first_line
 from shared.models import context_length, resolve_model
 from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -70,9 +70,9 @@ def load_student(
             trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        reason = first_line(error)
         raise UserError(
-            f"--student {reference}: cannot load a causal LM ({first_line[:160]}): pass a "
+            f"--student {reference}: cannot load a causal LM ({reason}): pass a "
             "Hugging Face causal-LM directory"
         ) from None
     rows = model.get_output_embeddings().weight.shape[0]
@@ -117,6 +117,6 @@ def add_lora(model, lora: LoraOptions):
         return get_peft_model(model, config)
     except ValueError as error:
         raise UserError(
-            f"--lora-target {','.join(target)}: {str(error).splitlines()[0][:160]}: name modules "
+            f"--lora-target {','.join(target)}: {first_line(error)}: name modules "
             "the student has (e.g. q_proj,v_proj) or use all-linear"
         ) from None

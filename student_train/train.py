@@ -188,31 +188,11 @@ def setup(
         max_length=config.max_length or student.context or UNLIMITED_LENGTH,
     )
     parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-        betas=(config.adam_beta1, config.adam_beta2),
-    )
     total_steps = config.max_steps or count_steps(dump, config, context, batch_shape)
-    warmup_steps = warmup_steps_of(config.warmup, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: learning_rate_multiplier(
-            step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=config.min_lr_ratio
-        ),
-    )
+    optimizer, scheduler = make_optimizer(config, parameters, total_steps)
     step, tokens_seen, position = 0, 0, StreamPosition()
     if meta is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"][context.rank])
-        if context.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"][context.rank], context.device)
-        step, tokens_seen = meta["step"], meta["tokens_seen"]
-        position = StreamPosition.from_dict(meta["loader_positions"][context.rank])
+        step, tokens_seen, position = restore(meta, state, optimizer, scheduler, context)
     stream = ShardStream(
         dump,
         rank=context.rank,
@@ -251,6 +231,42 @@ def setup(
         saved_step=step if meta is not None else None,
         tokens_at_start=tokens_seen,
     )
+
+
+def restore(
+    meta: dict, state: dict, optimizer, scheduler, context: Distributed
+) -> tuple[int, int, StreamPosition]:
+    """Load a checkpoint's optimizer, schedule and this rank's RNG state; (step, tokens seen,
+    this rank's loader position)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"][context.rank])
+    if context.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"][context.rank], context.device)
+    position = StreamPosition.from_dict(meta["loader_positions"][context.rank])
+    return meta["step"], meta["tokens_seen"], position
+
+
+def make_optimizer(
+    config: TrainConfig, parameters: list[torch.nn.Parameter], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (weight decay on matrices only) with linear warm-up and cosine decay."""
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+    )
+    warmup_steps = warmup_steps_of(config.warmup, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: learning_rate_multiplier(
+            step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=config.min_lr_ratio
+        ),
+    )
+    return optimizer, scheduler
 
 
 def loop(run: TrainingRun) -> None:

@@ -7,81 +7,31 @@ from pathlib import Path
 
 import click
 
-from shared.config import build_config, config_options
+from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
 from teacher_dump.config import DumpConfig
 
+FLAGS = (
+    "model", "data", "out", "mode", "data_path", "split", "prompt_column", "target_column",
+    "top_k", "max_new_tokens", "temperature", "top_p", "num_samples", "seed", "limit",
+    "chunk_tokens", "rows_per_shard", "rank", "world_size", "tensor_parallel_size",
+    "max_model_len", "dtype", "chat_template", "skip_too_long", "trust_remote_code",
+    "enforce_eager", "progress",
+)  # fmt: skip
+"""The DumpConfig fields that have a flag; every field can be set with --set or --config."""
+NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
+"""Flags that turn off a field that is on by default."""
+
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", help="Teacher: local model directory (safetensors) or hub id.")
-@click.option("--data", help="Task (gsm8k, summ, text) or a local JSONL/JSON/Parquet/CSV/TSV file.")
-@click.option("--out", help="Output directory (shards + manifest.json); rerunning resumes it.")
-@click.option(
-    "--mode",
-    type=click.Choice(["generate", "score", "text"]),
-    default=None,
-    help="generate (default) | score | text.",
-)
-@click.option("--data-path", help="Local file/dir for a built-in task (else the hub dataset).")
-@click.option("--split", default=None, help="Dataset split [train].")
-@click.option("--prompt-column", default=None, help="Prompt column of a custom data file.")
-@click.option(
-    "--target-column", default=None, help="Reference-answer column of a custom data file."
-)
-@click.option("--top-k", type=int, default=None, help="Top-k logprobs stored per position [20].")
-@click.option(
-    "--max-new-tokens", type=int, default=None, help="Generate mode: longest completion [256]."
-)
-@click.option(
-    "--temperature", type=float, default=None, help="Generate mode: sampling temperature [1.0]."
-)
-@click.option("--top-p", type=float, default=None, help="Generate mode: nucleus threshold [1.0].")
-@click.option(
-    "--num-samples", type=int, default=None, help="Generate mode: completions per prompt [1]."
-)
-@click.option("--seed", type=int, default=None, help="Sampling seed [0].")
-@click.option("--limit", type=int, default=None, help="Only the first N prompts (text: chunks).")
-@click.option("--chunk-tokens", type=int, default=None, help="Text mode: tokens per chunk [512].")
-@click.option("--rows-per-shard", type=int, default=None, help="Rows per Parquet shard [2048].")
-@click.option("--rank", type=int, default=None, help="This process's rank [0].")
-@click.option(
-    "--world-size", type=int, default=None, help="Independent processes sharing the work [1]."
-)
-@click.option("--tensor-parallel-size", type=int, default=None, help="GPUs per engine [1].")
-@click.option("--max-model-len", type=int, default=None, help="Engine context length [model's].")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default=None,
-    help="Teacher dtype [auto].",
-)
-@click.option(
-    "--no-chat-template",
-    "no_chat_template",
-    is_flag=True,
-    default=False,
-    help="Do not apply the teacher's chat template.",
-)
-@click.option(
-    "--skip-too-long", is_flag=True, default=None, help="Drop prompts that do not fit the context."
-)
-@click.option(
-    "--trust-remote-code", is_flag=True, default=None, help="Allow model-shipped Python code."
-)
-@click.option(
-    "--enforce-eager",
-    is_flag=True,
-    default=None,
-    help="Skip vLLM compilation (tiny models, tests).",
-)
-@click.option(
-    "--no-progress", "no_progress", is_flag=True, default=False, help="Hide the progress bar."
+@config_flags(
+    DumpConfig,
+    FLAGS,
+    negated=NEGATED,
 )
 @config_options
 @click.pass_context
-def main(
-    context: click.Context, config_file, assignments, no_chat_template, no_progress, **flags
-) -> None:
+def main(context: click.Context, config_file, assignments, **flags) -> None:
     """Run a teacher in vLLM and store its top-k logprobs as Parquet shards.
 
     \b
@@ -90,10 +40,6 @@ def main(
     """
     if context.invoked_subcommand is not None:
         return
-    if no_chat_template:
-        flags["chat_template"] = False
-    if no_progress:
-        flags["progress"] = False
     try:
         config = build_config(
             DumpConfig, config_file=config_file, flags=flags, assignments=assignments

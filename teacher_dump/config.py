@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from shared.errors import UserError, check_all
+from shared.config import check_choices
+from shared.engine import EngineDtype
+from shared.errors import check_all
 
-MODES = ("generate", "score", "text")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+Mode = Literal["generate", "score", "text"]
+"""generate: the teacher samples completions; score: it is teacher-forced on the reference;
+text: every position of raw text."""
 
 LOCAL_FIELDS = frozenset({"rank", "world_size", "rows_per_shard", "max_in_flight", "progress"})
 """Fields that only say how this process works, not what the dump contains: a rerun may change
@@ -18,16 +22,23 @@ different value is refused."""
 @dataclass(frozen=True)
 class DumpConfig:
     model: str
-    """Teacher: a local Hugging Face model directory (safetensors) or a hub id (needs network)."""
+    """Teacher: a local Hugging Face model directory (safetensors only) or a hub id (needs
+    network; offline it fails at once)."""
     data: str
-    """Built-in task (gsm8k, summ, text) or a local JSONL/JSON/Parquet/CSV/TSV file."""
+    """Data: a built-in task or a local file. gsm8k: question → worked answer ending `#### n`;
+    summ: document → one-sentence summary (SciTLDR rows {source, target} or plain {document,
+    summary}); text: raw text; or a local .jsonl/.json/.parquet/.csv/.tsv file used with
+    --prompt-column (and --target-column)."""
     out: str
     """Output directory for shards and manifest.json (created; reruns resume it)."""
-    mode: str = "generate"
-    """generate: teacher samples completions; score: teacher-forced on the reference; text: every
-    position of raw text."""
+    mode: Mode = "generate"
+    """What the teacher does. generate: samples --num-samples completions per prompt
+    (sequence-level KD data); score: is teacher-forced on the data's reference answer; text:
+    scores every position of raw text, cut into --chunk-tokens chunks."""
     data_path: str | None = None
-    """Local file or directory for a built-in task (else the task's hub dataset is used)."""
+    """Local file or directory for a built-in task. A directory is searched for <split>.jsonl,
+    <split>.parquet, <split>.txt and wiki.<split>.raw. Without it the task's hub dataset is
+    loaded through `datasets` (online only)."""
     split: str = "train"
     """Dataset split (file name stem when --data-path is a directory)."""
     prompt_column: str | None = None
@@ -57,8 +68,10 @@ class DumpConfig:
     """Drop prompts that do not fit the context (counted in the manifest) instead of failing."""
     max_model_len: int | None = None
     """Engine context length; default: the model's."""
-    dtype: str = "auto"
-    """Teacher dtype: auto, float32, bfloat16, float16 (on CPU use float32)."""
+    dtype: EngineDtype = "auto"
+    """The dtype vLLM runs the teacher in. On CPU use float32: with auto, vLLM runs a float32
+    checkpoint in bfloat16 (the manifest records the dtype that actually ran, and a downcast is
+    warned about)."""
     tensor_parallel_size: int = 1
     """GPUs per teacher engine."""
     gpu_memory_utilization: float | None = None
@@ -72,19 +85,19 @@ class DumpConfig:
     rows_per_shard: int = 2048
     """Rows per Parquet shard: a crash loses at most the shard in flight."""
     max_in_flight: int = 256
-    """Prompts handed to the engine at once (bounded memory; vLLM batches within)."""
+    """Prompts handed to the engine at once: it is fed continuously up to this many (bounded
+    memory; vLLM batches within)."""
     rank: int = 0
-    """This process's index among --world-size independent writers into one --out."""
+    """This process's index among --world-size writers into one --out. Prompts are split by
+    index (index % W == rank); each rank writes shards named after it, and all share one
+    manifest.json (updated under a file lock)."""
     world_size: int = 1
     """Independent processes (or machines) splitting the prompts; each runs with its --rank."""
     progress: bool = True
     """Show the progress bar on stderr."""
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise UserError(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        check_choices(self)
         checks = [
             (self.top_k >= 1, "--top-k must be at least 1"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),

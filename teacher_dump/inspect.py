@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from schemas.manifest import read_manifest
 from schemas.shard import SCHEMA_VERSION, describe_schema_mismatch, schema_version_of
-from shared.errors import UserError
+from shared.errors import UserError, first_line
 from shared.files import sha256_of_file
 from shared.shard_reader import shard_columns, value_problem
 from teacher_dump.shards import shards_on_disk
@@ -31,17 +31,19 @@ def summarize(directory: Path) -> dict:
     for entry in manifest["shards"]:
         try:
             table = pq.read_table(
-                Path(directory) / entry["name"], columns=["finish_reason", "topk_logprobs"]
+                Path(directory) / entry["name"],
+                columns=["sample_id", "target_ids", "finish_reason", "topk_logprobs"],
             )
+            columns = shard_columns(table, manifest["top_k"])
         except Exception:  # reported by --validate with the reason; the summary goes on
             unreadable.append(entry["name"])
             continue
+        if isinstance(columns, str):
+            unreadable.append(entry["name"])
+            continue
         finish_reasons.update(table["finish_reason"].to_pylist())
-        logprobs = table["topk_logprobs"].combine_chunks().flatten()
-        if len(logprobs):
-            values = logprobs.flatten().to_numpy(zero_copy_only=False).reshape(len(logprobs), -1)
-            mass_sum += float(np.exp(values.astype(np.float64)).sum())
-            positions += len(logprobs)
+        mass_sum += float(np.exp(columns.topk_logprobs.astype(np.float64)).sum())
+        positions += len(columns.topk_logprobs)
     totals = manifest["totals"]
     return {
         "manifest": manifest,
@@ -123,7 +125,7 @@ def validate_shard(
     try:
         table = pq.read_table(path)
     except Exception as error:
-        return f"unreadable Parquet ({str(error)[:120]})"
+        return f"unreadable Parquet ({first_line(error)})"
     version = schema_version_of(table.schema)
     if version != SCHEMA_VERSION:
         return f"written with shard schema version {version}, expected {SCHEMA_VERSION}"

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from schemas.manifest import SHARD_SUFFIX, is_safe_shard_name, manifest_path, totals
 from schemas.shard import PARQUET_WRITE_OPTIONS, SCHEMA
-from shared.errors import UserError
+from shared.errors import UserError, first_line
 from shared.files import atomic_write, atomic_write_json, directory_lock, sha256_of_file
 from teacher_dump.rows import ShardRow
 
@@ -104,7 +104,7 @@ def describe_shard(path: Path) -> dict:
         table = pq.read_table(path, columns=["target_ids", "topk_ids"])
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
-            f"shard {path.name} is unreadable ({str(error)[:120]}): delete it and rerun the same "
+            f"shard {path.name} is unreadable ({first_line(error)}): delete it and rerun the same "
             "teacher-dump command to redo its samples"
         ) from None
     target_lengths = pc.list_value_length(table["target_ids"])
@@ -127,7 +127,7 @@ def done_source_indices(directory: Path) -> set[int]:
             column = pq.read_table(path, columns=["source_index"])["source_index"]
         except Exception as error:
             raise UserError(
-                f"shard {path.name} is unreadable ({str(error)[:120]}): delete it and rerun the "
+                f"shard {path.name} is unreadable ({first_line(error)}): delete it and rerun the "
                 "same teacher-dump command to redo its samples"
             ) from None
         done.update(column.to_numpy().tolist())
@@ -182,7 +182,6 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.sequence = next_sequence(self.directory, rank, world_size)
         self.buffer: list[ShardRow] = []
-        self.written: list[dict] = []
 
     def add_prompt_rows(self, rows: list[ShardRow]) -> None:
         """Add all rows of one prompt; shards only break between prompts, so resume is per prompt."""
@@ -197,6 +196,5 @@ class ShardWriter:
         entry = write_shard(path, self.buffer)
         self.sequence += 1
         self.buffer = []
-        self.written.append(entry)
         refresh_manifest(self.directory, [entry])
         return entry

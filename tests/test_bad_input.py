@@ -1,4 +1,4 @@
-"""Every bad input of design.md §7 that applies to the dump gets a one-line error naming the cause
+"""Every bad input that applies to the dump gets a one-line error naming the cause
 and the fix (acceptance 6). Most fail before the engine starts; none leaves a partial shard."""
 
 from __future__ import annotations

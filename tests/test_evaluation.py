@@ -99,7 +99,7 @@ requires_shared_data = pytest.mark.skipif(
 
 
 def eval_config(**values):
-    from kd_eval.evaluation import EvalConfig
+    from kd_eval.config import EvalConfig
 
     defaults = dict(
         dtype="float32",
@@ -149,7 +149,8 @@ def _chunks(directory: Path, text: Path, chunk_tokens: int):
 def test_gsm8k_two_models_share_prompts_and_decoding(
     tiny_model, student_model, text_shards, engine, tmp_path
 ):
-    from kd_eval.evaluation import markdown_table, run_evaluation
+    from kd_eval.evaluation import run_evaluation
+    from kd_eval.report import markdown_table
 
     config = eval_config(
         task="gsm8k",

@@ -92,3 +92,11 @@ def test_the_packages_of_the_layout_are_the_installed_ones():
     for package in (*GROUND_FLOOR, *COMMANDS, *TOP_FLOOR):
         assert f'"{package}"' in pyproject
         assert (ROOT / package / "__init__.py").is_file()
+
+
+def test_the_readme_option_tables_are_generated_from_the_configs():
+    from scripts.reference import README, render
+
+    text = README.read_text(encoding="utf-8")
+    assert text.count("<!-- options: ") == 3
+    assert render(text) == text, "README option tables are stale: run python -m scripts.reference"

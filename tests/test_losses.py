@@ -1,4 +1,4 @@
-"""Loss properties (design.md §4): zero on identical distributions, agreement with
+"""Loss properties: zero on identical distributions, agreement with
 torch.nn.functional.kl_div when k = V, JSD's limits, gradients that reach the student, chunked
 equal to unchunked, and a step's gradient independent of the micro-batch split."""
 

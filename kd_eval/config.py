@@ -1,0 +1,95 @@
+"""The resolved configuration of one kd-eval run (parsed once at the CLI, saved in
+results.json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from shared.config import check_choices
+from shared.engine import EngineDtype
+from shared.errors import UserError, check_all
+
+EvalTask = Literal["gsm8k", "summ", "lm", "cls"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    task: EvalTask
+    """The task. gsm8k: greedy answers, the final number must equal the reference's
+    (accuracy); summ: greedy one-sentence summaries, ROUGE-1/2/L F1 and corpus BLEU; lm:
+    perplexity and next-token acc@1/5 over raw-text windows; cls: not available yet."""
+    models: tuple[str, ...]
+    """NAME=PATH pairs (PATH: a local model directory with safetensors, or a hub id)."""
+    data_path: str | None = None
+    """Local data file or directory (else the task's hub dataset, which needs network)."""
+    split: str = "test"
+    """Split to read (the file name stem when --data-path is a directory)."""
+    limit: int | None = None
+    """Evaluate on the first N examples (lm: N chunks)."""
+    teacher_shards: str | None = None
+    """A teacher-dump directory: adds KL(teacher ‖ model) on the teacher's top-k (tail
+    bucketed) and top-1 agreement per model, as student-train reports them; a model whose
+    tokenizer differs from the teacher's gets n/a."""
+    fidelity_limit: int | None = None
+    """Use at most this many rows of --teacher-shards."""
+    max_new_tokens: int = 256
+    """gsm8k/summ: the longest generated answer."""
+    chunk_tokens: int = 512
+    """lm: tokens per scored window."""
+    chat_template: bool = True
+    """Render prompts with each model's chat template when it has one (as teacher-dump does)."""
+    out: str | None = None
+    """Directory for results.json, the chart and per-model predictions (default: print only)."""
+    dtype: EngineDtype = "auto"
+    """Engine dtype for every model (use float32 on CPU)."""
+    max_model_len: int | None = None
+    """Engine context length for every model (default: each model's)."""
+    gpu_memory_utilization: float | None = None
+    """Fraction of accelerator memory per engine; default 0.9 on GPU, 0.1 on CPU."""
+    enforce_eager: bool = False
+    """Skip vLLM compilation (tiny models, tests)."""
+    trust_remote_code: bool = False
+    """Allow Python code shipped with a model/tokenizer to run."""
+    max_in_flight: int = 256
+    """Requests handed to each engine at once."""
+    seed: int = 0
+    """Engine seed (decoding is greedy, so results do not depend on it)."""
+    progress: bool = True
+    """Print one progress line per model stage on stderr."""
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.task == "cls":
+            raise UserError(
+                "kd-eval --task cls: sequence-classification models are not supported yet (they "
+                "come with the classification work); use gsm8k, summ or lm"
+            )
+        if not self.models:
+            raise UserError("pass at least one --model NAME=PATH")
+        names = [parse_model(text)[0] for text in self.models]
+        if len(set(names)) != len(names):
+            raise UserError(f"--model names must be unique, got {', '.join(names)}")
+        checks = [
+            (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
+            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+            (self.chunk_tokens >= 2, "--chunk-tokens must be at least 2"),
+            (self.max_in_flight >= 1, "--max-in-flight must be at least 1"),
+            (
+                self.fidelity_limit is None or self.fidelity_limit >= 1,
+                "--fidelity-limit must be at least 1",
+            ),
+        ]
+        check_all(checks)
+
+
+def parse_model(text: str) -> tuple[str, str]:
+    """'NAME=PATH' -> (NAME, PATH); a bare PATH is named after its last component."""
+    name, separator, path = text.partition("=")
+    if not separator:
+        path = text
+        name = Path(text.rstrip("/")).name or text
+    if not name or not path:
+        raise UserError(f"--model {text!r}: write NAME=PATH, e.g. --model student=out/final")
+    return name, path
