@@ -28,7 +28,7 @@ from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
 from shared.files import atomic_write_json, directory_lock
-from shared.shard_reader import LENGTH_COLUMNS, Dump, open_dump
+from shared.shard_reader import LENGTH_COLUMNS, TRAINING_COLUMNS, Dump, open_dump
 from shared.tokenizer import tokenizer_fingerprint
 from student_train.batches import BatchShape, take_micro_batch
 from student_train.checkpoints import (
@@ -193,16 +193,7 @@ def setup(
     step, tokens_seen, position = 0, 0, StreamPosition()
     if meta is not None:
         step, tokens_seen, position = restore(meta, state, optimizer, scheduler, context)
-    stream = ShardStream(
-        dump,
-        rank=context.rank,
-        world_size=context.world_size,
-        seed=config.seed,
-        shuffle=True,
-        buffer_rows=config.shuffle_buffer,
-        epochs=int(config.epochs) if config.epochs is not None else None,
-        position=position,
-    )
+    stream = training_stream(dump, config, context, position=position)
     if config.log_samples:
         truncate_metrics(out / f"samples-rank{context.rank}.jsonl", step)
     if context.is_main:
@@ -471,21 +462,34 @@ def check_resumable(config: TrainConfig, meta: dict, context: Distributed) -> No
         )
 
 
-def count_steps(
-    dump: Dump, config: TrainConfig, context: Distributed, batch_shape: BatchShape
-) -> int:
-    """Optimizer steps that --epochs passes take: the same packing as training, run over the
-    row lengths only (no top-k decoding), the maximum over ranks."""
-    stream = ShardStream(
+def training_stream(
+    dump: Dump,
+    config: TrainConfig,
+    context: Distributed,
+    *,
+    position: StreamPosition | None = None,
+    columns: tuple[str, ...] = TRAINING_COLUMNS,
+) -> ShardStream:
+    """This rank's shuffled stream over the training dump (ends after --epochs, if given)."""
+    return ShardStream(
         dump,
         rank=context.rank,
         world_size=context.world_size,
         seed=config.seed,
         shuffle=True,
         buffer_rows=config.shuffle_buffer,
-        epochs=int(config.epochs),
-        columns=LENGTH_COLUMNS,
+        epochs=int(config.epochs) if config.epochs is not None else None,
+        position=position or StreamPosition(),
+        columns=columns,
     )
+
+
+def count_steps(
+    dump: Dump, config: TrainConfig, context: Distributed, batch_shape: BatchShape
+) -> int:
+    """Optimizer steps that --epochs passes take: the same packing as training, run over the
+    row lengths only (no top-k decoding), the maximum over ranks."""
+    stream = training_stream(dump, config, context, columns=LENGTH_COLUMNS)
     steps = 0
     while any([take_micro_batch(stream, batch_shape) for _ in range(config.grad_accum)]):
         steps += 1
