@@ -7,7 +7,7 @@ exact (what checkpoints save).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared.collation import fit_row
 from shared.shard_reader import TrainingRow
@@ -24,6 +24,8 @@ class BatchShape:
     """Pack as many rows as fit in rows x longest row <= batch_tokens (a longer row goes alone)."""
     max_length: int
     """Rows longer than this lose prompt tokens from the left, then target tokens from the end."""
+    teacher_top_k: int | None = None
+    """Keep only the first N (most likely) teacher top-k entries of every position."""
 
 
 def take_micro_batch(stream: ShardStream, shape: BatchShape) -> list[TrainingRow]:
@@ -41,6 +43,12 @@ def take_micro_batch(stream: ShardStream, shape: BatchShape) -> list[TrainingRow
         if taken and too_long:
             break
         stream.take()
+        if shape.teacher_top_k is not None and row.topk_ids is not None:
+            row = replace(
+                row,
+                topk_ids=row.topk_ids[:, : shape.teacher_top_k],
+                topk_logprobs=row.topk_logprobs[:, : shape.teacher_top_k],
+            )
         taken.append(row)
         longest = max(longest, row.length)
     return taken

@@ -114,6 +114,10 @@ class TrainConfig:
     from the left, then target tokens from the end. Default: the student's context length."""
     chunk_tokens: int = 512
     """Target positions whose full-vocabulary logits exist at once in the loss."""
+    teacher_top_k: int | None = None
+    """Use only the teacher's N most likely stored ids per position (the rest of its mass joins
+    the tail): a smaller-k ablation from the same dump, holding what a dump made with --top-k N
+    stores (where padding-row ids were dropped, one more real id). Default: every entry."""
     bf16: bool = False
     """bfloat16 autocast for the student's forward (weights and losses stay float32). Slow on
     CPUs without native bf16."""
@@ -210,6 +214,10 @@ class TrainConfig:
             (self.shuffle_buffer >= 1, "--shuffle-buffer must be at least 1"),
             (self.max_length is None or self.max_length >= 2, "--max-length must be >= 2"),
             (self.chunk_tokens >= 1, "--chunk-tokens must be at least 1"),
+            (
+                self.teacher_top_k is None or self.teacher_top_k >= 1,
+                "--set teacher_top_k must be at least 1",
+            ),
             (self.lora_r >= 0, "--lora-r must be >= 0"),
             (not self.merge_lora or self.lora_r > 0, "--merge-lora needs --lora-r > 0"),
             (self.eval_every >= 0, "--eval-every must be >= 0"),

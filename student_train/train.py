@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -186,6 +186,7 @@ def setup(
         rows=config.rows_per_micro_batch,
         batch_tokens=config.batch_tokens,
         max_length=config.max_length or student.context or UNLIMITED_LENGTH,
+        teacher_top_k=config.teacher_top_k,
     )
     parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
     total_steps = config.max_steps or count_steps(dump, config, context, batch_shape)
@@ -514,7 +515,9 @@ def evaluate(run: TrainingRun) -> dict:
 
     def batches():
         taken = 0
-        while rows := take_micro_batch(stream, run.batch_shape):
+        # The held-out KL is always against everything the eval dump stores.
+        shape = replace(run.batch_shape, teacher_top_k=None)
+        while rows := take_micro_batch(stream, shape):
             if limit is not None:
                 rows = rows[: max(0, limit - taken)]
             if not rows:

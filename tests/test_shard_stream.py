@@ -185,3 +185,28 @@ def test_incomplete_and_corrupt_dumps_are_refused(tmp_path):
         open_dump(directory, allow_incomplete=True)
     with pytest.raises(UserError, match="no such directory"):
         open_dump(tmp_path / "missing")
+
+
+def test_teacher_top_k_keeps_the_first_entries_of_every_position(dump):
+    import pyarrow.parquet as pq
+
+    stored = {}
+    for group in dump.row_groups:
+        table = pq.ParquetFile(group.path).read_row_group(group.index)
+        for sample_id, ids, logprobs in zip(
+            table["sample_id"].to_pylist(),
+            table["topk_ids"].to_pylist(),
+            table["topk_logprobs"].to_pylist(),
+            strict=True,
+        ):
+            stored[sample_id] = (np.array(ids), np.array(logprobs, dtype=np.float32))
+    stream = ShardStream(dump, seed=1, buffer_rows=10, epochs=1)
+    shape = BatchShape(rows=5, batch_tokens=None, max_length=1000, teacher_top_k=2)
+    seen = 0
+    while rows := take_micro_batch(stream, shape):
+        for row in rows:
+            ids, logprobs = stored[row.sample_id]
+            np.testing.assert_array_equal(row.topk_ids, ids[:, :2])
+            np.testing.assert_array_equal(row.topk_logprobs, logprobs[:, :2])
+            seen += 1
+    assert seen == ROWS
