@@ -4,6 +4,10 @@ Every reader goes through here: student-train's stream, the fidelity evaluation 
 and kd-eval, and `teacher-dump inspect --validate`. `open_dump` checks the manifest against the
 shards' footers (cheap); `decode_row_group` reads one row group and refuses any value that would
 silently corrupt training, with one line naming the shard and what to do.
+
+Schema versions 1 and 2 are read. Whatever the representation (schemas.shard), a row reaches the
+trainer as (T, K) teacher ids and logprobs in rank order (PAD_ID / -inf after the real entries)
+plus, where the representation stores one, the exact log tail mass (shared.shard_codec decodes).
 """
 
 from __future__ import annotations
@@ -15,19 +19,36 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import read_manifest
+from schemas.manifest import read_manifest, storage_of_manifest
 from schemas.shard import (
+    CODEBOOK_KEY,
     PAD_ID,
-    SCHEMA_VERSION,
+    PER_POSITION_COLUMNS,
+    READABLE_VERSIONS,
+    V1_COLUMNS,
+    Storage,
     describe_schema_mismatch,
+    expected_schema,
     max_rounding_error,
     schema_version_of,
+    storage_of,
 )
 from shared.errors import UserError, first_line
+from shared.shard_codec import decode_codebook, decode_distributions
 
 TRAINING_COLUMNS = ("sample_id", "prompt_ids", "target_ids", "topk_ids", "topk_logprobs")
+"""What the trainer reads; topk_ids / topk_logprobs name the teacher's distributions, stored as
+the dump's representation (physical_columns)."""
 LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
 """Enough to plan batches (count steps) without decoding the top-k."""
+
+
+def physical_columns(columns: tuple[str, ...], storage: Storage | None) -> list[str]:
+    """The Parquet columns to read for these reader columns: topk_ids / topk_logprobs are the
+    representation's columns in schema v2."""
+    if storage is None or not set(V1_COLUMNS) & set(columns):
+        return list(columns)
+    return [name for name in columns if name not in V1_COLUMNS] + list(storage.columns)
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,9 @@ class TrainingRow:
     """(T, K) int32, PAD_ID in freed slots; None when only lengths were read."""
     topk_logprobs: np.ndarray | None
     """(T, K) float32, -inf in freed slots; None when only lengths were read."""
+    topk_log_tail: np.ndarray | None = None
+    """(T,) float32 log of the teacher's mass outside the stored ids, as stored (-inf: none);
+    NaN where the dump stores no tail (schema v1: it is 1 - sum(p) of the stored values)."""
 
     @property
     def length(self) -> int:
@@ -111,14 +135,11 @@ def open_dump(
                 f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
                 f"({first_line(error)}): delete it and rerun the teacher-dump command"
             ) from None
-        schema = metadata.schema.to_arrow_schema()
-        version = schema_version_of(schema)
-        mismatch = describe_schema_mismatch(schema)
-        if version != SCHEMA_VERSION or mismatch:
+        problem = shard_format_problem(metadata.schema.to_arrow_schema(), manifest)
+        if problem:
             raise UserError(
-                f"{flag} {directory}: shard {entry['name']} has schema version {version} "
-                f"({mismatch or 'columns ok'}), this kd-shards reads version {SCHEMA_VERSION}: "
-                "redo the dump with this release"
+                f"{flag} {directory}: shard {entry['name']} {problem}: redo the dump with this "
+                "release (or rerun the teacher-dump command that wrote the dump)"
             )
         if metadata.num_rows != entry["rows"]:
             raise UserError(
@@ -134,6 +155,28 @@ def open_dump(
             f"{flag} {directory}: the dump holds no rows; run teacher-dump with data first"
         )
     return Dump(directory, manifest, tuple(row_groups))
+
+
+def shard_format_problem(schema, manifest: dict) -> str | None:
+    """How a shard's schema disagrees with its dump's manifest (version, representation,
+    columns), or None."""
+    version = schema_version_of(schema)
+    wanted = manifest.get("schema_version")
+    if version not in READABLE_VERSIONS or version != wanted:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
+        return (
+            f"has schema version {version}, the manifest says {wanted} (this kd-shards reads "
+            f"versions {readable})"
+        )
+    storage = storage_of_manifest(manifest)
+    if storage is not None and storage_of(schema) != storage:
+        found = storage_of(schema)
+        return (
+            f"stores {found.describe() if found else 'no valid storage record'}, the manifest "
+            f"says {storage.describe()}"
+        )
+    mismatch = describe_schema_mismatch(schema, expected_schema(version, storage))
+    return f"does not match schema version {version} ({mismatch})" if mismatch else None
 
 
 @dataclass(frozen=True)
@@ -155,13 +198,23 @@ class ShardColumns:
     """(N, K) int32, PAD_ID in freed slots."""
     topk_logprobs: np.ndarray | None = None
     """(N, K) float32, -inf in freed slots."""
+    topk_log_tail: np.ndarray | None = None
+    """(N,) float32 stored log tail mass (-inf: none), NaN where the dump stores none (v1)."""
 
 
-def shard_columns(table, top_k: int) -> ShardColumns | str:
-    """Flatten a shard table (or row group) without Python loops, or say why it cannot be.
+def shard_columns(
+    table, top_k: int, storage: Storage | None = None, codebook: np.ndarray | None = None
+) -> ShardColumns | str:
+    """Flatten a shard table (or row group) without Python loops, decoding a schema-v2
+    representation, or say why it cannot be.
 
-    Refuses nulls, and lists whose lengths disagree with target_ids row by row or with k.
-    Returns the ShardColumns, or a description of the first structural problem.
+    Refuses nulls, and lists whose lengths disagree with target_ids row by row or with k (v1),
+    or with the per-position entry counts (v2). Returns the ShardColumns, or a description of
+    the first structural problem.
+
+    Args:
+        top_k: v1's k. storage: how a v2 dump stores its distributions (None: v1).
+        codebook: the shard's codebook (adaptive storage with one), else None.
     """
     for name in table.column_names:
         if table[name].null_count:
@@ -197,6 +250,14 @@ def shard_columns(table, top_k: int) -> ShardColumns | str:
         flat_values = inner.values.to_numpy(zero_copy_only=False)
         start = inner.offsets.to_numpy()[offsets[0]]
         arrays[column] = flat_values[start : start + len(target_ids) * top_k].reshape(-1, top_k)
+    if storage is not None and storage.columns[0] in table.column_names:
+        decoded = _decode_storage(table, storage, codebook, flat, target_lengths)
+        if isinstance(decoded, str):
+            return decoded
+        arrays["topk_ids"], arrays["topk_logprobs"] = decoded.ids, decoded.logprobs
+        arrays["topk_log_tail"] = decoded.log_tail
+    elif arrays.get("topk_ids") is not None:
+        arrays["topk_log_tail"] = np.full(len(target_ids), np.nan, dtype=np.float32)
     prompt_ids = prompt_offsets = None
     if "prompt_ids" in table.column_names:
         prompt_ids, prompt_offsets = flat("prompt_ids")
@@ -209,7 +270,47 @@ def shard_columns(table, top_k: int) -> ShardColumns | str:
         target_logprobs=arrays.get("target_logprobs"),
         topk_ids=arrays.get("topk_ids"),
         topk_logprobs=arrays.get("topk_logprobs"),
+        topk_log_tail=arrays.get("topk_log_tail"),
     )
+
+
+def _decode_storage(table, storage: Storage, codebook, flat, target_lengths):
+    """The v2 distribution columns of a table: row lengths checked, then decoded."""
+    values: dict[str, np.ndarray] = {}
+    lengths: dict[str, np.ndarray] = {}
+    for name in storage.columns:
+        values[name], offsets = flat(name)
+        lengths[name] = np.diff(offsets)
+    count_name = storage.columns[0]
+    for name in storage.columns:
+        if name in PER_POSITION_COLUMNS and not np.array_equal(lengths[name], target_lengths):
+            row = int(np.flatnonzero(lengths[name] != target_lengths)[0])
+            return f"column {name} has a different number of positions than target_ids in row {row}"
+    counts = values[count_name].astype(np.int64)
+    running = np.concatenate(([0], np.cumsum(counts)))
+    row_ends = np.cumsum(target_lengths)
+    row_entries = running[row_ends] - running[row_ends - target_lengths]
+    for name in storage.columns:
+        if name not in PER_POSITION_COLUMNS and not np.array_equal(lengths[name], row_entries):
+            row = int(np.flatnonzero(lengths[name] != row_entries)[0])
+            return f"column {name} holds a different number of entries than {count_name} says in row {row}"
+    if storage.codebook and codebook is None:
+        return "the footer has no id codebook, which the manifest's storage says it uses"
+    return decode_distributions(values, storage, codebook)
+
+
+def read_codebook(metadata, storage: Storage | None) -> np.ndarray | None | str:
+    """The shard's id codebook from its Parquet footer metadata (None if it uses none), or a
+    description of why it cannot be read."""
+    if storage is None or not storage.codebook:
+        return None
+    text = (metadata.metadata or {}).get(CODEBOOK_KEY)
+    if text is None:
+        return "the footer has no id codebook, which the manifest's storage says it uses"
+    try:
+        return decode_codebook(text, storage.codebook_dtype)
+    except ValueError as error:
+        return f"the footer's id codebook is unreadable ({first_line(error)})"
 
 
 def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
@@ -228,6 +329,9 @@ def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
             return "target logprobs contain NaN, infinite or positive values"
     if columns.topk_ids is None:
         return None
+    tails = columns.topk_log_tail
+    if tails is not None and ((tails > 0) | np.isposinf(tails)).any():
+        return "stored tail masses above 1"
     ids, logprobs = columns.topk_ids, columns.topk_logprobs
     if not ids.size:
         return None
@@ -252,17 +356,28 @@ def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
 
 
 def decode_row_group(
-    group: RowGroup, columns: tuple[str, ...], top_k: int, vocabulary: int
+    group: RowGroup,
+    columns: tuple[str, ...],
+    top_k: int,
+    vocabulary: int,
+    *,
+    storage: Storage | None = None,
 ) -> list[TrainingRow]:
-    """Read one row group into TrainingRows, refusing what would silently corrupt training."""
+    """Read one row group into TrainingRows, refusing what would silently corrupt training.
+
+    `storage`: the dump's (schemas.manifest.storage_of_manifest; None for schema v1)."""
     try:
-        table = pq.ParquetFile(group.path).read_row_group(group.index, columns=list(columns))
+        parquet = pq.ParquetFile(group.path)
+        table = parquet.read_row_group(group.index, columns=physical_columns(columns, storage))
+        codebook = read_codebook(parquet.metadata, storage)
     except Exception as error:
         raise UserError(
             f"shard {group.path.name} row group {group.index} is unreadable ({first_line(error)}): "
             "check it with teacher-dump inspect --validate and rerun the dump"
         ) from None
-    decoded = shard_columns(table, top_k)
+    decoded = (
+        codebook if isinstance(codebook, str) else shard_columns(table, top_k, storage, codebook)
+    )
     problem = decoded if isinstance(decoded, str) else value_problem(decoded, vocabulary)
     if problem:
         raise UserError(
@@ -282,6 +397,9 @@ def decode_row_group(
                 topk_logprobs=(
                     None if decoded.topk_logprobs is None else decoded.topk_logprobs[first:last]
                 ),
+                topk_log_tail=(
+                    None if decoded.topk_log_tail is None else decoded.topk_log_tail[first:last]
+                ),
             )
         )
     return rows
@@ -294,9 +412,10 @@ def iterate_rows(
     row group in memory at a time."""
     top_k = int(dump.manifest["top_k"])
     vocabulary = int(dump.manifest["tokenizer"]["size"])
+    storage = storage_of_manifest(dump.manifest)
     index = 0
     for group in dump.row_groups:
-        for row in decode_row_group(group, columns, top_k, vocabulary):
+        for row in decode_row_group(group, columns, top_k, vocabulary, storage=storage):
             if index % world_size == rank:
                 yield row
             index += 1

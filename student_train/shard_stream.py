@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from schemas.manifest import storage_of_manifest
 from shared.shard_reader import TRAINING_COLUMNS, Dump, RowGroup, TrainingRow, decode_row_group
 
 
@@ -91,6 +92,7 @@ class ShardStream:
         self.columns = columns
         self.top_k = int(dump.manifest["top_k"])
         self.vocabulary = int(dump.manifest["tokenizer"]["size"])
+        self.storage = storage_of_manifest(dump.manifest)
         self._position = position
         self._windows: list[tuple[list[RowGroup], int]] | None = None
         self._windows_epoch = -1
@@ -119,7 +121,9 @@ class ShardStream:
         rows = [
             row
             for group in groups
-            for row in decode_row_group(group, self.columns, self.top_k, self.vocabulary)
+            for row in decode_row_group(
+                group, self.columns, self.top_k, self.vocabulary, storage=self.storage
+            )
         ]
         if self.shuffle:
             order = np.random.default_rng([self.seed, position.epoch, position.window]).permutation(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.manifest import check_tokenizer_fingerprint
+from schemas.manifest import check_tokenizer_fingerprint, storage_of_manifest
 from shared.causal_lm import check_output_path, final_hidden_states, output_logits_function
 from shared.collation import Batch, collate
 from shared.config import config_to_dict
@@ -136,6 +136,7 @@ def train(config: TrainConfig, context: Distributed) -> dict:
     torch.manual_seed(config.seed)
     dump = open_dump(config.shards, allow_incomplete=config.allow_incomplete)
     eval_dump = open_dump(config.eval_shards, flag="--eval-shards") if config.eval_shards else None
+    check_representations(config, dump, eval_dump)
     # One trainer at a time per output directory; a previous run is only continued with --resume.
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +153,38 @@ def train(config: TrainConfig, context: Distributed) -> dict:
         run = setup(config, context, out, dump, eval_dump)
         loop(run)
         return finish(run)
+
+
+def check_representations(config: TrainConfig, dump: Dump, eval_dump: Dump | None) -> None:
+    """Refuse settings under which a sampled (RS-KD) dump would give a biased signal.
+
+    Its stored weights are an unbiased estimate of the teacher's distribution only inside
+    forward KL at temperature 1 with the bucket tail (student_train.losses.loss_sums); other
+    divergences, temperatures, renormalizing and cutting entries are non-linear in them, and
+    an evaluation KL on draws is not the KL to the teacher."""
+    storage = storage_of_manifest(dump.manifest)
+    if storage is not None and storage.representation == "sampled":
+        options = config.loss_options
+        unbiased = (
+            options.loss in ("fkl", "ce")
+            and options.tail == "bucket"
+            and options.temperature == 1.0
+            and config.teacher_top_k is None
+        )
+        if not unbiased:
+            raise UserError(
+                f"--shards {dump.directory} holds sampled teacher draws (RS-KD), which train "
+                f"without bias only with --loss fkl, --tail bucket, --temperature 1 and no "
+                f"teacher_top_k (got --loss {options.loss}, --tail {options.tail}, "
+                f"--temperature {options.temperature}): use those, or a topk/adaptive dump"
+            )
+    if eval_dump is not None:
+        storage = storage_of_manifest(eval_dump.manifest)
+        if storage is not None and storage.representation == "sampled":
+            raise UserError(
+                f"--eval-shards {eval_dump.directory} holds sampled teacher draws, which give no "
+                "KL to the teacher: dump the held-out data with --store topk or adaptive"
+            )
 
 
 def setup(
@@ -400,6 +433,7 @@ def accumulate_gradients(
                 batch.target_ids.to(device),
                 batch.topk_ids.to(device),
                 batch.topk_logprobs.to(device),
+                batch.topk_log_tail.to(device),
                 chunk_tokens=chunk_tokens,
                 loss=loss_options.loss,
                 alpha=loss_options.alpha,
@@ -610,6 +644,7 @@ def run_description(config: TrainConfig, dump: Dump, student: Student, total_ste
             "mode": dump.manifest.get("mode"),
             "teacher": dump.manifest.get("teacher", {}).get("model"),
             "top_k": dump.manifest.get("top_k"),
+            "storage": dump.manifest.get("storage"),
             "rows": dump.rows,
         },
         "student": {

@@ -1,7 +1,8 @@
 """Pure conversions from the engine's per-position arrays to shard rows.
 
 No I/O and no engine here: inputs are numpy arrays, outputs are `ShardRow`s whose arrays follow
-the schema in schemas/shard.py (ids < tokenizer size, logprobs rounded to the storage grid).
+the schema in schemas/shard.py (ids < tokenizer size, target logprobs rounded to the storage
+grid, the teacher's distributions encoded as the dump's representation: teacher_dump.encoding).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.shard import PAD_ID, round_logprobs
+from schemas.shard import PAD_ID, Storage, round_logprobs
 from shared.errors import UserError
+from teacher_dump.encoding import RowEntries, encode_row
 
 
 @dataclass(frozen=True)
@@ -27,16 +29,15 @@ class ShardRow:
     """(T,) int32."""
     target_logprobs: np.ndarray
     """(T,) float32."""
-    topk_ids: np.ndarray
-    """(T, K) int32."""
-    topk_logprobs: np.ndarray
-    """(T, K) float32."""
+    entries: RowEntries
+    """The teacher's distribution at each target position, as the dump stores it (stage 1 of
+    teacher_dump.encoding; the shard's writer finishes the coding)."""
     finish_reason: str
     prompt_text: str
     target_text: str
     references: tuple[str, ...]
     padded_topk_entries: int
-    """Top-k slots that held padding-row ids (>= tokenizer size) and were replaced by PAD_ID."""
+    """Engine entries that were padding-row ids (>= tokenizer size), left out."""
 
 
 def drop_padding_ids(
@@ -83,6 +84,7 @@ def make_row(
     position_ids: np.ndarray,
     position_logprobs: np.ndarray,
     tokenizer_size: int,
+    storage: Storage,
     finish_reason: str,
     prompt_text: str,
     target_text: str,
@@ -91,7 +93,7 @@ def make_row(
     """Build a row from the engine's (T, K+1) arrays for the target positions.
 
     Column 0 of the position arrays is the target token itself (vLLM's layout), columns 1..K
-    the top-K in rank order.
+    the top-K in rank order (sampled storage: K draws from the full distribution).
     """
     if not np.array_equal(position_ids[:, 0], target_ids):
         raise RuntimeError(f"engine logprobs are misaligned with the targets of sample {sample_id}")
@@ -108,8 +110,7 @@ def make_row(
         prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
         target_ids=np.asarray(target_ids, dtype=np.int32),
         target_logprobs=round_logprobs(position_logprobs[:, 0]),
-        topk_ids=topk_ids.astype(np.int32, copy=False),
-        topk_logprobs=round_logprobs(topk_logprobs),
+        entries=encode_row(topk_ids, topk_logprobs, storage, tokenizer_size),
         finish_reason=finish_reason,
         prompt_text=prompt_text,
         target_text=target_text,

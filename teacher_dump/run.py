@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from schemas.manifest import manifest_path
-from schemas.shard import LOGPROB_STEP, SCHEMA_VERSION
+from schemas.shard import LOGPROB_STEP, SCHEMA_VERSION, Storage
 from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import atomic_write_json, directory_lock, remove_stale_temporaries
@@ -75,7 +75,7 @@ def prepare(config: DumpConfig) -> PreparedDump:
         raise UserError(
             f"--model {config.model} does not state its context length: pass --max-model-len"
         )
-    if config.top_k > len(tokenizer):
+    if config.top_k > len(tokenizer) and config.store != "sampled":
         raise UserError(
             f"--top-k {config.top_k} is above the vocabulary size {len(tokenizer)}: lower it"
         )
@@ -160,11 +160,14 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
             "chat_template_used": prepared.use_template,
         },
         "top_k": config.top_k,
+        "storage": config.storage(len(tokenizer)).to_dict(),
         "logprobs": {
             "mode": "raw_logprobs",
             "meaning": "natural-log probabilities of the raw logits (temperature 1, no top-p/top-k)",
-            "rounding_step": LOGPROB_STEP,
-            "padding_ids": "ids >= tokenizer.size are dropped from the top-k; freed slots hold id -1, logprob -inf",
+            "engine_logprobs": config.engine_logprobs,
+            "drawn": config.store == "sampled",
+            "target_rounding_step": LOGPROB_STEP,
+            "padding_ids": "ids >= tokenizer.size are never stored; their mass is part of the tail",
         },
         "sampling": {
             "temperature": config.temperature,
@@ -210,7 +213,8 @@ def open_output(directory: Path, header: dict, config: DumpConfig) -> None:
         if existing.get("schema_version") != SCHEMA_VERSION:
             raise UserError(
                 f"{directory} holds a dump with schema version {existing.get('schema_version')}, "
-                f"this teacher-dump writes {SCHEMA_VERSION}: use a new --out directory"
+                f"this teacher-dump writes {SCHEMA_VERSION}: use a new --out directory (it "
+                "cannot be resumed with this release; reading and training on it still work)"
             )
         if existing.get("identity") != header["identity"]:
             old = {
@@ -232,7 +236,9 @@ def open_output(directory: Path, header: dict, config: DumpConfig) -> None:
             )
 
 
-def rows_for_completions(request: DumpRequest, completions, tokenizer) -> list[ShardRow]:
+def rows_for_completions(
+    request: DumpRequest, completions, tokenizer, storage: Storage
+) -> list[ShardRow]:
     """Rows of one prompt's sampled completions (generate mode)."""
     rows = []
     size = len(tokenizer)
@@ -263,6 +269,7 @@ def rows_for_completions(request: DumpRequest, completions, tokenizer) -> list[S
                 position_ids=position_ids,
                 position_logprobs=position_logprobs,
                 tokenizer_size=size,
+                storage=storage,
                 finish_reason=finish_reason,
                 prompt_text=request.prompt_text,
                 target_text=tokenizer.decode(token_ids.tolist(), skip_special_tokens=True),
@@ -272,7 +279,9 @@ def rows_for_completions(request: DumpRequest, completions, tokenizer) -> list[S
     return rows
 
 
-def row_for_scored(request: DumpRequest, scored, tokenizer, finish_reason: str) -> ShardRow:
+def row_for_scored(
+    request: DumpRequest, scored, tokenizer, finish_reason: str, storage: Storage
+) -> ShardRow:
     """The row of one teacher-forced sequence (score and text modes)."""
     start = len(request.prompt_ids) - 1  # row j-1 predicts token j; targets start at token P
     return make_row(
@@ -284,6 +293,7 @@ def row_for_scored(request: DumpRequest, scored, tokenizer, finish_reason: str) 
         position_ids=scored.position_ids[start:],
         position_logprobs=scored.position_logprobs[start:],
         tokenizer_size=len(tokenizer),
+        storage=storage,
         finish_reason=finish_reason,
         prompt_text=request.prompt_text,
         target_text=tokenizer.decode(request.target_ids.tolist(), skip_special_tokens=True),
@@ -314,10 +324,17 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     if todo:
         own_engine = engine is None
         engine = engine or build_engine(config, prepared.model)
-        if engine.settings.max_logprobs < config.top_k:
+        if engine.settings.max_logprobs < config.engine_logprobs:
             raise UserError(
-                f"--top-k {config.top_k} is above the engine's max_logprobs of "
-                f"{engine.settings.max_logprobs}: build the engine with max_logprobs >= k"
+                f"--store {config.store} asks the engine for {config.engine_logprobs} logprobs "
+                f"per position, above its max_logprobs of {engine.settings.max_logprobs}: build "
+                "the engine with max_logprobs >= that"
+            )
+        wanted = config.store == "sampled"
+        if engine.settings.sampled_logprobs != wanted:
+            raise UserError(
+                f"--store {config.store} needs an engine with sampled_logprobs={wanted}, this "
+                f"one has {engine.settings.sampled_logprobs}: build one for this --store"
             )
         record_engine(directory, engine, checkpoint_dtype(prepared.model.config))
         dump_started = time.perf_counter()
@@ -344,7 +361,8 @@ def build_engine(config: DumpConfig, model: ResolvedModel):
             model=str(model.directory),
             dtype=config.dtype,
             max_model_len=config.max_model_len,
-            max_logprobs=config.top_k,
+            max_logprobs=config.engine_logprobs,
+            sampled_logprobs=config.store == "sampled",
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
             seed=config.seed,
@@ -382,6 +400,13 @@ def record_engine(directory: Path, engine, stored_dtype: str | None) -> None:
                 key: value for key, value in engine.engine_arguments.items() if key != "model"
             },
         }
+        if engine.settings.sampled_logprobs:
+            manifest["engine"]["draws"] = (
+                "kd-shards vLLM plugin patched in this process (entry point not installed; "
+                "vLLM ran in-process)"
+                if getattr(engine, "draws_in_process", False)
+                else "kd-shards vLLM plugin loaded by vLLM through its entry point"
+            )
         atomic_write_json(path, manifest)
 
 
@@ -389,7 +414,10 @@ def dump_requests(
     config: DumpConfig, engine, tokenizer, todo: list[DumpRequest], *, total: int, directory: Path
 ) -> int:
     """Stream requests through the engine into shards; returns target tokens written."""
-    writer = ShardWriter(directory, config.rank, config.world_size, config.rows_per_shard)
+    storage = config.storage(len(tokenizer))
+    writer = ShardWriter(
+        directory, config.rank, config.world_size, config.rows_per_shard, storage, len(tokenizer)
+    )
     progress = tqdm(
         total=total,
         initial=total - len(todo),
@@ -415,11 +443,11 @@ def dump_requests(
             temperature=config.temperature,
             top_p=config.top_p,
             max_new_tokens=config.max_new_tokens,
-            top_k=config.top_k,
+            top_k=config.engine_logprobs,
             max_in_flight=config.max_in_flight,
         )
         results = (
-            (request, rows_for_completions(request, completions, tokenizer))
+            (request, rows_for_completions(request, completions, tokenizer, storage))
             for request, completions in stream
         )
     else:
@@ -429,11 +457,11 @@ def dump_requests(
                 (request, request.prompt_ids.tolist() + request.target_ids.tolist())
                 for request in todo
             ),
-            top_k=config.top_k,
+            top_k=config.engine_logprobs,
             max_in_flight=config.max_in_flight,
         )
         results = (
-            (request, [row_for_scored(request, scored, tokenizer, finish_reason)])
+            (request, [row_for_scored(request, scored, tokenizer, finish_reason, storage)])
             for request, scored in stream
         )
     try:

@@ -20,9 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.manifest import SHARD_SUFFIX, is_safe_shard_name, manifest_path, totals
-from schemas.shard import PARQUET_WRITE_OPTIONS, SCHEMA
+from schemas.shard import Storage, parquet_write_options, shard_schema
 from shared.errors import UserError, first_line
 from shared.files import atomic_write, atomic_write_json, directory_lock, sha256_of_file
+from teacher_dump.encoding import shard_columns
 from teacher_dump.rows import ShardRow
 
 ROW_GROUP_ROWS = 256
@@ -42,26 +43,24 @@ def shards_on_disk(directory: Path) -> list[Path]:
     )
 
 
-def rows_to_table(rows: list[ShardRow]) -> pa.Table:
-    """Build an Arrow table in SCHEMA from rows, with whole-column numpy copies (no per-token Python)."""
+PADDED_KEY = b"kd_shards.padded_entries"
+"""Parquet footer key: how many engine entries of the shard were padding-row ids (left out)."""
 
-    def flat_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
-        lengths = np.fromiter((len(array) for array in arrays), dtype=np.int32, count=len(arrays))
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
-        values = np.concatenate(arrays) if arrays else np.array([])
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
-    def nested_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
-        width = arrays[0].shape[1] if arrays else 0
-        positions = np.fromiter(
-            (array.shape[0] for array in arrays), dtype=np.int64, count=len(arrays)
-        )
-        outer = np.concatenate([[0], np.cumsum(positions)]).astype(np.int32)
-        inner = (np.arange(int(positions.sum()) + 1, dtype=np.int64) * width).astype(np.int32)
-        values = np.concatenate([array.reshape(-1) for array in arrays]) if arrays else np.array([])
-        inner_lists = pa.ListArray.from_arrays(pa.array(inner), pa.array(values, type=value_type))
-        return pa.ListArray.from_arrays(pa.array(outer), inner_lists)
+def flat_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """A list column with one list per array (whole-array copies, no per-value Python)."""
+    lengths = np.fromiter((len(array) for array in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate(arrays) if arrays else np.array([])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
+
+def rows_to_table(
+    rows: list[ShardRow], storage: Storage, vocabulary: int
+) -> tuple[pa.Table, dict[bytes, bytes]]:
+    """An Arrow table in the dump's schema, and the shard's footer metadata (the codebook and
+    the padding count), from rows (teacher_dump.encoding finishes the distribution columns)."""
+    distributions, footer = shard_columns([row.entries for row in rows], storage, vocabulary)
     columns = {
         "sample_id": pa.array([row.sample_id for row in rows], pa.string()),
         "source_index": pa.array([row.source_index for row in rows], pa.int64()),
@@ -69,25 +68,29 @@ def rows_to_table(rows: list[ShardRow]) -> pa.Table:
         "prompt_ids": flat_list([row.prompt_ids for row in rows], pa.int32()),
         "target_ids": flat_list([row.target_ids for row in rows], pa.int32()),
         "target_logprobs": flat_list([row.target_logprobs for row in rows], pa.float32()),
-        "topk_ids": nested_list([row.topk_ids for row in rows], pa.int32()),
-        "topk_logprobs": nested_list([row.topk_logprobs for row in rows], pa.float32()),
         "finish_reason": pa.array([row.finish_reason for row in rows], pa.string()),
         "prompt_text": pa.array([row.prompt_text for row in rows], pa.string()),
         "target_text": pa.array([row.target_text for row in rows], pa.string()),
         "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
     }
-    return pa.Table.from_arrays(list(columns.values()), schema=SCHEMA)
+    for name, arrays in distributions.items():
+        columns[name] = flat_list(arrays, pa.int32())
+    footer[PADDED_KEY] = str(sum(row.padded_topk_entries for row in rows)).encode()
+    schema = shard_schema(storage)
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema), footer
 
 
-def write_shard(path: Path, rows: list[ShardRow]) -> dict:
+def write_table(path: Path, table: pa.Table, footer: dict[bytes, bytes], storage: Storage) -> None:
+    """Write a v2 table as one Parquet file (row groups of ROW_GROUP_ROWS), footer keys once."""
+    with pq.ParquetWriter(path, table.schema, **parquet_write_options(storage)) as writer:
+        writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        writer.add_key_value_metadata(footer)
+
+
+def write_shard(path: Path, rows: list[ShardRow], storage: Storage, vocabulary: int) -> dict:
     """Write rows atomically as one Parquet shard; return its manifest entry."""
-    table = rows_to_table(rows)
-    atomic_write(
-        path,
-        lambda temp: pq.write_table(
-            table, temp, row_group_size=ROW_GROUP_ROWS, **PARQUET_WRITE_OPTIONS
-        ),
-    )
+    table, footer = rows_to_table(rows, storage, vocabulary)
+    atomic_write(path, lambda temp: write_table(temp, table, footer, storage))
     return {
         "name": path.name,
         "rows": len(rows),
@@ -101,21 +104,21 @@ def write_shard(path: Path, rows: list[ShardRow]) -> dict:
 def describe_shard(path: Path) -> dict:
     """The manifest entry of a shard already on disk (reads it)."""
     try:
-        table = pq.read_table(path, columns=["target_ids", "topk_ids"])
+        parquet = pq.ParquetFile(path)
+        lengths = parquet.read(columns=["target_ids"])["target_ids"]
+        padded = (parquet.metadata.metadata or {}).get(PADDED_KEY, b"0")
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
             f"shard {path.name} is unreadable ({first_line(error)}): delete it and rerun the same "
             "teacher-dump command to redo its samples"
         ) from None
-    target_lengths = pc.list_value_length(table["target_ids"])
-    topk_values = pc.list_flatten(pc.list_flatten(table["topk_ids"]))
     return {
         "name": path.name,
-        "rows": table.num_rows,
-        "target_tokens": int(pc.sum(target_lengths).as_py() or 0),
+        "rows": parquet.metadata.num_rows,
+        "target_tokens": int(pc.sum(pc.list_value_length(lengths)).as_py() or 0),
         "bytes": path.stat().st_size,
         "sha256": sha256_of_file(path),
-        "padded_topk_entries": int(pc.sum(pc.equal(topk_values, -1)).as_py() or 0),
+        "padded_topk_entries": int(padded),
     }
 
 
@@ -175,8 +178,18 @@ def refresh_manifest(directory: Path, new_entries: list[dict]) -> dict:
 class ShardWriter:
     """Buffers rows and writes them as numbered shards of this rank; refreshes the manifest."""
 
-    def __init__(self, directory: Path, rank: int, world_size: int, rows_per_shard: int):
+    def __init__(
+        self,
+        directory: Path,
+        rank: int,
+        world_size: int,
+        rows_per_shard: int,
+        storage: Storage,
+        vocabulary: int,
+    ):
         self.directory = Path(directory)
+        self.storage = storage
+        self.vocabulary = vocabulary
         self.rank = rank
         self.world_size = world_size
         self.rows_per_shard = rows_per_shard
@@ -193,7 +206,7 @@ class ShardWriter:
         if not self.buffer:
             return None
         path = self.directory / shard_name(self.rank, self.world_size, self.sequence)
-        entry = write_shard(path, self.buffer)
+        entry = write_shard(path, self.buffer, self.storage, self.vocabulary)
         self.sequence += 1
         self.buffer = []
         refresh_manifest(self.directory, [entry])

@@ -1,7 +1,9 @@
-"""Small dumps written without an engine: real Parquet in the real schema, random content.
+"""Small dumps written without an engine: real Parquet in the real schemas, random content.
 
 Used where a test needs many rows or row groups fast (loader partition and resume); the tests
-that need a teacher's real signal use teacher-dump with the tiny model instead.
+that need a teacher's real signal use teacher-dump with the tiny model instead. Schema version 1
+(what older releases wrote, still read) is written here from plain arrays, independently of the
+v2 writer; version 2 goes through teacher-dump's own writer.
 """
 
 from __future__ import annotations
@@ -10,35 +12,155 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.manifest import MANIFEST_NAME, totals
-from schemas.shard import PARQUET_WRITE_OPTIONS, SCHEMA_VERSION, round_logprobs
+from schemas.shard import PAD_ID, SCHEMA_V1, SCHEMA_VERSION, Storage, round_logprobs
+from teacher_dump.encoding import encode_row
 from teacher_dump.rows import ShardRow
-from teacher_dump.shards import describe_shard, rows_to_table, shard_name
+from teacher_dump.shards import describe_shard, shard_name, write_table
+from teacher_dump.shards import rows_to_table as v2_table
+
+V1_WRITE_OPTIONS = {
+    "compression": "zstd",
+    "compression_level": 3,
+    "use_dictionary": True,
+    "write_statistics": ["source_index", "completion_index"],
+}
+"""How schema-v1 shards were written."""
 
 
-def synthetic_row(index: int, rng: np.random.Generator, top_k: int, vocabulary: int) -> ShardRow:
+def synthetic_arrays(index: int, rng: np.random.Generator, top_k: int, vocabulary: int) -> dict:
+    """One row's fields: random prompt/target, a top-k (rank order) of a random distribution
+    over top_k + 1 outcomes (so a tail is left), unrounded float32 logprobs."""
     prompt_length, target_length = int(rng.integers(1, 6)), int(rng.integers(1, 9))
     topk_ids = np.stack(
         [rng.choice(vocabulary, size=top_k, replace=False) for _ in range(target_length)]
     ).astype(np.int32)
     logprobs = np.sort(np.log(rng.dirichlet(np.ones(top_k + 1), size=target_length))[:, :top_k])
-    return ShardRow(
-        sample_id=str(index),
-        source_index=index,
-        completion_index=0,
-        prompt_ids=rng.integers(0, vocabulary, size=prompt_length).astype(np.int32),
-        target_ids=topk_ids[:, 0].copy(),
-        target_logprobs=round_logprobs(logprobs[:, -1]),
-        topk_ids=topk_ids,
-        topk_logprobs=round_logprobs(logprobs[:, ::-1].copy()),
-        finish_reason="text",
-        prompt_text="",
-        target_text="",
-        references=(),
-        padded_topk_entries=0,
-    )
+    return {
+        "sample_id": str(index),
+        "source_index": index,
+        "prompt_ids": rng.integers(0, vocabulary, size=prompt_length).astype(np.int32),
+        "target_ids": topk_ids[:, 0].copy(),
+        "target_logprobs": round_logprobs(logprobs[:, -1]),
+        "topk_ids": topk_ids,
+        "topk_logprobs": logprobs[:, ::-1].astype(np.float32),
+    }
+
+
+def v1_table(rows: list[dict]) -> pa.Table:
+    """A schema-v1 table: topk_* as list<list<...>>, logprobs rounded to 2^-10 (PAD_ID / -inf
+    in freed slots are kept as given)."""
+
+    def nested(arrays: list[np.ndarray]) -> list:
+        return [array.tolist() for array in arrays]
+
+    rounded = [
+        np.where(row["topk_ids"] == PAD_ID, -np.inf, round_logprobs(row["topk_logprobs"]))
+        for row in rows
+    ]
+    columns = {
+        "sample_id": [row["sample_id"] for row in rows],
+        "source_index": [row["source_index"] for row in rows],
+        "completion_index": [0] * len(rows),
+        "prompt_ids": nested([row["prompt_ids"] for row in rows]),
+        "target_ids": nested([row["target_ids"] for row in rows]),
+        "target_logprobs": nested([row["target_logprobs"] for row in rows]),
+        "topk_ids": nested([row["topk_ids"] for row in rows]),
+        "topk_logprobs": nested(rounded),
+        "finish_reason": ["text"] * len(rows),
+        "prompt_text": [""] * len(rows),
+        "target_text": [""] * len(rows),
+        "references": [[] for _ in rows],
+    }
+    return pa.Table.from_pydict(columns, schema=SCHEMA_V1)
+
+
+def write_v1_dump(
+    directory: Path,
+    rows: list[dict],
+    *,
+    top_k: int,
+    vocabulary: int,
+    fingerprint: str,
+    rows_per_shard: int = 40,
+    row_group_rows: int = 7,
+) -> Path:
+    """Write rows (synthetic_arrays fields) as a schema-v1 dump with its manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for sequence, start in enumerate(range(0, len(rows), rows_per_shard)):
+        path = directory / shard_name(0, 1, sequence)
+        table = v1_table(rows[start : start + rows_per_shard])
+        pq.write_table(table, path, row_group_size=row_group_rows, **V1_WRITE_OPTIONS)
+        entries.append(describe_shard(path))
+    manifest = {
+        "schema_version": 1,
+        "identity": "synthetic",
+        "mode": "text",
+        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
+        "top_k": top_k,
+        "data": {"expected_rows": len(rows)},
+        "shards": entries,
+        "totals": totals(entries),
+        "complete": True,
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return directory
+
+
+def write_v2_dump(
+    directory: Path,
+    rows: list[dict],
+    storage: Storage,
+    *,
+    vocabulary: int,
+    fingerprint: str,
+    rows_per_shard: int = 40,
+) -> Path:
+    """Write rows (synthetic_arrays fields) with teacher-dump's v2 writer as `storage`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shard_rows = [
+        ShardRow(
+            sample_id=row["sample_id"],
+            source_index=row["source_index"],
+            completion_index=0,
+            prompt_ids=row["prompt_ids"],
+            target_ids=row["target_ids"],
+            target_logprobs=row["target_logprobs"],
+            entries=encode_row(row["topk_ids"], row["topk_logprobs"], storage, vocabulary),
+            finish_reason="text",
+            prompt_text="",
+            target_text="",
+            references=(),
+            padded_topk_entries=0,
+        )
+        for row in rows
+    ]
+    entries = []
+    for sequence, start in enumerate(range(0, len(rows), rows_per_shard)):
+        path = directory / shard_name(0, 1, sequence)
+        table, footer = v2_table(shard_rows[start : start + rows_per_shard], storage, vocabulary)
+        write_table(path, table, footer, storage)
+        entries.append(describe_shard(path))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "identity": "synthetic",
+        "mode": "text",
+        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
+        "top_k": storage.top_k,
+        "storage": storage.to_dict(),
+        "data": {"expected_rows": len(rows)},
+        "shards": entries,
+        "totals": totals(entries),
+        "complete": True,
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return directory
 
 
 def write_synthetic_dump(
@@ -52,27 +174,16 @@ def write_synthetic_dump(
     seed: int = 0,
     fingerprint: str = "synthetic",
 ) -> Path:
-    """Write `rows` rows as shards of `rows_per_shard` with row groups of `row_group_rows`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write `rows` random rows as a schema-v1 dump: shards of `rows_per_shard`, row groups of
+    `row_group_rows`."""
     rng = np.random.default_rng(seed)
-    all_rows = [synthetic_row(index, rng, top_k, vocabulary) for index in range(rows)]
-    entries = []
-    for sequence, start in enumerate(range(0, rows, rows_per_shard)):
-        path = directory / shard_name(0, 1, sequence)
-        table = rows_to_table(all_rows[start : start + rows_per_shard])
-        pq.write_table(table, path, row_group_size=row_group_rows, **PARQUET_WRITE_OPTIONS)
-        entries.append(describe_shard(path))
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "identity": "synthetic",
-        "mode": "text",
-        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
-        "top_k": top_k,
-        "data": {"expected_rows": rows},
-        "shards": entries,
-        "totals": totals(entries),
-        "complete": True,
-    }
-    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
-    return directory
+    arrays = [synthetic_arrays(index, rng, top_k, vocabulary) for index in range(rows)]
+    return write_v1_dump(
+        directory,
+        arrays,
+        top_k=top_k,
+        vocabulary=vocabulary,
+        fingerprint=fingerprint,
+        rows_per_shard=rows_per_shard,
+        row_group_rows=row_group_rows,
+    )

@@ -412,7 +412,7 @@ def micro_batch_gradient(model, rows, groups, loss):
 def test_step_gradient_does_not_depend_on_the_micro_batch_split(loss):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.synthetic_dumps import synthetic_row
+    from tests.synthetic_dumps import synthetic_arrays
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -428,10 +428,14 @@ def test_step_gradient_does_not_depend_on_the_micro_batch_split(loss):
     rng = np.random.default_rng(0)
     rows = []
     for index in range(8):
-        row = synthetic_row(index, rng, top_k=5, vocabulary=50)
+        row = synthetic_arrays(index, rng, top_k=5, vocabulary=50)
         rows.append(
             TrainingRow(
-                row.sample_id, row.prompt_ids, row.target_ids, row.topk_ids, row.topk_logprobs
+                row["sample_id"],
+                row["prompt_ids"],
+                row["target_ids"],
+                row["topk_ids"],
+                row["topk_logprobs"],
             )
         )
     whole = micro_batch_gradient(model, rows, 1, loss)
