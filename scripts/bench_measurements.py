@@ -279,8 +279,9 @@ def measure_engine(
     result: dict = {"engine_start_seconds": time.perf_counter() - started, "sampled": sampled}
     try:
         for name, by_variant in configs.items():
+            end_to_end = f"end-to-end-{'draws' if sampled else 'top-k'}"
             record_config = replace(
-                by_variant[widest["name"]], out=str(work_path / name / "end-to-end")
+                by_variant[widest["name"]], out=str(work_path / name / end_to_end)
             )
             if name == "gsm8k" and overhead:
                 figures, recording = measure_dump_overhead(
