@@ -80,7 +80,9 @@ class BenchConfig:
     """The adaptive mass rule's target (cap 2 x large_k)."""
     draws: tuple[int, ...] = (32, 64)
     """Draws per position of the sampled representations."""
-    storage_train_steps: int = 24
+    bare_windows: int = 16
+    """Windows of vLLM's bare scoring loop, timed at each representation's request."""
+    storage_train_steps: int = 20
     """Optimizer steps of each storage training run (8 windows per step)."""
     storage_seeds: int = 3
     """Seeds (data orders) of the exact top-large_k training run: its run-to-run spread."""
@@ -685,7 +687,8 @@ def run_bench(config: BenchConfig) -> dict:
         teacher=str(teacher), text=str(text), work=str(work), chunk_tokens=config.chunk_tokens,
         windows=config.windows, gsm8k_prompts=config.dump_prompts,
         max_new_tokens=config.dump_max_new_tokens, repeats=config.repeats,
-        max_model_len=config.max_model_len, enforce_eager=config.enforce_eager,
+        bare_windows=config.bare_windows, max_model_len=config.max_model_len,
+        enforce_eager=config.enforce_eager,
     )  # fmt: skip
     stage("teacher engine (top-k): storage dumps" + (", dump overhead" if gsm8k else ""))
     raw: dict = {

@@ -228,6 +228,7 @@ def measure_engine(
     max_new_tokens: int,
     repeats: int,
     overhead: bool,
+    bare_windows: int,
     max_model_len: int,
     enforce_eager: bool,
 ) -> dict:
@@ -236,7 +237,7 @@ def measure_engine(
     Text: the WikiText windows are scored once by teacher-dump with the widest variant's request
     (end to end, recorded); every variant's dump is then teacher-dump replayed on that recording
     (its own work timed, repeats), and vLLM's bare scoring loop is timed at each variant's
-    request. GSM8K: teacher-dump generate end to end with the widest request (with `overhead`,
+    request on the first `bare_windows` windows. GSM8K: teacher-dump generate end to end with the widest request (with `overhead`,
     the dump-overhead runs against bare LLM.generate), then each variant replayed likewise.
     Variant dumps go to WORK/storage/<dataset>/<variant name>."""
     from shared.engine import EngineSettings, TeacherEngine
@@ -314,7 +315,9 @@ def measure_engine(
                 bare_score(engine, sequences[:4], 1)  # warm-up
                 widths = sorted({config.engine_logprobs for config in by_variant.values()})
                 dataset["bare"] = {
-                    str(width): [bare_score(engine, sequences, width) for _ in range(repeats)]
+                    str(width): [
+                        bare_score(engine, sequences[:bare_windows], width) for _ in range(repeats)
+                    ]
                     for width in widths
                 }
             result[name] = dataset
