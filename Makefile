@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo bench quality clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,12 @@ demo: setup
 # bench/results.md. BENCH_ARGS='--only storage' runs one group; benchmarks never fail the build.
 bench: setup
 	$(BIN)/python -m scripts.bench $(BENCH_ARGS)
+
+# KD vs SFT at equal cost: held-out LM cross-entropy curves with seeds and ablations, and SciTLDR
+# ROUGE for sequence-level vs logit KD (needs ../shared/data; about an hour on 2 quiet CPU
+# cores). Writes quality/results.json, results.md and curves.png. QUALITY_ARGS='--set only=lm'.
+quality: setup
+	$(BIN)/python -m scripts.quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

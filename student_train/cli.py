@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 
 from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
+from shared.model_preparation import LayerChoice
 from student_train.config import TrainConfig
 
 FLAGS = (
@@ -86,17 +88,24 @@ def print_summary(summary: dict) -> None:
 
 @main.command("init-student")
 @click.option("--teacher", required=True, help="Teacher model directory.")
-@click.option("--layers", required=True, type=int, help="Decoder layers to keep (evenly spaced).")
+@click.option("--layers", required=True, type=int, help="Decoder layers to keep.")
+@click.option(
+    "--keep",
+    type=click.Choice(get_args(LayerChoice)),
+    default="evenly",
+    show_default=True,
+    help="evenly: spread over the stack; ends: first and last layers, one middle block dropped.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New model directory.")
 @click.option("--trust-remote-code", is_flag=True, default=False)
-def init_student(teacher: str, layers: int, out: Path, trust_remote_code: bool) -> None:
+def init_student(teacher: str, layers: int, keep: str, out: Path, trust_remote_code: bool) -> None:
     """Make a student from a teacher by keeping some of its layers (DistilBERT-style init)."""
     from shared.model_preparation import derive_student
     from shared.models import resolve_model
 
     try:
         directory = resolve_model(teacher, flag="--teacher").directory
-        derive_student(directory, layers, out, trust_remote_code=trust_remote_code)
+        derive_student(directory, layers, out, keep=keep, trust_remote_code=trust_remote_code)
     except UserError as error:
         exit_with(error)
     click.echo(str(out))
