@@ -20,7 +20,8 @@ FLAGS = (
     "max_steps", "epochs", "micro_batch", "batch_tokens", "grad_accum", "lr", "warmup", "seed",
     "lora_r", "lora_alpha", "lora_target", "rslora", "merge_lora", "eval_every", "save_every",
     "stop_at_step", "max_length", "chunk_tokens", "bf16", "resume", "trust_remote_code",
-    "progress",
+    "progress", "data", "data_path", "split", "limit", "more_shards", "teacher_weights",
+    "hidden_weight", "student_hidden_layer",
 )  # fmt: skip
 """The TrainConfig fields that have a flag; every field can be set with --set or --config."""
 NEGATED = {"progress": "--no-progress"}
@@ -32,10 +33,12 @@ NEGATED = {"progress": "--no-progress"}
 @config_options
 @click.pass_context
 def main(context, config_file, assignments, **flags) -> None:
-    """Train a student from teacher-dump shards (sequence-level and logit KD, no teacher).
+    """Train a student from teacher-dump shards (sequence-level and logit KD, no teacher), or
+    a classifier from class shards or from labels.
 
     \b
     student-train --shards DIR --student MODEL --out DIR (--max-steps N | --epochs E) [options]
+    student-train --data sst2 --data-path DIR --student MODEL --loss ce --out DIR ...
     torchrun --nproc-per-node N -m student_train.cli ...   (data parallel)
     student-train init-student --teacher DIR --layers N --out DIR
     """
