@@ -427,8 +427,8 @@ def measure_online(
     from shared.causal_lm import final_hidden_states, output_logits_function
     from student_train.config import TrainConfig
     from student_train.distributed import Distributed
-    from student_train.student import load_student
     from student_train.objectives import LanguageModelObjective
+    from student_train.student import load_student
     from student_train.train import accumulate_gradients
 
     dump, batch = fixed_batch(shards, micro_batch)

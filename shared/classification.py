@@ -164,16 +164,18 @@ def load_classifier(
 
 
 def encoder_layers(model):
-    """The ModuleList of an encoder's layers (see ENCODER_LAYER_PATHS), or None."""
+    """(the module holding an encoder's layers, the attribute name of its ModuleList), found
+    along ENCODER_LAYER_PATHS, or None."""
     import torch
 
     base = getattr(model, "base_model", model)
     for path in ENCODER_LAYER_PATHS:
-        module = base
-        for part in path.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, torch.nn.ModuleList):
-            return module
+        *parents, name = path.split(".")
+        parent = base
+        for part in parents:
+            parent = getattr(parent, part, None)
+        if isinstance(getattr(parent, name, None), torch.nn.ModuleList):
+            return parent, name
     return None
 
 

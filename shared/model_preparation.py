@@ -87,34 +87,68 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
 
 
 def derive_student(
-    teacher: Path, layers: int, out: Path, *, trust_remote_code: bool = False
+    teacher: Path,
+    layers: int,
+    out: Path,
+    *,
+    trust_remote_code: bool = False,
+    labels: tuple[str, ...] = (),
+    seed: int = 0,
 ) -> Path:
-    """A student that is the teacher with only `layers` of its decoder layers (evenly spaced),
-    same embeddings, head and tokenizer: a DistilBERT-style initialization."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """A student that is the teacher with only `layers` of its layers (evenly spaced), same
+    embeddings, head and tokenizer: a DistilBERT-style initialization. Works for decoders
+    (layers in .layers of the decoder) and encoders (BERT/RoBERTa/MiniLM/DistilBERT/ModernBERT,
+    bare or with a classification head). `labels`: give a bare encoder a classification head
+    with these labels (initialized from `seed`), so that the untrained student can be evaluated
+    and every run starts from the same head."""
+    import json
 
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from shared.classification import encoder_layers, is_causal_lm, is_sequence_classifier
     from shared.tokenizer import load_tokenizer
 
     teacher, out = Path(teacher), Path(out)
     if out.exists():
         raise UserError(f"--out {out} already exists: remove it or choose another directory")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(teacher), dtype=torch.float32, trust_remote_code=trust_remote_code
+    config = json.loads((teacher / "config.json").read_text())
+    if is_causal_lm(config):
+        model_class = AutoModelForCausalLM
+    elif is_sequence_classifier(config) or labels:
+        model_class = AutoModelForSequenceClassification
+    else:
+        model_class = AutoModel
+    if labels and model_class is not AutoModelForSequenceClassification:
+        raise UserError("--labels gives an encoder a classification head, not a causal LM")
+    if labels and is_sequence_classifier(config):
+        raise UserError(f"--labels: {teacher} already is a classifier with its own labels")
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels))} if labels else {}
+    torch.manual_seed(seed)
+    model = model_class.from_pretrained(
+        str(teacher), dtype=torch.float32, trust_remote_code=trust_remote_code, **head
     )
-    decoder = model.get_decoder()
-    if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
+    if model_class is AutoModelForCausalLM:
+        holder = (model.get_decoder(), "layers")
+    else:
+        holder = encoder_layers(model)
+    stack = getattr(*holder, None) if holder is not None else None
+    if not isinstance(stack, torch.nn.ModuleList):
         raise UserError(
-            f"{teacher}: {type(model).__name__} does not keep its decoder layers in .layers; "
-            "derive the student yourself"
+            f"{teacher}: {type(model).__name__} does not keep its layers where init-student "
+            "looks (a decoder's .layers, an encoder's encoder.layer / transformer.layer / "
+            "layers); derive the student yourself"
         )
-    kept = evenly_spaced_layers(len(decoder.layers), layers)
-    decoder.layers = torch.nn.ModuleList(decoder.layers[index] for index in kept)
-    for new_index, layer in enumerate(decoder.layers):
-        attention = getattr(layer, "self_attn", None)
+    kept = evenly_spaced_layers(len(stack), layers)
+    stack = torch.nn.ModuleList(stack[index] for index in kept)
+    setattr(*holder, stack)
+    for new_index, layer in enumerate(stack):
+        attention = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
         if attention is not None and hasattr(attention, "layer_idx"):
             attention.layer_idx = new_index  # the KV cache is indexed by position in the stack
-    model.config.num_hidden_layers = len(kept)
+    for key in ("num_hidden_layers", "n_layers"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, len(kept))
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[index] for index in kept]
     with publishing(out) as temporary:

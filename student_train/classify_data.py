@@ -36,8 +36,7 @@ def labels_only_source(config) -> tuple[Dump, object]:
         labels = list(task.labels)
         records = load_records(task, config.data, data_path, config.split)
         examples = [
-            task.to_example(row, index)
-            for index, row in enumerate(records.rows[: config.limit])
+            task.to_example(row, index) for index, row in enumerate(records.rows[: config.limit])
         ]
     else:
         task = resolve_task(config.data, "text", "label")
@@ -82,9 +81,7 @@ def labels_only_source(config) -> tuple[Dump, object]:
     dump = Dump(
         directory=source,
         manifest=manifest,
-        row_groups=tuple(
-            RowGroup(source, index, len(group)) for index, group in enumerate(groups)
-        ),
+        row_groups=tuple(RowGroup(source, index, len(group)) for index, group in enumerate(groups)),
     )
     return dump, lambda group, columns: groups[group.index]
 

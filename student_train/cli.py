@@ -89,17 +89,27 @@ def print_summary(summary: dict) -> None:
 
 @main.command("init-student")
 @click.option("--teacher", required=True, help="Teacher model directory.")
-@click.option("--layers", required=True, type=int, help="Decoder layers to keep (evenly spaced).")
+@click.option(
+    "--layers", required=True, type=int, help="Decoder or encoder layers to keep (evenly spaced)."
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New model directory.")
+@click.option(
+    "--labels",
+    default="",
+    help="Give a bare encoder a classification head with these labels (a,b,...), seed 0.",
+)
 @click.option("--trust-remote-code", is_flag=True, default=False)
-def init_student(teacher: str, layers: int, out: Path, trust_remote_code: bool) -> None:
+def init_student(
+    teacher: str, layers: int, out: Path, labels: str, trust_remote_code: bool
+) -> None:
     """Make a student from a teacher by keeping some of its layers (DistilBERT-style init)."""
     from shared.model_preparation import derive_student
     from shared.models import resolve_model
 
     try:
         directory = resolve_model(teacher, flag="--teacher").directory
-        derive_student(directory, layers, out, trust_remote_code=trust_remote_code)
+        names = tuple(name.strip() for name in labels.split(",") if name.strip())
+        derive_student(directory, layers, out, trust_remote_code=trust_remote_code, labels=names)
     except UserError as error:
         exit_with(error)
     click.echo(str(out))

@@ -248,8 +248,7 @@ class TrainConfig:
                 "--more-shards adds teachers to --shards: pass --shards too",
             ),
             (
-                not self.teacher_weights
-                or len(self.teacher_weights) == 1 + len(self.more_shards),
+                not self.teacher_weights or len(self.teacher_weights) == 1 + len(self.more_shards),
                 f"--teacher-weights needs one weight per teacher ({1 + len(self.more_shards)}: "
                 "--shards, then each --more-shards)",
             ),

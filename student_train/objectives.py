@@ -192,9 +192,7 @@ class ClassificationObjective:
                 batch.attention_mask.to(device),
                 loss.pooling,
             )
-            hidden = hidden_state_mse_sum(
-                loss.projection(pooled), batch.teacher_hidden.to(device)
-            )
+            hidden = hidden_state_mse_sum(loss.projection(pooled), batch.teacher_hidden.to(device))
             sums = torch.stack([sums[0] + loss.weight * hidden, sums[1], sums[2]])
         return torch.cat([sums, hidden.reshape(1)])
 

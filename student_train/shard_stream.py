@@ -15,11 +15,10 @@ the one window the position is in and skips to the offset, without replaying the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
-from collections.abc import Callable
 
 from schemas.manifest import is_classify
 from shared.shard_reader import (

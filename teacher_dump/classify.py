@@ -226,9 +226,7 @@ def dump_classification(
     statistics = {"rows": 0, "hidden_width": None, "label_word_mass": 0.0}
     started = time.perf_counter()
     try:
-        for request, log_probabilities, hidden, word_mass in classified(
-            config, engine, plan, todo
-        ):
+        for request, log_probabilities, hidden, word_mass in classified(config, engine, plan, todo):
             if hidden is not None:
                 statistics["hidden_width"] = int(hidden.shape[0])
             writer.add_prompt_rows(

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import read_manifest
+from schemas.manifest import is_classify, read_manifest
 from schemas.shard import SCHEMA_VERSION, describe_schema_mismatch, schema_version_of
 from shared.errors import UserError, first_line
 from shared.files import sha256_of_file
-from schemas.manifest import is_classify
 from shared.shard_reader import id_space, shard_columns, value_problem
 from teacher_dump.shards import shards_on_disk
 
