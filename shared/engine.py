@@ -443,20 +443,28 @@ class ClassifierEngine:
     def classify(
         self, inputs: Iterable[tuple[object, list[int]]], *, max_in_flight: int, pad_id: int
     ) -> Iterator[ClassifiedBatch]:
-        """Class log-probabilities of (key, token_ids) inputs, in input order, in batches.
+        """Class log-probabilities of (key, token_ids) inputs, in batches (each batch names
+        its keys; transformers batches texts of similar length within each window of
+        `max_in_flight`).
 
         token_ids are the complete model input (special tokens included, already truncated).
         """
         pending = iter(inputs)
-        size = max_in_flight if self.llm is not None else self.settings.batch_size
-        while batch := list(itertools.islice(pending, size)):
-            keys = [key for key, _ in batch]
-            ids = [token_ids for _, token_ids in batch]
+        while window := list(itertools.islice(pending, max_in_flight)):
             if self.llm is not None:
-                yield ClassifiedBatch(keys, self._classify_vllm(ids), None)
-            else:
-                log_probabilities, hidden = self._classify_transformers(ids, pad_id)
-                yield ClassifiedBatch(keys, log_probabilities, hidden)
+                ids = [token_ids for _, token_ids in window]
+                yield ClassifiedBatch([key for key, _ in window], self._classify_vllm(ids), None)
+                continue
+            # Texts of similar length share a forward pass, so little compute goes to padding
+            # (results are keyed, so their order does not matter).
+            window.sort(key=lambda item: len(item[1]))
+            size = self.settings.batch_size
+            for start in range(0, len(window), size):
+                batch = window[start : start + size]
+                log_probabilities, hidden = self._classify_transformers(
+                    [token_ids for _, token_ids in batch], pad_id
+                )
+                yield ClassifiedBatch([key for key, _ in batch], log_probabilities, hidden)
 
     def _classify_vllm(self, ids: list[list[int]]) -> np.ndarray:
         from vllm.inputs import TokensPrompt

