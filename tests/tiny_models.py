@@ -84,8 +84,15 @@ def build_tiny_bert_tokenizer(directory: Path):
     """A WordPiece (BERT-style) tokenizer trained on the Python docs: [CLS] text [SEP]."""
     import pydoc_data.topics
 
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import BertTokenizerFast
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -144,7 +151,7 @@ def build_tiny_bert(
         num_hidden_layers=layers,
         num_attention_heads=hidden // 32,
         intermediate_size=2 * hidden,
-        max_position_embeddings=128,
+        max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
         num_labels=len(labels or ()) or 2,
         id2label=dict(enumerate(labels)) if labels else None,
