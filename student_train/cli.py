@@ -66,7 +66,7 @@ def print_summary(summary: dict) -> None:
     """Where the artefacts are, and the last numbers (rank 0 only)."""
     out = Path(summary["out"])
     train = summary.get("train") or {}
-    lines = [f"trained {summary['steps']} steps, {summary['tokens']:,} target tokens"]
+    lines = [f"trained {summary['steps']} steps, {summary['tokens']:,} {summary['unit']}"]
     if train:
         lines.append(
             f"last train loss {train['loss']:.4f} (ce {train['ce']:.4f}, kd {train['kd']:.4f})"

@@ -468,6 +468,9 @@ def finish(run: TrainingRun) -> dict:
         "steps": run.step,
         "total_steps": run.total_steps,
         "tokens": run.tokens_seen,
+        "unit": "examples"
+        if isinstance(run.objective, ClassificationObjective)
+        else "target tokens",
         "train": run.last_train,
         "eval": run.last_eval,
         "stopped_early": run.stopped_early,

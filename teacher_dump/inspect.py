@@ -81,6 +81,20 @@ def format_summary(directory: Path, summary: dict) -> str:
         f"top-k mass      {summary['mean_topk_mass']:.4f} mean sum of p over the stored ids",
         f"finish reasons  {reasons}",
     ]
+    section = manifest.get("classify")
+    if section:
+        lines.append(
+            f"labels          {', '.join(section['labels'])} (teacher: {section['teacher_kind']}, "
+            f"ran in {section.get('backend') or 'not run yet'}"
+            + (f": {section['backend_reason']}" if section.get("backend_reason") else "")
+            + ")"
+        )
+        if section.get("hidden"):
+            hidden = section["hidden"]
+            lines.append(
+                f"hidden states   layer {hidden['layer']}, {hidden['pooling']} pooling, width "
+                f"{hidden['width']} (float16)"
+            )
     if summary["unreadable"]:
         lines.append(
             f"UNREADABLE      {', '.join(summary['unreadable'])} (run inspect --validate for details)"

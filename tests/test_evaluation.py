@@ -303,7 +303,20 @@ def test_bad_input_is_one_line(tiny_model, tmp_path):
             ("--task", "summ", "--model", f"a={tiny_model}", "--data-path", str(no_reference)),
             "no reference",
         ),
-        (("--task", "cls", "--model", f"a={tiny_model}"), "not supported yet"),
+        (("--task", "cls", "--model", f"a={tiny_model}"), "--task cls needs --data"),
+        (
+            (
+                "--task",
+                "cls",
+                "--data",
+                "sst2",
+                "--data-path",
+                str(good),
+                "--model",
+                f"a={tiny_model}",
+            ),
+            "has no column",
+        ),
         (("--task", "gsm8k", "--data-path", str(good)), "--models required"),
     ]
     for arguments, expected in cases:
