@@ -138,7 +138,8 @@ class ClassificationObjective:
         self.hidden_loss = hidden_loss
         self.modules = [hidden_loss.projection] if hidden_loss is not None else []
 
-    def batch(self, rows: list[TrainingRow]) -> ClassificationBatch:
+    def batch(self, rows: list[TrainingRow], with_hidden: bool = True) -> ClassificationBatch:
+        """`with_hidden=False`: leave out the teacher's hidden states (evaluation)."""
         encoded = encode_texts(self.tokenizer, [row.text for row in rows], self.max_length)
         gold = torch.tensor([int(row.target_ids[0]) for row in rows], dtype=torch.int64)
         teacher = None
@@ -150,7 +151,7 @@ class ClassificationObjective:
                 np.concatenate([row.topk_logprobs for row in rows]),
             )
         hidden = None
-        if self.hidden_loss is not None:
+        if self.hidden_loss is not None and with_hidden:
             hidden = torch.from_numpy(np.stack([row.hidden for row in rows]).astype(np.float32))
         return ClassificationBatch(
             input_ids=encoded["input_ids"],
@@ -204,7 +205,7 @@ class ClassificationObjective:
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for rows in batches:
-                batch = self.batch(rows)
+                batch = self.batch(rows, with_hidden=False)
                 logits = self.forward(model, batch, device).logits.float()
                 log_q = torch.log_softmax(logits, dim=-1)
                 gold = batch.gold.to(device)

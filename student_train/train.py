@@ -619,7 +619,8 @@ def evaluate(run: TrainingRun) -> dict:
         shuffle=False,
         buffer_rows=config.shuffle_buffer,
         epochs=1,
-        columns=run.columns,
+        # Evaluation compares outputs only: held-out dumps need no hidden states.
+        columns=tuple(column for column in run.columns if column != HIDDEN_COLUMN),
     )
 
     def batches():

@@ -266,18 +266,21 @@ def train(out: Path, **values):
 
 
 def test_kd_with_hidden_states_through_a_projection_and_resume(
-    class_shards, tiny_encoder_student, tmp_path
+    class_shards, tiny_classifier, tiny_encoder_student, sst2_like, tmp_path
 ):
     """The student (width 32) learns the teacher's (64) pooled states through a projection;
     a run stopped and resumed ends with the same weights as an uninterrupted one."""
     from safetensors.torch import load_file
+
+    held_out = tmp_path / "held-out"  # without hidden states: evaluation does not need them
+    classify_dump(tiny_classifier, sst2_like, held_out, split="test")
 
     settings = dict(
         shards=str(class_shards),
         student=str(tiny_encoder_student),
         max_steps=4,
         hidden_weight=1.0,
-        eval_shards=str(class_shards),
+        eval_shards=str(held_out),
     )
     whole = train(tmp_path / "whole", **settings)
     assert whole["train"]["hidden_mse"] > 0 and whole["train"]["kd"] > 0
