@@ -24,7 +24,7 @@ from kd_eval.config import EvalConfig, parse_model
 from kd_eval.report import write_outputs
 from shared.config import config_to_dict
 from shared.errors import UserError
-from shared.models import ResolvedModel, context_length, resolve_model
+from shared.models import AUXILIARY_WEIGHTS, ResolvedModel, context_length, resolve_model
 from shared.records import LoadedRecords
 from shared.scoring import (
     bleu_score,
@@ -107,6 +107,8 @@ def count_parameters(directory: Path) -> int:
 
     total = 0
     for path in sorted(directory.glob("*.safetensors")):
+        if path.name in AUXILIARY_WEIGHTS:
+            continue
         with safe_open(str(path), framework="numpy") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 total += int(np.prod(handle.get_slice(key).get_shape()))

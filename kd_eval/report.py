@@ -42,6 +42,10 @@ teacher, top-1 agreement) and ms/sample are added for every task when measured."
 LOG_SCALE_SPAN = 10.0
 """A panel whose positive values span more than this factor is drawn on a log scale, so that a
 model orders of magnitude off does not flatten the others into invisible bars."""
+NUMERICAL_ZERO = 1e-6
+"""Values below this are drawn as 0 (the teacher's KL to itself is ~1e-8 from the rounding of
+stored logprobs): they are not a scale to show."""
+PANELS_PER_ROW = 3
 
 
 def markdown_table(report: dict) -> str:
@@ -98,6 +102,7 @@ def chart_panels(report: dict) -> list[tuple[str, list[float], bool]]:
     result = []
     for section, key, title in panels:
         values = [float((model.get(section) or {}).get(key, math.nan)) for model in models]
+        values = [0.0 if abs(value) < NUMERICAL_ZERO else value for value in values]
         positive = [value for value in values if value > 0 and math.isfinite(value)]
         log_scale = bool(positive) and max(positive) / min(positive) > LOG_SCALE_SPAN
         result.append((title + (" (log scale)" if log_scale else ""), values, log_scale))
@@ -114,8 +119,12 @@ def plot_chart(path: Path, report: dict) -> None:
     names = list(report["models"])
     panels = chart_panels(report)
     width = max(3.2, 0.9 * len(names) + 1.5)
-    figure, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.8), squeeze=False)
-    for axis, (title, values, log_scale) in zip(axes[0], panels, strict=True):
+    columns = min(PANELS_PER_ROW, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, 3.8 * rows), squeeze=False)
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for axis, (title, values, log_scale) in zip(axes.flat, panels, strict=False):
         shown = [value if math.isfinite(value) else 0.0 for value in values]
         bars = axis.bar(names, shown, color=[f"C{index}" for index in range(len(names))])
         if log_scale:

@@ -35,6 +35,7 @@ from shared.causal_lm import check_output_path, output_logits_function
 from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import atomic_write_json, directory_lock
+from shared.models import AUXILIARY_WEIGHTS
 from shared.shard_reader import (
     CLASSIFY_COLUMNS,
     LENGTH_COLUMNS,
@@ -688,7 +689,7 @@ def save_training_state(run: TrainingRun) -> None:
     barrier(context)
 
 
-PROJECTION_NAME = "hidden_projection.safetensors"
+PROJECTION_NAME = AUXILIARY_WEIGHTS[0]
 """The learned projection of the hidden-state loss, saved beside the student's weights."""
 
 
