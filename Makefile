@@ -59,7 +59,7 @@ bench: setup
 	$(BIN)/python -m scripts.bench $(BENCH_ARGS)
 
 # Classification KD on SST-2 and AG News from ../shared/data (MiniLM-L6 teachers, a 3-layer
-# student; labels-only vs KD vs two teachers vs KD + hidden states): about 35 minutes on 2 CPU
+# student; labels-only vs KD vs two teachers vs KD + hidden states): 46 minutes measured on 2 busy CPU
 # cores. Writes classify-bench/; CLASSIFY_ARGS='--set datasets=sst2' runs one dataset.
 classify-bench: setup
 	$(BIN)/python -m scripts.classify_bench $(CLASSIFY_ARGS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -496,3 +497,27 @@ def test_bad_input_for_classification(
             student=str(tiny_classifier),
             max_steps=1,
         )
+
+
+def test_unlabelled_texts_from_a_file_are_dumped_and_distilled(
+    tiny_classifier, tiny_encoder_student, tmp_path
+):
+    """A data file without labels: rows carry NO_LABEL, validate, and train by KD alone."""
+    from teacher_dump.inspect import validate
+
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"review": text}) + "\n" for text, _ in TEXTS[:6]))
+    out = tmp_path / "unlabelled"
+    from teacher_dump.run import run_dump
+
+    config = dump_config(tiny_classifier, data, out, mode="classify", prompt_column="review")
+    run_dump(replace(config, data=str(data), data_path=None, classify_backend="transformers"))
+    assert validate(out) == []
+    rows = read_dump_rows(out)
+    assert {row["finish_reason"] for row in rows} == {"unlabelled"}
+    assert all(row["target_ids"] == [-1] and row["references"] == [] for row in rows)
+    summary = train(
+        tmp_path / "student", shards=str(out), student=str(tiny_encoder_student), max_steps=2
+    )
+    assert summary["train"]["ce"] == 0.0 and math.isfinite(summary["train"]["kd"])
+    assert summary["train"]["kd"] > 0
