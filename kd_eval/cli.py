@@ -13,7 +13,7 @@ from shared.errors import UserError, exit_with
 FLAGS = (
     "task", "data_path", "split", "limit", "teacher_shards", "max_new_tokens", "chunk_tokens",
     "out", "dtype", "max_model_len", "enforce_eager", "chat_template", "trust_remote_code",
-    "progress",
+    "progress", "data", "classify_backend",
 )  # fmt: skip
 """The EvalConfig fields that have a flag (plus --model); any field can be set with --set."""
 NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
@@ -34,7 +34,7 @@ def main(config_file, assignments, models, **flags) -> None:
     """Evaluate models on a task with identical prompts and decoding; print a table.
 
     \b
-    kd-eval --task gsm8k|summ|lm --model NAME=PATH [--model NAME=PATH ...] [--data-path P]
+    kd-eval --task gsm8k|summ|lm|cls --model NAME=PATH [--model NAME=PATH ...] [--data-path P]
             [--split S] [--limit N] [--teacher-shards DIR] [--max-new-tokens N] [--out DIR]
     """
     if models:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from schemas.shard import SCHEMA_VERSION
+from schemas.shard import CLASSIFY_MODE, SCHEMA_VERSION
 from shared.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
@@ -69,6 +69,33 @@ def check_schema_version(found: object, where: str) -> None:
             f"{SCHEMA_VERSION}: install the kd-shards release that wrote it, or redo the dump "
             "with this one"
         )
+
+
+def is_classify(manifest: dict) -> bool:
+    """Whether a dump holds class distributions (mode "classify") rather than token top-k."""
+    return manifest.get("mode") == CLASSIFY_MODE
+
+
+def check_dump_kind(manifest: dict, *, classify: bool, where: str) -> None:
+    """Refuse a classify dump where token shards are needed, and the other way round."""
+    if classify and not is_classify(manifest):
+        raise UserError(
+            f"{where} is a {manifest.get('mode')!r} dump of token distributions, but a "
+            "sequence-classification student needs class distributions: dump with "
+            "teacher-dump --mode classify, or train a causal LM student on it"
+        )
+    if not classify and is_classify(manifest):
+        raise UserError(
+            f"{where} is a classify dump (class distributions over {len(classify_labels(manifest))} "
+            "labels), but a causal LM student needs token distributions: pass a "
+            "*ForSequenceClassification (or encoder) student, or a dump made with --mode "
+            "generate/score/text"
+        )
+
+
+def classify_labels(manifest: dict) -> list[str]:
+    """A classify dump's label names; label index i of the shards is labels[i]."""
+    return list((manifest.get("classify") or {}).get("labels") or [])
 
 
 def check_tokenizer_fingerprint(manifest: dict, fingerprint: str, who: str) -> None:

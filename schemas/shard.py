@@ -15,6 +15,9 @@ Conventions that readers must honour (they are part of the contract, see README 
   dropped, the rest move up, and the freed slots at the end hold PAD_ID with logprob -inf. Their
   mass is thereby part of the tail (1 - sum p).
 - Position t of `topk_*` is the distribution that predicted `target_ids[t]`.
+
+Classification dumps (manifest mode "classify") use the same columns with one position per row;
+see CLASSIFY_CONVENTIONS below.
 """
 
 from __future__ import annotations
@@ -77,6 +80,41 @@ PARQUET_WRITE_OPTIONS = {
 """Keyword arguments for pyarrow.parquet.write_table / ParquetWriter."""
 
 
+CLASSIFY_MODE = "classify"
+"""The manifest mode of a dump of class distributions (one row per example)."""
+
+NO_LABEL = -1
+"""target_ids value of a classify row whose example has no gold label (its target_logprobs
+entry is -inf)."""
+
+HIDDEN_COLUMN = "teacher_hidden"
+"""Optional classify column: the teacher's pooled hidden state, list<float16> of the width the
+manifest's classify.hidden.width records."""
+
+HIDDEN_FIELD = pa.field(HIDDEN_COLUMN, pa.list_(pa.float16()), nullable=False)
+
+CLASSIFY_CONVENTIONS = {
+    "rows": "one row per example: sample_id = '<source index>', completion_index 0",
+    "topk_ids": "one position holding ALL L label indices 0..L-1 in rank order (most likely "
+    "first), so k = L and nothing is left in a tail; label i is manifest classify.labels[i]",
+    "topk_logprobs": "the teacher's log-probabilities of those labels (raw, T=1, rounded to the "
+    "storage grid), in the same rank order",
+    "target_ids": "[gold label index], or [NO_LABEL = -1] when the example has no gold label",
+    "target_logprobs": "[the teacher's log-probability of the gold label], -inf with NO_LABEL",
+    "prompt_ids": "empty: class distributions are tokenizer-free and students tokenize the text",
+    "prompt_text": "the example's text, as given to the teacher (before any template)",
+    "target_text": "the gold label's name ('' without one)",
+    "finish_reason": "'label' when the gold label is known, 'unlabelled' otherwise",
+    HIDDEN_COLUMN: "optional: the teacher's pooled hidden state (float16), when the dump asked",
+}
+"""How a classify dump fills the shard columns (the README's "Classification shards")."""
+
+
+def classify_schema(with_hidden: bool) -> pa.Schema:
+    """SCHEMA, plus the teacher_hidden column when the dump stores pooled hidden states."""
+    return SCHEMA.append(HIDDEN_FIELD) if with_hidden else SCHEMA
+
+
 def round_logprobs(values: np.ndarray) -> np.ndarray:
     """Round log-probabilities to the storage grid.
 
@@ -109,4 +147,6 @@ def describe_schema_mismatch(actual: pa.Schema) -> str | None:
         got = actual.field(field.name).type
         if got != field.type:
             return f"column {field.name} has type {got}, expected {field.type}"
+    if HIDDEN_COLUMN in actual.names and actual.field(HIDDEN_COLUMN).type != HIDDEN_FIELD.type:
+        return f"column {HIDDEN_COLUMN} has type {actual.field(HIDDEN_COLUMN).type}, expected {HIDDEN_FIELD.type}"
     return None

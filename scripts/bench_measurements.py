@@ -427,6 +427,7 @@ def measure_online(
     from shared.causal_lm import final_hidden_states, output_logits_function
     from student_train.config import TrainConfig
     from student_train.distributed import Distributed
+    from student_train.objectives import LanguageModelObjective
     from student_train.student import load_student
     from student_train.train import accumulate_gradients
 
@@ -444,6 +445,9 @@ def measure_online(
         shards=shards, student=student, out="unused", max_steps=1, loss="fkl", tail="bucket"
     )
     context = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+    objective = LanguageModelObjective(
+        output_logits, settings.loss_options(), settings.chunk_tokens
+    )
 
     def teacher_topk():
         with torch.no_grad():
@@ -459,9 +463,7 @@ def measure_online(
         accumulate_gradients(
             model,
             [step_batch],
-            output_logits=output_logits,
-            loss_options=settings.loss_options,
-            chunk_tokens=settings.chunk_tokens,
+            objective=objective,
             bf16=settings.bf16,
             context=context,
         )

@@ -15,6 +15,9 @@ from pathlib import Path
 from shared.errors import UserError, first_line
 
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
+AUXILIARY_WEIGHTS = ("hidden_projection.safetensors",)
+"""Weight files a trained student's directory may hold that are not part of the model (the
+hidden-state loss's projection): never loaded as the model, never counted as its parameters."""
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,12 @@ class LoadedRecords:
     """sha256 of the file bytes, or the hub dataset's fingerprint."""
 
 
-def read_table_file(path: Path) -> LoadedRecords:
-    """Rows of a .jsonl/.json/.parquet/.csv/.tsv file; errors name the file (and line)."""
+def read_table_file(path: Path, columns: tuple[str, ...] | None = None) -> LoadedRecords:
+    """Rows of a .jsonl/.json/.parquet/.csv/.tsv file; errors name the file (and line).
+
+    `columns`: the column names of a .csv/.tsv file that has no header line (else the first
+    line is the header). TSV fields are read without quote processing, as GLUE-style TSVs
+    (SST-2) are written: a quote character is text there, not a delimiter."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} does not exist: pass an existing file with --data-path")
@@ -61,7 +65,14 @@ def read_table_file(path: Path) -> LoadedRecords:
             ) from None
     elif suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+            tsv = suffix == ".tsv"
+            reader = csv.DictReader(
+                handle,
+                fieldnames=list(columns) if columns else None,
+                delimiter="\t" if tsv else ",",
+                quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+            )
+            rows = list(reader)
     else:
         raise UserError(
             f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}"

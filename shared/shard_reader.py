@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import read_manifest
+from schemas.manifest import classify_labels, is_classify, read_manifest
 from schemas.shard import (
+    HIDDEN_COLUMN,
+    NO_LABEL,
     PAD_ID,
     SCHEMA_VERSION,
     describe_schema_mismatch,
@@ -28,6 +30,15 @@ from shared.errors import UserError, first_line
 TRAINING_COLUMNS = ("sample_id", "prompt_ids", "target_ids", "topk_ids", "topk_logprobs")
 LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
 """Enough to plan batches (count steps) without decoding the top-k."""
+CLASSIFY_COLUMNS = (*TRAINING_COLUMNS, "prompt_text")
+"""What a classification student reads: the text, the gold label and the teacher's classes."""
+
+
+def id_space(manifest: dict) -> int:
+    """The range of the ids a dump stores: its labels (classify) or its tokenizer's size."""
+    if is_classify(manifest):
+        return len(classify_labels(manifest))
+    return int(manifest["tokenizer"]["size"])
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,10 @@ class TrainingRow:
     """(T, K) int32, PAD_ID in freed slots; None when only lengths were read."""
     topk_logprobs: np.ndarray | None
     """(T, K) float32, -inf in freed slots; None when only lengths were read."""
+    text: str = ""
+    """Classify rows: the example's text (prompt_text), which the student tokenizes itself."""
+    hidden: np.ndarray | None = None
+    """Classify rows: (H,) float16 pooled teacher hidden state, when the dump stores it."""
 
     @property
     def length(self) -> int:
@@ -212,19 +227,22 @@ def shard_columns(table, top_k: int) -> ShardColumns | str:
     )
 
 
-def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
+def value_problem(columns: ShardColumns, vocabulary: int, classify: bool = False) -> str | None:
     """The first value that would silently corrupt training or evaluation, or None.
 
-    Ids must lie in [0, vocabulary); a top-k slot is either a real id with a finite logprob <= 0
+    Ids must lie in [0, vocabulary) (classify: the labels; a target may also be NO_LABEL, with
+    a -inf logprob, and every position must hold all labels); a top-k slot is either a real id with a finite logprob <= 0
     or the padding marker (PAD_ID with -inf), padding only after the real slots, each position
     with at least one real id and no id twice; logprobs in rank order (within the rounding).
     """
     targets = columns.target_ids
-    if ((targets < 0) | (targets >= vocabulary)).any():
+    unlabelled = (targets == NO_LABEL) if classify else np.zeros(targets.shape, dtype=bool)
+    if (((targets < 0) & ~unlabelled) | (targets >= vocabulary)).any():
         return f"target ids outside [0, {vocabulary})"
     if columns.target_logprobs is not None:
         values = columns.target_logprobs
-        if not np.isfinite(values).all() or (values > 0).any():
+        finite = np.isfinite(values)
+        if (finite == unlabelled).any() or (values[finite] > 0).any():
             return "target logprobs contain NaN, infinite or positive values"
     if columns.topk_ids is None:
         return None
@@ -248,13 +266,21 @@ def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
     ordered = np.sort(np.where(padding, -1 - np.arange(ids.shape[1]), ids), axis=1)
     if (np.diff(ordered, axis=1) == 0).any():
         return "a top-k id appears twice at one position"
+    if classify and padding.any():
+        return "a classify position does not hold every label"
     return None
 
 
 def decode_row_group(
-    group: RowGroup, columns: tuple[str, ...], top_k: int, vocabulary: int
+    group: RowGroup,
+    columns: tuple[str, ...],
+    top_k: int,
+    vocabulary: int,
+    classify: bool = False,
 ) -> list[TrainingRow]:
-    """Read one row group into TrainingRows, refusing what would silently corrupt training."""
+    """Read one row group into TrainingRows, refusing what would silently corrupt training.
+
+    `classify`: the group belongs to a classify dump (vocabulary = its number of labels)."""
     try:
         table = pq.ParquetFile(group.path).read_row_group(group.index, columns=list(columns))
     except Exception as error:
@@ -263,13 +289,19 @@ def decode_row_group(
             "check it with teacher-dump inspect --validate and rerun the dump"
         ) from None
     decoded = shard_columns(table, top_k)
-    problem = decoded if isinstance(decoded, str) else value_problem(decoded, vocabulary)
+    problem = decoded if isinstance(decoded, str) else value_problem(decoded, vocabulary, classify)
     if problem:
         raise UserError(
             f"shard {group.path.name} row group {group.index}: {problem}: the shard is corrupt or "
             "was not written by teacher-dump; run teacher-dump inspect --validate and redo it"
         )
     target_offsets, prompt_offsets = decoded.target_offsets, decoded.prompt_offsets
+    texts = table["prompt_text"].to_pylist() if "prompt_text" in columns else None
+    hidden = None
+    if HIDDEN_COLUMN in columns:
+        array = table[HIDDEN_COLUMN].combine_chunks()
+        width = len(array[0]) if len(array) else 0
+        hidden = array.values.to_numpy(zero_copy_only=False).reshape(len(array), width)
     rows = []
     for row, sample_id in enumerate(decoded.sample_ids):
         first, last = target_offsets[row], target_offsets[row + 1]
@@ -282,6 +314,8 @@ def decode_row_group(
                 topk_logprobs=(
                     None if decoded.topk_logprobs is None else decoded.topk_logprobs[first:last]
                 ),
+                text=texts[row] if texts is not None else "",
+                hidden=hidden[row] if hidden is not None else None,
             )
         )
     return rows
@@ -293,10 +327,11 @@ def iterate_rows(
     """Rank `rank`'s share of the dump's rows in file order (row i goes to rank i mod W), one
     row group in memory at a time."""
     top_k = int(dump.manifest["top_k"])
-    vocabulary = int(dump.manifest["tokenizer"]["size"])
+    vocabulary = id_space(dump.manifest)
+    classify = is_classify(dump.manifest)
     index = 0
     for group in dump.row_groups:
-        for row in decode_row_group(group, columns, top_k, vocabulary):
+        for row in decode_row_group(group, columns, top_k, vocabulary, classify):
             if index % world_size == rank:
                 yield row
             index += 1

@@ -70,13 +70,28 @@ def remove_temporaries(out: Path) -> None:
 
 
 def save_checkpoint(
-    out: Path, step: int, *, model, tokenizer, training_state: dict, meta: dict, keep: int
+    out: Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    training_state: dict,
+    meta: dict,
+    keep: int,
+    extra_weights: dict[str, dict] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the `keep` newest."""
+    """Write checkpoint `step` atomically, then delete all but the `keep` newest.
+
+    `extra_weights`: file name -> state dict of a trained module besides the student (saved as
+    safetensors beside its weights, and published with them)."""
+    from safetensors.torch import save_file
+
     final = checkpoint_directory(out, step)
     with atomic_directory(final) as temporary:
         model.save_pretrained(str(temporary), safe_serialization=True)
         tokenizer.save_pretrained(str(temporary))
+        for name, state in (extra_weights or {}).items():
+            save_file({key: value.contiguous() for key, value in state.items()}, temporary / name)
         torch.save(training_state, temporary / STATE_NAME)
         (temporary / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     for old in complete_checkpoints(out)[:-keep]:

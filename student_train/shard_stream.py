@@ -15,11 +15,20 @@ the one window the position is in and skips to the offset, without replaying the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from shared.shard_reader import TRAINING_COLUMNS, Dump, RowGroup, TrainingRow, decode_row_group
+from schemas.manifest import is_classify
+from shared.shard_reader import (
+    TRAINING_COLUMNS,
+    Dump,
+    RowGroup,
+    TrainingRow,
+    decode_row_group,
+    id_space,
+)
 
 
 @dataclass(frozen=True)
@@ -83,14 +92,20 @@ class ShardStream:
         epochs: int | None = None,
         columns: tuple[str, ...] = TRAINING_COLUMNS,
         position: StreamPosition = StreamPosition(),
+        read_group: Callable[[RowGroup, tuple[str, ...]], list[TrainingRow]] | None = None,
     ):
+        """`read_group(group, columns)` reads one row group; by default from the dump's
+        Parquet shards (a labels-only classification dataset passes rows held in memory)."""
         self.dump = dump
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.buffer_rows = seed, shuffle, buffer_rows
         self.epochs = epochs
         self.columns = columns
-        self.top_k = int(dump.manifest["top_k"])
-        self.vocabulary = int(dump.manifest["tokenizer"]["size"])
+        top_k, vocabulary = int(dump.manifest["top_k"]), id_space(dump.manifest)
+        classify = is_classify(dump.manifest)
+        self.read_group = read_group or (
+            lambda group, columns: decode_row_group(group, columns, top_k, vocabulary, classify)
+        )
         self._position = position
         self._windows: list[tuple[list[RowGroup], int]] | None = None
         self._windows_epoch = -1
@@ -116,11 +131,7 @@ class ShardStream:
         """Decode the window the position is in and keep this rank's share of it."""
         position = self._position
         groups, start = self._epoch_windows(position.epoch)[position.window]
-        rows = [
-            row
-            for group in groups
-            for row in decode_row_group(group, self.columns, self.top_k, self.vocabulary)
-        ]
+        rows = [row for group in groups for row in self.read_group(group, self.columns)]
         if self.shuffle:
             order = np.random.default_rng([self.seed, position.epoch, position.window]).permutation(
                 len(rows)

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import read_manifest
+from schemas.manifest import is_classify, read_manifest
 from schemas.shard import SCHEMA_VERSION, describe_schema_mismatch, schema_version_of
 from shared.errors import UserError, first_line
 from shared.files import sha256_of_file
-from shared.shard_reader import shard_columns, value_problem
+from shared.shard_reader import id_space, shard_columns, value_problem
 from teacher_dump.shards import shards_on_disk
 
 
@@ -81,6 +81,20 @@ def format_summary(directory: Path, summary: dict) -> str:
         f"top-k mass      {summary['mean_topk_mass']:.4f} mean sum of p over the stored ids",
         f"finish reasons  {reasons}",
     ]
+    section = manifest.get("classify")
+    if section:
+        lines.append(
+            f"labels          {', '.join(section['labels'])} (teacher: {section['teacher_kind']}, "
+            f"ran in {section.get('backend') or 'not run yet'}"
+            + (f": {section['backend_reason']}" if section.get("backend_reason") else "")
+            + ")"
+        )
+        if section.get("hidden"):
+            hidden = section["hidden"]
+            lines.append(
+                f"hidden states   layer {hidden['layer']}, {hidden['pooling']} pooling, width "
+                f"{hidden['width']} (float16)"
+            )
     if summary["unreadable"]:
         lines.append(
             f"UNREADABLE      {', '.join(summary['unreadable'])} (run inspect --validate for details)"
@@ -104,16 +118,24 @@ def validate(directory: Path) -> list[str]:
             )
     seen_ids: set[str] = set()
     top_k = manifest["top_k"]
-    tokenizer_size = manifest["tokenizer"]["size"]
+    vocabulary = id_space(manifest)
+    classify = is_classify(manifest)
     for entry in manifest["shards"]:
-        problem = validate_shard(directory / entry["name"], entry, top_k, tokenizer_size, seen_ids)
+        problem = validate_shard(
+            directory / entry["name"], entry, top_k, vocabulary, seen_ids, classify
+        )
         if problem:
             problems.append(f"{entry['name']}: {problem}")
     return problems
 
 
 def validate_shard(
-    path: Path, entry: dict, top_k: int, tokenizer_size: int, seen_ids: set[str]
+    path: Path,
+    entry: dict,
+    top_k: int,
+    tokenizer_size: int,
+    seen_ids: set[str],
+    classify: bool = False,
 ) -> str | None:
     """The first problem in one shard, or None (the same value checks as the trainer's reader)."""
     if not path.is_file():
@@ -139,7 +161,7 @@ def validate_shard(
         return columns
     if len(columns.target_ids) != entry["target_tokens"]:
         return f"{len(columns.target_ids)} target tokens, manifest says {entry['target_tokens']}"
-    problem = value_problem(columns, tokenizer_size)
+    problem = value_problem(columns, tokenizer_size, classify)
     if problem:
         return problem
     for sample_id in columns.sample_ids:

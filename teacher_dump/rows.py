@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.shard import PAD_ID, round_logprobs
+from schemas.shard import NO_LABEL, PAD_ID, round_logprobs
 from shared.errors import UserError
 
 
@@ -37,6 +37,8 @@ class ShardRow:
     references: tuple[str, ...]
     padded_topk_entries: int
     """Top-k slots that held padding-row ids (>= tokenizer size) and were replaced by PAD_ID."""
+    hidden: np.ndarray | None = None
+    """(H,) float16 pooled teacher hidden state (classify dumps that ask for it), else None."""
 
 
 def drop_padding_ids(
@@ -122,3 +124,48 @@ def first_invalid_position(token_ids: np.ndarray, tokenizer_size: int) -> int | 
     """Index of the first sampled id that is not a real token (a padding row), if any."""
     invalid = np.flatnonzero((token_ids >= tokenizer_size) | (token_ids < 0))
     return int(invalid[0]) if invalid.size else None
+
+
+def make_classification_row(
+    *,
+    source_index: int,
+    log_probabilities: np.ndarray,
+    gold: int,
+    text: str,
+    labels: list[str],
+    hidden: np.ndarray | None,
+) -> ShardRow:
+    """The row of one classified example (schemas.shard.CLASSIFY_CONVENTIONS).
+
+    Args:
+        log_probabilities: (L,) the teacher's log-probabilities over all labels, label order.
+        gold: the gold label's index, or NO_LABEL.
+        hidden: (H,) pooled hidden state, or None.
+    """
+    sample_id = str(source_index)
+    log_probabilities = np.asarray(log_probabilities, dtype=np.float64).reshape(1, -1)
+    check_finite(log_probabilities, sample_id)
+    # Ties keep label order (a stable sort), so equal probabilities are stored reproducibly.
+    order = np.argsort(-log_probabilities, axis=1, kind="stable")
+    ranked = np.take_along_axis(log_probabilities, order, axis=1)
+    has_gold = gold != NO_LABEL
+    return ShardRow(
+        sample_id=sample_id,
+        source_index=source_index,
+        completion_index=0,
+        prompt_ids=np.zeros(0, dtype=np.int32),
+        target_ids=np.asarray([gold], dtype=np.int32),
+        target_logprobs=(
+            round_logprobs(log_probabilities[:, gold])
+            if has_gold
+            else np.asarray([-np.inf], dtype=np.float32)
+        ),
+        topk_ids=order.astype(np.int32),
+        topk_logprobs=round_logprobs(ranked),
+        finish_reason="label" if has_gold else "unlabelled",
+        prompt_text=text,
+        target_text=labels[gold] if has_gold else "",
+        references=(labels[gold],) if has_gold else (),
+        padded_topk_entries=0,
+        hidden=None if hidden is None else np.asarray(hidden, dtype=np.float16),
+    )

@@ -31,6 +31,14 @@ from shared.tokenizer import (
     stop_token_ids,
     tokenizer_fingerprint,
 )
+from teacher_dump.classify import (
+    ClassificationPlan,
+    build_classifier_engine,
+    classification_requests,
+    dump_classification,
+    engine_record,
+    manifest_section,
+)
 from teacher_dump.config import LOCAL_FIELDS, DumpConfig
 from teacher_dump.requests import (
     DumpRequest,
@@ -63,6 +71,8 @@ class PreparedDump:
     """Whether prompts were wrapped in the teacher's chat template."""
     context: int
     """The engine's context length."""
+    classification: ClassificationPlan | None = None
+    """Classify mode: the labels and the kind of teacher; None in the token modes."""
 
 
 def prepare(config: DumpConfig) -> PreparedDump:
@@ -75,7 +85,7 @@ def prepare(config: DumpConfig) -> PreparedDump:
         raise UserError(
             f"--model {config.model} does not state its context length: pass --max-model-len"
         )
-    if config.top_k > len(tokenizer):
+    if config.mode != "classify" and config.top_k > len(tokenizer):
         raise UserError(
             f"--top-k {config.top_k} is above the vocabulary size {len(tokenizer)}: lower it"
         )
@@ -90,10 +100,29 @@ def prepare(config: DumpConfig) -> PreparedDump:
         )
     if config.mode != "text" and task.name == "text":
         raise UserError("--data text holds raw text without prompts: use --mode text with it")
+    if config.mode == "classify" and not (task.is_classification or task.name == "columns"):
+        raise UserError(
+            f"--mode classify needs labelled texts: use --data sst2 or agnews, or a file with "
+            f"--prompt-column (the text) and --target-column (the label), not {config.data}"
+        )
+    if task.is_classification and config.mode != "classify":
+        raise UserError(f"--data {config.data} is a classification task: use --mode classify")
     data_path = Path(config.data_path) if config.data_path else None
     records = load_records(task, config.data, data_path, config.split)
     use_template = config.chat_template and has_chat_template(tokenizer)
     stop_ids = stop_token_ids(tokenizer, model.directory)
+    if config.mode == "classify":
+        examples = examples_from_records(task, records, config.limit)
+        requests, plan = classification_requests(
+            config,
+            model,
+            tokenizer,
+            examples,
+            task.labels,
+            context=context,
+            use_template=use_template,
+        )
+        return PreparedDump(model, tokenizer, records, requests, 0, use_template, context, plan)
     if config.mode == "text":
         examples = examples_from_records(task, records, None)
         requests = text_requests(
@@ -134,7 +163,8 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
     )
     samples_per_prompt = config.num_samples if config.mode == "generate" else 1
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    return {
+    plan = prepared.classification
+    header = {
         "schema_version": SCHEMA_VERSION,
         "kind": "kd-shards teacher dump",
         "identity": hashlib.sha256(identity_blob.encode()).hexdigest(),
@@ -159,7 +189,7 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
             "stop_token_ids": stop_token_ids(tokenizer, model.directory),
             "chat_template_used": prepared.use_template,
         },
-        "top_k": config.top_k,
+        "top_k": len(plan.labels) if plan is not None else config.top_k,
         "logprobs": {
             "mode": "raw_logprobs",
             "meaning": "natural-log probabilities of the raw logits (temperature 1, no top-p/top-k)",
@@ -191,6 +221,9 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
         "totals": {"shards": 0, "rows": 0, "target_tokens": 0, "bytes": 0},
         "complete": False,
     }
+    if plan is not None:
+        header["classify"] = manifest_section(config, plan)
+    return header
 
 
 def open_output(directory: Path, header: dict, config: DumpConfig) -> None:
@@ -311,7 +344,30 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     todo = [request for request in mine if request.source_index not in done]
     refresh_manifest(directory, [])
     written_tokens, dump_seconds = 0, 0.0
-    if todo:
+    if todo and prepared.classification is not None:
+        own_engine = engine is None
+        plan = prepared.classification
+        if engine is None:
+            engine = (
+                build_classifier_engine(config, prepared.model, prepared.context)
+                if plan.teacher_kind == "classifier"
+                else build_engine(config, prepared.model)
+            )
+        entry, classify_updates = engine_record(engine, plan)
+        update_manifest(directory, {"engine": entry}, classify_updates, engine.dtype)
+        dump_started = time.perf_counter()
+        writer = ShardWriter(directory, config.rank, config.world_size, config.rows_per_shard)
+        try:
+            statistics = dump_classification(
+                config, engine, plan, todo, total=len(mine), writer=writer
+            )
+        finally:
+            if own_engine:
+                engine.close()
+        dump_seconds = time.perf_counter() - dump_started
+        written_tokens = statistics["rows"]
+        record_classification_statistics(directory, statistics, plan)
+    elif todo:
         own_engine = engine is None
         engine = engine or build_engine(config, prepared.model)
         if engine.settings.max_logprobs < config.top_k:
@@ -382,6 +438,42 @@ def record_engine(directory: Path, engine, stored_dtype: str | None) -> None:
                 key: value for key, value in engine.engine_arguments.items() if key != "model"
             },
         }
+        atomic_write_json(path, manifest)
+
+
+def update_manifest(directory: Path, top_level: dict, classify: dict, dtype: str) -> None:
+    """Set top-level manifest entries, entries of its "classify" section and the dtype the
+    teacher ran in (under the lock)."""
+    with directory_lock(directory):
+        path = manifest_path(directory)
+        manifest = json.loads(path.read_text())
+        manifest.update(top_level)
+        manifest["teacher"]["dtype"] = dtype
+        if classify:
+            manifest["classify"].update(classify)
+        atomic_write_json(path, manifest)
+
+
+def record_classification_statistics(directory: Path, statistics: dict, plan) -> None:
+    """The hidden-state width and the verbalizer's label-word mass, once known (a resumed
+    dump adds its rows to the running sums of the earlier runs)."""
+    with directory_lock(directory):
+        path = manifest_path(directory)
+        manifest = json.loads(path.read_text())
+        section = manifest["classify"]
+        if section.get("hidden") is not None and statistics["hidden_width"] is not None:
+            section["hidden"]["width"] = statistics["hidden_width"]
+        if plan.teacher_kind == "verbalizer":
+            verbalizer = section["verbalizer"]
+            verbalizer["label_word_mass_sum"] = (
+                verbalizer.get("label_word_mass_sum", 0.0) + statistics["label_word_mass"]
+            )
+            verbalizer["label_word_mass_rows"] = (
+                verbalizer.get("label_word_mass_rows", 0) + statistics["rows"]
+            )
+            verbalizer["mean_label_word_mass"] = verbalizer["label_word_mass_sum"] / max(
+                verbalizer["label_word_mass_rows"], 1
+            )
         atomic_write_json(path, manifest)
 
 

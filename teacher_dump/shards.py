@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.manifest import SHARD_SUFFIX, is_safe_shard_name, manifest_path, totals
-from schemas.shard import PARQUET_WRITE_OPTIONS, SCHEMA
+from schemas.shard import HIDDEN_COLUMN, PARQUET_WRITE_OPTIONS, classify_schema
 from shared.errors import UserError, first_line
 from shared.files import atomic_write, atomic_write_json, directory_lock, sha256_of_file
 from teacher_dump.rows import ShardRow
@@ -76,7 +76,10 @@ def rows_to_table(rows: list[ShardRow]) -> pa.Table:
         "target_text": pa.array([row.target_text for row in rows], pa.string()),
         "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
     }
-    return pa.Table.from_arrays(list(columns.values()), schema=SCHEMA)
+    with_hidden = bool(rows) and rows[0].hidden is not None
+    if with_hidden:
+        columns[HIDDEN_COLUMN] = flat_list([row.hidden for row in rows], pa.float16())
+    return pa.Table.from_arrays(list(columns.values()), schema=classify_schema(with_hidden))
 
 
 def write_shard(path: Path, rows: list[ShardRow]) -> dict:
