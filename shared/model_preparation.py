@@ -115,7 +115,7 @@ def derive_student(
     if out.exists():
         raise UserError(f"--out {out} already exists: remove it or choose another directory")
     model = AutoModelForCausalLM.from_pretrained(
-        str(teacher), dtype=torch.float32, trust_remote_code=trust_remote_code
+        str(teacher), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
     )
     decoder = model.get_decoder()
     if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):

@@ -4,6 +4,12 @@ Every reader goes through here: student-train's stream, the fidelity evaluation 
 and kd-eval, and `teacher-dump inspect --validate`. `open_dump` checks the manifest against the
 shards' footers (cheap); `decode_row_group` reads one row group and refuses any value that would
 silently corrupt training, with one line naming the shard and what to do.
+
+Checksums: a dump can be terabytes, so nothing hashes it at start-up. Instead the first time a
+process reads a row group of a shard, the whole shard is hashed and compared with the
+manifest's sha256 (and its target-token count), before any of its rows is returned. The result
+is remembered per process together with the file's size and modification time, so each shard
+is hashed once per process, and a file changed afterwards is checked again.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import read_manifest
+from schemas.manifest import inside_directory, read_manifest
 from schemas.shard import (
     PAD_ID,
     SCHEMA_VERSION,
@@ -24,6 +31,7 @@ from schemas.shard import (
     schema_version_of,
 )
 from shared.errors import UserError
+from shared.files import sha256_of_file
 
 TRAINING_COLUMNS = ("sample_id", "prompt_ids", "target_ids", "topk_ids", "topk_logprobs")
 LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
@@ -50,10 +58,26 @@ class TrainingRow:
 
 
 @dataclass(frozen=True)
-class RowGroup:
+class ShardFile:
+    """One shard as its manifest entry describes it."""
+
     path: Path
+    """The real path (inside the dump directory)."""
+    name: str
+    bytes: int
+    sha256: str
+    target_tokens: int
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    shard: ShardFile
     index: int
     rows: int
+
+    @property
+    def path(self) -> Path:
+        return self.shard.path
 
 
 @dataclass(frozen=True)
@@ -92,7 +116,10 @@ def open_dump(
         )
     row_groups: list[RowGroup] = []
     for entry in manifest["shards"]:
-        path = directory / entry["name"]
+        try:
+            path = inside_directory(directory, entry["name"])
+        except UserError as error:
+            raise UserError(f"{flag} {error}") from None
         if not path.is_file():
             raise UserError(
                 f"{flag} {directory}: shard {entry['name']} is listed in the manifest but missing: "
@@ -125,10 +152,17 @@ def open_dump(
                 f"{flag} {directory}: shard {entry['name']} holds {metadata.num_rows} rows, the "
                 f"manifest says {entry['rows']}: rerun the teacher-dump command to refresh it"
             )
+        shard = ShardFile(
+            path=path,
+            name=entry["name"],
+            bytes=int(entry["bytes"]),
+            sha256=str(entry.get("sha256", "")),
+            target_tokens=int(entry.get("target_tokens", -1)),
+        )
         for index in range(metadata.num_row_groups):
             rows = metadata.row_group(index).num_rows
             if rows:
-                row_groups.append(RowGroup(path, index, rows))
+                row_groups.append(RowGroup(shard, index, rows))
     if not row_groups:
         raise UserError(
             f"{flag} {directory}: the dump holds no rows; run teacher-dump with data first"
@@ -212,16 +246,67 @@ def shard_columns(table, top_k: int) -> ShardColumns | str:
     )
 
 
+_verified_shards: set[tuple[str, int, int, str]] = set()
+"""(real path, size, modification time in ns, expected sha256) of every shard this process has
+hashed and found equal to its manifest entry."""
+
+
+def verify_shard(shard: ShardFile) -> None:
+    """Refuse a shard whose bytes differ from its manifest entry; hash it once per process.
+
+    Checks size, sha256 and the number of target tokens. Cheap after the first call for a
+    shard (one stat), and repeated when the file's size or modification time has changed.
+    """
+    try:
+        status = shard.path.stat()
+    except OSError as error:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} cannot be read ({error.strerror}): "
+            "rerun the teacher-dump command to rewrite it"
+        ) from None
+    key = (str(shard.path), status.st_size, status.st_mtime_ns, shard.sha256)
+    if key in _verified_shards:
+        return
+    fix = "run teacher-dump inspect --validate, delete it and rerun the teacher-dump command"
+    if status.st_size != shard.bytes:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} has {status.st_size} bytes, the manifest "
+            f"says {shard.bytes} (truncated or replaced): {fix}"
+        )
+    digest = sha256_of_file(shard.path)
+    if digest != shard.sha256:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} has sha256 {digest[:16]}, the manifest "
+            f"says {shard.sha256[:16]} (corrupt or replaced since it was written): {fix}"
+        )
+    try:
+        lengths = pq.read_table(shard.path, columns=["target_ids"])["target_ids"]
+        target_tokens = int(pc.sum(pc.list_value_length(lengths)).as_py() or 0)
+    except Exception as error:  # pyarrow raises several types for a corrupt file
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} is unreadable ({str(error)[:100]}): {fix}"
+        ) from None
+    if target_tokens != shard.target_tokens:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} holds {target_tokens} target tokens, the "
+            f"manifest says {shard.target_tokens}: {fix}"
+        )
+    _verified_shards.add(key)
+
+
 def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
     """The first value that would silently corrupt training or evaluation, or None.
 
-    Ids must lie in [0, vocabulary); a top-k slot is either a real id with a finite logprob <= 0
+    Ids (prompt, target and top-k) must lie in [0, vocabulary); a top-k slot is either a real id with a finite logprob <= 0
     or the padding marker (PAD_ID with -inf), padding only after the real slots, each position
     with at least one real id and no id twice; logprobs in rank order (within the rounding).
     """
     targets = columns.target_ids
     if ((targets < 0) | (targets >= vocabulary)).any():
         return f"target ids outside [0, {vocabulary})"
+    prompts = columns.prompt_ids
+    if prompts is not None and ((prompts < 0) | (prompts >= vocabulary)).any():
+        return f"prompt ids outside [0, {vocabulary})"
     if columns.target_logprobs is not None:
         values = columns.target_logprobs
         if not np.isfinite(values).all() or (values > 0).any():
@@ -252,9 +337,19 @@ def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
 
 
 def decode_row_group(
-    group: RowGroup, columns: tuple[str, ...], top_k: int, vocabulary: int
+    group: RowGroup,
+    columns: tuple[str, ...],
+    top_k: int,
+    vocabulary: int,
+    *,
+    verify: bool = True,
 ) -> list[TrainingRow]:
-    """Read one row group into TrainingRows, refusing what would silently corrupt training."""
+    """Read one row group into TrainingRows, refusing what would silently corrupt training.
+
+    With `verify` (always, except to plan step counts from row lengths), the shard's checksum is
+    checked first (verify_shard: the first time this process reads the shard)."""
+    if verify:
+        verify_shard(group.shard)
     try:
         table = pq.ParquetFile(group.path).read_row_group(group.index, columns=list(columns))
     except Exception as error:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from shared.errors import UserError
 from shared.files import TEMP_PREFIX, atomic_write_json, fsync_directory
 
 CHECKPOINTS_DIRECTORY = "checkpoints"
@@ -108,9 +109,26 @@ def save_checkpoint(
 
 
 def read_checkpoint(directory: Path) -> tuple[dict, dict]:
-    """(meta, training_state) of a checkpoint."""
-    meta = json.loads((directory / META_NAME).read_text(encoding="utf-8"))
-    state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
+    """(meta, training_state) of a checkpoint.
+
+    training_state.pt is read with weights_only=True: tensors and plain containers only, so a
+    file crafted to run code when unpickled is refused instead of executed."""
+    fix = f"delete {directory} to resume from the checkpoint before it, or train into a new --out"
+    try:
+        meta = json.loads((directory / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"checkpoint {directory.name}: {META_NAME} is unreadable ({error}): {fix}"
+        ) from None
+    try:
+        state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(
+            f"checkpoint {directory.name}: {STATE_NAME} is not a plain tensor state that loads "
+            f"without running code ({first_line[:120]}): it was damaged or not written by "
+            f"student-train; {fix}"
+        ) from None
     return meta, state
 
 

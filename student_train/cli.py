@@ -93,7 +93,9 @@ def init_student(teacher: str, layers: int, out: Path, trust_remote_code: bool) 
     from shared.models import resolve_model
 
     try:
-        directory = resolve_model(teacher, flag="--teacher").directory
+        directory = resolve_model(
+            teacher, flag="--teacher", trust_remote_code=trust_remote_code
+        ).directory
         derive_student(directory, layers, out, trust_remote_code=trust_remote_code)
     except UserError as error:
         exit_with(error)

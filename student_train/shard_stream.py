@@ -68,7 +68,9 @@ class ShardStream:
 
     `peek()` shows the next row without consuming it, `take()` consumes it, `position` is where
     the stream stands (save it; pass it back as `position=` to continue from there). With
-    `epochs=None` the stream cycles forever; otherwise it ends after that many epochs.
+    `epochs=None` the stream cycles forever; otherwise it ends after that many epochs. With
+    `verify` (the default) each shard's checksum is checked the first time the process reads it,
+    before any of its rows is returned.
     """
 
     def __init__(
@@ -83,12 +85,14 @@ class ShardStream:
         epochs: int | None = None,
         columns: tuple[str, ...] = TRAINING_COLUMNS,
         position: StreamPosition = StreamPosition(),
+        verify: bool = True,
     ):
         self.dump = dump
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.buffer_rows = seed, shuffle, buffer_rows
         self.epochs = epochs
         self.columns = columns
+        self.verify = verify
         self.top_k = int(dump.manifest["top_k"])
         self.vocabulary = int(dump.manifest["tokenizer"]["size"])
         self._position = position
@@ -119,7 +123,9 @@ class ShardStream:
         rows = [
             row
             for group in groups
-            for row in decode_row_group(group, self.columns, self.top_k, self.vocabulary)
+            for row in decode_row_group(
+                group, self.columns, self.top_k, self.vocabulary, verify=self.verify
+            )
         ]
         if self.shuffle:
             order = np.random.default_rng([self.seed, position.epoch, position.window]).permutation(

@@ -58,7 +58,7 @@ def load_student(
     the student's, to resume training."""
     from transformers import AutoModelForCausalLM
 
-    resolved = resolve_model(reference, flag="--student")
+    resolved = resolve_model(reference, flag="--student", trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(resolved.directory, trust_remote_code=trust_remote_code)
     check_tokenizer_fingerprint(manifest, tokenizer_fingerprint(tokenizer), "student")
     vocabulary = len(tokenizer)
@@ -68,6 +68,7 @@ def load_student(
             str(full_weights or resolved.directory),
             dtype=torch.float32,
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import read_manifest
+from schemas.manifest import inside_directory, read_manifest
 from schemas.shard import SCHEMA_VERSION, describe_schema_mismatch, schema_version_of
 from shared.errors import UserError
 from shared.files import sha256_of_file
@@ -31,7 +31,8 @@ def summarize(directory: Path) -> dict:
     for entry in manifest["shards"]:
         try:
             table = pq.read_table(
-                Path(directory) / entry["name"], columns=["finish_reason", "topk_logprobs"]
+                inside_directory(directory, entry["name"]),
+                columns=["finish_reason", "topk_logprobs"],
             )
         except Exception:  # reported by --validate with the reason; the summary goes on
             unreadable.append(entry["name"])
@@ -104,7 +105,12 @@ def validate(directory: Path) -> list[str]:
     top_k = manifest["top_k"]
     tokenizer_size = manifest["tokenizer"]["size"]
     for entry in manifest["shards"]:
-        problem = validate_shard(directory / entry["name"], entry, top_k, tokenizer_size, seen_ids)
+        try:
+            path = inside_directory(directory, entry["name"])
+        except UserError as error:
+            problems.append(f"{entry['name']}: {error}")
+            continue
+        problem = validate_shard(path, entry, top_k, tokenizer_size, seen_ids)
         if problem:
             problems.append(f"{entry['name']}: {problem}")
     return problems

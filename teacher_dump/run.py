@@ -67,7 +67,7 @@ class PreparedDump:
 
 def prepare(config: DumpConfig) -> PreparedDump:
     """Resolve model, tokenizer and data; build and validate this dump's requests (no engine)."""
-    model = resolve_model(config.model, config.revision)
+    model = resolve_model(config.model, config.revision, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(model.directory, trust_remote_code=config.trust_remote_code)
     model_context = context_length(model.config)
     context = config.max_model_len or model_context

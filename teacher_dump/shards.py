@@ -19,7 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import SHARD_SUFFIX, is_safe_shard_name, manifest_path, totals
+from schemas.manifest import (
+    SHARD_SUFFIX,
+    inside_directory,
+    is_safe_shard_name,
+    manifest_path,
+    totals,
+)
 from schemas.shard import PARQUET_WRITE_OPTIONS, SCHEMA
 from shared.errors import UserError
 from shared.files import atomic_write, atomic_write_json, directory_lock, sha256_of_file
@@ -100,6 +106,7 @@ def write_shard(path: Path, rows: list[ShardRow]) -> dict:
 
 def describe_shard(path: Path) -> dict:
     """The manifest entry of a shard already on disk (reads it)."""
+    path = inside_directory(path.parent, path.name)
     try:
         table = pq.read_table(path, columns=["target_ids", "topk_ids"])
     except Exception as error:  # pyarrow raises several types for a corrupt file
@@ -124,7 +131,8 @@ def done_source_indices(directory: Path) -> set[int]:
     done: set[int] = set()
     for path in shards_on_disk(directory):
         try:
-            column = pq.read_table(path, columns=["source_index"])["source_index"]
+            real_path = inside_directory(directory, path.name)
+            column = pq.read_table(real_path, columns=["source_index"])["source_index"]
         except Exception as error:
             raise UserError(
                 f"shard {path.name} is unreadable ({str(error)[:120]}): delete it and rerun the "
