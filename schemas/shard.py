@@ -109,4 +109,10 @@ def describe_schema_mismatch(actual: pa.Schema) -> str | None:
         got = actual.field(field.name).type
         if got != field.type:
             return f"column {field.name} has type {got}, expected {field.type}"
+        # An extension type pyarrow does not know reads back as its storage type with its name in
+        # the field metadata (pyarrow's old pickled Python types among them): not our schema.
+        extension = (actual.field(field.name).metadata or {}).get(b"ARROW:extension:name")
+        if extension is not None:
+            name = extension.decode(errors="replace")[:60]
+            return f"column {field.name} declares the Arrow extension type {name!r}"
     return None

@@ -33,7 +33,17 @@ from schemas.shard import (
 from shared.errors import UserError
 from shared.files import sha256_of_file
 
-TRAINING_COLUMNS = ("sample_id", "prompt_ids", "target_ids", "topk_ids", "topk_logprobs")
+TRAINING_COLUMNS = (
+    "sample_id",
+    "prompt_ids",
+    "target_ids",
+    "target_logprobs",
+    "topk_ids",
+    "topk_logprobs",
+)
+"""What training and the fidelity evaluation read. target_logprobs carries no loss, but it is read
+(a few percent of a row's bytes) so that the trainer refuses every numeric column that
+`inspect --validate` refuses, not only the ones it uses."""
 LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
 """Enough to plan batches (count steps) without decoding the top-k."""
 

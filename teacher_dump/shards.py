@@ -130,8 +130,8 @@ def done_source_indices(directory: Path) -> set[int]:
     """Source indices of the prompts whose rows are already in complete shards."""
     done: set[int] = set()
     for path in shards_on_disk(directory):
+        real_path = inside_directory(directory, path.name)
         try:
-            real_path = inside_directory(directory, path.name)
             column = pq.read_table(real_path, columns=["source_index"])["source_index"]
         except Exception as error:
             raise UserError(
