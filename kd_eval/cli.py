@@ -8,6 +8,7 @@ import click
 
 from shared.config import build_config, config_options
 from shared.errors import UserError, exit_with
+from shared.files import disk_full_exit
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,6 +63,11 @@ def main(config_file, assignments, no_chat_template, no_progress, models, **flag
         report = run_evaluation(config)
     except UserError as error:
         exit_with(error)
+    except Exception as error:
+        disk_full = disk_full_exit(error, "free space there and rerun the same command")
+        if disk_full is None:
+            raise
+        exit_with(disk_full)
     click.echo(markdown_table(report))
     if config.out:
         click.echo(

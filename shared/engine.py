@@ -164,24 +164,30 @@ class TeacherEngine:
         pending = iter(requests)
         keys: dict[str, object] = {}
         exhausted = False
-        while True:
-            while not exhausted and len(keys) < max_in_flight:
-                try:
-                    key, prompt_ids, params = next(pending)
-                except StopIteration:
-                    exhausted = True
-                    break
-                request_id = f"kd-{self._request_counter}"
-                self._request_counter += 1
-                keys[request_id] = key
-                self.engine.add_request(
-                    request_id, TokensPrompt(prompt_token_ids=prompt_ids), params
-                )
-            if not keys:
-                return
-            for output in self.engine.step():
-                if output.finished and output.request_id in keys:
-                    yield keys.pop(output.request_id), output
+        try:
+            while True:
+                while not exhausted and len(keys) < max_in_flight:
+                    try:
+                        key, prompt_ids, params = next(pending)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    request_id = f"kd-{self._request_counter}"
+                    self._request_counter += 1
+                    keys[request_id] = key
+                    self.engine.add_request(
+                        request_id, TokensPrompt(prompt_token_ids=prompt_ids), params
+                    )
+                if not keys:
+                    return
+                for output in self.engine.step():
+                    if output.finished and output.request_id in keys:
+                        yield keys.pop(output.request_id), output
+        finally:
+            # Abandoned part-way (the consumer failed, e.g. on a full disk): drop the requests
+            # still in flight so that a reused engine does not keep computing them.
+            if keys:
+                self.engine.abort_request(list(keys))
 
     def generate(
         self,

@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 
 from shared.errors import UserError
-from shared.files import TEMP_PREFIX, atomic_write_json, fsync_directory
+from shared.files import (
+    TEMP_PREFIX,
+    atomic_write_json,
+    disk_full_error,
+    fsync_directory,
+    is_disk_full,
+)
 
 CHECKPOINTS_DIRECTORY = "checkpoints"
 FINAL_DIRECTORY = "final"
@@ -95,12 +101,27 @@ def save_checkpoint(
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    model.save_pretrained(str(temporary), safe_serialization=True)
-    tokenizer.save_pretrained(str(temporary))
-    torch.save(training_state, temporary / STATE_NAME)
-    (temporary / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    publish_directory(temporary, final)
+    try:
+        temporary.mkdir()
+        model.save_pretrained(str(temporary), safe_serialization=True)
+        tokenizer.save_pretrained(str(temporary))
+        # Through a Python file object, so that a full disk surfaces as the file's OSError
+        # (torch.save to a path reports only "unexpected pos").
+        with open(temporary / STATE_NAME, "wb") as handle:
+            torch.save(training_state, handle)
+        (temporary / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        publish_directory(temporary, final)
+    except Exception as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if is_disk_full(error):
+            previous = latest_checkpoint(out)
+            kept = f"the newest complete one is {previous.name}" if previous else "none is kept"
+            raise UserError(
+                f"no space left on the device of {final.parent} while writing checkpoint "
+                f"{final.name}: it was not kept ({kept}); free space there and rerun the same "
+                "command with --resume"
+            ) from None
+        raise
     for old in complete_checkpoints(out)[:-keep]:
         retired = old.with_name(f"{TEMP_PREFIX}old-{os.getpid()}-{old.name}")
         os.rename(old, retired)
@@ -136,17 +157,33 @@ def publish_final(out: Path, checkpoint: Path, summary: dict) -> Path:
     """OUT/final/: the last checkpoint's model and tokenizer files, hard-linked (no copy)."""
     final = Path(out) / FINAL_DIRECTORY
     temporary = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    for path in checkpoint.iterdir():
-        if path.is_file() and path.name not in (STATE_NAME, META_NAME):
-            try:
-                os.link(path, temporary / path.name)
-            except OSError:  # file systems without hard links
-                shutil.copy2(path, temporary / path.name)
-    atomic_write_json(temporary / "training.json", summary)
-    publish_directory(temporary, final)
+
+    def assemble() -> None:
+        for path in checkpoint.iterdir():
+            if path.is_file() and path.name not in (STATE_NAME, META_NAME):
+                try:
+                    os.link(path, temporary / path.name)
+                except OSError:  # file systems without hard links
+                    shutil.copy2(path, temporary / path.name)
+        atomic_write_json(temporary / "training.json", summary)
+
+    publish_assembled(temporary, final, assemble)
     return final
+
+
+def publish_assembled(temporary: Path, final: Path, assemble) -> None:
+    """Build a directory under `temporary` with assemble(), then publish it as `final`. On any
+    failure nothing is left under either name; a full disk becomes a one-line UserError."""
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        temporary.mkdir()
+        assemble()
+        publish_directory(temporary, final)
+    except Exception as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if is_disk_full(error):
+            raise disk_full_error(final, f"{final.name}/") from None
+        raise
 
 
 def publish_merged(
@@ -156,14 +193,15 @@ def publish_merged(
     adapter itself kept in final/adapter/."""
     final = Path(out) / FINAL_DIRECTORY
     temporary = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    merged_model.save_pretrained(str(temporary), safe_serialization=True)
-    tokenizer.save_pretrained(str(temporary))
-    (temporary / "adapter").mkdir()
-    for path in adapter_checkpoint.iterdir():
-        if path.is_file() and path.name not in (STATE_NAME, META_NAME):
-            shutil.copy2(path, temporary / "adapter" / path.name)
-    atomic_write_json(temporary / "training.json", summary)
-    publish_directory(temporary, final)
+
+    def assemble() -> None:
+        merged_model.save_pretrained(str(temporary), safe_serialization=True)
+        tokenizer.save_pretrained(str(temporary))
+        (temporary / "adapter").mkdir()
+        for path in adapter_checkpoint.iterdir():
+            if path.is_file() and path.name not in (STATE_NAME, META_NAME):
+                shutil.copy2(path, temporary / "adapter" / path.name)
+        atomic_write_json(temporary / "training.json", summary)
+
+    publish_assembled(temporary, final, assemble)
     return final

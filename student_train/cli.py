@@ -13,6 +13,7 @@ import click
 
 from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
+from shared.files import disk_full_exit
 from student_train.config import TrainConfig
 
 FLAGS = (
@@ -53,6 +54,13 @@ def main(context, config_file, assignments, **flags) -> None:
         summary = run_training(config)
     except UserError as error:
         exit_with(error)
+    except Exception as error:
+        disk_full = disk_full_exit(
+            error, "free space there and rerun the same command with --resume"
+        )
+        if disk_full is None:
+            raise
+        exit_with(disk_full)
     if summary is not None and summary.get("final"):
         print_summary(summary)
 

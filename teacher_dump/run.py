@@ -40,7 +40,12 @@ from teacher_dump.requests import (
     text_requests,
 )
 from teacher_dump.rows import ShardRow, first_invalid_position, make_row
-from teacher_dump.shards import ShardWriter, done_source_indices, refresh_manifest
+from teacher_dump.shards import (
+    ShardWriter,
+    done_source_indices,
+    exclusive_writer,
+    refresh_manifest,
+)
 
 
 def identity_of(config: DumpConfig) -> dict:
@@ -301,6 +306,15 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     header = manifest_header(config, prepared)
     directory = Path(config.out)
     open_output(directory, header, config)
+    with exclusive_writer(directory, config.rank, config.world_size):
+        return dump_remaining(config, prepared, directory, engine, started)
+
+
+def dump_remaining(
+    config: DumpConfig, prepared: PreparedDump, directory: Path, engine, started: float
+) -> dict:
+    """This rank's prompts not yet in a shard, through the engine into shards (the caller holds
+    the rank's writer lock); returns the final manifest."""
     remove_stale_temporaries(directory)
     done = done_source_indices(directory)
     mine = [
@@ -446,6 +460,7 @@ def dump_requests(
             )
         writer.flush()
     finally:
+        stream.close()  # on an error part-way, the engine drops the requests still in flight
         progress.close()
     return tokens
 

@@ -9,8 +9,10 @@ Resume reads back which prompts (source indices) the existing shards already hol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,13 +30,57 @@ from schemas.manifest import (
 )
 from schemas.shard import PARQUET_WRITE_OPTIONS, SCHEMA
 from shared.errors import UserError
-from shared.files import atomic_write, atomic_write_json, directory_lock, sha256_of_file
+from shared.files import (
+    atomic_write,
+    atomic_write_json,
+    directory_lock,
+    hold_lock,
+    sha256_of_file,
+)
 from teacher_dump.rows import ShardRow
 
 ROW_GROUP_ROWS = 256
 """Rows per Parquet row group: the unit the training loader reads at a time."""
 
 SHARD_NAME = re.compile(r"^part-r(\d+)-w(\d+)-(\d+)\.parquet$")
+
+
+WRITER_LOCK = re.compile(r"^\.writer-r(\d+)-w(\d+)\.lock$")
+
+
+@contextlib.contextmanager
+def exclusive_writer(directory: Path, rank: int, world_size: int) -> Iterator[None]:
+    """Hold this rank's writer lock for the whole run.
+
+    Refuses to start while another process writes the same rank, or any rank of another
+    --world-size, into the directory: their prompts overlap, so both would write the same
+    samples. The lock is a file lock: the kernel releases it when its process ends, even by
+    kill -9, so a rerun after a crash is never refused."""
+    directory = Path(directory)
+    with directory_lock(directory):
+        for path in sorted(directory.glob(".writer-r*-w*.lock")):
+            match = WRITER_LOCK.match(path.name)
+            if match is None or int(match.group(2)) == world_size:
+                continue
+            probe = hold_lock(path)
+            if probe is None:
+                raise UserError(
+                    f"--out {directory}: a teacher-dump with --world-size {int(match.group(2))} "
+                    "is writing there, and ranks of different world sizes would dump the same "
+                    "prompts twice: wait for it to finish, or use the same --world-size"
+                )
+            probe.close()
+        handle = hold_lock(directory / f".writer-r{rank}-w{world_size}.lock")
+        if handle is None:
+            raise UserError(
+                f"--out {directory}: another teacher-dump with --rank {rank} --world-size "
+                f"{world_size} is writing there, and two would write every sample twice: wait "
+                "for it to finish, or give each process its own --rank"
+            )
+    try:
+        yield
+    finally:
+        handle.close()
 
 
 def shard_name(rank: int, world_size: int, sequence: int) -> str:

@@ -96,6 +96,21 @@ def write_synthetic_dump(
     return directory
 
 
+def write_synthetic_dump_for(model_directory: Path, directory: Path, rows: int, **options) -> Path:
+    """A synthetic dump whose manifest names `model_directory`'s tokenizer (fingerprint and size),
+    so that student-train accepts that model as the student and goes on to read the shards."""
+    from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(model_directory)
+    return write_synthetic_dump(
+        directory,
+        rows,
+        vocabulary=len(tokenizer),
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        **options,
+    )
+
+
 def rewrite_shard(directory: Path, name: str, table, *, update_manifest: bool = True) -> None:
     """Replace shard `name` with `table` (row groups of 7 rows). With update_manifest, its
     manifest entry is recomputed from the new file, so that the manifest agrees with it and only

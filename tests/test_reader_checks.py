@@ -28,7 +28,7 @@ from shared.errors import UserError
 from shared.shard_reader import open_dump, shard_columns, value_problem
 from student_train.shard_stream import ShardStream
 from teacher_dump.inspect import summarize, validate
-from tests.synthetic_dumps import rewrite_shard, write_synthetic_dump
+from tests.synthetic_dumps import rewrite_shard, write_synthetic_dump, write_synthetic_dump_for
 
 TOP_K, VOCABULARY = 4, 50
 DEFECT_ROW = 9
@@ -219,24 +219,10 @@ def test_a_manifest_whose_checksum_or_token_count_disagrees_is_refused(tmp_path)
         assert validate_refusal(directory).startswith(f"{name}: ")
 
 
-def tiny_tokenizer_dump(directory: Path, student_model: Path) -> Path:
-    """A synthetic dump whose manifest names the tiny student's tokenizer (so student-train
-    accepts the student and goes on to read the shards)."""
-    from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
-
-    tokenizer = load_tokenizer(student_model)
-    return write_synthetic_dump(
-        directory,
-        40,
-        rows_per_shard=20,
-        top_k=TOP_K,
-        vocabulary=len(tokenizer),
-        fingerprint=tokenizer_fingerprint(tokenizer),
-    )
-
-
 def test_student_train_refuses_a_silently_corrupt_shard_in_one_line(student_model, tmp_path):
-    directory = tiny_tokenizer_dump(tmp_path / "dump", student_model)
+    directory = write_synthetic_dump_for(
+        student_model, tmp_path / "dump", 40, rows_per_shard=20, top_k=TOP_K
+    )
     name = first_shard(directory)
     silently_wrong_bit_flip(directory / name, vocabulary=500)
     result = subprocess.run(
