@@ -13,6 +13,12 @@ class UserError(Exception):
     """Bad input or an incompatible artefact; the message is one line naming cause and fix."""
 
 
+def one_line(error: BaseException, limit: int = 120) -> str:
+    """A library error's text for quoting inside a UserError: whitespace (newlines included)
+    collapsed, cut to `limit` characters (pyarrow's messages can span several lines)."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__
+
+
 def check_all(checks: Iterable[tuple[bool, str]]) -> None:
     """Raise UserError with the message of the first (holds, message) pair that does not hold."""
     for holds, message in checks:

@@ -30,7 +30,7 @@ from schemas.shard import (
     max_rounding_error,
     schema_version_of,
 )
-from shared.errors import UserError
+from shared.errors import UserError, one_line
 from shared.files import sha256_of_file
 
 TRAINING_COLUMNS = (
@@ -146,7 +146,7 @@ def open_dump(
         except Exception as error:
             raise UserError(
                 f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
-                f"({str(error)[:100]}): delete it and rerun the teacher-dump command"
+                f"({one_line(error, 100)}): delete it and rerun the teacher-dump command"
             ) from None
         schema = metadata.schema.to_arrow_schema()
         version = schema_version_of(schema)
@@ -294,7 +294,7 @@ def verify_shard(shard: ShardFile) -> None:
         target_tokens = int(pc.sum(pc.list_value_length(lengths)).as_py() or 0)
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
-            f"shard {shard.name} in {shard.path.parent} is unreadable ({str(error)[:100]}): {fix}"
+            f"shard {shard.name} in {shard.path.parent} is unreadable ({one_line(error, 100)}): {fix}"
         ) from None
     if target_tokens != shard.target_tokens:
         raise UserError(
@@ -364,7 +364,7 @@ def decode_row_group(
         table = pq.ParquetFile(group.path).read_row_group(group.index, columns=list(columns))
     except Exception as error:
         raise UserError(
-            f"shard {group.path.name} row group {group.index} is unreadable ({str(error)[:100]}): "
+            f"shard {group.path.name} row group {group.index} is unreadable ({one_line(error, 100)}): "
             "check it with teacher-dump inspect --validate and rerun the dump"
         ) from None
     decoded = shard_columns(table, top_k)

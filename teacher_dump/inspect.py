@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from schemas.manifest import inside_directory, read_manifest
 from schemas.shard import SCHEMA_VERSION, describe_schema_mismatch, schema_version_of
-from shared.errors import UserError
+from shared.errors import UserError, one_line
 from shared.files import sha256_of_file
 from shared.shard_reader import shard_columns, value_problem
 from teacher_dump.shards import shards_on_disk
@@ -129,7 +129,7 @@ def validate_shard(
     try:
         table = pq.read_table(path)
     except Exception as error:
-        return f"unreadable Parquet ({str(error)[:120]})"
+        return f"unreadable Parquet ({one_line(error, 120)})"
     version = schema_version_of(table.schema)
     if version != SCHEMA_VERSION:
         return f"written with shard schema version {version}, expected {SCHEMA_VERSION}"

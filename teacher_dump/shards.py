@@ -29,7 +29,7 @@ from schemas.manifest import (
     totals,
 )
 from schemas.shard import PARQUET_WRITE_OPTIONS, SCHEMA
-from shared.errors import UserError
+from shared.errors import UserError, one_line
 from shared.files import (
     atomic_write,
     atomic_write_json,
@@ -157,7 +157,7 @@ def describe_shard(path: Path) -> dict:
         table = pq.read_table(path, columns=["target_ids", "topk_ids"])
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
-            f"shard {path.name} is unreadable ({str(error)[:120]}): delete it and rerun the same "
+            f"shard {path.name} is unreadable ({one_line(error, 120)}): delete it and rerun the same "
             "teacher-dump command to redo its samples"
         ) from None
     target_lengths = pc.list_value_length(table["target_ids"])
@@ -181,7 +181,7 @@ def done_source_indices(directory: Path) -> set[int]:
             column = pq.read_table(real_path, columns=["source_index"])["source_index"]
         except Exception as error:
             raise UserError(
-                f"shard {path.name} is unreadable ({str(error)[:120]}): delete it and rerun the "
+                f"shard {path.name} is unreadable ({one_line(error, 120)}): delete it and rerun the "
                 "same teacher-dump command to redo its samples"
             ) from None
         done.update(column.to_numpy().tolist())

@@ -163,6 +163,33 @@ def test_a_bit_flip_that_parquet_reads_as_valid_values_is_refused_by_its_checksu
     assert problem.startswith(f"{name}: sha256 differs"), (offset, problem)
 
 
+def test_a_shard_pyarrow_cannot_decode_is_refused_in_one_line(tmp_path):
+    # A damaged page header whose checksum was (wrongly) updated to match: pyarrow's message
+    # for it spans lines; both readers still give one line naming the shard.
+    directory = make_dump(tmp_path / "dump")
+    name = first_shard(directory)
+    content = bytearray((directory / name).read_bytes())
+    content[4] ^= 1  # the first page header, right after the magic bytes
+    with pytest.raises(Exception, match="\n"):
+        pq.read_table(pa.BufferReader(bytes(content)))
+    rewrite_shard_bytes(directory, name, bytes(content))
+    trainer = trainer_refusal(directory)
+    assert f"shard {name} " in trainer and "unreadable" in trainer
+    assert validate_refusal(directory).startswith(f"{name}: unreadable Parquet")
+
+
+def rewrite_shard_bytes(directory: Path, name: str, content: bytes) -> None:
+    """Replace a shard's bytes and make its manifest entry's size and sha256 agree with them."""
+    import hashlib
+
+    (directory / name).write_bytes(content)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == name:
+            entry.update(bytes=len(content), sha256=hashlib.sha256(content).hexdigest())
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_a_corrupt_shard_is_refused_before_any_of_its_rows_is_returned(tmp_path):
     directory = make_dump(tmp_path / "dump")
     manifest = json.loads((directory / "manifest.json").read_text())
