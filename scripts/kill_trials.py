@@ -255,63 +255,93 @@ def validate_command(directory: Path) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class Phases:
-    """An uninterrupted run's timeline (seconds after launch)."""
+    """An uninterrupted run's timeline (seconds after launch) and its units of work."""
 
     start_up: float
-    """Until the first shard (dump) or metrics line (training) appeared."""
+    """Until the first unit of work was done."""
     working: float
     """From then to the end of the process."""
+    units: int
+    """Units of work: finished shards (dump) or logged steps (training)."""
 
 
-def kill_moment(
-    seed: int, kind: str, trial: int, phases: Phases, share: float
-) -> tuple[str, float]:
-    """(phase, seconds into it) of trial `trial`'s kill, drawn from (seed, kind, trial)."""
+@dataclass(frozen=True)
+class KillMoment:
+    """When a trial's SIGKILL lands. In the start-up: `seconds` after launch. In the working
+    phase: once `unit` units are done, plus `fraction` of the time the last unit took in this
+    run, so that the kill lands about inside the next unit whatever the machine's load (units
+    differ in length: a step that also saves a checkpoint takes longer)."""
+
+    phase: str
+    seconds: float = 0.0
+    unit: int = 0
+    fraction: float = 0.0
+
+
+def kill_moment(seed: int, kind: str, trial: int, phases: Phases, share: float) -> KillMoment:
+    """Trial `trial`'s kill moment, drawn from (seed, kind, trial): with probability `share`
+    uniform over the reference's start-up, else after a uniform unit 1..units, at a uniform
+    fraction of a unit."""
     rng = np.random.default_rng([seed, {"dump": 1, "train": 2}[kind], trial])
     if rng.random() < share:
-        return "start-up", float(rng.uniform(0.0, phases.start_up))
-    return "working", float(rng.uniform(0.0, phases.working))
+        return KillMoment("start-up", seconds=float(rng.uniform(0.0, phases.start_up)))
+    unit = int(rng.integers(1, phases.units + 1))
+    return KillMoment("working", unit=unit, fraction=float(rng.uniform(0.0, 1.0)))
 
 
-def started_working(kind: str, out: Path) -> bool:
+def progress(kind: str, out: Path) -> int:
+    """Units of work done so far: finished shards (dump) or logged steps (training)."""
     if kind == "dump":
-        return bool(finished_shards(out))
+        return len(finished_shards(out))
     metrics = Path(out) / "metrics.jsonl"
-    return metrics.is_file() and metrics.stat().st_size > 0
+    if not metrics.is_file():
+        return 0
+    return sum(1 for line in metrics.read_text().splitlines() if '"loss"' in line)
 
 
 def run_until_killed(
-    command: list[str], kind: str, out: Path, phase: str, delay: float, log: Path
+    command: list[str], kind: str, out: Path, moment: KillMoment, reference: Phases, log: Path
 ) -> dict:
-    """Start `command`, kill its process group with SIGKILL `delay` seconds into `phase`;
-    returns when and whether the kill landed."""
+    """Start `command` and kill its process group with SIGKILL at `moment`; returns when it
+    landed, how much work was done by then, and whether the run had already ended."""
     with open(log, "w") as handle:
         process = subprocess.Popen(
             command, env=ENVIRONMENT, stdout=handle, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=REPOSITORY,
         )  # fmt: skip
     launched = time.monotonic()
-    if phase == "working":
-        while not started_working(kind, out) and process.poll() is None:
-            time.sleep(0.01)
-    phase_started = time.monotonic()
-    while time.monotonic() - phase_started < delay and process.poll() is None:
-        time.sleep(0.005)
+    if moment.phase == "start-up":
+        deadline = launched + moment.seconds
+    else:
+        # When the count of units last changed, and the change before: the last unit's length.
+        seen, changed, changed_before = 0, None, None
+        while process.poll() is None and seen < moment.unit:
+            done = progress(kind, out)
+            if done > seen:
+                seen, changed_before, changed = done, changed, time.monotonic()
+            time.sleep(0.002)
+        if changed is not None and changed_before is not None:
+            unit_seconds = changed - changed_before
+        else:  # no unit timed yet in this run: the reference's mean
+            unit_seconds = reference.working / max(reference.units, 1)
+        deadline = time.monotonic() + moment.fraction * unit_seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.002)
     finished = process.poll() is not None
     if not finished:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return {
-        "phase": phase,
-        "delay_s": round(delay, 3),
+        **asdict(moment),
         "killed_at_s": round(time.monotonic() - launched, 3),
+        "units_done_at_kill": progress(kind, out),
         "killed": not finished,
         "exit_status": process.returncode,
     }
 
 
 def timed_run(command: list[str], kind: str, out: Path, log: Path) -> Phases:
-    """Run `command` to the end; its phases (fails if it fails)."""
+    """Run `command` to the end; its phases and units of work (fails if it fails)."""
     with open(log, "w") as handle:
         process = subprocess.Popen(
             command, env=ENVIRONMENT, stdout=handle, stderr=subprocess.STDOUT, cwd=REPOSITORY
@@ -319,14 +349,16 @@ def timed_run(command: list[str], kind: str, out: Path, log: Path) -> Phases:
     launched = time.monotonic()
     working_from = None
     while process.poll() is None:
-        if working_from is None and started_working(kind, out):
+        if working_from is None and progress(kind, out) >= 1:
             working_from = time.monotonic()
         time.sleep(0.01)
     ended = time.monotonic()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: see {log}")
     working_from = working_from or ended
-    return Phases(start_up=working_from - launched, working=ended - working_from)
+    return Phases(
+        start_up=working_from - launched, working=ended - working_from, units=progress(kind, out)
+    )
 
 
 # Trials.
@@ -393,9 +425,14 @@ def dump_trial(
     trial = Trial("dump", index)
     out = work / f"dump-{index:03d}"
     shutil.rmtree(out, ignore_errors=True)
-    phase, delay = kill_moment(seed, "dump", index, phases, start_up_share)
+    moment = kill_moment(seed, "dump", index, phases, start_up_share)
     trial.kill = run_until_killed(
-        dump_command(settings_file, out), "dump", out, phase, delay, work / f"dump-{index:03d}.log"
+        dump_command(settings_file, out),
+        "dump",
+        out,
+        moment,
+        phases,
+        work / f"dump-{index:03d}.log",
     )
     trial.state_at_kill = dump_state(out)
     config = build_config(DumpConfig, config_file=settings_file, flags={"out": str(out)})
@@ -426,9 +463,9 @@ def train_trial(
     out = work / f"train-{index:03d}"
     shutil.rmtree(out, ignore_errors=True)
     log = work / f"train-{index:03d}.log"
-    phase, delay = kill_moment(seed, "train", index, phases, start_up_share)
+    moment = kill_moment(seed, "train", index, phases, start_up_share)
     trial.kill = run_until_killed(
-        train_command(settings_file, out), "train", out, phase, delay, log
+        train_command(settings_file, out), "train", out, moment, phases, log
     )
     trial.state_at_kill = train_state(out)
     with open(log, "a") as handle:
@@ -781,6 +818,7 @@ def run_trials(config: TrialsConfig) -> dict:
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    (out / "trials.jsonl").unlink(missing_ok=True)
     teacher, student = build_models(out / "models")
     data = write_prompts(work / "prompts.jsonl", config.prompts)
     dump_file = write_config(work / "dump.json", dump_settings(teacher, data, config))
@@ -812,7 +850,7 @@ def run_trials(config: TrialsConfig) -> dict:
                     phases=dump_phases, seed=config.seed, start_up_share=config.start_up_share,
                     engine=engine,
                 )  # fmt: skip
-                report_trial(trial)
+                record(trial, out)
                 trials.append(trial)
         finally:
             engine.close()
@@ -821,19 +859,19 @@ def run_trials(config: TrialsConfig) -> dict:
             index, settings_file=train_file, work=work, reference=reference_training,
             phases=train_phases, seed=config.seed, start_up_share=config.start_up_share,
         )  # fmt: skip
-        report_trial(trial)
+        record(trial, out)
         trials.append(trial)
     for index in range(config.concurrent):
         for different in (True, False):
             trial = concurrent_start_trial(
                 index, settings_file=dump_file, work=work, different=different
             )
-            report_trial(trial)
+            record(trial, out)
             trials.append(trial)
     skipped = None
     if config.disk_full and private_tmpfs_available():
         for trial in disk_full_trials(work, dump_file, train_file, reference_dump, reference_train):
-            report_trial(trial)
+            record(trial, out)
             trials.append(trial)
     elif config.disk_full:
         skipped = "unshare -rm with a tmpfs is not permitted here"
@@ -853,10 +891,24 @@ def run_trials(config: TrialsConfig) -> dict:
     return results
 
 
+def record(trial: Trial, out: Path) -> None:
+    """Print a trial's outcome and append it to OUT/trials.jsonl as soon as it is known."""
+    report_trial(trial)
+    with open(out / "trials.jsonl", "a") as handle:
+        handle.write(json.dumps(asdict(trial) | {"passed": trial.passed}) + "\n")
+
+
 def report_trial(trial: Trial) -> None:
     verdict = "ok" if trial.passed else "FAILED: " + "; ".join(trial.failures)
     kill = trial.kill
-    when = f" killed {kill['phase']} +{kill['delay_s']:.2f}s" if kill else ""
+    when = ""
+    if kill and kill["phase"] == "start-up":
+        when = f" killed {kill['seconds']:.1f}s into the start-up"
+    elif kill:
+        when = (
+            f" killed after unit {kill['unit']} + {kill['fraction']:.2f} of one "
+            f"({kill['units_done_at_kill']} done at the kill)"
+        )
     if kill and not kill["killed"]:
         when += " (it had finished)"
     print(f"  {trial.kind} #{trial.index}{when}: {verdict}", file=sys.stderr)

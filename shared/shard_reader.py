@@ -81,6 +81,8 @@ class ShardFile:
 
 @dataclass(frozen=True)
 class RowGroup:
+    """Row group `index` of a shard: the unit the stream reads."""
+
     shard: ShardFile
     index: int
     rows: int
@@ -166,8 +168,8 @@ def open_dump(
             path=path,
             name=entry["name"],
             bytes=int(entry["bytes"]),
-            sha256=str(entry.get("sha256", "")),
-            target_tokens=int(entry.get("target_tokens", -1)),
+            sha256=entry["sha256"],
+            target_tokens=int(entry["target_tokens"]),
         )
         for index in range(metadata.num_row_groups):
             rows = metadata.row_group(index).num_rows

@@ -59,7 +59,7 @@ def test_teacher_dump_killed_at_a_random_moment_resumes_to_the_same_dump(
         settings_file=settings,
         work=tmp_path,
         reference=rows,
-        phases=Phases(start_up=0.0, working=working),
+        phases=Phases(start_up=0.0, working=working, units=TRIALS.prompts // TRIALS.rows_per_shard),
         seed=SEED,
         start_up_share=0.0,  # the start-up is the cheap case: aim every kill at the writing
         engine=engine,
