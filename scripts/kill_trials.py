@@ -553,11 +553,16 @@ def concurrent_start_trial(
 
 
 def private_tmpfs_available() -> bool:
-    probe = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null || "
-         "mount -t tmpfs -o size=64k tmpfs /tmp"],
-        capture_output=True,
-    )  # fmt: skip
+    """Whether this system lets an unprivileged process mount a tmpfs in its own namespace."""
+    import tempfile
+
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as mount:
+        probe = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mount}"],
+            capture_output=True,
+        )
     return probe.returncode == 0
 
 

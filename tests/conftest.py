@@ -162,9 +162,10 @@ def eval_text_shards(tiny_model, engine, tmp_path_factory) -> Path:
 
 def pytest_terminal_summary(terminalreporter):
     """The fuzzed reader's figures (README, Reliability): corrupt dumps refused, by kind."""
-    from tests import test_reader_fuzz
+    import sys
 
-    tried = getattr(test_reader_fuzz, "TRIED", {})
+    fuzz = sys.modules.get("tests.test_reader_fuzz")  # only when this session ran it
+    tried = getattr(fuzz, "TRIED", {})
     if tried:
         terminalreporter.write_line(
             f"fuzzed reader: {sum(tried.values())} corrupt dumps, each refused by both readers "
