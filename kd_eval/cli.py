@@ -9,6 +9,7 @@ import click
 from kd_eval.config import EvalConfig
 from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
+from shared.files import disk_full_exit
 
 FLAGS = (
     "task", "data_path", "split", "limit", "teacher_shards", "max_new_tokens", "chunk_tokens",
@@ -53,6 +54,11 @@ def main(config_file, assignments, models, **flags) -> None:
         report = run_evaluation(config)
     except UserError as error:
         exit_with(error)
+    except Exception as error:
+        disk_full = disk_full_exit(error, "free space there and rerun the same command")
+        if disk_full is None:
+            raise
+        exit_with(disk_full)
     click.echo(markdown_table(report))
     if config.out:
         click.echo(

@@ -315,7 +315,10 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
     if tokenizer_fingerprint(tokenizer) != dump.manifest["tokenizer"]["fingerprint"]:
         return {"skipped": "the model's tokenizer differs from the teacher's"}
     model = AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=torch.float32, trust_remote_code=config.trust_remote_code
+        str(directory),
+        dtype=torch.float32,
+        trust_remote_code=config.trust_remote_code,
+        use_safetensors=True,
     )
     rows = iter(itertools.islice(iterate_rows(dump), config.fidelity_limit))
     batches = iter(lambda: list(itertools.islice(rows, FIDELITY_BATCH_ROWS)), [])
@@ -346,7 +349,9 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
     # seconds, not after minutes of evaluating the models before it.
     models = []
     for name, reference in (parse_model(text) for text in config.models):
-        resolved = resolve_model(reference, flag="--model")
+        resolved = resolve_model(
+            reference, flag="--model", trust_remote_code=config.trust_remote_code
+        )
         tokenizer = load_tokenizer(resolved.directory, trust_remote_code=config.trust_remote_code)
         models.append((name, resolved, tokenizer))
     results = {}

@@ -147,6 +147,12 @@ def describe_schema_mismatch(actual: pa.Schema) -> str | None:
         got = actual.field(field.name).type
         if got != field.type:
             return f"column {field.name} has type {got}, expected {field.type}"
+        # An extension type pyarrow does not know reads back as its storage type with its name in
+        # the field metadata (pyarrow's old pickled Python types among them): not our schema.
+        extension = (actual.field(field.name).metadata or {}).get(b"ARROW:extension:name")
+        if extension is not None:
+            name = extension.decode(errors="replace")[:60]
+            return f"column {field.name} declares the Arrow extension type {name!r}"
     if HIDDEN_COLUMN in actual.names and actual.field(HIDDEN_COLUMN).type != HIDDEN_FIELD.type:
         return f"column {HIDDEN_COLUMN} has type {actual.field(HIDDEN_COLUMN).type}, expected {HIDDEN_FIELD.type}"
     return None

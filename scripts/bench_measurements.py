@@ -436,7 +436,9 @@ def measure_online(
     model = student_model.model
     model.train()
     output_logits = output_logits_function(model, student_model.vocabulary)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    teacher_model = AutoModelForCausalLM.from_pretrained(
+        teacher, dtype=torch.float32, use_safetensors=True
+    ).eval()
     teacher_logits = output_logits_function(teacher_model, student_model.vocabulary)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 

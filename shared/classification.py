@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 
 from schemas.shard import NO_LABEL
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 
 Pooling = Literal["cls", "mean"]
 """How a sequence of hidden states becomes one vector: the first token's ([CLS]) or the mean
@@ -156,7 +156,7 @@ def load_classifier(
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(
-            f"{who} {directory}: cannot load it as a sequence classifier ({first_line(error)}): "
+            f"{who} {directory}: cannot load it as a sequence classifier ({one_line(error)}): "
             "pass an encoder or *ForSequenceClassification model directory"
         ) from None
     model.eval()

@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 
 LOGPROBS_MODE = "raw_logprobs"
 
@@ -149,7 +149,7 @@ class TeacherEngine:
         try:
             self.llm = vllm.LLM(**self.engine_arguments)
         except (ValueError, TypeError, OSError) as error:
-            reason = first_line(error, 300)
+            reason = one_line(error, 300)
             raise UserError(
                 f"vLLM could not start the teacher engine ({reason}): check --model, "
                 "--dtype and --max-model-len"
@@ -174,24 +174,30 @@ class TeacherEngine:
         pending = iter(requests)
         keys: dict[str, object] = {}
         exhausted = False
-        while True:
-            while not exhausted and len(keys) < max_in_flight:
-                try:
-                    key, prompt_ids, params = next(pending)
-                except StopIteration:
-                    exhausted = True
-                    break
-                request_id = f"kd-{self._request_counter}"
-                self._request_counter += 1
-                keys[request_id] = key
-                self.engine.add_request(
-                    request_id, TokensPrompt(prompt_token_ids=prompt_ids), params
-                )
-            if not keys:
-                return
-            for output in self.engine.step():
-                if output.finished and output.request_id in keys:
-                    yield keys.pop(output.request_id), output
+        try:
+            while True:
+                while not exhausted and len(keys) < max_in_flight:
+                    try:
+                        key, prompt_ids, params = next(pending)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    request_id = f"kd-{self._request_counter}"
+                    self._request_counter += 1
+                    keys[request_id] = key
+                    self.engine.add_request(
+                        request_id, TokensPrompt(prompt_token_ids=prompt_ids), params
+                    )
+                if not keys:
+                    return
+                for output in self.engine.step():
+                    if output.finished and output.request_id in keys:
+                        yield keys.pop(output.request_id), output
+        finally:
+            # Abandoned part-way (the consumer failed, e.g. on a full disk): drop the requests
+            # still in flight so that a reused engine does not keep computing them.
+            if keys:
+                self.engine.abort_request(list(keys))
 
     def generate(
         self,
@@ -381,9 +387,9 @@ class ClassifierEngine:
                 if wanted == "vllm":
                     raise UserError(
                         f"vLLM could not run {settings.model} as a classifier "
-                        f"({first_line(error, 200)}): use --classify-backend transformers"
+                        f"({one_line(error, 200)}): use --classify-backend transformers"
                     ) from None
-                self.fallback_reason = f"vLLM could not run it: {first_line(error, 200)}"
+                self.fallback_reason = f"vLLM could not run it: {one_line(error, 200)}"
         if self.llm is None:
             self._start_transformers()
         self.backend = "vllm" if self.llm is not None else "transformers"
@@ -428,7 +434,7 @@ class ClassifierEngine:
         except (OSError, ValueError) as error:
             raise UserError(
                 f"cannot load {settings.model} as a sequence classifier "
-                f"({first_line(error)}): pass a *ForSequenceClassification model directory"
+                f"({one_line(error)}): pass a *ForSequenceClassification model directory"
             ) from None
         self.model.eval()
         self.dtype = str(dtype).removeprefix("torch.")

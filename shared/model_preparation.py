@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 from shared.files import atomic_directory
 
 
@@ -73,7 +73,7 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
         )
     except (OSError, ValueError, ImportError) as error:
         raise UserError(
-            f"cannot read {gguf_file} ({first_line(error)}): it needs the gguf "
+            f"cannot read {gguf_file} ({one_line(error)}): it needs the gguf "
             "and accelerate packages (pip install -e '.[gguf]') and an architecture transformers "
             "can load from GGUF"
         ) from None
@@ -162,7 +162,11 @@ def derive_student(
     head = {"num_labels": len(labels), "id2label": dict(enumerate(labels))} if labels else {}
     torch.manual_seed(seed)
     model = model_class.from_pretrained(
-        str(teacher), dtype=torch.float32, trust_remote_code=trust_remote_code, **head
+        str(teacher),
+        dtype=torch.float32,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        **head,
     )
     if model_class is AutoModelForCausalLM:
         holder = (model.get_decoder(), "layers")

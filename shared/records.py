@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 from shared.files import sha256_of_file
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -138,7 +138,7 @@ def load_hub_records(name: str, config: str | None, split: str) -> LoadedRecords
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError...)
-        reason = first_line(error)
+        reason = one_line(error)
         raise UserError(
             f"cannot load dataset {name}{'/' + config if config else ''} split {split!r} from the "
             f"Hugging Face hub ({reason[:200]}): when offline, pass a local file with --data-path"

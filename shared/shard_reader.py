@@ -4,6 +4,12 @@ Every reader goes through here: student-train's stream, the fidelity evaluation 
 and kd-eval, and `teacher-dump inspect --validate`. `open_dump` checks the manifest against the
 shards' footers (cheap); `decode_row_group` reads one row group and refuses any value that would
 silently corrupt training, with one line naming the shard and what to do.
+
+Checksums: a dump can be terabytes, so nothing hashes it at start-up. Instead the first time a
+process reads a row group of a shard, the whole shard is hashed and compared with the
+manifest's sha256 (and its target-token count), before any of its rows is returned. The result
+is remembered per process together with the file's size and modification time, so each shard
+is hashed once per process, and a file changed afterwards is checked again.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import classify_labels, is_classify, read_manifest
+from schemas.manifest import classify_labels, inside_directory, is_classify, read_manifest
 from schemas.shard import (
     HIDDEN_COLUMN,
     NO_LABEL,
@@ -25,9 +32,20 @@ from schemas.shard import (
     max_rounding_error,
     schema_version_of,
 )
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
+from shared.files import sha256_of_file
 
-TRAINING_COLUMNS = ("sample_id", "prompt_ids", "target_ids", "topk_ids", "topk_logprobs")
+TRAINING_COLUMNS = (
+    "sample_id",
+    "prompt_ids",
+    "target_ids",
+    "target_logprobs",
+    "topk_ids",
+    "topk_logprobs",
+)
+"""What training and the fidelity evaluation read. target_logprobs carries no loss, but it is read
+(a few percent of a row's bytes) so that the trainer refuses every numeric column that
+`inspect --validate` refuses, not only the ones it uses."""
 LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
 """Enough to plan batches (count steps) without decoding the top-k."""
 CLASSIFY_COLUMNS = (*TRAINING_COLUMNS, "prompt_text")
@@ -65,10 +83,28 @@ class TrainingRow:
 
 
 @dataclass(frozen=True)
-class RowGroup:
+class ShardFile:
+    """One shard as its manifest entry describes it."""
+
     path: Path
+    """The real path (inside the dump directory)."""
+    name: str
+    bytes: int
+    sha256: str
+    target_tokens: int
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Row group `index` of a shard: the unit the stream reads."""
+
+    shard: ShardFile
     index: int
     rows: int
+
+    @property
+    def path(self) -> Path:
+        return self.shard.path
 
 
 @dataclass(frozen=True)
@@ -107,7 +143,10 @@ def open_dump(
         )
     row_groups: list[RowGroup] = []
     for entry in manifest["shards"]:
-        path = directory / entry["name"]
+        try:
+            path = inside_directory(directory, entry["name"])
+        except UserError as error:
+            raise UserError(f"{flag} {error}") from None
         if not path.is_file():
             raise UserError(
                 f"{flag} {directory}: shard {entry['name']} is listed in the manifest but missing: "
@@ -124,7 +163,7 @@ def open_dump(
         except Exception as error:
             raise UserError(
                 f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
-                f"({first_line(error)}): delete it and rerun the teacher-dump command"
+                f"({one_line(error, 100)}): delete it and rerun the teacher-dump command"
             ) from None
         schema = metadata.schema.to_arrow_schema()
         version = schema_version_of(schema)
@@ -140,10 +179,17 @@ def open_dump(
                 f"{flag} {directory}: shard {entry['name']} holds {metadata.num_rows} rows, the "
                 f"manifest says {entry['rows']}: rerun the teacher-dump command to refresh it"
             )
+        shard = ShardFile(
+            path=path,
+            name=entry["name"],
+            bytes=int(entry["bytes"]),
+            sha256=entry["sha256"],
+            target_tokens=int(entry["target_tokens"]),
+        )
         for index in range(metadata.num_row_groups):
             rows = metadata.row_group(index).num_rows
             if rows:
-                row_groups.append(RowGroup(path, index, rows))
+                row_groups.append(RowGroup(shard, index, rows))
     if not row_groups:
         raise UserError(
             f"{flag} {directory}: the dump holds no rows; run teacher-dump with data first"
@@ -227,6 +273,54 @@ def shard_columns(table, top_k: int) -> ShardColumns | str:
     )
 
 
+_verified_shards: set[tuple[str, int, int, str]] = set()
+"""(real path, size, modification time in ns, expected sha256) of every shard this process has
+hashed and found equal to its manifest entry."""
+
+
+def verify_shard(shard: ShardFile) -> None:
+    """Refuse a shard whose bytes differ from its manifest entry; hash it once per process.
+
+    Checks size, sha256 and the number of target tokens. Cheap after the first call for a
+    shard (one stat), and repeated when the file's size or modification time has changed.
+    """
+    try:
+        status = shard.path.stat()
+    except OSError as error:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} cannot be read ({error.strerror}): "
+            "rerun the teacher-dump command to rewrite it"
+        ) from None
+    key = (str(shard.path), status.st_size, status.st_mtime_ns, shard.sha256)
+    if key in _verified_shards:
+        return
+    fix = "run teacher-dump inspect --validate, delete it and rerun the teacher-dump command"
+    if status.st_size != shard.bytes:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} has {status.st_size} bytes, the manifest "
+            f"says {shard.bytes} (truncated or replaced): {fix}"
+        )
+    digest = sha256_of_file(shard.path)
+    if digest != shard.sha256:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} has sha256 {digest[:16]}, the manifest "
+            f"says {shard.sha256[:16]} (corrupt or replaced since it was written): {fix}"
+        )
+    try:
+        lengths = pq.read_table(shard.path, columns=["target_ids"])["target_ids"]
+        target_tokens = int(pc.sum(pc.list_value_length(lengths)).as_py() or 0)
+    except Exception as error:  # pyarrow raises several types for a corrupt file
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} is unreadable ({one_line(error, 100)}): {fix}"
+        ) from None
+    if target_tokens != shard.target_tokens:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} holds {target_tokens} target tokens, the "
+            f"manifest says {shard.target_tokens}: {fix}"
+        )
+    _verified_shards.add(key)
+
+
 def value_problem(columns: ShardColumns, vocabulary: int, classify: bool = False) -> str | None:
     """The first value that would silently corrupt training or evaluation, or None.
 
@@ -239,6 +333,9 @@ def value_problem(columns: ShardColumns, vocabulary: int, classify: bool = False
     unlabelled = (targets == NO_LABEL) if classify else np.zeros(targets.shape, dtype=bool)
     if (((targets < 0) & ~unlabelled) | (targets >= vocabulary)).any():
         return f"target ids outside [0, {vocabulary})"
+    prompts = columns.prompt_ids
+    if prompts is not None and ((prompts < 0) | (prompts >= vocabulary)).any():
+        return f"prompt ids outside [0, {vocabulary})"
     if columns.target_logprobs is not None:
         values = columns.target_logprobs
         finite = np.isfinite(values)
@@ -277,15 +374,21 @@ def decode_row_group(
     top_k: int,
     vocabulary: int,
     classify: bool = False,
+    *,
+    verify: bool = True,
 ) -> list[TrainingRow]:
     """Read one row group into TrainingRows, refusing what would silently corrupt training.
 
-    `classify`: the group belongs to a classify dump (vocabulary = its number of labels)."""
+    `classify`: the group belongs to a classify dump (vocabulary = its number of labels). With
+    `verify` (always, except to plan step counts from row lengths), the shard's checksum is
+    checked first (verify_shard: the first time this process reads the shard)."""
+    if verify:
+        verify_shard(group.shard)
     try:
         table = pq.ParquetFile(group.path).read_row_group(group.index, columns=list(columns))
     except Exception as error:
         raise UserError(
-            f"shard {group.path.name} row group {group.index} is unreadable ({first_line(error)}): "
+            f"shard {group.path.name} row group {group.index} is unreadable ({one_line(error, 100)}): "
             "check it with teacher-dump inspect --validate and rerun the dump"
         ) from None
     decoded = shard_columns(table, top_k)

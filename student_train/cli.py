@@ -14,6 +14,7 @@ import click
 
 from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
+from shared.files import disk_full_exit
 from shared.model_preparation import LayerChoice
 from student_train.config import TrainConfig
 
@@ -60,6 +61,13 @@ def main(context, config_file, assignments, **flags) -> None:
         summary = run_training(config)
     except UserError as error:
         exit_with(error)
+    except Exception as error:
+        disk_full = disk_full_exit(
+            error, "free space there and rerun the same command with --resume"
+        )
+        if disk_full is None:
+            raise
+        exit_with(disk_full)
     if summary is not None and summary.get("final"):
         print_summary(summary)
 
@@ -114,7 +122,9 @@ def init_student(
     from shared.models import resolve_model
 
     try:
-        directory = resolve_model(teacher, flag="--teacher").directory
+        directory = resolve_model(
+            teacher, flag="--teacher", trust_remote_code=trust_remote_code
+        ).directory
         names = tuple(name.strip() for name in labels.split(",") if name.strip())
         derive_student(
             directory, layers, out, keep=keep, trust_remote_code=trust_remote_code, labels=names

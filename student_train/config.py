@@ -156,8 +156,10 @@ class TrainConfig:
     the tail): a smaller-k ablation from the same dump, holding what a dump made with --top-k N
     stores (where padding-row ids were dropped, one more real id). Default: every entry."""
     bf16: bool = False
-    """bfloat16 autocast for the student's forward (weights and losses stay float32). Slow on
-    CPUs without native bf16."""
+    """bfloat16 autocast for the student's forward, LM head included (weights stay float32; the
+    log-softmax and the losses run in float32 on the bf16 logits, so the student's
+    log-probabilities differ from float32 ones: README "Reliability"). Slow on CPUs without
+    native bf16."""
     lora_r: int = 0
     """LoRA rank: train a peft LoRA adapter instead of all weights (0: full fine-tuning)."""
     lora_alpha: float = 16.0

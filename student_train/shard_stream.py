@@ -77,7 +77,9 @@ class ShardStream:
 
     `peek()` shows the next row without consuming it, `take()` consumes it, `position` is where
     the stream stands (save it; pass it back as `position=` to continue from there). With
-    `epochs=None` the stream cycles forever; otherwise it ends after that many epochs.
+    `epochs=None` the stream cycles forever; otherwise it ends after that many epochs. With
+    `verify` (the default) each shard's checksum is checked the first time the process reads it,
+    before any of its rows is returned.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class ShardStream:
         columns: tuple[str, ...] = TRAINING_COLUMNS,
         position: StreamPosition = StreamPosition(),
         read_group: Callable[[RowGroup, tuple[str, ...]], list[TrainingRow]] | None = None,
+        verify: bool = True,
     ):
         """`read_group(group, columns)` reads one row group; by default from the dump's
         Parquet shards (a labels-only classification dataset passes rows held in memory)."""
@@ -104,7 +107,9 @@ class ShardStream:
         top_k, vocabulary = int(dump.manifest["top_k"]), id_space(dump.manifest)
         classify = is_classify(dump.manifest)
         self.read_group = read_group or (
-            lambda group, columns: decode_row_group(group, columns, top_k, vocabulary, classify)
+            lambda group, columns: decode_row_group(
+                group, columns, top_k, vocabulary, classify, verify=verify
+            )
         )
         self._position = position
         self._windows: list[tuple[list[RowGroup], int]] | None = None

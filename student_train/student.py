@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from schemas.manifest import check_tokenizer_fingerprint
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 from shared.models import context_length, resolve_model
 from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -58,7 +58,7 @@ def load_student(
     the student's, to resume training."""
     from transformers import AutoModelForCausalLM
 
-    resolved = resolve_model(reference, flag="--student")
+    resolved = resolve_model(reference, flag="--student", trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(resolved.directory, trust_remote_code=trust_remote_code)
     check_tokenizer_fingerprint(manifest, tokenizer_fingerprint(tokenizer), "student")
     vocabulary = len(tokenizer)
@@ -68,9 +68,10 @@ def load_student(
             str(full_weights or resolved.directory),
             dtype=torch.float32,
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
     except (OSError, ValueError) as error:
-        reason = first_line(error)
+        reason = one_line(error)
         raise UserError(
             f"--student {reference}: cannot load a causal LM ({reason}): pass a "
             "Hugging Face causal-LM directory"
@@ -184,6 +185,6 @@ def add_lora(model, lora: LoraOptions, task_type: str = "CAUSAL_LM"):
         return get_peft_model(model, config)
     except ValueError as error:
         raise UserError(
-            f"--lora-target {','.join(target)}: {first_line(error)}: name modules "
+            f"--lora-target {','.join(target)}: {one_line(error)}: name modules "
             "the student has (e.g. q_proj,v_proj) or use all-linear"
         ) from None

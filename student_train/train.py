@@ -597,6 +597,9 @@ def training_stream(
         position=position or StreamPosition(),
         columns=columns,
         read_group=read_group,
+        # Planning reads only the row lengths and trains on nothing: hashing every shard then
+        # would read the whole dump at start-up. Training verifies each shard when it opens it.
+        verify=columns != LENGTH_COLUMNS,
     )
 
 

@@ -9,6 +9,7 @@ import click
 
 from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
+from shared.files import disk_full_exit
 from teacher_dump.config import DumpConfig
 
 FLAGS = (
@@ -50,6 +51,13 @@ def main(context: click.Context, config_file, assignments, **flags) -> None:
         manifest = run_dump(config)
     except UserError as error:
         exit_with(error)
+    except Exception as error:
+        disk_full = disk_full_exit(
+            error, "free space there and rerun the same command (it resumes)"
+        )
+        if disk_full is None:
+            raise
+        exit_with(disk_full)
     sys.exit(0 if manifest["complete"] or config.world_size > 1 else 1)
 
 

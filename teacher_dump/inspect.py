@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import is_classify, read_manifest
+from schemas.manifest import inside_directory, is_classify, read_manifest
 from schemas.shard import SCHEMA_VERSION, describe_schema_mismatch, schema_version_of
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 from shared.files import sha256_of_file
 from shared.shard_reader import id_space, shard_columns, value_problem
 from teacher_dump.shards import shards_on_disk
@@ -31,7 +31,7 @@ def summarize(directory: Path) -> dict:
     for entry in manifest["shards"]:
         try:
             table = pq.read_table(
-                Path(directory) / entry["name"],
+                inside_directory(directory, entry["name"]),
                 columns=["sample_id", "target_ids", "finish_reason", "topk_logprobs"],
             )
             columns = shard_columns(table, manifest["top_k"])
@@ -121,9 +121,12 @@ def validate(directory: Path) -> list[str]:
     vocabulary = id_space(manifest)
     classify = is_classify(manifest)
     for entry in manifest["shards"]:
-        problem = validate_shard(
-            directory / entry["name"], entry, top_k, vocabulary, seen_ids, classify
-        )
+        try:
+            path = inside_directory(directory, entry["name"])
+        except UserError as error:
+            problems.append(f"{entry['name']}: {error}")
+            continue
+        problem = validate_shard(path, entry, top_k, vocabulary, seen_ids, classify)
         if problem:
             problems.append(f"{entry['name']}: {problem}")
     return problems
@@ -147,7 +150,7 @@ def validate_shard(
     try:
         table = pq.read_table(path)
     except Exception as error:
-        return f"unreadable Parquet ({first_line(error)})"
+        return f"unreadable Parquet ({one_line(error, 120)})"
     version = schema_version_of(table.schema)
     if version != SCHEMA_VERSION:
         return f"written with shard schema version {version}, expected {SCHEMA_VERSION}"

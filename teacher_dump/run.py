@@ -48,7 +48,12 @@ from teacher_dump.requests import (
     text_requests,
 )
 from teacher_dump.rows import ShardRow, first_invalid_position, make_row
-from teacher_dump.shards import ShardWriter, done_source_indices, refresh_manifest
+from teacher_dump.shards import (
+    ShardWriter,
+    done_source_indices,
+    exclusive_writer,
+    refresh_manifest,
+)
 
 
 def identity_of(config: DumpConfig) -> dict:
@@ -77,7 +82,7 @@ class PreparedDump:
 
 def prepare(config: DumpConfig) -> PreparedDump:
     """Resolve model, tokenizer and data; build and validate this dump's requests (no engine)."""
-    model = resolve_model(config.model, config.revision)
+    model = resolve_model(config.model, config.revision, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(model.directory, trust_remote_code=config.trust_remote_code)
     model_context = context_length(model.config)
     context = config.max_model_len or model_context
@@ -334,6 +339,15 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     header = manifest_header(config, prepared)
     directory = Path(config.out)
     open_output(directory, header, config)
+    with exclusive_writer(directory, config.rank, config.world_size):
+        return dump_remaining(config, prepared, directory, engine, started)
+
+
+def dump_remaining(
+    config: DumpConfig, prepared: PreparedDump, directory: Path, engine, started: float
+) -> dict:
+    """This rank's prompts not yet in a shard, through the engine into shards (the caller holds
+    the rank's writer lock); returns the final manifest."""
     remove_stale_temporaries(directory)
     done = done_source_indices(directory)
     mine = [
@@ -538,6 +552,7 @@ def dump_requests(
             )
         writer.flush()
     finally:
+        stream.close()  # on an error part-way, the engine drops the requests still in flight
         progress.close()
     return tokens
 

@@ -9,8 +9,10 @@ Resume reads back which prompts (source indices) the existing shards already hol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,16 +21,66 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import SHARD_SUFFIX, is_safe_shard_name, manifest_path, totals
+from schemas.manifest import (
+    SHARD_SUFFIX,
+    inside_directory,
+    is_safe_shard_name,
+    manifest_path,
+    totals,
+)
 from schemas.shard import HIDDEN_COLUMN, PARQUET_WRITE_OPTIONS, classify_schema
-from shared.errors import UserError, first_line
-from shared.files import atomic_write, atomic_write_json, directory_lock, sha256_of_file
+from shared.errors import UserError, one_line
+from shared.files import (
+    atomic_write,
+    atomic_write_json,
+    directory_lock,
+    hold_lock,
+    sha256_of_file,
+)
 from teacher_dump.rows import ShardRow
 
 ROW_GROUP_ROWS = 256
 """Rows per Parquet row group: the unit the training loader reads at a time."""
 
 SHARD_NAME = re.compile(r"^part-r(\d+)-w(\d+)-(\d+)\.parquet$")
+
+
+WRITER_LOCK = re.compile(r"^\.writer-r(\d+)-w(\d+)\.lock$")
+
+
+@contextlib.contextmanager
+def exclusive_writer(directory: Path, rank: int, world_size: int) -> Iterator[None]:
+    """Hold this rank's writer lock for the whole run.
+
+    Refuses to start while another process writes the same rank, or any rank of another
+    --world-size, into the directory: their prompts overlap, so both would write the same
+    samples. The lock is a file lock: the kernel releases it when its process ends, even by
+    kill -9, so a rerun after a crash is never refused."""
+    directory = Path(directory)
+    with directory_lock(directory):
+        for path in sorted(directory.glob(".writer-r*-w*.lock")):
+            match = WRITER_LOCK.match(path.name)
+            if match is None or int(match.group(2)) == world_size:
+                continue
+            probe = hold_lock(path)
+            if probe is None:
+                raise UserError(
+                    f"--out {directory}: a teacher-dump with --world-size {int(match.group(2))} "
+                    "is writing there, and ranks of different world sizes would dump the same "
+                    "prompts twice: wait for it to finish, or use the same --world-size"
+                )
+            probe.close()
+        handle = hold_lock(directory / f".writer-r{rank}-w{world_size}.lock")
+        if handle is None:
+            raise UserError(
+                f"--out {directory}: another teacher-dump with --rank {rank} --world-size "
+                f"{world_size} is writing there, and two would write every sample twice: wait "
+                "for it to finish, or give each process its own --rank"
+            )
+    try:
+        yield
+    finally:
+        handle.close()
 
 
 def shard_name(rank: int, world_size: int, sequence: int) -> str:
@@ -103,11 +155,12 @@ def write_shard(path: Path, rows: list[ShardRow]) -> dict:
 
 def describe_shard(path: Path) -> dict:
     """The manifest entry of a shard already on disk (reads it)."""
+    path = inside_directory(path.parent, path.name)
     try:
         table = pq.read_table(path, columns=["target_ids", "topk_ids"])
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
-            f"shard {path.name} is unreadable ({first_line(error)}): delete it and rerun the same "
+            f"shard {path.name} is unreadable ({one_line(error, 120)}): delete it and rerun the same "
             "teacher-dump command to redo its samples"
         ) from None
     target_lengths = pc.list_value_length(table["target_ids"])
@@ -126,11 +179,12 @@ def done_source_indices(directory: Path) -> set[int]:
     """Source indices of the prompts whose rows are already in complete shards."""
     done: set[int] = set()
     for path in shards_on_disk(directory):
+        real_path = inside_directory(directory, path.name)
         try:
-            column = pq.read_table(path, columns=["source_index"])["source_index"]
+            column = pq.read_table(real_path, columns=["source_index"])["source_index"]
         except Exception as error:
             raise UserError(
-                f"shard {path.name} is unreadable ({first_line(error)}): delete it and rerun the "
+                f"shard {path.name} is unreadable ({one_line(error, 120)}): delete it and rerun the "
                 "same teacher-dump command to redo its samples"
             ) from None
         done.update(column.to_numpy().tolist())

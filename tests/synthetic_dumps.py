@@ -10,20 +10,38 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.manifest import MANIFEST_NAME, totals
-from schemas.shard import PARQUET_WRITE_OPTIONS, SCHEMA_VERSION, round_logprobs
+from schemas.shard import PAD_ID, PARQUET_WRITE_OPTIONS, SCHEMA_VERSION, round_logprobs
+from shared.files import sha256_of_file
 from teacher_dump.rows import ShardRow
 from teacher_dump.shards import describe_shard, rows_to_table, shard_name
 
+PADDED_POSITION_SHARE = 0.3
+"""Share of positions whose top-k ends in freed padding slots (PAD_ID, -inf), as real dumps of a
+teacher with a padded vocabulary have them."""
+
 
 def synthetic_row(index: int, rng: np.random.Generator, top_k: int, vocabulary: int) -> ShardRow:
+    """A row as teacher-dump writes it: top-k ids in rank order with descending rounded logprobs,
+    and at about PADDED_POSITION_SHARE of the positions (when k > 1) 1..k-1 trailing padding
+    slots, the freed slots of dropped padding-row ids."""
     prompt_length, target_length = int(rng.integers(1, 6)), int(rng.integers(1, 9))
     topk_ids = np.stack(
         [rng.choice(vocabulary, size=top_k, replace=False) for _ in range(target_length)]
     ).astype(np.int32)
     logprobs = np.sort(np.log(rng.dirichlet(np.ones(top_k + 1), size=target_length))[:, :top_k])
+    topk_logprobs = round_logprobs(logprobs[:, ::-1].copy())
+    padded = 0
+    if top_k > 1:
+        for position in np.flatnonzero(rng.random(target_length) < PADDED_POSITION_SHARE):
+            freed = int(rng.integers(1, top_k))
+            topk_ids[position, top_k - freed :] = PAD_ID
+            topk_logprobs[position, top_k - freed :] = -np.inf
+            padded += freed
     return ShardRow(
         sample_id=str(index),
         source_index=index,
@@ -32,12 +50,12 @@ def synthetic_row(index: int, rng: np.random.Generator, top_k: int, vocabulary: 
         target_ids=topk_ids[:, 0].copy(),
         target_logprobs=round_logprobs(logprobs[:, -1]),
         topk_ids=topk_ids,
-        topk_logprobs=round_logprobs(logprobs[:, ::-1].copy()),
+        topk_logprobs=topk_logprobs,
         finish_reason="text",
         prompt_text="",
         target_text="",
         references=(),
-        padded_topk_entries=0,
+        padded_topk_entries=padded,
     )
 
 
@@ -76,3 +94,40 @@ def write_synthetic_dump(
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
     return directory
+
+
+def write_synthetic_dump_for(model_directory: Path, directory: Path, rows: int, **options) -> Path:
+    """A synthetic dump whose manifest names `model_directory`'s tokenizer (fingerprint and size),
+    so that student-train accepts that model as the student and goes on to read the shards."""
+    from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(model_directory)
+    return write_synthetic_dump(
+        directory,
+        rows,
+        vocabulary=len(tokenizer),
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        **options,
+    )
+
+
+def rewrite_shard(directory: Path, name: str, table, *, update_manifest: bool = True) -> None:
+    """Replace shard `name` with `table` (row groups of 7 rows). With update_manifest, its
+    manifest entry is recomputed from the new file, so that the manifest agrees with it and only
+    the table's own content can be wrong."""
+    directory = Path(directory)
+    path = directory / name
+    pq.write_table(table, path, row_group_size=7, **PARQUET_WRITE_OPTIONS)
+    if not update_manifest:
+        return
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] != name:
+            continue
+        entry.update(rows=table.num_rows, bytes=path.stat().st_size, sha256=sha256_of_file(path))
+        if pa.types.is_list(table.schema.field("target_ids").type):
+            entry["target_tokens"] = int(
+                pc.sum(pc.list_value_length(table["target_ids"])).as_py() or 0
+            )
+    manifest["totals"] = totals(manifest["shards"])
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
