@@ -9,11 +9,12 @@ import click
 from kd_eval.config import EvalConfig
 from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
+from shared.files import disk_full_exit
 
 FLAGS = (
     "task", "data_path", "split", "limit", "teacher_shards", "max_new_tokens", "chunk_tokens",
     "out", "dtype", "max_model_len", "enforce_eager", "chat_template", "trust_remote_code",
-    "progress",
+    "progress", "data", "classify_backend",
 )  # fmt: skip
 """The EvalConfig fields that have a flag (plus --model); any field can be set with --set."""
 NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
@@ -34,7 +35,7 @@ def main(config_file, assignments, models, **flags) -> None:
     """Evaluate models on a task with identical prompts and decoding; print a table.
 
     \b
-    kd-eval --task gsm8k|summ|lm --model NAME=PATH [--model NAME=PATH ...] [--data-path P]
+    kd-eval --task gsm8k|summ|lm|cls --model NAME=PATH [--model NAME=PATH ...] [--data-path P]
             [--split S] [--limit N] [--teacher-shards DIR] [--max-new-tokens N] [--out DIR]
     """
     if models:
@@ -53,6 +54,11 @@ def main(config_file, assignments, models, **flags) -> None:
         report = run_evaluation(config)
     except UserError as error:
         exit_with(error)
+    except Exception as error:
+        disk_full = disk_full_exit(error, "free space there and rerun the same command")
+        if disk_full is None:
+            raise
+        exit_with(disk_full)
     click.echo(markdown_table(report))
     if config.out:
         click.echo(

@@ -24,14 +24,15 @@ from kd_eval.config import EvalConfig, parse_model
 from kd_eval.report import write_outputs
 from shared.config import config_to_dict
 from shared.errors import UserError
-from shared.models import ResolvedModel, context_length, resolve_model
+from shared.models import AUXILIARY_WEIGHTS, ResolvedModel, context_length, resolve_model
 from shared.records import LoadedRecords
 from shared.scoring import (
     bleu_score,
+    final_number,
     gsm8k_correct,
     language_model_metrics,
     language_model_sums,
-    rouge_scores,
+    rouge_per_sample,
 )
 from shared.tasks import TASKS, examples_from_records, load_records
 from shared.tokenizer import (
@@ -106,6 +107,8 @@ def count_parameters(directory: Path) -> int:
 
     total = 0
     for path in sorted(directory.glob("*.safetensors")):
+        if path.name in AUXILIARY_WEIGHTS:
+            continue
         with safe_open(str(path), framework="numpy") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 total += int(np.prod(handle.get_slice(key).get_shape()))
@@ -204,9 +207,33 @@ def run_generation(
             for text, references in zip(texts, inputs.references, strict=True)
         ]
         metrics = {"accuracy": float(np.mean(correct)), "correct": int(sum(correct))}
+        predictions = [
+            {
+                "sample_id": str(index),
+                "reference": inputs.references[index][0],
+                "prediction": text,
+                "extracted_answer": final_number(text),
+                "expected_answer": final_number(inputs.references[index][0]),
+                "correct": bool(correct[index]),
+            }
+            for index, text in enumerate(texts)
+        ]
     else:
-        metrics = rouge_scores(texts, inputs.references)
+        per_sample = rouge_per_sample(texts, inputs.references)
+        metrics = {
+            name: float(np.mean([sample[name] for sample in per_sample])) if per_sample else 0.0
+            for name in ("rouge1", "rouge2", "rougeL")
+        }
         metrics["bleu"] = bleu_score(texts, inputs.references)
+        predictions = [
+            {
+                "sample_id": str(index),
+                "references": list(inputs.references[index]),
+                "prediction": text,
+                **per_sample[index],
+            }
+            for index, text in enumerate(texts)
+        ]
     return {
         "metrics": {**metrics, "samples": len(texts)},
         "cost": {
@@ -217,7 +244,7 @@ def run_generation(
         },
         "prompt_ids_sha256": _sha256_of_arrays(prompt_ids),
         "chat_template": use_template,
-        "predictions": texts,
+        "predictions": predictions,
     }
 
 
@@ -234,6 +261,7 @@ def run_language_model(config: EvalConfig, engine, tokenizer, inputs: TaskInputs
         list(inputs.texts), tokenizer, chunk_tokens=config.chunk_tokens, limit=config.limit
     )
     sums = np.zeros(4, dtype=np.float64)
+    per_window: dict[int, np.ndarray] = {}
     started = time.perf_counter()
     for index, scored in engine.score(
         ((index, chunk.tolist()) for index, chunk in enumerate(chunks)),
@@ -241,11 +269,26 @@ def run_language_model(config: EvalConfig, engine, tokenizer, inputs: TaskInputs
         max_in_flight=config.max_in_flight,
     ):
         target_ids = chunks[index][1:]
-        sums += language_model_sums(
+        per_window[index] = language_model_sums(
             target_ids, scored.position_logprobs[:, 0], scored.position_ids[:, 1:]
         )
+        sums += per_window[index]
     seconds = time.perf_counter() - started
     metrics = language_model_metrics(sums)
+    predictions = []
+    for index in range(len(chunks)):
+        window = language_model_metrics(per_window[index])
+        predictions.append(
+            {
+                "sample_id": str(index),
+                "first_tokens": chunks[index][:8].tolist(),
+                "tokens": window["tokens"],
+                "nll": float(per_window[index][0] / max(window["tokens"], 1)),
+                "perplexity": window["perplexity"],
+                "acc@1": window["acc@1"],
+                "acc@5": window["acc@5"],
+            }
+        )
     return {
         "metrics": {**metrics, "samples": len(chunks)},
         "cost": {
@@ -255,6 +298,7 @@ def run_language_model(config: EvalConfig, engine, tokenizer, inputs: TaskInputs
             "tokens_per_second": metrics["tokens"] / max(seconds, 1e-9),
         },
         "prompt_ids_sha256": _sha256_of_arrays(chunks),
+        "predictions": predictions,
     }
 
 
@@ -263,6 +307,7 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from schemas.manifest import storage_of_manifest
     from shared.causal_lm import output_logits_function
     from shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
     from shared.shard_reader import iterate_rows, open_dump
@@ -270,8 +315,16 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
     dump = open_dump(config.teacher_shards, flag="--teacher-shards")
     if tokenizer_fingerprint(tokenizer) != dump.manifest["tokenizer"]["fingerprint"]:
         return {"skipped": "the model's tokenizer differs from the teacher's"}
+    storage = storage_of_manifest(dump.manifest)
+    if storage is not None and storage.representation == "sampled":
+        # Draws estimate the teacher's distribution without bias only inside a loss's gradient;
+        # a KL to the draws is not the KL to the teacher.
+        return {"skipped": "the teacher shards hold sampled draws (--store sampled)"}
     model = AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=torch.float32, trust_remote_code=config.trust_remote_code
+        str(directory),
+        dtype=torch.float32,
+        trust_remote_code=config.trust_remote_code,
+        use_safetensors=True,
     )
     rows = iter(itertools.islice(iterate_rows(dump), config.fidelity_limit))
     batches = iter(lambda: list(itertools.islice(rows, FIDELITY_BATCH_ROWS)), [])
@@ -295,12 +348,16 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
     """Evaluate every model; write results.json, the chart and predictions when --out is given.
 
     `engines` maps a model NAME to an already running TeacherEngine to reuse (tests)."""
+    if config.task == "cls":
+        return run_classification_evaluation(config, engines)
     inputs = load_task_inputs(config)
     # Every model and tokenizer is checked before the first engine starts: bad input fails in
     # seconds, not after minutes of evaluating the models before it.
     models = []
     for name, reference in (parse_model(text) for text in config.models):
-        resolved = resolve_model(reference, flag="--model")
+        resolved = resolve_model(
+            reference, flag="--model", trust_remote_code=config.trust_remote_code
+        )
         tokenizer = load_tokenizer(resolved.directory, trust_remote_code=config.trust_remote_code)
         models.append((name, resolved, tokenizer))
     results = {}
@@ -321,6 +378,68 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
             "decoding": {"temperature": 0.0, "max_new_tokens": config.max_new_tokens}
             if config.task != "lm"
             else {"teacher_forced": True, "chunk_tokens": config.chunk_tokens},
+        },
+        "models": results,
+    }
+    if config.out:
+        write_outputs(Path(config.out), report)
+    return report
+
+
+def run_classification_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
+    """kd-eval --task cls: every classifier on the same texts (kd_eval/classification.py)."""
+    from kd_eval.classification import (
+        classification_fidelity,
+        load_classification_inputs,
+        run_classifier,
+        teacher_log_probabilities,
+        with_labels,
+    )
+    from shared.classification import is_sequence_classifier, model_labels
+
+    inputs = load_classification_inputs(config)
+    models = []
+    for name, reference in (parse_model(text) for text in config.models):
+        resolved = resolve_model(reference, flag="--model")
+        if not is_sequence_classifier(resolved.config):
+            architecture = ", ".join(resolved.config.get("architectures") or ["unknown"])
+            raise UserError(
+                f"--model {name}={reference} is a {architecture}, not a sequence classifier: "
+                "kd-eval --task cls needs *ForSequenceClassification models (give a bare "
+                "encoder a head with student-train init-student --labels)"
+            )
+        tokenizer = load_tokenizer(resolved.directory, trust_remote_code=config.trust_remote_code)
+        models.append((name, resolved, tokenizer))
+    if inputs.labels is None:
+        inputs = with_labels(inputs, model_labels(models[0][1].config))
+    teacher = teacher_log_probabilities(config, inputs) if config.teacher_shards else None
+    results = {}
+    for name, resolved, tokenizer in models:
+        if config.progress:
+            print(f"kd-eval: {name} ({resolved.reference}) on cls...", file=sys.stderr)
+        result = run_classifier(
+            config, name, resolved, tokenizer, inputs, (engines or {}).get(name)
+        )
+        log_probabilities = result.pop("log_probabilities")
+        result = {
+            "path": str(resolved.directory),
+            "parameters": count_parameters(resolved.directory),
+            **result,
+        }
+        if teacher is not None:
+            result["fidelity"] = classification_fidelity(teacher, log_probabilities)
+        results[name] = result
+    report = {
+        "task": "cls",
+        "settings": {
+            "config": config_to_dict(config),
+            "data": {
+                "source": inputs.source,
+                "fingerprint": inputs.fingerprint,
+                "samples": len(inputs.texts),
+                "labels": list(inputs.labels),
+            },
+            "decoding": {"classify_backend": config.classify_backend},
         },
         "models": results,
     }

@@ -1,43 +1,62 @@
 """What kd-eval leaves for people to read: the markdown table, results.json, the chart and one
-predictions file per model."""
+predictions file per model (one JSON line per sample: its id, the reference, what the model
+produced, what was extracted from it and the sample's score)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from shared.files import atomic_write, atomic_write_json, atomic_write_text
 
-HEADLINE = {
-    "gsm8k": ("accuracy", "GSM8K exact-match accuracy"),
-    "summ": ("rougeL", "ROUGE-L F1"),
-    "lm": ("perplexity", "perplexity (lower is better)"),
+METRIC_COLUMNS = {
+    "gsm8k": [("accuracy", "accuracy", "{:.3f}")],
+    "summ": [
+        ("rouge1", "ROUGE-1", "{:.4f}"),
+        ("rouge2", "ROUGE-2", "{:.4f}"),
+        ("rougeL", "ROUGE-L", "{:.4f}"),
+        ("bleu", "BLEU", "{:.2f}"),
+    ],
+    "lm": [
+        ("perplexity", "perplexity", "{:.2f}"),
+        ("acc@1", "acc@1", "{:.3f}"),
+        ("acc@5", "acc@5", "{:.3f}"),
+    ],
+    "cls": [("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}")],
 }
-"""Per task: the metric plotted in the bar chart and its label."""
+"""Per task: (metric key, column label, format) of the table."""
+
+CHART_PANELS = {
+    "gsm8k": [("metrics", "accuracy", "GSM8K accuracy")],
+    "summ": [("metrics", "rougeL", "ROUGE-L F1"), ("metrics", "bleu", "BLEU")],
+    "lm": [
+        ("metrics", "perplexity", "perplexity (lower is better)"),
+        ("metrics", "acc@1", "next-token acc@1"),
+    ],
+    "cls": [("metrics", "accuracy", "accuracy"), ("metrics", "macro_f1", "macro-F1")],
+}
+"""Per task: the panels of the chart, (section of a result, key, title). Fidelity (KL to the
+teacher, top-1 agreement) and ms/sample are added for every task when measured."""
+
+LOG_SCALE_SPAN = 10.0
+"""A panel whose positive values span more than this factor is drawn on a log scale, so that a
+model orders of magnitude off does not flatten the others into invisible bars."""
+NUMERICAL_ZERO = 1e-6
+"""Values below this are drawn as 0 (the teacher's KL to itself is ~1e-8 from the rounding of
+stored logprobs): they are not a scale to show."""
+PANELS_PER_ROW = 3
 
 
 def markdown_table(report: dict) -> str:
     """One row per model: params, the task's metrics, fidelity and cost."""
     task = report["task"]
-    metric_columns = {
-        "gsm8k": [("accuracy", "accuracy", "{:.3f}")],
-        "summ": [
-            ("rouge1", "ROUGE-1", "{:.4f}"),
-            ("rouge2", "ROUGE-2", "{:.4f}"),
-            ("rougeL", "ROUGE-L", "{:.4f}"),
-            ("bleu", "BLEU", "{:.2f}"),
-        ],
-        "lm": [
-            ("perplexity", "perplexity", "{:.2f}"),
-            ("acc@1", "acc@1", "{:.3f}"),
-            ("acc@5", "acc@5", "{:.3f}"),
-        ],
-    }[task]
+    metric_columns = METRIC_COLUMNS[task]
     fidelity = any("fidelity" in result for result in report["models"].values())
     header = ["model", "params"] + [label for _, label, _ in metric_columns]
     if fidelity:
         header += ["KL to teacher", "top-1 agreement"]
-    header += ["ms/sample", "tok/s"]
+    header += ["ms/sample", "samples/s" if task == "cls" else "tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in report["models"].items():
         millions = result["parameters"] / 1e6
@@ -49,10 +68,8 @@ def markdown_table(report: dict) -> str:
                 row += [f"{values['kl']:.4f}", f"{values['top1_agreement']:.3f}"]
             else:
                 row += ["n/a", "n/a"]
-        row += [
-            f"{result['cost']['ms_per_sample']:.1f}",
-            f"{result['cost']['tokens_per_second']:.0f}",
-        ]
+        speed = "samples_per_second" if task == "cls" else "tokens_per_second"
+        row += [f"{result['cost']['ms_per_sample']:.2f}", f"{result['cost'][speed]:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -65,28 +82,59 @@ def write_outputs(out: Path, report: dict) -> None:
         predictions = result.get("predictions")
         if predictions is not None:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-            lines = "".join(json.dumps({"prediction": text}) + "\n" for text in predictions)
+            lines = "".join(json.dumps(sample) + "\n" for sample in predictions)
             atomic_write_text(out / f"predictions-{safe}.jsonl", lines)
         compact["models"][name] = {k: v for k, v in result.items() if k != "predictions"}
     atomic_write_json(out / "results.json", compact)
-    plot_headline(out / "chart.png", report)
+    plot_chart(out / "chart.png", report)
 
 
-def plot_headline(path: Path, report: dict) -> None:
+def chart_panels(report: dict) -> list[tuple[str, list[float], bool]]:
+    """(title, one value per model (nan where absent), log scale?) for each panel."""
+    models = list(report["models"].values())
+    panels = list(CHART_PANELS[report["task"]])
+    if any("kl" in (result.get("fidelity") or {}) for result in models):
+        panels += [
+            ("fidelity", "kl", "KL(teacher ‖ model)"),
+            ("fidelity", "top1_agreement", "top-1 agreement with the teacher"),
+        ]
+    panels.append(("cost", "ms_per_sample", "ms per sample"))
+    result = []
+    for section, key, title in panels:
+        values = [float((model.get(section) or {}).get(key, math.nan)) for model in models]
+        values = [0.0 if abs(value) < NUMERICAL_ZERO else value for value in values]
+        positive = [value for value in values if value > 0 and math.isfinite(value)]
+        log_scale = bool(positive) and max(positive) / min(positive) > LOG_SCALE_SPAN
+        result.append((title + (" (log scale)" if log_scale else ""), values, log_scale))
+    return result
+
+
+def plot_chart(path: Path, report: dict) -> None:
+    """One bar panel per metric, models side by side; values written on the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, label = HEADLINE[report["task"]]
     names = list(report["models"])
-    values = [report["models"][name]["metrics"][key] for name in names]
-    figure, axis = plt.subplots(figsize=(max(4, 1.4 * len(names) + 2), 3.5))
-    bars = axis.bar(names, values, color=[f"C{index}" for index in range(len(names))])
-    axis.bar_label(bars, fmt="%.3g")
-    axis.set_ylabel(label)
-    axis.set_title(f"kd-eval {report['task']}: {label}")
-    axis.grid(axis="y", alpha=0.3)
+    panels = chart_panels(report)
+    width = max(3.2, 0.9 * len(names) + 1.5)
+    columns = min(PANELS_PER_ROW, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, 3.8 * rows), squeeze=False)
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for axis, (title, values, log_scale) in zip(axes.flat, panels, strict=False):
+        shown = [value if math.isfinite(value) else 0.0 for value in values]
+        bars = axis.bar(names, shown, color=[f"C{index}" for index in range(len(names))])
+        if log_scale:
+            axis.set_yscale("log")
+        labels = [f"{value:.3g}" if math.isfinite(value) else "n/a" for value in values]
+        axis.bar_label(bars, labels=labels, fontsize=8)
+        axis.set_title(title, fontsize=9)
+        axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle(f"kd-eval {report['task']}")
     figure.tight_layout()
     atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
     plt.close(figure)

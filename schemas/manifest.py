@@ -13,7 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from schemas.shard import READABLE_VERSIONS, REPRESENTATIONS, SCHEMA_VERSION, Storage
+from schemas.shard import (
+    CLASSIFY_MODE,
+    READABLE_VERSIONS,
+    REPRESENTATIONS,
+    SCHEMA_VERSION,
+    Storage,
+)
 from shared.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
@@ -37,9 +43,35 @@ def is_safe_shard_name(name: object) -> bool:
     )
 
 
+def inside_directory(directory: Path, name: str) -> Path:
+    """The real path of the file `name` in `directory`, refusing a link that leads elsewhere.
+
+    `name` must already be a plain file name (see is_safe_shard_name); a symlink is followed
+    only when its target is a file of `directory` itself, so neither a manifest nor a link
+    planted among the shards can make a reader open a file outside the dump. The resolved
+    path is returned so the file opened is the one checked (a link swapped later is not
+    followed again).
+    """
+    directory = Path(directory)
+    if not (is_safe_shard_name(name) or name == MANIFEST_NAME):
+        raise UserError(
+            f"{directory}: {name!r} is not a plain file name in the dump directory: refusing to "
+            "read it; regenerate the manifest"
+        )
+    resolved = (directory / name).resolve()
+    if resolved.parent != directory.resolve():
+        raise UserError(
+            f"{directory}: {name} is a link to {resolved}, outside the dump directory: refusing "
+            "to read it; copy the file into the directory instead of linking it"
+        )
+    return resolved
+
+
 def read_manifest(directory: Path) -> dict:
     """Read and check a dump's manifest: present, JSON, our schema version, safe shard names."""
     path = manifest_path(directory)
+    if path.is_file():
+        path = inside_directory(directory, MANIFEST_NAME)
     if not path.is_file():
         raise UserError(
             f"{directory} has no {MANIFEST_NAME}: it is not a teacher-dump output "
@@ -52,22 +84,68 @@ def read_manifest(directory: Path) -> dict:
             f"{path} is not valid JSON ({error}): the manifest is corrupt; rerun the same "
             "teacher-dump command to rebuild it from the shards"
         ) from None
+    if not isinstance(manifest, dict):
+        raise UserError(
+            f"{path} is not a JSON object: the manifest is corrupt; rerun the same "
+            "teacher-dump command to rebuild it from the shards"
+        )
     check_schema_version(manifest.get("schema_version"), str(path))
+    problem = manifest_problem(manifest)
+    if problem:
+        raise UserError(
+            f"{path}: {problem}: refusing to read the dump; rerun the same teacher-dump command "
+            "to rebuild the manifest from the shards"
+        )
+    return manifest
+
+
+def _is_count(value: object, least: int = 0) -> bool:
+    # bool is an int in Python; a JSON true is not a count.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a manifest unusable for reading (its fields, one entry per shard), or None."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "shards is not a list"
+    names: set[str] = set()
+    for entry in shards:
+        if not isinstance(entry, dict):
+            return f"a shard entry is {type(entry).__name__}, not an object"
+        name = entry.get("name")
+        if not is_safe_shard_name(name):
+            return (
+                f"shard name {name!r} is not a plain file name in the dump directory "
+                "(a manifest may not point elsewhere)"
+            )
+        if name in names:
+            return f"shard {name} is listed twice"
+        names.add(name)
+        for key in ("rows", "target_tokens", "bytes"):
+            if not _is_count(entry.get(key)):
+                return f"shard {name} has {key} {entry.get(key)!r}, not a count"
+        sha256 = entry.get("sha256")
+        if not (
+            isinstance(sha256, str)
+            and len(sha256) == 64
+            and all(character in "0123456789abcdef" for character in sha256)
+        ):
+            return f"shard {name} has sha256 {sha256!r}, not 64 hex digits"
+    if not _is_count(manifest.get("top_k"), 1):
+        return f"top_k {manifest.get('top_k')!r} is not a positive integer"
+    tokenizer = manifest.get("tokenizer")
+    if not isinstance(tokenizer, dict) or not _is_count(tokenizer.get("size"), 1):
+        return "tokenizer.size is missing or not a positive integer"
+    if not isinstance(tokenizer.get("fingerprint"), str):
+        return "tokenizer.fingerprint is missing"
     if manifest.get("schema_version") != 1:
+        if is_classify(manifest):
+            return f"a classify dump with schema version {manifest.get('schema_version')!r} (they are 1)"
         storage = manifest.get("storage")
         if not isinstance(storage, dict) or storage.get("representation") not in REPRESENTATIONS:
-            raise UserError(
-                f"{path} has no valid storage record (representation one of "
-                f"{', '.join(REPRESENTATIONS)}): the manifest is corrupt; rerun the same "
-                "teacher-dump command to rebuild it"
-            )
-    for entry in manifest.get("shards", []):
-        if not is_safe_shard_name(entry.get("name")):
-            raise UserError(
-                f"{path} lists shard name {entry.get('name')!r}, which is not a plain file name "
-                "in the dump directory: refusing to read it; regenerate the manifest"
-            )
-    return manifest
+            return f"no valid storage record (representation one of {', '.join(REPRESENTATIONS)})"
+    return None
 
 
 def check_schema_version(found: object, where: str) -> None:
@@ -83,10 +161,38 @@ def check_schema_version(found: object, where: str) -> None:
 
 
 def storage_of_manifest(manifest: dict) -> Storage | None:
-    """How a dump stores its distributions (None: schema v1, topk_ids/topk_logprobs)."""
-    if manifest.get("schema_version") == 1:
+    """How a dump stores its distributions (None: schema v1, topk_ids/topk_logprobs, which
+    classify dumps always are; read_manifest has checked every other version has a record)."""
+    if manifest.get("schema_version") == 1 or is_classify(manifest):
         return None
     return Storage.from_dict(manifest["storage"])
+
+
+def is_classify(manifest: dict) -> bool:
+    """Whether a dump holds class distributions (mode "classify") rather than token top-k."""
+    return manifest.get("mode") == CLASSIFY_MODE
+
+
+def check_dump_kind(manifest: dict, *, classify: bool, where: str) -> None:
+    """Refuse a classify dump where token shards are needed, and the other way round."""
+    if classify and not is_classify(manifest):
+        raise UserError(
+            f"{where} is a {manifest.get('mode')!r} dump of token distributions, but a "
+            "sequence-classification student needs class distributions: dump with "
+            "teacher-dump --mode classify, or train a causal LM student on it"
+        )
+    if not classify and is_classify(manifest):
+        raise UserError(
+            f"{where} is a classify dump (class distributions over {len(classify_labels(manifest))} "
+            "labels), but a causal LM student needs token distributions: pass a "
+            "*ForSequenceClassification (or encoder) student, or a dump made with --mode "
+            "generate/score/text"
+        )
+
+
+def classify_labels(manifest: dict) -> list[str]:
+    """A classify dump's label names; label index i of the shards is labels[i]."""
+    return list((manifest.get("classify") or {}).get("labels") or [])
 
 
 def check_tokenizer_fingerprint(manifest: dict, fingerprint: str, who: str) -> None:

@@ -399,7 +399,9 @@ def measure_fidelity(teacher: str, datasets: dict[str, dict[str, str]]) -> dict:
     from schemas.manifest import storage_of_manifest
     from shared.shard_reader import iterate_rows, open_dump
 
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        teacher, dtype=torch.float32, use_safetensors=True
+    ).eval()
     results: dict = {}
     for dataset, variants in datasets.items():
         by_sequence: dict[tuple, list] = {}
@@ -453,7 +455,9 @@ def measure_full_kl(
     prepared = prepare(config)
     requests = prepared.requests[skip:]
     vocabulary = len(prepared.tokenizer)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    teacher_model = AutoModelForCausalLM.from_pretrained(
+        teacher, dtype=torch.float32, use_safetensors=True
+    ).eval()
     teacher_full = [
         full_logprobs(teacher_model, r.prompt_ids.tolist(), r.target_ids.tolist(), vocabulary)
         for r in requests
@@ -461,7 +465,9 @@ def measure_full_kl(
     del teacher_model
     result: dict = {"positions": sum(len(full) for full in teacher_full)}
     for name, directory in models.items():
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, use_safetensors=True
+        ).eval()
         total = 0.0
         for request, full in zip(requests, teacher_full, strict=True):
             student = full_logprobs(
@@ -506,6 +512,7 @@ def measure_online(
     from shared.causal_lm import final_hidden_states, output_logits_function
     from student_train.config import TrainConfig
     from student_train.distributed import Distributed
+    from student_train.objectives import LanguageModelObjective
     from student_train.student import load_student
     from student_train.train import accumulate_gradients
 
@@ -514,7 +521,9 @@ def measure_online(
     model = student_model.model
     model.train()
     output_logits = output_logits_function(model, student_model.vocabulary)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    teacher_model = AutoModelForCausalLM.from_pretrained(
+        teacher, dtype=torch.float32, use_safetensors=True
+    ).eval()
     teacher_logits = output_logits_function(teacher_model, student_model.vocabulary)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
@@ -523,6 +532,9 @@ def measure_online(
         shards=shards, student=student, out="unused", max_steps=1, loss="fkl", tail="bucket"
     )
     context = Distributed(rank=0, world_size=1, device=torch.device("cpu"))
+    objective = LanguageModelObjective(
+        output_logits, settings.loss_options(), settings.chunk_tokens
+    )
 
     def teacher_topk():
         with torch.no_grad():
@@ -540,9 +552,7 @@ def measure_online(
         accumulate_gradients(
             model,
             [step_batch],
-            output_logits=output_logits,
-            loss_options=settings.loss_options,
-            chunk_tokens=settings.chunk_tokens,
+            objective=objective,
             bf16=settings.bf16,
             context=context,
         )

@@ -18,8 +18,6 @@ a model is newer than its results.
 from __future__ import annotations
 
 import json
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import click
 
+from scripts.pipeline import ensure_student, ensure_teacher, run_command
 from shared.config import build_config
 from shared.errors import UserError, exit_with
 
@@ -73,33 +72,8 @@ class DemoConfig:
     """Skip vLLM compilation: on 2 CPU cores it costs more start-up than it saves."""
 
 
-def command_line(name: str, arguments: list[str]) -> str:
-    return " ".join([name, *(shlex.quote(str(argument)) for argument in arguments)])
-
-
-def run_stage(
-    number: int, title: str, name: str, arguments: list[str], show_output: bool = True
-) -> None:
-    """Run one pipeline command (as a module of this Python), echoing it as the user would type it.
-
-    `show_output=False` drops the command's stdout (the demo prints kd-eval's table itself)."""
-    modules = {
-        "teacher-dump": "teacher_dump.cli",
-        "student-train": "student_train.cli",
-        "kd-eval": "kd_eval.cli",
-    }
-    click.secho(f"\n[{number}/7] {title}", bold=True, err=True)
-    click.echo(f"$ {command_line(name, arguments)}", err=True)
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", modules[name], *map(str, arguments)],
-        stdout=None if show_output else subprocess.DEVNULL,
-    )
-    if result.returncode != 0:
-        raise UserError(
-            f"stage {number} ({title}) failed with exit status {result.returncode}; see above"
-        )
-    click.echo(f"    done in {time.perf_counter() - started:.0f} s", err=True)
+def run_stage(number: int, title: str, name: str, arguments: list, show_output: bool = True):
+    run_command(f"[{number}/7] {title}", name, arguments, show_output=show_output)
 
 
 def write_demo_text(directory: Path) -> tuple[Path, Path]:
@@ -124,21 +98,17 @@ def run_demo(config: DemoConfig) -> dict:
     models, runs, shards = out / "models", out / "runs", out / "shards"
     started = time.perf_counter()
 
-    teacher = Path(config.teacher) if config.teacher else models / "teacher"
     if config.teacher:
+        teacher = Path(config.teacher)
         click.secho(f"\n[1/7] teacher: using {teacher}", bold=True, err=True)
-    elif (teacher / "config.json").is_file():
-        click.secho(f"\n[1/7] teacher: {teacher} (converted earlier)", bold=True, err=True)
     else:
-        run_stage(1, "teacher: convert SmolLM2-135M-Instruct from GGUF", "teacher-dump",
-                  ["convert-gguf", "--package", config.teacher_package, "--out", teacher])  # fmt: skip
-
-    student = models / f"student-{config.student_layers}-layers"
-    if (student / "config.json").is_file():
-        click.secho(f"\n[2/7] student: {student} (made earlier)", bold=True, err=True)
-    else:
-        run_stage(2, f"student: keep {config.student_layers} of the teacher's layers", "student-train",
-                  ["init-student", "--teacher", teacher, "--layers", config.student_layers, "--out", student])  # fmt: skip
+        teacher = ensure_teacher(models / "teacher", config.teacher_package, "[1/7] teacher")
+    student = ensure_student(
+        teacher,
+        config.student_layers,
+        models / f"student-{config.student_layers}-layers",
+        "[2/7] student",
+    )
 
     click.secho(
         "\n[3/7] data: Python docs (pydoc_data.topics), every 10th topic held out",

@@ -278,16 +278,24 @@ def click_type(annotation: Any):
         options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         return click_type(options[0])
     if typing.get_origin(annotation) is tuple:
-        return CommaSeparated()
+        (item_type, *_) = typing.get_args(annotation)
+        return CommaSeparated(item_type)
     return {int: int, float: float}.get(annotation, str)
 
 
 class CommaSeparated(click.ParamType):
-    """A comma-separated list on the command line, a tuple in the config."""
+    """A comma-separated list on the command line, a tuple (of `item_type`) in the config."""
 
     name = "a,b,..."
+
+    def __init__(self, item_type: type = str):
+        self.item_type = item_type
 
     def convert(self, value, parameter, context):
         if isinstance(value, tuple):
             return value
-        return tuple(part.strip() for part in str(value).split(",") if part.strip())
+        parts = [part.strip() for part in str(value).split(",") if part.strip()]
+        try:
+            return tuple(self.item_type(part) for part in parts)
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.item_type.__name__}")

@@ -1,5 +1,9 @@
 """The teacher engine: the only module of kd-shards that imports vLLM.
 
+Two doors: `TeacherEngine` (token logprobs: generate, score) and `ClassifierEngine` (class
+probabilities of a sequence classifier through vLLM's pooling runner, or transformers where vLLM
+cannot run the model here).
+
 One engine is built per process (start-up costs 20-60 s) and fed continuously: requests are
 added while the engine runs, up to a bounded number in flight, and finished ones are yielded as
 soon as they complete, so the engine never idles between batches and memory stays bounded.
@@ -21,6 +25,7 @@ from the raw distribution instead of the top-k, through the same FlatLogprobs ch
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 
 LOGPROBS_MODE = "raw_logprobs"
 
@@ -238,7 +243,7 @@ class TeacherEngine:
         try:
             self.llm = vllm.LLM(**self.engine_arguments)
         except (ValueError, TypeError, OSError) as error:
-            reason = first_line(error, 300)
+            reason = one_line(error, 300)
             raise UserError(
                 f"vLLM could not start the teacher engine ({reason}): check --model, "
                 "--dtype and --max-model-len"
@@ -278,24 +283,30 @@ class TeacherEngine:
         pending = iter(requests)
         keys: dict[str, object] = {}
         exhausted = False
-        while True:
-            while not exhausted and len(keys) < max_in_flight:
-                try:
-                    key, prompt_ids, params = next(pending)
-                except StopIteration:
-                    exhausted = True
-                    break
-                request_id = f"kd-{self._request_counter}"
-                self._request_counter += 1
-                keys[request_id] = key
-                self.engine.add_request(
-                    request_id, TokensPrompt(prompt_token_ids=prompt_ids), params
-                )
-            if not keys:
-                return
-            for output in self.engine.step():
-                if output.finished and output.request_id in keys:
-                    yield keys.pop(output.request_id), output
+        try:
+            while True:
+                while not exhausted and len(keys) < max_in_flight:
+                    try:
+                        key, prompt_ids, params = next(pending)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    request_id = f"kd-{self._request_counter}"
+                    self._request_counter += 1
+                    keys[request_id] = key
+                    self.engine.add_request(
+                        request_id, TokensPrompt(prompt_token_ids=prompt_ids), params
+                    )
+                if not keys:
+                    return
+                for output in self.engine.step():
+                    if output.finished and output.request_id in keys:
+                        yield keys.pop(output.request_id), output
+        finally:
+            # Abandoned part-way (the consumer failed, e.g. on a full disk): drop the requests
+            # still in flight so that a reused engine does not keep computing them.
+            if keys:
+                self.engine.abort_request(list(keys))
 
     def generate(
         self,
@@ -430,3 +441,202 @@ class TeacherEngine:
         inputs = [TokensPrompt(prompt_token_ids=sequence) for sequence in sequences]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return sum(len(output.prompt_logprobs.start_indices) - 1 for output in outputs)
+
+
+ClassifierBackend = Literal["auto", "vllm", "transformers"]
+"""Who runs a sequence classifier. auto: vLLM's pooling runner where it supports the model on
+this machine, otherwise transformers; vllm / transformers: that one only."""
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """How to run a sequence classifier (teacher-dump --mode classify, kd-eval --task cls)."""
+
+    model: str
+    """Local model directory (a *ForSequenceClassification checkpoint)."""
+    dtype: str
+    """auto, float32, bfloat16, float16 (transformers runs float32 for auto)."""
+    max_model_len: int | None
+    """Longest input in tokens (texts are truncated to it before they reach the engine)."""
+    gpu_memory_utilization: float | None
+    """As EngineSettings (vLLM only)."""
+    seed: int
+    enforce_eager: bool
+    trust_remote_code: bool
+    backend: ClassifierBackend
+    """Who runs the model (see ClassifierBackend)."""
+    hidden_layer: int | None = None
+    """Also return the pooled hidden state of this layer (0: embeddings, i: after layer i, -1:
+    the last); needs transformers (vLLM's pooling runner returns only the class scores)."""
+    pooling: str = "cls"
+    """cls or mean (shared.classification.pool), for hidden_layer."""
+    batch_size: int = 32
+    """Texts per transformers forward pass (vLLM batches by itself)."""
+
+
+@dataclass(frozen=True)
+class ClassifiedBatch:
+    """Class log-probabilities (and pooled hidden states) of a batch of inputs."""
+
+    keys: list
+    log_probabilities: np.ndarray
+    """(B, L) float32, natural log, each row normalized over all labels."""
+    hidden: np.ndarray | None
+    """(B, H) float32 pooled hidden states, or None when not asked for."""
+
+
+class ClassifierEngine:
+    """A sequence classifier behind one door: vLLM's pooling runner (`LLM(runner="pooling")`,
+    `classify`) or, where vLLM cannot run the model here or hidden states are needed, a plain
+    transformers forward. `backend` says which one runs and `fallback_reason` why."""
+
+    def __init__(self, settings: ClassifierSettings):
+        self.settings = settings
+        self.fallback_reason: str | None = None
+        self.llm = None
+        self.model = None
+        self.vllm_version: str | None = None
+        self.platform = "cpu"
+        wanted = settings.backend
+        if settings.hidden_layer is not None:
+            if wanted == "vllm":
+                raise UserError(
+                    "--classify-backend vllm cannot return hidden states (vLLM's pooling runner "
+                    "gives only class scores): use --classify-backend auto or transformers"
+                )
+            wanted = "transformers"
+            self.fallback_reason = "hidden states were requested"
+        if wanted in ("auto", "vllm"):
+            try:
+                self._start_vllm()
+            # vLLM reports an unsupported architecture or platform through many exception types
+            # (ValueError, pydantic errors, RuntimeError from its worker): any of them means
+            # "not here", and auto then runs the model in transformers instead.
+            except Exception as error:
+                if wanted == "vllm":
+                    raise UserError(
+                        f"vLLM could not run {settings.model} as a classifier "
+                        f"({one_line(error, 200)}): use --classify-backend transformers"
+                    ) from None
+                self.fallback_reason = f"vLLM could not run it: {one_line(error, 200)}"
+        if self.llm is None:
+            self._start_transformers()
+        self.backend = "vllm" if self.llm is not None else "transformers"
+
+    def _start_vllm(self) -> None:
+        for name, value in ENVIRONMENT_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        try:
+            import vllm
+            from vllm.platforms import current_platform
+        except ImportError:
+            raise UserError("vLLM is not installed") from None
+        settings = self.settings
+        self.vllm_version = vllm.__version__
+        self.platform = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+        memory = settings.gpu_memory_utilization
+        if memory is None:
+            memory = 0.1 if self.platform == "cpu" else 0.9
+        self.engine_arguments = {
+            "model": settings.model,
+            "runner": "pooling",
+            "dtype": settings.dtype,
+            "max_model_len": settings.max_model_len,
+            "gpu_memory_utilization": memory,
+            "seed": settings.seed,
+            "enforce_eager": settings.enforce_eager,
+            "trust_remote_code": settings.trust_remote_code,
+        }
+        self.llm = vllm.LLM(**self.engine_arguments)
+        self.dtype = str(self.llm.model_config.dtype).removeprefix("torch.")
+
+    def _start_transformers(self) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        settings = self.settings
+        dtype = torch.float32 if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                settings.model,
+                dtype=dtype,
+                trust_remote_code=settings.trust_remote_code,
+                use_safetensors=True,
+            )
+        except (OSError, ValueError) as error:
+            raise UserError(
+                f"cannot load {settings.model} as a sequence classifier "
+                f"({one_line(error)}): pass a *ForSequenceClassification model directory"
+            ) from None
+        self.model.eval()
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.engine_arguments = {"dtype": self.dtype, "batch_size": settings.batch_size}
+
+    def close(self) -> None:
+        if self.llm is not None:
+            shutdown = getattr(self.llm.llm_engine.engine_core, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+
+    def classify(
+        self, inputs: Iterable[tuple[object, list[int]]], *, max_in_flight: int, pad_id: int
+    ) -> Iterator[ClassifiedBatch]:
+        """Class log-probabilities of (key, token_ids) inputs, in batches (each batch names
+        its keys; transformers batches texts of similar length within each window of
+        `max_in_flight`).
+
+        token_ids are the complete model input (special tokens included, already truncated).
+        """
+        pending = iter(inputs)
+        while window := list(itertools.islice(pending, max_in_flight)):
+            if self.llm is not None:
+                ids = [token_ids for _, token_ids in window]
+                yield ClassifiedBatch([key for key, _ in window], self._classify_vllm(ids), None)
+                continue
+            # Texts of similar length share a forward pass, so little compute goes to padding
+            # (results are keyed, so their order does not matter).
+            window.sort(key=lambda item: len(item[1]))
+            size = self.settings.batch_size
+            for start in range(0, len(window), size):
+                batch = window[start : start + size]
+                log_probabilities, hidden = self._classify_transformers(
+                    [token_ids for _, token_ids in batch], pad_id
+                )
+                yield ClassifiedBatch([key for key, _ in batch], log_probabilities, hidden)
+
+    def _classify_vllm(self, ids: list[list[int]]) -> np.ndarray:
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.classify(
+            [TokensPrompt(prompt_token_ids=token_ids) for token_ids in ids], use_tqdm=False
+        )
+        probabilities = np.asarray([output.outputs.probs for output in outputs], dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            return np.log(probabilities).astype(np.float32)
+
+    def _classify_transformers(
+        self, ids: list[list[int]], pad_id: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        from shared.classification import pool
+
+        longest = max(len(token_ids) for token_ids in ids)
+        input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for row, token_ids in enumerate(ids):
+            input_ids[row, : len(token_ids)] = torch.tensor(token_ids)
+            attention_mask[row, : len(token_ids)] = 1
+        want_hidden = self.settings.hidden_layer is not None
+        with torch.no_grad():
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=want_hidden,
+            )
+        log_probabilities = torch.log_softmax(output.logits.float(), dim=-1).numpy()
+        hidden = None
+        if want_hidden:
+            states = output.hidden_states[self.settings.hidden_layer]
+            hidden = pool(states.float(), attention_mask, self.settings.pooling).numpy()
+        return log_probabilities, hidden

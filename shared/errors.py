@@ -13,11 +13,10 @@ class UserError(Exception):
     """Bad input or an incompatible artefact; the message is one line naming cause and fix."""
 
 
-def first_line(error: BaseException, limit: int = 160) -> str:
-    """An exception's message cut to its first line (at most `limit` characters), or its type's
-    name when it has none: what a one-line UserError quotes of a library's error."""
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:limit]
+def one_line(error: BaseException, limit: int = 160) -> str:
+    """A library error's text for quoting inside a UserError: whitespace (newlines included)
+    collapsed, cut to `limit` characters (pyarrow's messages can span several lines)."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__
 
 
 def check_all(checks: Iterable[tuple[bool, str]]) -> None:

@@ -8,6 +8,7 @@ directory is fsynced so the rename itself survives a power cut.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -16,6 +17,8 @@ import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from shared.errors import UserError, one_line
 
 TEMP_PREFIX = ".tmp-"
 """Temporary files start with this; leftovers from a killed process are safe to delete."""
@@ -41,8 +44,49 @@ def temporary_path_for(path: Path) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{_host_tag()}-{path.name}")
 
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "os error 28")
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, says the device is full or over quota.
+
+    Libraries report it differently: pyarrow and Python raise OSError(ENOSPC); safetensors raises
+    its own error carrying the OS message; torch.save into a file object raises a RuntimeError
+    whose context is the file's OSError."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(message in str(error) for message in DISK_FULL_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_error(path: Path, what: str | None = None) -> UserError:
+    """The one-line error for a write that ran out of space (nothing partial was kept)."""
+    path = Path(path)
+    return UserError(
+        f"no space left on the device of {path.parent} while writing {what or path.name}: "
+        "nothing partial was kept; free space there and rerun the same command (it resumes)"
+    )
+
+
+def disk_full_exit(error: BaseException, fix: str) -> UserError | None:
+    """For a command's last-resort handler: the one-line UserError when `error` is a full disk
+    hit outside the writes that report it themselves (e.g. appending to a log), else None."""
+    if not is_disk_full(error):
+        return None
+    return UserError(f"no space left on device ({one_line(error, 120)}): {fix}")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(temp_path)`, then fsync and atomically rename the result to `path`."""
+    """Run `write(temp_path)`, then fsync and atomically rename the result to `path`.
+
+    On any failure the temporary file is removed, so `path` is either the old file or the
+    complete new one; a full disk becomes a one-line UserError."""
     path = Path(path)
     temp = temporary_path_for(path)
     try:
@@ -50,6 +94,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)
+    except Exception as error:
+        if is_disk_full(error):
+            raise disk_full_error(path) from None
+        raise
     finally:
         if temp.exists():
             temp.unlink()
@@ -164,3 +212,17 @@ def directory_lock(directory: Path, name: str = ".lock", wait: bool = True) -> I
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def hold_lock(path: Path):
+    """Take an exclusive advisory lock on `path` (created if missing) without waiting.
+
+    Returns the open handle, which holds the lock until it is closed (or the process ends, even
+    by kill -9), or None when another process holds it."""
+    handle = open(path, "a+")  # noqa: SIM115 - the handle is the lock; the caller closes it
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle

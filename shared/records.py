@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 from shared.files import sha256_of_file
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -33,8 +33,12 @@ class LoadedRecords:
     """sha256 of the file bytes, or the hub dataset's fingerprint."""
 
 
-def read_table_file(path: Path) -> LoadedRecords:
-    """Rows of a .jsonl/.json/.parquet/.csv/.tsv file; errors name the file (and line)."""
+def read_table_file(path: Path, columns: tuple[str, ...] | None = None) -> LoadedRecords:
+    """Rows of a .jsonl/.json/.parquet/.csv/.tsv file; errors name the file (and line).
+
+    `columns`: the column names of a .csv/.tsv file that has no header line (else the first
+    line is the header). TSV fields are read without quote processing, as GLUE-style TSVs
+    (SST-2) are written: a quote character is text there, not a delimiter."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path} does not exist: pass an existing file with --data-path")
@@ -61,7 +65,14 @@ def read_table_file(path: Path) -> LoadedRecords:
             ) from None
     elif suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+            tsv = suffix == ".tsv"
+            reader = csv.DictReader(
+                handle,
+                fieldnames=list(columns) if columns else None,
+                delimiter="\t" if tsv else ",",
+                quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+            )
+            rows = list(reader)
     else:
         raise UserError(
             f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}"
@@ -127,7 +138,7 @@ def load_hub_records(name: str, config: str | None, split: str) -> LoadedRecords
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError...)
-        reason = first_line(error)
+        reason = one_line(error)
         raise UserError(
             f"cannot load dataset {name}{'/' + config if config else ''} split {split!r} from the "
             f"Hugging Face hub ({reason[:200]}): when offline, pass a local file with --data-path"

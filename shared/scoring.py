@@ -6,6 +6,7 @@ by the same code:
 - summ: ROUGE-1/2/L F1 (rouge-score, Porter stemming, best over the references) and corpus BLEU
   (sacrebleu, all references).
 - lm: perplexity, next-token accuracy @1 and @5, from the per-position logprobs and top-k.
+- cls: accuracy and macro-F1 of predicted labels.
 """
 
 from __future__ import annotations
@@ -57,6 +58,31 @@ def gsm8k_correct(prediction: str, reference: str) -> bool:
     return predicted is not None and predicted == final_number(reference)
 
 
+def rouge_per_sample(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[dict]:
+    """ROUGE-1/2/L F1 of each sample against its best reference (per metric).
+
+    Args:
+        predictions: one string per sample. references: one or more strings per sample.
+    Returns:
+        One {"rouge1", "rouge2", "rougeL"} dict per sample: floats in [0, 1].
+    """
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    per_sample = []
+    for prediction, sample_references in zip(predictions, references, strict=True):
+        if not sample_references:
+            raise ValueError("every sample needs at least one reference")
+        scores = [scorer.score(reference, prediction) for reference in sample_references]
+        per_sample.append(
+            {
+                name: max(score[name].fmeasure for score in scores)
+                for name in ("rouge1", "rouge2", "rougeL")
+            }
+        )
+    return per_sample
+
+
 def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
     """Mean ROUGE-1/2/L F1 over samples, each sample scored against its best reference.
 
@@ -65,18 +91,39 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
     Returns:
         {"rouge1", "rouge2", "rougeL"}: floats in [0, 1].
     """
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for prediction, sample_references in zip(predictions, references, strict=True):
-        if not sample_references:
-            raise ValueError("every sample needs at least one reference")
-        scores = [scorer.score(reference, prediction) for reference in sample_references]
-        for name in totals:
-            totals[name] += max(score[name].fmeasure for score in scores)
+    per_sample = rouge_per_sample(predictions, references)
     count = max(len(predictions), 1)
-    return {name: value / count for name, value in totals.items()}
+    return {
+        name: sum(sample[name] for sample in per_sample) / count
+        for name in ("rouge1", "rouge2", "rougeL")
+    }
+
+
+def classification_metrics(predicted: np.ndarray, gold: np.ndarray, num_labels: int) -> dict:
+    """Accuracy and macro-F1 of predicted label indices against gold ones.
+
+    Macro-F1 is the unweighted mean over the labels that occur in `gold` or in `predicted` of
+    F1 = 2·TP / (2·TP + FP + FN) (a label never predicted but present scores 0), as
+    scikit-learn's f1_score(average="macro") computes it.
+
+    Args:
+        predicted, gold: (N,) int label indices in [0, num_labels).
+    Returns:
+        {"accuracy", "macro_f1"}: floats in [0, 1].
+    """
+    predicted, gold = np.asarray(predicted), np.asarray(gold)
+    scores = []
+    for label in range(num_labels):
+        true_positive = int(((predicted == label) & (gold == label)).sum())
+        false_positive = int(((predicted == label) & (gold != label)).sum())
+        false_negative = int(((predicted != label) & (gold == label)).sum())
+        if true_positive + false_positive + false_negative == 0:
+            continue  # neither present nor predicted: not part of the macro average
+        scores.append(2 * true_positive / (2 * true_positive + false_positive + false_negative))
+    return {
+        "accuracy": float((predicted == gold).mean()) if len(gold) else 0.0,
+        "macro_f1": float(np.mean(scores)) if scores else 0.0,
+    }
 
 
 def bleu_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:

@@ -8,6 +8,12 @@ silently corrupt training, with one line naming the shard and what to do.
 Schema versions 1 and 2 are read. Whatever the representation (schemas.shard), a row reaches the
 trainer as (T, K) teacher ids and logprobs in rank order (PAD_ID / -inf after the real entries)
 plus, where the representation stores one, the exact log tail mass (shared.shard_codec decodes).
+
+Checksums: a dump can be terabytes, so nothing hashes it at start-up. Instead the first time a
+process reads a row group of a shard, the whole shard is hashed and compared with the
+manifest's sha256 (and its target-token count), before any of its rows is returned. The result
+is remembered per process together with the file's size and modification time, so each shard
+is hashed once per process, and a file changed afterwards is checked again.
 """
 
 from __future__ import annotations
@@ -17,11 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import read_manifest, storage_of_manifest
+from schemas.manifest import (
+    classify_labels,
+    inside_directory,
+    is_classify,
+    read_manifest,
+    storage_of_manifest,
+)
 from schemas.shard import (
     CODEBOOK_KEY,
+    HIDDEN_COLUMN,
+    NO_LABEL,
     PAD_ID,
     PER_POSITION_COLUMNS,
     READABLE_VERSIONS,
@@ -33,14 +48,33 @@ from schemas.shard import (
     schema_version_of,
     storage_of,
 )
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
+from shared.files import sha256_of_file
 from shared.shard_codec import decode_codebook, decode_distributions
 
-TRAINING_COLUMNS = ("sample_id", "prompt_ids", "target_ids", "topk_ids", "topk_logprobs")
-"""What the trainer reads; topk_ids / topk_logprobs name the teacher's distributions, stored as
-the dump's representation (physical_columns)."""
+TRAINING_COLUMNS = (
+    "sample_id",
+    "prompt_ids",
+    "target_ids",
+    "target_logprobs",
+    "topk_ids",
+    "topk_logprobs",
+)
+"""What training and the fidelity evaluation read. topk_ids / topk_logprobs name the teacher's
+distributions, stored as the dump's representation (physical_columns). target_logprobs carries no loss, but it is read
+(a few percent of a row's bytes) so that the trainer refuses every numeric column that
+`inspect --validate` refuses, not only the ones it uses."""
 LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
 """Enough to plan batches (count steps) without decoding the top-k."""
+CLASSIFY_COLUMNS = (*TRAINING_COLUMNS, "prompt_text")
+"""What a classification student reads: the text, the gold label and the teacher's classes."""
+
+
+def id_space(manifest: dict) -> int:
+    """The range of the ids a dump stores: its labels (classify) or its tokenizer's size."""
+    if is_classify(manifest):
+        return len(classify_labels(manifest))
+    return int(manifest["tokenizer"]["size"])
 
 
 def physical_columns(columns: tuple[str, ...], storage: Storage | None) -> list[str]:
@@ -67,6 +101,10 @@ class TrainingRow:
     topk_log_tail: np.ndarray | None = None
     """(T,) float32 log of the teacher's mass outside the stored ids, as stored (-inf: none);
     NaN where the dump stores no tail (schema v1: it is 1 - sum(p) of the stored values)."""
+    text: str = ""
+    """Classify rows: the example's text (prompt_text), which the student tokenizes itself."""
+    hidden: np.ndarray | None = None
+    """Classify rows: (H,) float16 pooled teacher hidden state, when the dump stores it."""
 
     @property
     def length(self) -> int:
@@ -74,10 +112,28 @@ class TrainingRow:
 
 
 @dataclass(frozen=True)
-class RowGroup:
+class ShardFile:
+    """One shard as its manifest entry describes it."""
+
     path: Path
+    """The real path (inside the dump directory)."""
+    name: str
+    bytes: int
+    sha256: str
+    target_tokens: int
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Row group `index` of a shard: the unit the stream reads."""
+
+    shard: ShardFile
     index: int
     rows: int
+
+    @property
+    def path(self) -> Path:
+        return self.shard.path
 
 
 @dataclass(frozen=True)
@@ -116,7 +172,10 @@ def open_dump(
         )
     row_groups: list[RowGroup] = []
     for entry in manifest["shards"]:
-        path = directory / entry["name"]
+        try:
+            path = inside_directory(directory, entry["name"])
+        except UserError as error:
+            raise UserError(f"{flag} {error}") from None
         if not path.is_file():
             raise UserError(
                 f"{flag} {directory}: shard {entry['name']} is listed in the manifest but missing: "
@@ -133,7 +192,7 @@ def open_dump(
         except Exception as error:
             raise UserError(
                 f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
-                f"({first_line(error)}): delete it and rerun the teacher-dump command"
+                f"({one_line(error, 100)}): delete it and rerun the teacher-dump command"
             ) from None
         problem = shard_format_problem(metadata.schema.to_arrow_schema(), manifest)
         if problem:
@@ -146,10 +205,17 @@ def open_dump(
                 f"{flag} {directory}: shard {entry['name']} holds {metadata.num_rows} rows, the "
                 f"manifest says {entry['rows']}: rerun the teacher-dump command to refresh it"
             )
+        shard = ShardFile(
+            path=path,
+            name=entry["name"],
+            bytes=int(entry["bytes"]),
+            sha256=entry["sha256"],
+            target_tokens=int(entry["target_tokens"]),
+        )
         for index in range(metadata.num_row_groups):
             rows = metadata.row_group(index).num_rows
             if rows:
-                row_groups.append(RowGroup(path, index, rows))
+                row_groups.append(RowGroup(shard, index, rows))
     if not row_groups:
         raise UserError(
             f"{flag} {directory}: the dump holds no rows; run teacher-dump with data first"
@@ -175,8 +241,34 @@ def shard_format_problem(schema, manifest: dict) -> str | None:
             f"stores {found.describe() if found else 'no valid storage record'}, the manifest "
             f"says {storage.describe()}"
         )
+    if (
+        storage is not None
+        and storage.representation != "sampled"
+        and storage.top_k != manifest.get("top_k")
+    ):
+        return f"stores {storage.describe()}, but the manifest's top_k is {manifest.get('top_k')!r}"
     mismatch = describe_schema_mismatch(schema, expected_schema(version, storage))
     return f"does not match schema version {version} ({mismatch})" if mismatch else None
+
+
+def checked_columns(table, metadata, manifest: dict) -> ShardColumns | str:
+    """A whole shard table decoded and checked as the trainer and `inspect --validate` check it
+    (schema version and storage against the manifest, structure, values), or the first problem.
+
+    Args:
+        table: the shard's pyarrow Table (every column). metadata: its Parquet FileMetaData
+            (the footer holds the codebook). manifest: its dump's manifest."""
+    problem = shard_format_problem(table.schema, manifest)
+    if problem:
+        return problem
+    storage = storage_of_manifest(manifest)
+    codebook = read_codebook(metadata, storage)
+    if isinstance(codebook, str):
+        return codebook
+    columns = shard_columns(table, int(manifest["top_k"]), storage, codebook)
+    if isinstance(columns, str):
+        return columns
+    return value_problem(columns, id_space(manifest), is_classify(manifest)) or columns
 
 
 @dataclass(frozen=True)
@@ -310,22 +402,76 @@ def read_codebook(metadata, storage: Storage | None) -> np.ndarray | None | str:
     try:
         return decode_codebook(text, storage.codebook_dtype)
     except ValueError as error:
-        return f"the footer's id codebook is unreadable ({first_line(error)})"
+        return f"the footer's id codebook is unreadable ({one_line(error, 100)})"
 
 
-def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
+_verified_shards: set[tuple[str, int, int, str]] = set()
+"""(real path, size, modification time in ns, expected sha256) of every shard this process has
+hashed and found equal to its manifest entry."""
+
+
+def verify_shard(shard: ShardFile) -> None:
+    """Refuse a shard whose bytes differ from its manifest entry; hash it once per process.
+
+    Checks size, sha256 and the number of target tokens. Cheap after the first call for a
+    shard (one stat), and repeated when the file's size or modification time has changed.
+    """
+    try:
+        status = shard.path.stat()
+    except OSError as error:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} cannot be read ({error.strerror}): "
+            "rerun the teacher-dump command to rewrite it"
+        ) from None
+    key = (str(shard.path), status.st_size, status.st_mtime_ns, shard.sha256)
+    if key in _verified_shards:
+        return
+    fix = "run teacher-dump inspect --validate, delete it and rerun the teacher-dump command"
+    if status.st_size != shard.bytes:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} has {status.st_size} bytes, the manifest "
+            f"says {shard.bytes} (truncated or replaced): {fix}"
+        )
+    digest = sha256_of_file(shard.path)
+    if digest != shard.sha256:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} has sha256 {digest[:16]}, the manifest "
+            f"says {shard.sha256[:16]} (corrupt or replaced since it was written): {fix}"
+        )
+    try:
+        lengths = pq.read_table(shard.path, columns=["target_ids"])["target_ids"]
+        target_tokens = int(pc.sum(pc.list_value_length(lengths)).as_py() or 0)
+    except Exception as error:  # pyarrow raises several types for a corrupt file
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} is unreadable ({one_line(error, 100)}): {fix}"
+        ) from None
+    if target_tokens != shard.target_tokens:
+        raise UserError(
+            f"shard {shard.name} in {shard.path.parent} holds {target_tokens} target tokens, the "
+            f"manifest says {shard.target_tokens}: {fix}"
+        )
+    _verified_shards.add(key)
+
+
+def value_problem(columns: ShardColumns, vocabulary: int, classify: bool = False) -> str | None:
     """The first value that would silently corrupt training or evaluation, or None.
 
-    Ids must lie in [0, vocabulary); a top-k slot is either a real id with a finite logprob <= 0
+    Ids must lie in [0, vocabulary) (classify: the labels; a target may also be NO_LABEL, with
+    a -inf logprob, and every position must hold all labels); a top-k slot is either a real id with a finite logprob <= 0
     or the padding marker (PAD_ID with -inf), padding only after the real slots, each position
     with at least one real id and no id twice; logprobs in rank order (within the rounding).
     """
     targets = columns.target_ids
-    if ((targets < 0) | (targets >= vocabulary)).any():
+    unlabelled = (targets == NO_LABEL) if classify else np.zeros(targets.shape, dtype=bool)
+    if (((targets < 0) & ~unlabelled) | (targets >= vocabulary)).any():
         return f"target ids outside [0, {vocabulary})"
+    prompts = columns.prompt_ids
+    if prompts is not None and ((prompts < 0) | (prompts >= vocabulary)).any():
+        return f"prompt ids outside [0, {vocabulary})"
     if columns.target_logprobs is not None:
         values = columns.target_logprobs
-        if not np.isfinite(values).all() or (values > 0).any():
+        finite = np.isfinite(values)
+        if (finite == unlabelled).any() or (values[finite] > 0).any():
             return "target logprobs contain NaN, infinite or positive values"
     if columns.topk_ids is None:
         return None
@@ -352,6 +498,8 @@ def value_problem(columns: ShardColumns, vocabulary: int) -> str | None:
     ordered = np.sort(np.where(padding, -1 - np.arange(ids.shape[1]), ids), axis=1)
     if (np.diff(ordered, axis=1) == 0).any():
         return "a top-k id appears twice at one position"
+    if classify and padding.any():
+        return "a classify position does not hold every label"
     return None
 
 
@@ -360,31 +508,45 @@ def decode_row_group(
     columns: tuple[str, ...],
     top_k: int,
     vocabulary: int,
+    classify: bool = False,
     *,
     storage: Storage | None = None,
+    verify: bool = True,
 ) -> list[TrainingRow]:
     """Read one row group into TrainingRows, refusing what would silently corrupt training.
 
-    `storage`: the dump's (schemas.manifest.storage_of_manifest; None for schema v1)."""
+    `classify`: the group belongs to a classify dump (vocabulary = its number of labels).
+    `storage`: the dump's (schemas.manifest.storage_of_manifest; None for schema v1, which
+    classify dumps always are). With `verify` (always, except to plan step counts from row
+    lengths), the shard's checksum is checked first (verify_shard: the first time this process
+    reads the shard)."""
+    if verify:
+        verify_shard(group.shard)
     try:
         parquet = pq.ParquetFile(group.path)
         table = parquet.read_row_group(group.index, columns=physical_columns(columns, storage))
         codebook = read_codebook(parquet.metadata, storage)
     except Exception as error:
         raise UserError(
-            f"shard {group.path.name} row group {group.index} is unreadable ({first_line(error)}): "
+            f"shard {group.path.name} row group {group.index} is unreadable ({one_line(error, 100)}): "
             "check it with teacher-dump inspect --validate and rerun the dump"
         ) from None
     decoded = (
         codebook if isinstance(codebook, str) else shard_columns(table, top_k, storage, codebook)
     )
-    problem = decoded if isinstance(decoded, str) else value_problem(decoded, vocabulary)
+    problem = decoded if isinstance(decoded, str) else value_problem(decoded, vocabulary, classify)
     if problem:
         raise UserError(
             f"shard {group.path.name} row group {group.index}: {problem}: the shard is corrupt or "
             "was not written by teacher-dump; run teacher-dump inspect --validate and redo it"
         )
     target_offsets, prompt_offsets = decoded.target_offsets, decoded.prompt_offsets
+    texts = table["prompt_text"].to_pylist() if "prompt_text" in columns else None
+    hidden = None
+    if HIDDEN_COLUMN in columns:
+        array = table[HIDDEN_COLUMN].combine_chunks()
+        width = len(array[0]) if len(array) else 0
+        hidden = array.values.to_numpy(zero_copy_only=False).reshape(len(array), width)
     rows = []
     for row, sample_id in enumerate(decoded.sample_ids):
         first, last = target_offsets[row], target_offsets[row + 1]
@@ -400,6 +562,8 @@ def decode_row_group(
                 topk_log_tail=(
                     None if decoded.topk_log_tail is None else decoded.topk_log_tail[first:last]
                 ),
+                text=texts[row] if texts is not None else "",
+                hidden=hidden[row] if hidden is not None else None,
             )
         )
     return rows
@@ -411,11 +575,12 @@ def iterate_rows(
     """Rank `rank`'s share of the dump's rows in file order (row i goes to rank i mod W), one
     row group in memory at a time."""
     top_k = int(dump.manifest["top_k"])
-    vocabulary = int(dump.manifest["tokenizer"]["size"])
+    vocabulary = id_space(dump.manifest)
+    classify = is_classify(dump.manifest)
     storage = storage_of_manifest(dump.manifest)
     index = 0
     for group in dump.row_groups:
-        for row in decode_row_group(group, columns, top_k, vocabulary, storage=storage):
+        for row in decode_row_group(group, columns, top_k, vocabulary, classify, storage=storage):
             if index % world_size == rank:
                 yield row
             index += 1

@@ -7,6 +7,9 @@ Built-in tasks:
          target: [tldrs]}) and plain {document, summary} rows are both accepted.
 - text:  raw text, chunked to a token length (handled by the dump's text mode; its rows only
          carry a 'text' field).
+- sst2, agnews: classification (text -> one of the task's labels). SST-2 as GLUE's TSV
+  (`sentence<TAB>label`, label 0/1), AG News as a header-less TSV (`text<TAB>class name`).
+  An Example's prompt is the text and its only reference the label's name.
 Any local JSONL/JSON/Parquet/CSV/TSV file is a task too, given --prompt-column and optionally
 --target-column.
 """
@@ -58,6 +61,14 @@ class Task:
     """Converts a raw record (and its index) into an Example; raises UserError on bad records."""
     file_names: tuple[str, ...]
     """Candidate file names for a split when --data-path is a directory ('{split}' is filled)."""
+    labels: tuple[str, ...] | None = None
+    """Classification tasks: the label names, in the task's label order; None otherwise."""
+    columns: tuple[str, ...] | None = None
+    """Column names of the task's header-less CSV/TSV files (None: the file has a header)."""
+
+    @property
+    def is_classification(self) -> bool:
+        return self.labels is not None
 
 
 def _require(row: dict, index: int, *columns: str) -> list:
@@ -111,6 +122,34 @@ def text_example(row: dict, index: int) -> Example:
     return Example(index, "", (_text(text),))
 
 
+SST2_LABELS = ("negative", "positive")
+AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+def classification_example(text_column: str, labels: tuple[str, ...]):
+    """Record -> Example for a classification table: the text, and the label's name as the only
+    reference. A label may be written as its name (any case) or as its index in `labels`; an
+    empty label means the example has none (references empty)."""
+    by_name = {label.lower(): label for label in labels}
+
+    def to_example(row: dict, index: int) -> Example:
+        text, label = _require(row, index, text_column, "label")
+        raw = _text(label).strip()
+        if not raw:
+            return Example(index, _text(text).strip(), ())
+        name = by_name.get(raw.lower())
+        if name is None and raw.isdigit() and int(raw) < len(labels):
+            name = labels[int(raw)]
+        if name is None:
+            raise UserError(
+                f"record {index} has label {raw!r}, which is none of {', '.join(labels)} (or "
+                f"0..{len(labels) - 1}): fix the record, or pass the right --data"
+            )
+        return Example(index, _text(text).strip(), (name,))
+
+    return to_example
+
+
 TASKS: dict[str, Task] = {
     "gsm8k": Task(
         "gsm8k",
@@ -130,7 +169,24 @@ TASKS: dict[str, Task] = {
         text_example,
         ("{split}.txt", "wiki.{split}.raw", "{split}.raw", "{split}.jsonl", "{split}.parquet"),
     ),
+    "sst2": Task(
+        "sst2",
+        HubSource("stanfordnlp/sst2", None),
+        classification_example("sentence", SST2_LABELS),
+        ("{split}.tsv", "{split}.jsonl", "{split}.parquet"),
+        labels=SST2_LABELS,
+    ),
+    "agnews": Task(
+        "agnews",
+        HubSource("fancyzhx/ag_news", None),
+        classification_example("text", AGNEWS_LABELS),
+        ("{split}.tsv", "{split}.jsonl", "{split}.parquet"),
+        labels=AGNEWS_LABELS,
+        columns=("text", "label"),
+    ),
 }
+
+CLASSIFICATION_TASKS = tuple(name for name, task in TASKS.items() if task.is_classification)
 
 
 def column_task(prompt_column: str, target_column: str | None) -> Task:
@@ -194,7 +250,7 @@ def load_records(task: Task, data: str, data_path: Path | None, split: str) -> L
         )
     if task.name == "text" and data_path.suffix.lower() in TEXT_SUFFIXES:
         return read_text_files([data_path])
-    return read_table_file(data_path)
+    return read_table_file(data_path, task.columns)
 
 
 def examples_from_records(task: Task, records: LoadedRecords, limit: int | None) -> list[Example]:

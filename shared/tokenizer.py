@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 
 
 def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):
@@ -23,7 +23,7 @@ def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        reason = first_line(error)
+        reason = one_line(error)
         raise UserError(
             f"cannot load a tokenizer from {model_dir} ({reason}): pass a model directory "
             "that holds tokenizer files (tokenizer.json / tokenizer_config.json)"

@@ -16,18 +16,23 @@ checkpoint, or the merged model for --merge-lora).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from shared.errors import UserError, one_line
 from shared.files import (
     TEMP_PREFIX,
     atomic_directory,
     atomic_write_json,
+    disk_full_error,
+    is_disk_full,
     remove_directory_atomically,
 )
 
@@ -70,31 +75,78 @@ def remove_temporaries(out: Path) -> None:
 
 
 def save_checkpoint(
-    out: Path, step: int, *, model, tokenizer, training_state: dict, meta: dict, keep: int
+    out: Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    training_state: dict,
+    meta: dict,
+    keep: int,
+    extra_weights: dict[str, dict] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the `keep` newest."""
+    """Write checkpoint `step` atomically, then delete all but the `keep` newest.
+
+    `extra_weights`: file name -> state dict of a trained module besides the student (saved as
+    safetensors beside its weights, and published with them)."""
+    from safetensors.torch import save_file
+
     final = checkpoint_directory(out, step)
-    with atomic_directory(final) as temporary:
-        model.save_pretrained(str(temporary), safe_serialization=True)
-        tokenizer.save_pretrained(str(temporary))
-        torch.save(training_state, temporary / STATE_NAME)
-        (temporary / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    try:
+        with atomic_directory(final) as temporary:
+            model.save_pretrained(str(temporary), safe_serialization=True)
+            tokenizer.save_pretrained(str(temporary))
+            for name, state in (extra_weights or {}).items():
+                save_file(
+                    {key: value.contiguous() for key, value in state.items()}, temporary / name
+                )
+            # Through a Python file object, so that a full disk surfaces as the file's OSError
+            # (torch.save to a path reports only "unexpected pos").
+            with open(temporary / STATE_NAME, "wb") as handle:
+                torch.save(training_state, handle)
+            (temporary / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        previous = latest_checkpoint(out)
+        kept = f"the newest complete one is {previous.name}" if previous else "none is kept"
+        raise UserError(
+            f"no space left on the device of {final.parent} while writing checkpoint "
+            f"{final.name}: it was not kept ({kept}); free space there and rerun the same "
+            "command with --resume"
+        ) from None
     for old in complete_checkpoints(out)[:-keep]:
         remove_directory_atomically(old)
     return final
 
 
 def read_checkpoint(directory: Path) -> tuple[dict, dict]:
-    """(meta, training_state) of a checkpoint."""
-    meta = json.loads((directory / META_NAME).read_text(encoding="utf-8"))
-    state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
+    """(meta, training_state) of a checkpoint.
+
+    training_state.pt is read with weights_only=True: tensors and plain containers only, so a
+    file crafted to run code when unpickled is refused instead of executed."""
+    fix = f"delete {directory} to resume from the checkpoint before it, or train into a new --out"
+    try:
+        meta = json.loads((directory / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"checkpoint {directory.name}: {META_NAME} is unreadable ({error}): {fix}"
+        ) from None
+    try:
+        state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise UserError(
+            f"checkpoint {directory.name}: {STATE_NAME} is not a plain tensor state that loads "
+            f"without running code ({one_line(error, 120)}): it was damaged or not written by "
+            f"student-train; {fix}"
+        ) from None
     return meta, state
 
 
 def publish_final(out: Path, checkpoint: Path, summary: dict) -> Path:
     """OUT/final/: the last checkpoint's model and tokenizer files, hard-linked (no copy)."""
     final = Path(out) / FINAL_DIRECTORY
-    with atomic_directory(final) as temporary:
+    with publishing(final) as temporary:
         for path in checkpoint.iterdir():
             if path.is_file() and path.name not in (STATE_NAME, META_NAME):
                 try:
@@ -105,13 +157,25 @@ def publish_final(out: Path, checkpoint: Path, summary: dict) -> Path:
     return final
 
 
+@contextlib.contextmanager
+def publishing(final: Path) -> Iterator[Path]:
+    """atomic_directory(final), with a full disk as a one-line UserError (nothing partial kept)."""
+    try:
+        with atomic_directory(final) as temporary:
+            yield temporary
+    except Exception as error:
+        if is_disk_full(error):
+            raise disk_full_error(final, f"{final.name}/") from None
+        raise
+
+
 def publish_merged(
     out: Path, merged_model, tokenizer, adapter_checkpoint: Path, summary: dict
 ) -> Path:
     """OUT/final/: a LoRA run's adapter merged into the base weights (a plain model), with the
     adapter itself kept in final/adapter/."""
     final = Path(out) / FINAL_DIRECTORY
-    with atomic_directory(final) as temporary:
+    with publishing(final) as temporary:
         merged_model.save_pretrained(str(temporary), safe_serialization=True)
         tokenizer.save_pretrained(str(temporary))
         (temporary / "adapter").mkdir()

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import get_args
 
 import click
 
 from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
+from shared.files import disk_full_exit
+from shared.model_preparation import LayerChoice
 from student_train.config import TrainConfig
 
 FLAGS = (
@@ -20,7 +23,8 @@ FLAGS = (
     "max_steps", "epochs", "micro_batch", "batch_tokens", "grad_accum", "lr", "warmup", "seed",
     "lora_r", "lora_alpha", "lora_target", "rslora", "merge_lora", "eval_every", "save_every",
     "stop_at_step", "max_length", "chunk_tokens", "bf16", "resume", "trust_remote_code",
-    "progress",
+    "progress", "data", "data_path", "split", "limit", "more_shards", "teacher_weights",
+    "hidden_weight", "student_hidden_layer",
 )  # fmt: skip
 """The TrainConfig fields that have a flag; every field can be set with --set or --config."""
 NEGATED = {"progress": "--no-progress"}
@@ -32,10 +36,12 @@ NEGATED = {"progress": "--no-progress"}
 @config_options
 @click.pass_context
 def main(context, config_file, assignments, **flags) -> None:
-    """Train a student from teacher-dump shards (sequence-level and logit KD, no teacher).
+    """Train a student from teacher-dump shards (sequence-level and logit KD, no teacher), or
+    a classifier from class shards or from labels.
 
     \b
     student-train --shards DIR --student MODEL --out DIR (--max-steps N | --epochs E) [options]
+    student-train --data sst2 --data-path DIR --student MODEL --loss ce --out DIR ...
     torchrun --nproc-per-node N -m student_train.cli ...   (data parallel)
     student-train init-student --teacher DIR --layers N --out DIR
     """
@@ -55,6 +61,13 @@ def main(context, config_file, assignments, **flags) -> None:
         summary = run_training(config)
     except UserError as error:
         exit_with(error)
+    except Exception as error:
+        disk_full = disk_full_exit(
+            error, "free space there and rerun the same command with --resume"
+        )
+        if disk_full is None:
+            raise
+        exit_with(disk_full)
     if summary is not None and summary.get("final"):
         print_summary(summary)
 
@@ -63,7 +76,7 @@ def print_summary(summary: dict) -> None:
     """Where the artefacts are, and the last numbers (rank 0 only)."""
     out = Path(summary["out"])
     train = summary.get("train") or {}
-    lines = [f"trained {summary['steps']} steps, {summary['tokens']:,} target tokens"]
+    lines = [f"trained {summary['steps']} steps, {summary['tokens']:,} {summary['unit']}"]
     if train:
         lines.append(
             f"last train loss {train['loss']:.4f} (ce {train['ce']:.4f}, kd {train['kd']:.4f})"
@@ -86,17 +99,36 @@ def print_summary(summary: dict) -> None:
 
 @main.command("init-student")
 @click.option("--teacher", required=True, help="Teacher model directory.")
-@click.option("--layers", required=True, type=int, help="Decoder layers to keep (evenly spaced).")
+@click.option("--layers", required=True, type=int, help="Decoder or encoder layers to keep.")
+@click.option(
+    "--keep",
+    type=click.Choice(get_args(LayerChoice)),
+    default="evenly",
+    show_default=True,
+    help="evenly: spread over the stack; ends: first and last layers, one middle block dropped.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New model directory.")
+@click.option(
+    "--labels",
+    default="",
+    help="Give a bare encoder a classification head with these labels (a,b,...), seed 0.",
+)
 @click.option("--trust-remote-code", is_flag=True, default=False)
-def init_student(teacher: str, layers: int, out: Path, trust_remote_code: bool) -> None:
+def init_student(
+    teacher: str, layers: int, keep: str, out: Path, labels: str, trust_remote_code: bool
+) -> None:
     """Make a student from a teacher by keeping some of its layers (DistilBERT-style init)."""
     from shared.model_preparation import derive_student
     from shared.models import resolve_model
 
     try:
-        directory = resolve_model(teacher, flag="--teacher").directory
-        derive_student(directory, layers, out, trust_remote_code=trust_remote_code)
+        directory = resolve_model(
+            teacher, flag="--teacher", trust_remote_code=trust_remote_code
+        ).directory
+        names = tuple(name.strip() for name in labels.split(",") if name.strip())
+        derive_student(
+            directory, layers, out, keep=keep, trust_remote_code=trust_remote_code, labels=names
+        )
     except UserError as error:
         exit_with(error)
     click.echo(str(out))

@@ -31,6 +31,11 @@ RESUMABLE_FIELDS = frozenset(
 """Fields a resumed run may change: they say how this process runs, not what it trains."""
 
 DEFAULT_MICRO_BATCH = 8
+LANGUAGE_MODEL_DEFAULTS = {"alpha": 0.0, "temperature": 1.0}
+CLASSIFICATION_DEFAULTS = {"alpha": 0.5, "temperature": 5.0}
+"""--alpha and --temperature when not given: token KD on the teacher's distribution alone at
+T = 1; classification KD as in the classic recipe (Hinton et al.): 0.5 · CE(gold) +
+0.5 · T² · KL at T = 5 (class distributions of a confident teacher are near one-hot at T = 1)."""
 
 
 @dataclass(frozen=True)
@@ -47,14 +52,44 @@ class LossOptions:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    shards: str
-    """teacher-dump directory to train on (manifest.json + Parquet shards)."""
     student: str
-    """Student: a local Hugging Face causal-LM directory (safetensors) or a hub id. Its
-    tokenizer fingerprint must equal the dump's, otherwise it is refused with both fingerprints
-    in the message. Its logits are sliced to len(tokenizer)."""
+    """Student: a local Hugging Face model directory (safetensors) or a hub id. A causal LM
+    trains on token dumps: its tokenizer fingerprint must equal the dump's (refused with both
+    fingerprints otherwise) and its logits are sliced to len(tokenizer). A sequence classifier
+    or a bare encoder (BertModel, ...: it gets a new head) trains on classify dumps or --data,
+    with its own tokenizer."""
     out: str
     """Output directory: checkpoints/, final/, metrics.jsonl, curve.png, train_config.json."""
+    shards: str | None = None
+    """teacher-dump directory to train on (manifest.json + Parquet shards): token dumps for a
+    causal LM student, a classify dump for a classifier student."""
+    data: str | None = None
+    """Classification without a teacher: train on the gold labels of a task (sst2, agnews) or a
+    .jsonl/.tsv/... file with `text` and `label` columns (labels: their distinct values, sorted)
+    instead of --shards; needs --loss ce. Used to fine-tune a teacher, and for the labels-only
+    baseline (which can also be --shards with --loss ce: the same rows in the same order)."""
+    data_path: str | None = None
+    """With --data: the local file, or a directory holding <split>.tsv/.jsonl/.parquet."""
+    split: str = "train"
+    """With --data: the split to read."""
+    limit: int | None = None
+    """With --data: use only the first N examples."""
+    more_shards: tuple[str, ...] = ()
+    """Classification, multi-teacher: further classify dumps of the same samples and labels by
+    other teachers. Each example's teacher distribution becomes the weighted average of every
+    teacher's probabilities (--shards first, then these, weighted by --teacher-weights). Refused
+    when the dumps hold different data, samples or labels."""
+    teacher_weights: tuple[float, ...] = ()
+    """Weights of the teachers of --shards and --more-shards, in that order (normalized to sum
+    to 1); default: uniform."""
+    hidden_weight: float = 0.0
+    """Classification: weight w of a hidden-state loss w · MSE(P h_student, h_teacher), between
+    the student's pooled hidden state (the teacher's pooling, layer --student-hidden-layer)
+    through a learned linear projection P (student width → teacher width) and the teacher's
+    pooled state stored in the dump (teacher-dump --hidden-layer). 0: off."""
+    student_hidden_layer: int = -1
+    """Classification with --hidden-weight: the student layer whose pooled state is compared
+    (0: embeddings, i: after layer i, -1: the last)."""
     eval_shards: str | None = None
     """Held-out teacher-dump directory. Gives CE, KL(teacher ‖ student) on the teacher's
     top-k (tail bucketed, T=1) and top-1 agreement with the teacher, before the first step,
@@ -64,13 +99,15 @@ class TrainConfig:
     generate-mode shards these are the teacher's samples). fkl KL(p‖q), rkl KL(q‖p), jsd
     generalized JSD(β) as in GKD (β=0 forward, β=1 reverse KL), skew-kl KL(p ‖ βp+(1−β)q) as in
     DistiLLM, tvd total variation."""
-    alpha: float = 0.0
-    """Weight of CE: total = α·CE + (1−α)·KD (ignored for --loss ce)."""
+    alpha: float | None = None
+    """Weight of CE: total = α·CE + (1−α)·KD (ignored for --loss ce). Default 0 for token
+    dumps; 0.5 for classification (CE on the gold label, rows without one add no CE)."""
     beta: float | None = None
     """JSD's mixture weight β (default 0.5) or skew-KL's skew (default 0.1)."""
-    temperature: float = 1.0
+    temperature: float | None = None
     """Distillation temperature T: both compared distributions are raised to 1/T and
-    renormalized; the KD loss is multiplied by T²."""
+    renormalized; the KD loss is multiplied by T². Default 1 for token dumps, 5 for
+    classification."""
     tail: TailPolicy = "bucket"
     """The teacher's mass outside its stored ids. bucket: compare k+1 outcomes, the stored ids
     plus "everything else" (the teacher's stored tail, exact to 0.8 %; schema-v1 dumps store
@@ -120,8 +157,10 @@ class TrainConfig:
     the tail): a smaller-k ablation from the same dump, holding what a dump made with --top-k N
     stores (where padding-row ids were dropped, one more real id). Default: every entry."""
     bf16: bool = False
-    """bfloat16 autocast for the student's forward (weights and losses stay float32). Slow on
-    CPUs without native bf16."""
+    """bfloat16 autocast for the student's forward, LM head included (weights stay float32; the
+    log-softmax and the losses run in float32 on the bf16 logits, so the student's
+    log-probabilities differ from float32 ones: README "Reliability"). Slow on CPUs without
+    native bf16."""
     lora_r: int = 0
     """LoRA rank: train a peft LoRA adapter instead of all weights (0: full fine-tuning)."""
     lora_alpha: float = 16.0
@@ -129,7 +168,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     """Dropout on the LoRA path."""
     lora_target: tuple[str, ...] = ("all-linear",)
-    """Module names LoRA adapts (e.g. q_proj,v_proj), or all-linear."""
+    """Module names LoRA adapts (e.g. q_proj,v_proj; query,key,value for BERT-style
+    encoders), or all-linear. A classifier's head always trains in full."""
     rslora: bool = False
     """Rank-stabilized LoRA scaling alpha / sqrt(r)."""
     merge_lora: bool = False
@@ -167,10 +207,13 @@ class TrainConfig:
             return None
         return self.micro_batch if self.micro_batch is not None else DEFAULT_MICRO_BATCH
 
-    @property
-    def loss_options(self) -> LossOptions:
+    def loss_options(self, classification: bool = False) -> LossOptions:
+        """The loss settings, with the defaults of token KD or of classification KD."""
+        defaults = CLASSIFICATION_DEFAULTS if classification else LANGUAGE_MODEL_DEFAULTS
         beta = self.beta if self.beta is not None else DEFAULT_BETA.get(self.loss, 0.0)
-        return LossOptions(self.loss, self.alpha, beta, self.temperature, self.tail)
+        alpha = self.alpha if self.alpha is not None else defaults["alpha"]
+        temperature = self.temperature if self.temperature is not None else defaults["temperature"]
+        return LossOptions(self.loss, alpha, beta, temperature, self.tail)
 
     @property
     def lora_options(self) -> LoraOptions:
@@ -198,7 +241,32 @@ class TrainConfig:
             (self.micro_batch is None or self.micro_batch >= 1, "--micro-batch must be >= 1"),
             (self.batch_tokens is None or self.batch_tokens >= 2, "--batch-tokens must be >= 2"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (0.0 <= self.alpha <= 1.0, "--alpha must be in [0, 1]"),
+            (
+                (self.shards is None) != (self.data is None),
+                "pass exactly one of --shards DIR (a teacher dump) or --data TASK (labels only)",
+            ),
+            (
+                self.data is None or self.loss == "ce",
+                "--data trains on gold labels only: pass --loss ce (distillation needs a classify "
+                "dump in --shards)",
+            ),
+            (
+                not self.more_shards or self.shards is not None,
+                "--more-shards adds teachers to --shards: pass --shards too",
+            ),
+            (
+                not self.teacher_weights or len(self.teacher_weights) == 1 + len(self.more_shards),
+                f"--teacher-weights needs one weight per teacher ({1 + len(self.more_shards)}: "
+                "--shards, then each --more-shards)",
+            ),
+            (
+                all(weight >= 0 for weight in self.teacher_weights)
+                and (not self.teacher_weights or sum(self.teacher_weights) > 0),
+                "--teacher-weights must be >= 0 and not all 0",
+            ),
+            (self.hidden_weight >= 0, "--hidden-weight must be >= 0"),
+            (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
+            (self.alpha is None or 0.0 <= self.alpha <= 1.0, "--alpha must be in [0, 1]"),
             (
                 self.beta is None or 0.0 <= self.beta <= 1.0,
                 "--beta must be in [0, 1]",
@@ -207,7 +275,7 @@ class TrainConfig:
                 self.loss != "skew-kl" or self.beta is None or 0.0 < self.beta < 1.0,
                 "skew-kl needs 0 < --beta < 1",
             ),
-            (self.temperature > 0, "--temperature must be > 0"),
+            (self.temperature is None or self.temperature > 0, "--temperature must be > 0"),
             (self.lr > 0, "--lr must be > 0"),
             (0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio must be in [0, 1]"),
             (self.warmup >= 0, "--warmup must be >= 0"),

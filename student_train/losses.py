@@ -22,7 +22,7 @@ from typing import Literal, get_args
 import torch
 
 from shared.causal_lm import chunked_head_sums
-from shared.distributions import TailPolicy, topk_divergence_sum
+from shared.distributions import TailPolicy, divergence_per_position, topk_divergence_sum
 
 Loss = Literal["ce", "fkl", "rkl", "jsd", "skew-kl", "tvd"]
 """ce: cross-entropy on the target tokens only; the rest are logit-KD divergences."""
@@ -124,3 +124,59 @@ def chunked_loss_sums(
         chunk_tokens=chunk_tokens,
         width=3,
     )
+
+
+def classification_loss_sums(
+    logits: torch.Tensor,
+    gold: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None,
+    *,
+    loss: Loss,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> torch.Tensor:
+    """Summed classification loss: total = α·CE(gold) + (1−α)·T²·D(p_T ‖ q_T) (loss "ce":
+    total = CE), over all L labels (a class distribution has no tail).
+
+    p_T = softmax(teacher log-probabilities / T), q_T = softmax(logits / T); D is the
+    divergence named by `loss` (shared.distributions.divergence_per_position).
+
+    Args:
+        logits: (B, L) student logits. gold: (B,) int, NO_LABEL (-1) where the example has no
+            gold label (it adds no CE). teacher_logprobs: (B, L) teacher log-probabilities in
+            label order (T = 1), or None for labels only (then loss must be "ce").
+    Returns:
+        (3,) float32: [total, ce, kd] sums over the B examples (kd is 0 for loss "ce").
+    """
+    logits = logits.float()
+    log_q = torch.log_softmax(logits, dim=-1)
+    labelled = gold >= 0
+    ce = -log_q[labelled].gather(1, gold[labelled].long().unsqueeze(1)).sum()
+    if loss == "ce":
+        return torch.stack([ce, ce, torch.zeros_like(ce)])
+    if teacher_logprobs is None:
+        raise ValueError("a KD loss needs the teacher's class distributions")
+    log_p = torch.log_softmax(teacher_logprobs.float() / temperature, dim=-1)
+    log_q_tempered = torch.log_softmax(logits / temperature, dim=-1)
+    valid = torch.ones_like(log_p, dtype=torch.bool)
+    kd = (
+        divergence_per_position(log_p, log_q_tempered, valid, divergence=loss, beta=beta).sum()
+        * temperature**2
+    )
+    if alpha == 0:
+        ce = ce.detach()
+    return torch.stack([alpha * ce + (1.0 - alpha) * kd, ce, kd])
+
+
+def hidden_state_mse_sum(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Σ over examples of the mean squared difference between the projected student state and
+    the teacher's: the hidden-state loss before its weight.
+
+    Args:
+        projected: (B, H) the student's pooled state through the learned projection.
+        teacher: (B, H) the teacher's pooled state.
+    Returns:
+        Scalar: Σ_b mean_h (projected − teacher)².
+    """
+    return (projected.float() - teacher.float()).pow(2).mean(-1).sum()

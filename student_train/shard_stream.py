@@ -15,12 +15,20 @@ the one window the position is in and skips to the offset, without replaying the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.manifest import storage_of_manifest
-from shared.shard_reader import TRAINING_COLUMNS, Dump, RowGroup, TrainingRow, decode_row_group
+from schemas.manifest import is_classify, storage_of_manifest
+from shared.shard_reader import (
+    TRAINING_COLUMNS,
+    Dump,
+    RowGroup,
+    TrainingRow,
+    decode_row_group,
+    id_space,
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,9 @@ class ShardStream:
 
     `peek()` shows the next row without consuming it, `take()` consumes it, `position` is where
     the stream stands (save it; pass it back as `position=` to continue from there). With
-    `epochs=None` the stream cycles forever; otherwise it ends after that many epochs.
+    `epochs=None` the stream cycles forever; otherwise it ends after that many epochs. With
+    `verify` (the default) each shard's checksum is checked the first time the process reads it,
+    before any of its rows is returned.
     """
 
     def __init__(
@@ -84,15 +94,28 @@ class ShardStream:
         epochs: int | None = None,
         columns: tuple[str, ...] = TRAINING_COLUMNS,
         position: StreamPosition = StreamPosition(),
+        read_group: Callable[[RowGroup, tuple[str, ...]], list[TrainingRow]] | None = None,
+        verify: bool = True,
     ):
+        """`read_group(group, columns)` reads one row group; by default from the dump's
+        Parquet shards (a labels-only classification dataset passes rows held in memory)."""
         self.dump = dump
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.buffer_rows = seed, shuffle, buffer_rows
         self.epochs = epochs
         self.columns = columns
-        self.top_k = int(dump.manifest["top_k"])
-        self.vocabulary = int(dump.manifest["tokenizer"]["size"])
-        self.storage = storage_of_manifest(dump.manifest)
+        top_k, vocabulary = int(dump.manifest["top_k"]), id_space(dump.manifest)
+        classify = is_classify(dump.manifest)
+        storage = storage_of_manifest(dump.manifest)
+        self.verify = verify
+        """Check each shard's checksum before its first row (off only to plan step counts)."""
+        # self.verify is read at each call, so a stream can be switched to planning after it
+        # is built.
+        self.read_group = read_group or (
+            lambda group, columns: decode_row_group(
+                group, columns, top_k, vocabulary, classify, storage=storage, verify=self.verify
+            )
+        )
         self._position = position
         self._windows: list[tuple[list[RowGroup], int]] | None = None
         self._windows_epoch = -1
@@ -118,13 +141,7 @@ class ShardStream:
         """Decode the window the position is in and keep this rank's share of it."""
         position = self._position
         groups, start = self._epoch_windows(position.epoch)[position.window]
-        rows = [
-            row
-            for group in groups
-            for row in decode_row_group(
-                group, self.columns, self.top_k, self.vocabulary, storage=self.storage
-            )
-        ]
+        rows = [row for group in groups for row in self.read_group(group, self.columns)]
         if self.shuffle:
             order = np.random.default_rng([self.seed, position.epoch, position.window]).permutation(
                 len(rows)

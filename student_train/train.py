@@ -6,7 +6,10 @@
 
 The teacher is never loaded: its signal is the top-k stored in the shards. `setup` builds a
 `TrainingRun` (everything the loop reads and updates), `loop` trains it step by step, and
-`finish` publishes the student.
+`finish` publishes the student. What a step computes is the run's objective, chosen at setup
+(student_train/objectives.py): token KD for a causal LM on token dumps, or classification
+(α·CE(gold) + (1−α)·T²·KD over the labels, optionally + w·MSE of pooled hidden states) for a
+sequence classifier on class dumps or gold labels, divided by the step's examples.
 """
 
 from __future__ import annotations
@@ -21,14 +24,26 @@ from pathlib import Path
 
 import torch
 
-from schemas.manifest import check_tokenizer_fingerprint, storage_of_manifest
-from shared.causal_lm import check_output_path, final_hidden_states, output_logits_function
-from shared.collation import Batch, collate
+from schemas.manifest import (
+    check_dump_kind,
+    check_tokenizer_fingerprint,
+    classify_labels,
+    is_classify,
+    storage_of_manifest,
+)
+from schemas.shard import HIDDEN_COLUMN
+from shared.causal_lm import check_output_path, output_logits_function
 from shared.config import config_to_dict
 from shared.errors import UserError
-from shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
 from shared.files import atomic_write_json, directory_lock
-from shared.shard_reader import LENGTH_COLUMNS, TRAINING_COLUMNS, Dump, open_dump
+from shared.models import AUXILIARY_WEIGHTS
+from shared.shard_reader import (
+    CLASSIFY_COLUMNS,
+    LENGTH_COLUMNS,
+    TRAINING_COLUMNS,
+    Dump,
+    open_dump,
+)
 from shared.tokenizer import tokenizer_fingerprint
 from student_train.batches import BatchShape, take_micro_batch
 from student_train.checkpoints import (
@@ -40,7 +55,8 @@ from student_train.checkpoints import (
     remove_temporaries,
     save_checkpoint,
 )
-from student_train.config import RESUMABLE_FIELDS, LossOptions, TrainConfig
+from student_train.classify_data import combined_teacher_targets, labels_only_source
+from student_train.config import RESUMABLE_FIELDS, TrainConfig
 from student_train.distributed import (
     Distributed,
     barrier,
@@ -52,7 +68,12 @@ from student_train.distributed import (
     sum_across_ranks,
     sum_gradients,
 )
-from student_train.losses import chunked_loss_sums
+from student_train.objectives import (
+    SUMS_WIDTH,
+    ClassificationObjective,
+    HiddenLoss,
+    LanguageModelObjective,
+)
 from student_train.reporting import (
     CURVE_NAME,
     METRICS_NAME,
@@ -61,7 +82,12 @@ from student_train.reporting import (
     truncate_metrics,
 )
 from student_train.shard_stream import ShardStream, StreamPosition
-from student_train.student import Student, load_student
+from student_train.student import (
+    Student,
+    is_classification_student,
+    load_classification_student,
+    load_student,
+)
 
 CONFIG_NAME = "train_config.json"
 UNLIMITED_LENGTH = 1 << 30
@@ -77,8 +103,12 @@ class TrainingRun:
     dump: Dump
     eval_dump: Dump | None
     student: Student
-    output_logits: object
-    """(C, H) hidden states -> (C, V) logits: the student's LM head sliced to its tokenizer."""
+    objective: LanguageModelObjective | ClassificationObjective
+    """What a step computes (token KD, or classification); see student_train/objectives.py."""
+    read_group: object
+    """Reads one row group for the stream (None: from the dump's shards)."""
+    columns: tuple[str, ...]
+    """The shard columns the objective reads."""
     batch_shape: BatchShape
     parameters: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -134,8 +164,19 @@ def run_training(config: TrainConfig) -> dict:
 def train(config: TrainConfig, context: Distributed) -> dict:
     out = Path(config.out)
     torch.manual_seed(config.seed)
-    dump = open_dump(config.shards, allow_incomplete=config.allow_incomplete)
+    classification = is_classification_student(config.student)
+    read_group = None
+    if config.data is not None:
+        dump, read_group = labels_only_source(config)
+        check_dump_kind(dump.manifest, classify=classification, where=f"--data {config.data}")
+    else:
+        dump = open_dump(config.shards, allow_incomplete=config.allow_incomplete)
+        check_dump_kind(dump.manifest, classify=classification, where=f"--shards {config.shards}")
     eval_dump = open_dump(config.eval_shards, flag="--eval-shards") if config.eval_shards else None
+    if eval_dump is not None:
+        check_dump_kind(
+            eval_dump.manifest, classify=classification, where=f"--eval-shards {config.eval_shards}"
+        )
     check_representations(config, dump, eval_dump)
     # One trainer at a time per output directory; a previous run is only continued with --resume.
     if context.is_main:
@@ -150,7 +191,7 @@ def train(config: TrainConfig, context: Distributed) -> dict:
                     f"--out {out}: another student-train is writing there; wait for it to "
                     "finish or choose another --out"
                 ) from None
-        run = setup(config, context, out, dump, eval_dump)
+        run = setup(config, context, out, dump, eval_dump, read_group)
         loop(run)
         return finish(run)
 
@@ -164,7 +205,7 @@ def check_representations(config: TrainConfig, dump: Dump, eval_dump: Dump | Non
     an evaluation KL on draws is not the KL to the teacher."""
     storage = storage_of_manifest(dump.manifest)
     if storage is not None and storage.representation == "sampled":
-        options = config.loss_options
+        options = config.loss_options()
         unbiased = (
             options.loss in ("fkl", "ce")
             and options.tail == "bucket"
@@ -188,9 +229,15 @@ def check_representations(config: TrainConfig, dump: Dump, eval_dump: Dump | Non
 
 
 def setup(
-    config: TrainConfig, context: Distributed, out: Path, dump: Dump, eval_dump: Dump | None
+    config: TrainConfig,
+    context: Distributed,
+    out: Path,
+    dump: Dump,
+    eval_dump: Dump | None,
+    read_group=None,
 ) -> TrainingRun:
-    """Load the student, build the optimizer, schedule and stream, and restore a checkpoint."""
+    """Load the student, choose the objective, build the optimizer, schedule and stream, and
+    restore a checkpoint."""
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None and not config.resume:
         raise UserError(
@@ -203,18 +250,29 @@ def setup(
     if context.is_main:
         remove_temporaries(out)
 
-    student = load_student(
-        config.student,
-        manifest=dump.manifest,
-        trust_remote_code=config.trust_remote_code,
-        lora=config.lora_options,
-        device=context.device,
-        weights_from=checkpoint,
-    )
-    if eval_dump is not None:
-        fingerprint = tokenizer_fingerprint(student.tokenizer)
-        check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
-    check_output_path(student.model, student.vocabulary, context.device)
+    if is_classify(dump.manifest):
+        student, objective, columns = setup_classification(
+            config, context, dump, eval_dump, checkpoint
+        )
+    else:
+        student = load_student(
+            config.student,
+            manifest=dump.manifest,
+            trust_remote_code=config.trust_remote_code,
+            lora=config.lora_options,
+            device=context.device,
+            weights_from=checkpoint,
+        )
+        if eval_dump is not None:
+            fingerprint = tokenizer_fingerprint(student.tokenizer)
+            check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
+        check_output_path(student.model, student.vocabulary, context.device)
+        objective = LanguageModelObjective(
+            output_logits_function(student.model, student.vocabulary),
+            config.loss_options(),
+            config.chunk_tokens,
+        )
+        columns = TRAINING_COLUMNS
     batch_shape = BatchShape(
         rows=config.rows_per_micro_batch,
         batch_tokens=config.batch_tokens,
@@ -222,12 +280,15 @@ def setup(
         teacher_top_k=config.teacher_top_k,
     )
     parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
-    total_steps = config.max_steps or count_steps(dump, config, context, batch_shape)
+    parameters += [parameter for module in objective.modules for parameter in module.parameters()]
+    total_steps = config.max_steps or count_steps(dump, config, context, batch_shape, read_group)
     optimizer, scheduler = make_optimizer(config, parameters, total_steps)
     step, tokens_seen, position = 0, 0, StreamPosition()
     if meta is not None:
         step, tokens_seen, position = restore(meta, state, optimizer, scheduler, context)
-    stream = training_stream(dump, config, context, position=position)
+    stream = training_stream(
+        dump, config, context, position=position, columns=columns, read_group=read_group
+    )
     if config.log_samples:
         truncate_metrics(out / f"samples-rank{context.rank}.jsonl", step)
     if context.is_main:
@@ -242,7 +303,9 @@ def setup(
         dump=dump,
         eval_dump=eval_dump,
         student=student,
-        output_logits=output_logits_function(student.model, student.vocabulary),
+        objective=objective,
+        read_group=read_group,
+        columns=columns,
         batch_shape=batch_shape,
         parameters=parameters,
         optimizer=optimizer,
@@ -256,6 +319,71 @@ def setup(
         saved_step=step if meta is not None else None,
         tokens_at_start=tokens_seen,
     )
+
+
+def setup_classification(
+    config: TrainConfig,
+    context: Distributed,
+    dump: Dump,
+    eval_dump: Dump | None,
+    checkpoint: Path | None,
+) -> tuple[Student, ClassificationObjective, tuple[str, ...]]:
+    """The classifier student, its objective and the columns it reads. Class distributions are
+    tokenizer-free: the student tokenizes the texts itself, and no fingerprint is compared."""
+    labels = classify_labels(dump.manifest)
+    if eval_dump is not None and classify_labels(eval_dump.manifest) != labels:
+        raise UserError(
+            f"--eval-shards has labels {', '.join(classify_labels(eval_dump.manifest))} but the "
+            f"training data has {', '.join(labels)}: evaluate on a dump with the same labels"
+        )
+    if config.batch_tokens is not None:
+        raise UserError(
+            "--batch-tokens packs token rows; a classifier batches examples: use --micro-batch"
+        )
+    student = load_classification_student(
+        config.student,
+        labels=labels,
+        trust_remote_code=config.trust_remote_code,
+        lora=config.lora_options,
+        device=context.device,
+        weights_from=checkpoint,
+    )
+    options = config.loss_options(classification=True)
+    if options.loss != "ce" and config.data is None and dump.manifest["top_k"] != len(labels):
+        raise UserError(f"--shards {dump.directory}: k differs from the number of labels")
+    teacher_targets = None
+    if config.more_shards:
+        teacher_targets = combined_teacher_targets(
+            dump, config.more_shards, config.teacher_weights, config.allow_incomplete
+        )
+    columns = CLASSIFY_COLUMNS
+    hidden_loss = None
+    if config.hidden_weight > 0:
+        hidden = (dump.manifest.get("classify") or {}).get("hidden")
+        if not hidden or not hidden.get("width"):
+            raise UserError(
+                f"--hidden-weight needs the teacher's hidden states in the shards, and "
+                f"{dump.directory} has none: dump with teacher-dump --hidden-layer N"
+            )
+        student_width = student.model.config.hidden_size
+        torch.manual_seed(config.seed)
+        projection = torch.nn.Linear(student_width, int(hidden["width"])).to(context.device)
+        if checkpoint is not None:
+            from safetensors.torch import load_file
+
+            projection.load_state_dict(load_file(checkpoint / PROJECTION_NAME))
+        hidden_loss = HiddenLoss(
+            config.hidden_weight, projection, config.student_hidden_layer, hidden["pooling"]
+        )
+        columns = (*CLASSIFY_COLUMNS, HIDDEN_COLUMN)
+    objective = ClassificationObjective(
+        tokenizer=student.tokenizer,
+        max_length=config.max_length or student.context or 512,
+        loss_options=options,
+        teacher_targets=teacher_targets,
+        hidden_loss=hidden_loss,
+    )
+    return student, objective, columns
 
 
 def restore(
@@ -304,14 +432,13 @@ def loop(run: TrainingRun) -> None:
     while run.step < run.total_steps:
         started = time.perf_counter()
         micro_batches = [
-            collate(take_micro_batch(run.stream, run.batch_shape)) for _ in range(config.grad_accum)
+            run.objective.batch(take_micro_batch(run.stream, run.batch_shape))
+            for _ in range(config.grad_accum)
         ]
         totals = accumulate_gradients(
             run.student.model,
             micro_batches,
-            output_logits=run.output_logits,
-            loss_options=config.loss_options,
-            chunk_tokens=config.chunk_tokens,
+            objective=run.objective,
             bf16=config.bf16,
             context=run.context,
         )
@@ -368,6 +495,9 @@ def finish(run: TrainingRun) -> dict:
         "steps": run.step,
         "total_steps": run.total_steps,
         "tokens": run.tokens_seen,
+        "unit": "examples"
+        if isinstance(run.objective, ClassificationObjective)
+        else "target tokens",
         "train": run.last_train,
         "eval": run.last_eval,
         "stopped_early": run.stopped_early,
@@ -387,28 +517,26 @@ class StepTotals:
     """One optimizer step, added over its micro-batches and all ranks."""
 
     sums: torch.Tensor
-    """(3,) float64 [total, ce, kd] loss sums."""
+    """(4,) float64 [total, ce, kd, hidden] loss sums."""
     tokens: int
-    """Target tokens: the one divisor of the step's loss."""
+    """Target tokens (classification: examples): the one divisor of the step's loss."""
     rows: int
     """Rows (0 when every rank's stream has ended)."""
 
 
 def accumulate_gradients(
     model: torch.nn.Module,
-    micro_batches: list[Batch],
+    micro_batches: list,
     *,
-    output_logits,
-    loss_options: LossOptions,
-    chunk_tokens: int,
+    objective: LanguageModelObjective | ClassificationObjective,
     bf16: bool,
     context: Distributed,
 ) -> StepTotals:
     """Forward and backward over one optimizer step's micro-batches (this rank's share).
 
-    The loss sums are divided once, by the target tokens of the whole step across every
-    micro-batch and rank, so the step's gradient equals that of one big batch however it is
-    split. The gradients are left in .grad, not yet summed over ranks.
+    The loss sums are divided once, by the target tokens (classification: examples) of the
+    whole step across every micro-batch and rank, so the step's gradient equals that of one big
+    batch however it is split. The gradients are left in .grad, not yet summed over ranks.
     """
     local = [
         sum(batch.target_tokens for batch in micro_batches),
@@ -418,29 +546,12 @@ def accumulate_gradients(
         int(value) for value in sum_across_ranks(context, torch.tensor(local, dtype=torch.float64))
     )
     device = context.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(SUMS_WIDTH, dtype=torch.float64, device=device)
     for batch in micro_batches:
         if batch.target_tokens == 0:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            hidden = final_hidden_states(
-                model, batch.input_ids.to(device), batch.attention_mask.to(device)
-            )
-            selected = hidden[batch.row_index.to(device), batch.position.to(device)]
-            batch_sums = chunked_loss_sums(
-                selected,
-                output_logits,
-                batch.target_ids.to(device),
-                batch.topk_ids.to(device),
-                batch.topk_logprobs.to(device),
-                batch.topk_log_tail.to(device),
-                chunk_tokens=chunk_tokens,
-                loss=loss_options.loss,
-                alpha=loss_options.alpha,
-                beta=loss_options.beta,
-                temperature=loss_options.temperature,
-                tail=loss_options.tail,
-            )
+            batch_sums = objective.sums(model, batch, device)
         (batch_sums[0] / step_tokens).backward()
         sums += batch_sums.detach().double()
     return StepTotals(sum_across_ranks(context, sums), step_tokens, step_rows)
@@ -462,13 +573,15 @@ def step_metrics(
     run: TrainingRun, totals: StepTotals, grad_norm: float, learning_rate: float
 ) -> dict:
     """One metrics.jsonl line for the step just taken."""
-    total, ce, kd = (totals.sums / max(totals.tokens, 1)).tolist()
+    total, ce, kd, hidden = (totals.sums / max(totals.tokens, 1)).tolist()
+    extra = {"hidden_mse": hidden} if run.config.hidden_weight > 0 else {}
     return {
         "step": run.step,
         "epoch": run.stream.position.epoch,
         "loss": total,
         "ce": ce,
         "kd": kd,
+        **extra,
         "lr": learning_rate,
         "grad_norm": grad_norm,
         "tokens": run.tokens_seen,
@@ -504,6 +617,7 @@ def training_stream(
     *,
     position: StreamPosition | None = None,
     columns: tuple[str, ...] = TRAINING_COLUMNS,
+    read_group=None,
 ) -> ShardStream:
     """This rank's shuffled stream over the training dump (ends after --epochs, if given)."""
     return ShardStream(
@@ -516,15 +630,19 @@ def training_stream(
         epochs=int(config.epochs) if config.epochs is not None else None,
         position=position or StreamPosition(),
         columns=columns,
+        read_group=read_group,
+        # Planning reads only the row lengths and trains on nothing: hashing every shard then
+        # would read the whole dump at start-up. Training verifies each shard when it opens it.
+        verify=columns != LENGTH_COLUMNS,
     )
 
 
 def count_steps(
-    dump: Dump, config: TrainConfig, context: Distributed, batch_shape: BatchShape
+    dump: Dump, config: TrainConfig, context: Distributed, batch_shape: BatchShape, read_group=None
 ) -> int:
     """Optimizer steps that --epochs passes take: the same packing as training, run over the
     row lengths only (no top-k decoding), the maximum over ranks."""
-    stream = training_stream(dump, config, context, columns=LENGTH_COLUMNS)
+    stream = training_stream(dump, config, context, columns=LENGTH_COLUMNS, read_group=read_group)
     steps = 0
     while any([take_micro_batch(stream, batch_shape) for _ in range(config.grad_accum)]):
         steps += 1
@@ -545,6 +663,8 @@ def evaluate(run: TrainingRun) -> dict:
         shuffle=False,
         buffer_rows=config.shuffle_buffer,
         epochs=1,
+        # Evaluation compares outputs only: held-out dumps need no hidden states.
+        columns=tuple(column for column in run.columns if column != HIDDEN_COLUMN),
     )
 
     def batches():
@@ -559,15 +679,8 @@ def evaluate(run: TrainingRun) -> dict:
             taken += len(rows)
             yield rows
 
-    sums = fidelity_sums_over_batches(
-        run.student.model,
-        run.output_logits,
-        batches(),
-        chunk_tokens=config.chunk_tokens,
-        device=context.device,
-        bf16=config.bf16,
-    )
-    return fidelity_metrics(sum_across_ranks(context, sums))
+    sums = run.objective.evaluation_sums(run.student.model, batches(), context.device, config.bf16)
+    return run.objective.evaluation_metrics(sum_across_ranks(context, sums))
 
 
 def save_training_state(run: TrainingRun) -> None:
@@ -614,10 +727,23 @@ def save_training_state(run: TrainingRun) -> None:
             training_state=state,
             meta=meta,
             keep=run.config.keep_checkpoints,
+            extra_weights=extra_weights(run),
         )
     run.checkpoint = Path(broadcast_object(context, str(path) if path else None))
     run.saved_step = run.step
     barrier(context)
+
+
+PROJECTION_NAME = AUXILIARY_WEIGHTS[0]
+"""The learned projection of the hidden-state loss, saved beside the student's weights."""
+
+
+def extra_weights(run: TrainingRun) -> dict[str, dict[str, torch.Tensor]]:
+    """Trained modules besides the student, by file name (the hidden-state projection)."""
+    if getattr(run.objective, "hidden_loss", None) is None:
+        return {}
+    projection = run.objective.hidden_loss.projection
+    return {PROJECTION_NAME: {k: v.detach().cpu() for k, v in projection.state_dict().items()}}
 
 
 def publish_student(run: TrainingRun, summary: dict) -> Path:
@@ -642,6 +768,7 @@ def run_description(config: TrainConfig, dump: Dump, student: Student, total_ste
             "directory": str(dump.directory),
             "identity": dump.manifest.get("identity"),
             "mode": dump.manifest.get("mode"),
+            "labels": classify_labels(dump.manifest) or None,
             "teacher": dump.manifest.get("teacher", {}).get("model"),
             "top_k": dump.manifest.get("top_k"),
             "storage": dump.manifest.get("storage"),

@@ -9,6 +9,7 @@ import click
 
 from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
+from shared.files import disk_full_exit
 from teacher_dump.config import DumpConfig
 
 FLAGS = (
@@ -16,7 +17,8 @@ FLAGS = (
     "store", "top_k", "k_max", "adaptive_rule", "mass_target", "draws", "max_new_tokens", "temperature", "top_p", "num_samples", "seed", "limit",
     "chunk_tokens", "rows_per_shard", "rank", "world_size", "tensor_parallel_size",
     "max_model_len", "dtype", "chat_template", "skip_too_long", "trust_remote_code",
-    "enforce_eager", "progress",
+    "enforce_eager", "progress", "classify_backend", "hidden_layer", "hidden_pooling",
+    "label_words", "verbalizer_prompt",
 )  # fmt: skip
 """The DumpConfig fields that have a flag; every field can be set with --set or --config."""
 NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
@@ -50,6 +52,13 @@ def main(context: click.Context, config_file, assignments, **flags) -> None:
         manifest = run_dump(config)
     except UserError as error:
         exit_with(error)
+    except Exception as error:
+        disk_full = disk_full_exit(
+            error, "free space there and rerun the same command (it resumes)"
+        )
+        if disk_full is None:
+            raise
+        exit_with(disk_full)
     sys.exit(0 if manifest["complete"] or config.world_size > 1 else 1)
 
 

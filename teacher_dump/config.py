@@ -6,13 +6,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 from schemas.shard import VALUE_SCALE, AdaptiveRule, Representation, Storage
+from shared.classification import Pooling
 from shared.config import check_choices
-from shared.engine import EngineDtype
+from shared.engine import ClassifierBackend, EngineDtype
 from shared.errors import check_all
 
-Mode = Literal["generate", "score", "text"]
+Mode = Literal["generate", "score", "text", "classify"]
 """generate: the teacher samples completions; score: it is teacher-forced on the reference;
-text: every position of raw text."""
+text: every position of raw text; classify: class distributions of a classifier (or of an LLM
+through label words)."""
+
+DEFAULT_VERBALIZER_PROMPT = (
+    "Classify the text into one of these labels: {labels}.\n\nText: {text}\n\n"
+    "Answer with the label only."
+)
 
 LOCAL_FIELDS = frozenset({"rank", "world_size", "rows_per_shard", "max_in_flight", "progress"})
 """Fields that only say how this process works, not what the dump contains: a rerun may change
@@ -35,7 +42,10 @@ class DumpConfig:
     mode: Mode = "generate"
     """What the teacher does. generate: samples --num-samples completions per prompt
     (sequence-level KD data); score: is teacher-forced on the data's reference answer; text:
-    scores every position of raw text, cut into --chunk-tokens chunks."""
+    scores every position of raw text, cut into --chunk-tokens chunks; classify: stores the
+    teacher's log-probabilities over all labels per example (--data sst2, agnews, or a file with
+    --prompt-column and --target-column) from a *ForSequenceClassification teacher, or from a
+    causal LM scoring --label-words."""
     data_path: str | None = None
     """Local file or directory for a built-in task. A directory is searched for <split>.jsonl,
     <split>.parquet, <split>.txt and wiki.<split>.raw. Without it the task's hub dataset is
@@ -54,7 +64,8 @@ class DumpConfig:
     than exact top-k (--top-k; at most --k-max per position; about 3x smaller than topk at that
     fidelity); topk: exactly the --top-k most likely ids and their logprobs; sampled: --draws
     draws from the teacher's full distribution, stored as distinct ids with hit counts
-    (RS-KD; student-train's forward KL on them is unbiased)."""
+    (RS-KD; student-train's forward KL on them is unbiased). Token modes only: --mode classify
+    stores every label exactly (README "Classification shards")."""
     top_k: int = 20
     """topk: ids stored per target position. adaptive: the exact top-k whose fidelity each row
     matches (--adaptive-rule parity)."""
@@ -92,6 +103,25 @@ class DumpConfig:
     batching, ranks or resumes."""
     chunk_tokens: int = 512
     """Text mode: tokens per chunk (each chunk is one row; its first token is the prompt)."""
+    classify_backend: ClassifierBackend = "auto"
+    """Classify mode: who runs a classifier teacher. auto: vLLM's pooling runner where it
+    supports the model here, else transformers (the manifest records which ran and why);
+    vllm or transformers: only that one."""
+    hidden_layer: int | None = None
+    """Classify mode: also store the teacher's pooled hidden state of this layer (0: embeddings,
+    i: after layer i, -1: the last) as float16, for student-train --hidden-weight. Runs the
+    teacher in transformers."""
+    hidden_pooling: Pooling = "cls"
+    """Classify mode: how --hidden-layer's states are pooled: the first ([CLS]) token's, or the
+    mean over the text's tokens."""
+    label_words: tuple[str, ...] = ()
+    """Classify mode with a causal LM teacher (a verbalizer): one word per label, in the task's
+    label order. Each example's class distribution is the teacher's probability of each word as
+    the reply to --verbalizer-prompt (teacher-forced, summed over the word's tokens),
+    renormalized over the words."""
+    verbalizer_prompt: str = DEFAULT_VERBALIZER_PROMPT
+    """Classify mode with --label-words: the prompt, with {text} and {labels} (the label words,
+    comma-separated) filled in; rendered with the chat template when the teacher has one."""
     chat_template: bool = True
     """Render prompts with the teacher's chat template when it has one."""
     skip_too_long: bool = False
@@ -155,6 +185,18 @@ class DumpConfig:
             (
                 self.mode == "generate" or self.num_samples == 1,
                 "--num-samples > 1 needs --mode generate",
+            ),
+            (
+                self.mode == "classify" or (self.hidden_layer is None and not self.label_words),
+                "--hidden-layer and --label-words need --mode classify",
+            ),
+            (
+                not self.label_words or self.hidden_layer is None,
+                "--hidden-layer needs a classifier teacher, not --label-words (a verbalizer)",
+            ),
+            (
+                "{text}" in self.verbalizer_prompt,
+                "--verbalizer-prompt must contain {text} where the example's text goes",
             ),
         ]
         check_all(checks)

@@ -16,17 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import read_manifest, storage_of_manifest
+from schemas.manifest import inside_directory, is_classify, read_manifest, storage_of_manifest
 from schemas.shard import V1_COLUMNS
-from shared.errors import UserError, first_line
+from shared.errors import UserError, one_line
 from shared.files import sha256_of_file
-from shared.shard_reader import (
-    physical_columns,
-    read_codebook,
-    shard_columns,
-    shard_format_problem,
-    value_problem,
-)
+from shared.shard_reader import checked_columns, physical_columns, read_codebook, shard_columns
 from teacher_dump.shards import shards_on_disk
 
 
@@ -52,8 +46,8 @@ def summarize(directory: Path) -> dict:
     sizes: Counter[str] = Counter()
     unreadable = []
     for entry in manifest["shards"]:
-        path = Path(directory) / entry["name"]
         try:
+            path = inside_directory(directory, entry["name"])
             reader_columns = ("sample_id", "target_ids", "finish_reason", *V1_COLUMNS)
             table = pq.read_table(path, columns=physical_columns(reader_columns, storage))
             codebook = read_codebook(pq.ParquetFile(path).metadata, storage)
@@ -109,7 +103,9 @@ def format_summary(directory: Path, summary: dict) -> str:
     distribution = storage.columns if storage is not None else V1_COLUMNS
     by_column = ", ".join(f"{name} {sizes.get(name, 0):.1f}" for name in distribution)
     rest = sum(size for name, size in sizes.items() if name not in distribution)
-    if storage is None:
+    if is_classify(manifest):
+        stored = f"classify: all {manifest['top_k']} labels exactly (schema v1 layout), logprobs on 2^-10"
+    elif storage is None:
         stored = f"schema v1: exact top-{manifest['top_k']}, logprobs on 2^-10, no stored tail"
     else:
         stored = storage.describe()
@@ -138,6 +134,20 @@ def format_summary(directory: Path, summary: dict) -> str:
         f"captured mass   {summary['mean_captured_mass']:.4f} ({mass_meaning})",
         f"finish reasons  {reasons}",
     ]
+    section = manifest.get("classify")
+    if section:
+        lines.append(
+            f"labels          {', '.join(section['labels'])} (teacher: {section['teacher_kind']}, "
+            f"ran in {section.get('backend') or 'not run yet'}"
+            + (f": {section['backend_reason']}" if section.get("backend_reason") else "")
+            + ")"
+        )
+        if section.get("hidden"):
+            hidden = section["hidden"]
+            lines.append(
+                f"hidden states   layer {hidden['layer']}, {hidden['pooling']} pooling, width "
+                f"{hidden['width']} (float16)"
+            )
     if summary["unreadable"]:
         lines.append(
             f"UNREADABLE      {', '.join(summary['unreadable'])} (run inspect --validate for details)"
@@ -161,7 +171,12 @@ def validate(directory: Path) -> list[str]:
             )
     seen_ids: set[str] = set()
     for entry in manifest["shards"]:
-        problem = validate_shard(directory / entry["name"], entry, manifest, seen_ids)
+        try:
+            path = inside_directory(directory, entry["name"])
+        except UserError as error:
+            problems.append(f"{entry['name']}: {error}")
+            continue
+        problem = validate_shard(path, entry, manifest, seen_ids)
         if problem:
             problems.append(f"{entry['name']}: {problem}")
     return problems
@@ -175,27 +190,18 @@ def validate_shard(path: Path, entry: dict, manifest: dict, seen_ids: set[str]) 
         return f"size {path.stat().st_size} differs from the manifest's {entry['bytes']} (truncated or replaced)"
     if sha256_of_file(path) != entry["sha256"]:
         return "sha256 differs from the manifest (corrupt or replaced)"
-    storage = storage_of_manifest(manifest)
     try:
-        table = pq.read_table(path)
-        codebook = read_codebook(pq.ParquetFile(path).metadata, storage)
+        parquet = pq.ParquetFile(path)
+        table = parquet.read()
     except Exception as error:
-        return f"unreadable Parquet ({first_line(error)})"
-    problem = shard_format_problem(table.schema, manifest)
-    if problem:
-        return problem
+        return f"unreadable Parquet ({one_line(error, 120)})"
     if table.num_rows != entry["rows"]:
         return f"{table.num_rows} rows, manifest says {entry['rows']}"
-    if isinstance(codebook, str):
-        return codebook
-    columns = shard_columns(table, manifest["top_k"], storage, codebook)
+    columns = checked_columns(table, parquet.metadata, manifest)
     if isinstance(columns, str):
         return columns
     if len(columns.target_ids) != entry["target_tokens"]:
         return f"{len(columns.target_ids)} target tokens, manifest says {entry['target_tokens']}"
-    problem = value_problem(columns, manifest["tokenizer"]["size"])
-    if problem:
-        return problem
     for sample_id in columns.sample_ids:
         if sample_id in seen_ids:
             return f"sample_id {sample_id} appears more than once in the dump"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.shard import PAD_ID, Storage, round_logprobs
+from schemas.shard import NO_LABEL, PAD_ID, Storage, round_logprobs
 from shared.errors import UserError
 from teacher_dump.encoding import RowEntries, encode_row
 
@@ -29,15 +29,22 @@ class ShardRow:
     """(T,) int32."""
     target_logprobs: np.ndarray
     """(T,) float32."""
-    entries: RowEntries
+    entries: RowEntries | None
     """The teacher's distribution at each target position, as the dump stores it (stage 1 of
-    teacher_dump.encoding; the shard's writer finishes the coding)."""
+    teacher_dump.encoding; the shard's writer finishes the coding). None in classify rows,
+    which keep every label exactly in topk_ids / topk_logprobs (schema v1)."""
     finish_reason: str
     prompt_text: str
     target_text: str
     references: tuple[str, ...]
     padded_topk_entries: int
     """Engine entries that were padding-row ids (>= tokenizer size), left out."""
+    topk_ids: np.ndarray | None = None
+    """Classify rows only (schema v1 layout, entries None): (1, L) every label index, rank order."""
+    topk_logprobs: np.ndarray | None = None
+    """Classify rows only: (1, L) float32 their logprobs, rounded to the storage grid."""
+    hidden: np.ndarray | None = None
+    """(H,) float16 pooled teacher hidden state (classify dumps that ask for it), else None."""
 
 
 def drop_padding_ids(
@@ -123,3 +130,49 @@ def first_invalid_position(token_ids: np.ndarray, tokenizer_size: int) -> int | 
     """Index of the first sampled id that is not a real token (a padding row), if any."""
     invalid = np.flatnonzero((token_ids >= tokenizer_size) | (token_ids < 0))
     return int(invalid[0]) if invalid.size else None
+
+
+def make_classification_row(
+    *,
+    source_index: int,
+    log_probabilities: np.ndarray,
+    gold: int,
+    text: str,
+    labels: list[str],
+    hidden: np.ndarray | None,
+) -> ShardRow:
+    """The row of one classified example (schemas.shard.CLASSIFY_CONVENTIONS).
+
+    Args:
+        log_probabilities: (L,) the teacher's log-probabilities over all labels, label order.
+        gold: the gold label's index, or NO_LABEL.
+        hidden: (H,) pooled hidden state, or None.
+    """
+    sample_id = str(source_index)
+    log_probabilities = np.asarray(log_probabilities, dtype=np.float64).reshape(1, -1)
+    check_finite(log_probabilities, sample_id)
+    # Ties keep label order (a stable sort), so equal probabilities are stored reproducibly.
+    order = np.argsort(-log_probabilities, axis=1, kind="stable")
+    ranked = np.take_along_axis(log_probabilities, order, axis=1)
+    has_gold = gold != NO_LABEL
+    return ShardRow(
+        sample_id=sample_id,
+        source_index=source_index,
+        completion_index=0,
+        prompt_ids=np.zeros(0, dtype=np.int32),
+        target_ids=np.asarray([gold], dtype=np.int32),
+        target_logprobs=(
+            round_logprobs(log_probabilities[:, gold])
+            if has_gold
+            else np.asarray([-np.inf], dtype=np.float32)
+        ),
+        entries=None,
+        finish_reason="label" if has_gold else "unlabelled",
+        prompt_text=text,
+        target_text=labels[gold] if has_gold else "",
+        references=(labels[gold],) if has_gold else (),
+        padded_topk_entries=0,
+        topk_ids=order.astype(np.int32),
+        topk_logprobs=round_logprobs(ranked),
+        hidden=None if hidden is None else np.asarray(hidden, dtype=np.float16),
+    )

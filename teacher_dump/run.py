@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from schemas.manifest import manifest_path
-from schemas.shard import LOGPROB_STEP, SCHEMA_VERSION, Storage
+from schemas.shard import CLASSIFY_SCHEMA_VERSION, LOGPROB_STEP, SCHEMA_VERSION, Storage
 from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import atomic_write_json, directory_lock, remove_stale_temporaries
@@ -31,6 +31,14 @@ from shared.tokenizer import (
     stop_token_ids,
     tokenizer_fingerprint,
 )
+from teacher_dump.classify import (
+    ClassificationPlan,
+    build_classifier_engine,
+    classification_requests,
+    dump_classification,
+    engine_record,
+    manifest_section,
+)
 from teacher_dump.config import LOCAL_FIELDS, DumpConfig
 from teacher_dump.requests import (
     DumpRequest,
@@ -40,7 +48,12 @@ from teacher_dump.requests import (
     text_requests,
 )
 from teacher_dump.rows import ShardRow, first_invalid_position, make_row
-from teacher_dump.shards import ShardWriter, done_source_indices, refresh_manifest
+from teacher_dump.shards import (
+    ShardWriter,
+    done_source_indices,
+    exclusive_writer,
+    refresh_manifest,
+)
 
 
 def identity_of(config: DumpConfig) -> dict:
@@ -63,11 +76,13 @@ class PreparedDump:
     """Whether prompts were wrapped in the teacher's chat template."""
     context: int
     """The engine's context length."""
+    classification: ClassificationPlan | None = None
+    """Classify mode: the labels and the kind of teacher; None in the token modes."""
 
 
 def prepare(config: DumpConfig) -> PreparedDump:
     """Resolve model, tokenizer and data; build and validate this dump's requests (no engine)."""
-    model = resolve_model(config.model, config.revision)
+    model = resolve_model(config.model, config.revision, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(model.directory, trust_remote_code=config.trust_remote_code)
     model_context = context_length(model.config)
     context = config.max_model_len or model_context
@@ -75,7 +90,7 @@ def prepare(config: DumpConfig) -> PreparedDump:
         raise UserError(
             f"--model {config.model} does not state its context length: pass --max-model-len"
         )
-    if config.top_k > len(tokenizer) and config.store != "sampled":
+    if config.mode != "classify" and config.store != "sampled" and config.top_k > len(tokenizer):
         raise UserError(
             f"--top-k {config.top_k} is above the vocabulary size {len(tokenizer)}: lower it"
         )
@@ -90,10 +105,29 @@ def prepare(config: DumpConfig) -> PreparedDump:
         )
     if config.mode != "text" and task.name == "text":
         raise UserError("--data text holds raw text without prompts: use --mode text with it")
+    if config.mode == "classify" and not (task.is_classification or task.name == "columns"):
+        raise UserError(
+            f"--mode classify needs labelled texts: use --data sst2 or agnews, or a file with "
+            f"--prompt-column (the text) and --target-column (the label), not {config.data}"
+        )
+    if task.is_classification and config.mode != "classify":
+        raise UserError(f"--data {config.data} is a classification task: use --mode classify")
     data_path = Path(config.data_path) if config.data_path else None
     records = load_records(task, config.data, data_path, config.split)
     use_template = config.chat_template and has_chat_template(tokenizer)
     stop_ids = stop_token_ids(tokenizer, model.directory)
+    if config.mode == "classify":
+        examples = examples_from_records(task, records, config.limit)
+        requests, plan = classification_requests(
+            config,
+            model,
+            tokenizer,
+            examples,
+            task.labels,
+            context=context,
+            use_template=use_template,
+        )
+        return PreparedDump(model, tokenizer, records, requests, 0, use_template, context, plan)
     if config.mode == "text":
         examples = examples_from_records(task, records, None)
         requests = text_requests(
@@ -134,8 +168,10 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
     )
     samples_per_prompt = config.num_samples if config.mode == "generate" else 1
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    return {
-        "schema_version": SCHEMA_VERSION,
+    plan = prepared.classification
+    header = {
+        # Classify dumps keep schema v1's exact all-label layout (schemas.shard).
+        "schema_version": SCHEMA_VERSION if plan is None else CLASSIFY_SCHEMA_VERSION,
         "kind": "kd-shards teacher dump",
         "identity": hashlib.sha256(identity_blob.encode()).hexdigest(),
         "created": now,
@@ -159,8 +195,14 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
             "stop_token_ids": stop_token_ids(tokenizer, model.directory),
             "chat_template_used": prepared.use_template,
         },
-        "top_k": config.top_k,
-        "storage": config.storage(len(tokenizer)).to_dict(),
+        # The most entries a position holds: every label (classify), the draws (sampled).
+        "top_k": (
+            len(plan.labels)
+            if plan is not None
+            else config.draws
+            if config.store == "sampled"
+            else config.top_k
+        ),
         "logprobs": {
             "mode": "raw_logprobs",
             "meaning": "natural-log probabilities of the raw logits (temperature 1, no top-p/top-k)",
@@ -168,6 +210,12 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
             "drawn": config.store == "sampled",
             "target_rounding_step": LOGPROB_STEP,
             "padding_ids": "ids >= tokenizer.size are never stored; their mass is part of the tail",
+        }
+        if plan is None
+        else {
+            "mode": "raw_logprobs",
+            "meaning": "natural-log probabilities over all labels (temperature 1)",
+            "rounding_step": LOGPROB_STEP,
         },
         "sampling": {
             "temperature": config.temperature,
@@ -194,6 +242,11 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
         "totals": {"shards": 0, "rows": 0, "target_tokens": 0, "bytes": 0},
         "complete": False,
     }
+    if plan is not None:
+        header["classify"] = manifest_section(config, plan)
+    else:
+        header["storage"] = config.storage(len(tokenizer)).to_dict()
+    return header
 
 
 def open_output(directory: Path, header: dict, config: DumpConfig) -> None:
@@ -210,10 +263,10 @@ def open_output(directory: Path, header: dict, config: DumpConfig) -> None:
             raise UserError(
                 f"{path} is corrupt: delete it and rerun (it is rebuilt from the shards)"
             ) from None
-        if existing.get("schema_version") != SCHEMA_VERSION:
+        if existing.get("schema_version") != header["schema_version"]:
             raise UserError(
                 f"{directory} holds a dump with schema version {existing.get('schema_version')}, "
-                f"this teacher-dump writes {SCHEMA_VERSION}: use a new --out directory (it "
+                f"this teacher-dump writes {header['schema_version']} there: use a new --out directory (it "
                 "cannot be resumed with this release; reading and training on it still work)"
             )
         if existing.get("identity") != header["identity"]:
@@ -311,6 +364,15 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     header = manifest_header(config, prepared)
     directory = Path(config.out)
     open_output(directory, header, config)
+    with exclusive_writer(directory, config.rank, config.world_size):
+        return dump_remaining(config, prepared, directory, engine, started)
+
+
+def dump_remaining(
+    config: DumpConfig, prepared: PreparedDump, directory: Path, engine, started: float
+) -> dict:
+    """This rank's prompts not yet in a shard, through the engine into shards (the caller holds
+    the rank's writer lock); returns the final manifest."""
     remove_stale_temporaries(directory)
     done = done_source_indices(directory)
     mine = [
@@ -321,7 +383,30 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     todo = [request for request in mine if request.source_index not in done]
     refresh_manifest(directory, [])
     written_tokens, dump_seconds = 0, 0.0
-    if todo:
+    if todo and prepared.classification is not None:
+        own_engine = engine is None
+        plan = prepared.classification
+        if engine is None:
+            engine = (
+                build_classifier_engine(config, prepared.model, prepared.context)
+                if plan.teacher_kind == "classifier"
+                else build_engine(config, prepared.model)
+            )
+        entry, classify_updates = engine_record(engine, plan)
+        update_manifest(directory, {"engine": entry}, classify_updates, engine.dtype)
+        dump_started = time.perf_counter()
+        writer = ShardWriter(directory, config.rank, config.world_size, config.rows_per_shard)
+        try:
+            statistics = dump_classification(
+                config, engine, plan, todo, total=len(mine), writer=writer
+            )
+        finally:
+            if own_engine:
+                engine.close()
+        dump_seconds = time.perf_counter() - dump_started
+        written_tokens = statistics["rows"]
+        record_classification_statistics(directory, statistics, plan)
+    elif todo:
         own_engine = engine is None
         engine = engine or build_engine(config, prepared.model)
         if engine.settings.max_logprobs < config.engine_logprobs:
@@ -362,7 +447,8 @@ def build_engine(config: DumpConfig, model: ResolvedModel):
             dtype=config.dtype,
             max_model_len=config.max_model_len,
             max_logprobs=config.engine_logprobs,
-            sampled_logprobs=config.store == "sampled",
+            # A verbalizer (classify) needs the exact logprobs of its label words, never draws.
+            sampled_logprobs=config.store == "sampled" and config.mode != "classify",
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
             seed=config.seed,
@@ -406,6 +492,42 @@ def record_engine(directory: Path, engine, stored_dtype: str | None) -> None:
                 "vLLM ran in-process)"
                 if getattr(engine, "draws_in_process", False)
                 else "kd-shards vLLM plugin loaded by vLLM through its entry point"
+            )
+        atomic_write_json(path, manifest)
+
+
+def update_manifest(directory: Path, top_level: dict, classify: dict, dtype: str) -> None:
+    """Set top-level manifest entries, entries of its "classify" section and the dtype the
+    teacher ran in (under the lock)."""
+    with directory_lock(directory):
+        path = manifest_path(directory)
+        manifest = json.loads(path.read_text())
+        manifest.update(top_level)
+        manifest["teacher"]["dtype"] = dtype
+        if classify:
+            manifest["classify"].update(classify)
+        atomic_write_json(path, manifest)
+
+
+def record_classification_statistics(directory: Path, statistics: dict, plan) -> None:
+    """The hidden-state width and the verbalizer's label-word mass, once known (a resumed
+    dump adds its rows to the running sums of the earlier runs)."""
+    with directory_lock(directory):
+        path = manifest_path(directory)
+        manifest = json.loads(path.read_text())
+        section = manifest["classify"]
+        if section.get("hidden") is not None and statistics["hidden_width"] is not None:
+            section["hidden"]["width"] = statistics["hidden_width"]
+        if plan.teacher_kind == "verbalizer":
+            verbalizer = section["verbalizer"]
+            verbalizer["label_word_mass_sum"] = (
+                verbalizer.get("label_word_mass_sum", 0.0) + statistics["label_word_mass"]
+            )
+            verbalizer["label_word_mass_rows"] = (
+                verbalizer.get("label_word_mass_rows", 0) + statistics["rows"]
+            )
+            verbalizer["mean_label_word_mass"] = verbalizer["label_word_mass_sum"] / max(
+                verbalizer["label_word_mass_rows"], 1
             )
         atomic_write_json(path, manifest)
 
@@ -474,6 +596,7 @@ def dump_requests(
             )
         writer.flush()
     finally:
+        stream.close()  # on an error part-way, the engine drops the requests still in flight
         progress.close()
     return tokens
 

@@ -9,8 +9,10 @@ Resume reads back which prompts (source indices) the existing shards already hol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,10 +21,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import SHARD_SUFFIX, is_safe_shard_name, manifest_path, totals
-from schemas.shard import Storage, parquet_write_options, shard_schema
-from shared.errors import UserError, first_line
-from shared.files import atomic_write, atomic_write_json, directory_lock, sha256_of_file
+from schemas.manifest import (
+    SHARD_SUFFIX,
+    inside_directory,
+    is_safe_shard_name,
+    manifest_path,
+    totals,
+)
+from schemas.shard import (
+    HIDDEN_COLUMN,
+    PARQUET_WRITE_OPTIONS_V1,
+    Storage,
+    classify_schema,
+    parquet_write_options,
+    shard_schema,
+)
+from shared.errors import UserError, one_line
+from shared.files import (
+    atomic_write,
+    atomic_write_json,
+    directory_lock,
+    hold_lock,
+    sha256_of_file,
+)
 from teacher_dump.encoding import shard_columns
 from teacher_dump.rows import ShardRow
 
@@ -30,6 +51,44 @@ ROW_GROUP_ROWS = 256
 """Rows per Parquet row group: the unit the training loader reads at a time."""
 
 SHARD_NAME = re.compile(r"^part-r(\d+)-w(\d+)-(\d+)\.parquet$")
+
+
+WRITER_LOCK = re.compile(r"^\.writer-r(\d+)-w(\d+)\.lock$")
+
+
+@contextlib.contextmanager
+def exclusive_writer(directory: Path, rank: int, world_size: int) -> Iterator[None]:
+    """Hold this rank's writer lock for the whole run.
+
+    Refuses to start while another process writes the same rank, or any rank of another
+    --world-size, into the directory: their prompts overlap, so both would write the same
+    samples. The lock is a file lock: the kernel releases it when its process ends, even by
+    kill -9, so a rerun after a crash is never refused."""
+    directory = Path(directory)
+    with directory_lock(directory):
+        for path in sorted(directory.glob(".writer-r*-w*.lock")):
+            match = WRITER_LOCK.match(path.name)
+            if match is None or int(match.group(2)) == world_size:
+                continue
+            probe = hold_lock(path)
+            if probe is None:
+                raise UserError(
+                    f"--out {directory}: a teacher-dump with --world-size {int(match.group(2))} "
+                    "is writing there, and ranks of different world sizes would dump the same "
+                    "prompts twice: wait for it to finish, or use the same --world-size"
+                )
+            probe.close()
+        handle = hold_lock(directory / f".writer-r{rank}-w{world_size}.lock")
+        if handle is None:
+            raise UserError(
+                f"--out {directory}: another teacher-dump with --rank {rank} --world-size "
+                f"{world_size} is writing there, and two would write every sample twice: wait "
+                "for it to finish, or give each process its own --rank"
+            )
+    try:
+        yield
+    finally:
+        handle.close()
 
 
 def shard_name(rank: int, world_size: int, sequence: int) -> str:
@@ -55,12 +114,29 @@ def flat_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
+def nested_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """A list<list> column from (T, K) arrays, one per row (schema v1's top-k layout)."""
+    width = arrays[0].shape[1] if arrays else 0
+    positions = np.fromiter((array.shape[0] for array in arrays), dtype=np.int64, count=len(arrays))
+    outer = np.concatenate([[0], np.cumsum(positions)]).astype(np.int32)
+    inner = (np.arange(int(positions.sum()) + 1, dtype=np.int64) * width).astype(np.int32)
+    values = np.concatenate([array.reshape(-1) for array in arrays]) if arrays else np.array([])
+    inner_lists = pa.ListArray.from_arrays(pa.array(inner), pa.array(values, type=value_type))
+    return pa.ListArray.from_arrays(pa.array(outer), inner_lists)
+
+
 def rows_to_table(
-    rows: list[ShardRow], storage: Storage, vocabulary: int
+    rows: list[ShardRow], storage: Storage | None, vocabulary: int
 ) -> tuple[pa.Table, dict[bytes, bytes]]:
     """An Arrow table in the dump's schema, and the shard's footer metadata (the codebook and
-    the padding count), from rows (teacher_dump.encoding finishes the distribution columns)."""
-    distributions, footer = shard_columns([row.entries for row in rows], storage, vocabulary)
+    the padding count), from rows (teacher_dump.encoding finishes the distribution columns).
+
+    `storage` None: a classify dump (schema v1 layout, classify_table)."""
+    distributions, footer = (
+        shard_columns([row.entries for row in rows], storage, vocabulary)
+        if storage is not None
+        else ({}, {})
+    )
     columns = {
         "sample_id": pa.array([row.sample_id for row in rows], pa.string()),
         "source_index": pa.array([row.source_index for row in rows], pa.int64()),
@@ -73,6 +149,8 @@ def rows_to_table(
         "target_text": pa.array([row.target_text for row in rows], pa.string()),
         "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
     }
+    if storage is None:
+        return classify_table(rows, columns), footer
     for name, arrays in distributions.items():
         columns[name] = flat_list(arrays, pa.int32())
     footer[PADDED_KEY] = str(sum(row.padded_topk_entries for row in rows)).encode()
@@ -80,14 +158,33 @@ def rows_to_table(
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema), footer
 
 
-def write_table(path: Path, table: pa.Table, footer: dict[bytes, bytes], storage: Storage) -> None:
-    """Write a v2 table as one Parquet file (row groups of ROW_GROUP_ROWS), footer keys once."""
-    with pq.ParquetWriter(path, table.schema, **parquet_write_options(storage)) as writer:
+def classify_table(rows: list[ShardRow], columns: dict[str, pa.Array]) -> pa.Table:
+    """A classify shard's table: schema v1 (schemas.shard.CLASSIFY_SCHEMA_VERSION), every
+    label's logprob at the one position of each row, the pooled hidden state when present."""
+    columns = {
+        **columns,
+        "topk_ids": nested_list([row.topk_ids for row in rows], pa.int32()),
+        "topk_logprobs": nested_list([row.topk_logprobs for row in rows], pa.float32()),
+    }
+    with_hidden = bool(rows) and rows[0].hidden is not None
+    if with_hidden:
+        columns[HIDDEN_COLUMN] = flat_list([row.hidden for row in rows], pa.float16())
+    schema = classify_schema(with_hidden)
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def write_table(
+    path: Path, table: pa.Table, footer: dict[bytes, bytes], storage: Storage | None
+) -> None:
+    """Write a table as one Parquet file (row groups of ROW_GROUP_ROWS), footer keys once."""
+    options = parquet_write_options(storage) if storage is not None else PARQUET_WRITE_OPTIONS_V1
+    with pq.ParquetWriter(path, table.schema, **options) as writer:
         writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
-        writer.add_key_value_metadata(footer)
+        if footer:
+            writer.add_key_value_metadata(footer)
 
 
-def write_shard(path: Path, rows: list[ShardRow], storage: Storage, vocabulary: int) -> dict:
+def write_shard(path: Path, rows: list[ShardRow], storage: Storage | None, vocabulary: int) -> dict:
     """Write rows atomically as one Parquet shard; return its manifest entry."""
     table, footer = rows_to_table(rows, storage, vocabulary)
     atomic_write(path, lambda temp: write_table(temp, table, footer, storage))
@@ -103,13 +200,14 @@ def write_shard(path: Path, rows: list[ShardRow], storage: Storage, vocabulary: 
 
 def describe_shard(path: Path) -> dict:
     """The manifest entry of a shard already on disk (reads it)."""
+    path = inside_directory(path.parent, path.name)
     try:
         parquet = pq.ParquetFile(path)
         lengths = parquet.read(columns=["target_ids"])["target_ids"]
         padded = (parquet.metadata.metadata or {}).get(PADDED_KEY, b"0")
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
-            f"shard {path.name} is unreadable ({first_line(error)}): delete it and rerun the same "
+            f"shard {path.name} is unreadable ({one_line(error, 120)}): delete it and rerun the same "
             "teacher-dump command to redo its samples"
         ) from None
     return {
@@ -126,11 +224,12 @@ def done_source_indices(directory: Path) -> set[int]:
     """Source indices of the prompts whose rows are already in complete shards."""
     done: set[int] = set()
     for path in shards_on_disk(directory):
+        real_path = inside_directory(directory, path.name)
         try:
-            column = pq.read_table(path, columns=["source_index"])["source_index"]
+            column = pq.read_table(real_path, columns=["source_index"])["source_index"]
         except Exception as error:
             raise UserError(
-                f"shard {path.name} is unreadable ({first_line(error)}): delete it and rerun the "
+                f"shard {path.name} is unreadable ({one_line(error, 120)}): delete it and rerun the "
                 "same teacher-dump command to redo its samples"
             ) from None
         done.update(column.to_numpy().tolist())
@@ -184,9 +283,10 @@ class ShardWriter:
         rank: int,
         world_size: int,
         rows_per_shard: int,
-        storage: Storage,
-        vocabulary: int,
+        storage: Storage | None = None,
+        vocabulary: int = 0,
     ):
+        """`storage` None: a classify dump, written in the schema-v1 layout."""
         self.directory = Path(directory)
         self.storage = storage
         self.vocabulary = vocabulary

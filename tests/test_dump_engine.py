@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -192,52 +189,6 @@ def test_shards_load_with_polars_pyarrow_and_datasets(tiny_model, gsm8k_file, en
     assert len(loaded) == len(QUESTIONS)
     assert len(loaded[0]["kd_count"]) == len(loaded[0]["target_ids"])
     assert len(loaded[0]["kd_ids"]) == sum(loaded[0]["kd_count"])
-
-
-def slow_dump_arguments(model: Path, data: Path, out: Path) -> list[str]:
-    return [
-        "--model", str(model), "--data", "gsm8k", "--data-path", str(data), "--out", str(out),
-        "--store", "topk", "--top-k", str(ENGINE_TOP_K), "--max-new-tokens", "48", "--dtype", "float32",
-        "--max-model-len", "512", "--enforce-eager", "--rows-per-shard", "4",
-        "--set", "max_in_flight=4", "--no-progress",
-    ]  # fmt: skip
-
-
-def test_resume_after_sigkill_yields_every_sample_once(tiny_model, tmp_path, engine):
-    """Acceptance 3: kill -9 part-way, rerun the same command, get exactly the expected rows."""
-    from teacher_dump.inspect import validate
-    from teacher_dump.run import run_dump
-
-    data = tmp_path / "many.jsonl"
-    data.write_text(
-        "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QUESTIONS * 10)
-    )
-    out = tmp_path / "out"
-    process = subprocess.Popen(
-        cli_command(*slow_dump_arguments(tiny_model, data, out)),
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(out.glob("part-*.parquet"))) < 2:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the CLI and vLLM's engine processes
-    process.wait()
-    partial = sum(pq.read_metadata(path).num_rows for path in out.glob("part-*.parquet"))
-    assert 0 < partial < len(QUESTIONS) * 10, "the kill did not land part-way"
-
-    config = dump_config(
-        tiny_model, data, out, max_new_tokens=48, rows_per_shard=4, max_in_flight=4
-    )
-    manifest = run_dump(config, engine)
-    rows = read_rows(out)
-    assert set(rows) == {f"{index}-0" for index in range(len(QUESTIONS) * 10)}
-    assert manifest["complete"] and manifest["totals"]["rows"] == len(rows)
-    assert validate(out) == []
-    assert not list(out.glob(".tmp-*")), "a killed writer's temporary file was left behind"
 
 
 def test_two_ranks_write_the_same_rows_as_one_process(tiny_model, gsm8k_file, engine, tmp_path):

@@ -174,13 +174,22 @@ def test_gsm8k_two_models_share_prompts_and_decoding(
     assert teacher["cost"]["generated_tokens"] > 0 and teacher["cost"]["ms_per_sample"] > 0
     predictions = (tmp_path / "out" / "predictions-teacher.jsonl").read_text().splitlines()
     assert len(predictions) == 6
+    rows = _jsonl(SHARED_DATA / "gsm8k" / "train.jsonl", 6)
+    samples = [json.loads(line) for line in predictions]
     recomputed = [
-        gsm8k_correct(json.loads(line)["prediction"], row["answer"])
-        for line, row in zip(
-            predictions, _jsonl(SHARED_DATA / "gsm8k" / "train.jsonl", 6), strict=True
-        )
+        gsm8k_correct(sample["prediction"], row["answer"])
+        for sample, row in zip(samples, rows, strict=True)
     ]
     assert teacher["metrics"]["correct"] == sum(recomputed)
+    # Each line lets a user audit its score: id, reference, extracted answer, correctness.
+    assert [sample["sample_id"] for sample in samples] == [str(i) for i in range(6)]
+    assert [sample["correct"] for sample in samples] == recomputed
+    assert [sample["expected_answer"] for sample in samples] == [
+        final_number(row["answer"]) for row in rows
+    ]
+    assert [sample["extracted_answer"] for sample in samples] == [
+        final_number(sample["prediction"]) for sample in samples
+    ]
     table = markdown_table(report)
     assert table.splitlines()[0].startswith("| model | params | accuracy | KL to teacher")
     assert len(table.splitlines()) == 4
@@ -215,8 +224,15 @@ def test_summ_on_scitldr_and_plain_document_summary_data(tiny_model, engine, tmp
     metrics = report["models"]["teacher"]["metrics"]
     assert set(metrics) >= {"rouge1", "rouge2", "rougeL", "bleu"} and metrics["samples"] == 5
     predictions = report["models"]["teacher"]["predictions"]
+    texts = [sample["prediction"] for sample in predictions]
     references = [tuple(reference.strip() for reference in row["target"]) for row in rows]
-    assert metrics["rougeL"] == pytest.approx(rouge_scores(predictions, references)["rougeL"])
+    assert metrics["rougeL"] == pytest.approx(rouge_scores(texts, references)["rougeL"])
+    # Each line lets a user audit its sample: id, references, the summary and its own ROUGE.
+    assert [sample["sample_id"] for sample in predictions] == ["0", "1", "2", "3", "4"]
+    assert [tuple(sample["references"]) for sample in predictions] == references
+    assert predictions[0]["rougeL"] == pytest.approx(
+        rouge_scores(texts[:1], references[:1])["rougeL"]
+    )
 
     plain = tmp_path / "plain.jsonl"
     plain.write_text(
@@ -250,6 +266,13 @@ def test_lm_on_wikitext(tiny_model, engine, tmp_path):
     assert 1.0 < metrics["perplexity"] < 1e6
     assert 0.0 <= metrics["acc@1"] <= metrics["acc@5"] <= 1.0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["task"] == "lm"
+    windows = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "predictions-teacher.jsonl").read_text().splitlines()
+    ]
+    assert [window["tokens"] for window in windows] == [127, 127, 127]
+    mean_nll = sum(window["nll"] * window["tokens"] for window in windows) / (3 * 127)
+    assert math.exp(mean_nll) == pytest.approx(metrics["perplexity"], rel=1e-6)
 
 
 def kd_eval(*arguments: str) -> subprocess.CompletedProcess:
@@ -280,7 +303,20 @@ def test_bad_input_is_one_line(tiny_model, tmp_path):
             ("--task", "summ", "--model", f"a={tiny_model}", "--data-path", str(no_reference)),
             "no reference",
         ),
-        (("--task", "cls", "--model", f"a={tiny_model}"), "not supported yet"),
+        (("--task", "cls", "--model", f"a={tiny_model}"), "--task cls needs --data"),
+        (
+            (
+                "--task",
+                "cls",
+                "--data",
+                "sst2",
+                "--data-path",
+                str(good),
+                "--model",
+                f"a={tiny_model}",
+            ),
+            "has no column",
+        ),
         (("--task", "gsm8k", "--data-path", str(good)), "--models required"),
     ]
     for arguments, expected in cases:

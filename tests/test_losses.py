@@ -22,7 +22,7 @@ from shared.distributions import (
 )
 from shared.fidelity import fidelity_sums
 from shared.shard_reader import TrainingRow
-from student_train.losses import LOSSES, chunked_loss_sums, loss_sums
+from student_train.losses import LOSSES, chunked_loss_sums
 
 KD_LOSSES = [loss for loss in LOSSES if loss != "ce"]
 TAILS = ["renormalize", "bucket"]
@@ -333,17 +333,52 @@ def test_every_kd_loss_sends_gradient_to_the_student(loss, tail):
     assert student.grad.abs().sum(-1).min() > 1e-6  # every position gets a signal
 
 
+def reference_total(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    loss: str,
+    alpha: float,
+    beta: float,
+    temperature: float,
+    tail: str,
+) -> torch.Tensor:
+    """The summed training loss from its definition, densely in float64: CE of the target tokens
+    under a full-vocabulary log-softmax, and for KD losses alpha * CE + (1 - alpha) * reference_kd.
+    Differentiable with respect to logits (N, V)."""
+    log_q = torch.log_softmax(logits.double(), dim=-1)
+    ce = -log_q.gather(1, target_ids.long().unsqueeze(-1)).sum()
+    if loss == "ce":
+        return ce
+    kd = reference_kd(
+        logits, topk_ids, topk_logprobs, loss=loss, beta=beta, temperature=temperature, tail=tail
+    )
+    return alpha * ce + (1.0 - alpha) * kd
+
+
 @pytest.mark.parametrize("loss", LOSSES)
-def test_chunked_equals_unchunked_in_value_and_gradient(loss):
+def test_chunked_loss_equals_a_dense_unchunked_float64_computation(loss):
+    # The reference applies the head to all positions at once in float64 and computes the loss
+    # from its definition; the chunked path must match it in value and in both gradients (to the
+    # hidden states and to the head) for any chunk size, padded teacher slots included.
     torch.manual_seed(0)
     hidden_size, vocabulary, positions = 16, 40, 37
     head = torch.nn.Linear(hidden_size, vocabulary + 3, bias=False)  # padded rows sliced off
     hidden = torch.randn(positions, hidden_size)
-    ids, logprobs = teacher_topk_from_logits(random_logits(9, positions, vocabulary), 6)
+    ids, logprobs = random_teacher_topk(9, positions, vocabulary, 6, padded=2)
     targets = ids[:, 0].clone()
     options = dict(loss=loss, alpha=0.3, beta=0.4, temperature=2.0, tail="bucket")
 
-    def run(chunk_tokens):
+    hidden64 = hidden.double().requires_grad_()
+    weight64 = head.weight.detach().double().requires_grad_()
+    logits64 = (hidden64 @ weight64.T)[:, :vocabulary]
+    expected = reference_total(logits64, targets, ids, logprobs, **options)
+    expected.backward()
+    assert hidden64.grad.abs().max() > 1e-3
+
+    for chunk in (1, 5, 16, positions):
         head.zero_grad()
         leaf = hidden.clone().requires_grad_()
         sums = chunked_loss_sums(
@@ -352,19 +387,16 @@ def test_chunked_equals_unchunked_in_value_and_gradient(loss):
             targets,
             ids,
             logprobs,
-            chunk_tokens=chunk_tokens,
+            chunk_tokens=chunk,
             **options,
         )
         sums[0].backward()
-        return sums.detach(), leaf.grad.clone(), head.weight.grad.clone()
-
-    whole = run(positions)
-    reference = loss_sums(head(hidden)[:, :vocabulary], targets, ids, logprobs, **options)
-    torch.testing.assert_close(whole[0], reference.detach(), rtol=1e-5, atol=1e-5)
-    for chunk in (1, 5, 16):
-        chunked = run(chunk)
-        for got, expected in zip(chunked, whole, strict=True):
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert sums[0].item() == pytest.approx(expected.item(), rel=1e-5), chunk
+        torch.testing.assert_close(leaf.grad.double(), hidden64.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            head.weight.grad[:vocabulary].double(), weight64.grad[:vocabulary], rtol=1e-4, atol=1e-6
+        )
+        assert (head.weight.grad[vocabulary:] == 0).all()  # padding rows learn nothing
 
 
 def test_fidelity_sums_hand_example():
@@ -379,40 +411,8 @@ def test_fidelity_sums_hand_example():
     assert agreement == 2 and positions == 2
 
 
-def micro_batch_gradient(model, rows, groups, loss):
-    """Gradient of one optimizer step over `rows` split into `groups` micro-batches."""
-    from shared.causal_lm import final_hidden_states
-
-    model.zero_grad()
-    size = len(rows) // groups
-    batches = [collate(rows[start : start + size]) for start in range(0, len(rows), size)]
-    step_tokens = sum(batch.target_tokens for batch in batches)
-    head = model.get_output_embeddings()
-    for batch in batches:
-        hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)
-        selected = hidden[batch.row_index, batch.position]
-        sums = chunked_loss_sums(
-            selected,
-            lambda h: head(h)[:, :50],
-            batch.target_ids,
-            batch.topk_ids,
-            batch.topk_logprobs,
-            chunk_tokens=7,
-            loss=loss,
-            alpha=0.5,
-            beta=0.5,
-            temperature=1.0,
-            tail="bucket",
-        )
-        (sums[0] / step_tokens).backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
-@pytest.mark.parametrize("loss", ["ce", "fkl", "jsd"])
-def test_step_gradient_does_not_depend_on_the_micro_batch_split(loss):
+def tiny_causal_lm():
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.synthetic_dumps import synthetic_arrays
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -424,21 +424,95 @@ def test_step_gradient_does_not_depend_on_the_micro_batch_split(loss):
         num_key_value_heads=1,
         max_position_embeddings=64,
     )
-    model = LlamaForCausalLM(config).float()
+    return LlamaForCausalLM(config).float()
+
+
+def synthetic_training_rows(count: int, vocabulary: int, top_k: int) -> list[TrainingRow]:
+    from schemas.shard import round_logprobs
+    from tests.synthetic_dumps import synthetic_arrays
+
     rng = np.random.default_rng(0)
     rows = []
-    for index in range(8):
-        row = synthetic_arrays(index, rng, top_k=5, vocabulary=50)
+    for index in range(count):
+        row = synthetic_arrays(index, rng, top_k=top_k, vocabulary=vocabulary)
         rows.append(
             TrainingRow(
                 row["sample_id"],
                 row["prompt_ids"],
                 row["target_ids"],
                 row["topk_ids"],
-                row["topk_logprobs"],
+                round_logprobs(row["topk_logprobs"]),
             )
         )
-    whole = micro_batch_gradient(model, rows, 1, loss)
-    split = micro_batch_gradient(model, rows, 4, loss)
-    assert whole.abs().max() > 1e-4
-    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    return rows
+
+
+def step_gradient(model, rows: list[TrainingRow], micro_batches: int, loss: str) -> torch.Tensor:
+    """The gradient the real training step (student_train.train.accumulate_gradients) leaves for
+    `rows` split into `micro_batches` equal micro-batches, flattened over all parameters."""
+    from shared.causal_lm import output_logits_function
+    from student_train.config import LossOptions
+    from student_train.distributed import Distributed
+    from student_train.objectives import LanguageModelObjective
+    from student_train.train import accumulate_gradients
+
+    model.zero_grad()
+    size = len(rows) // micro_batches
+    batches = [collate(rows[start : start + size]) for start in range(0, len(rows), size)]
+    assert len(batches) == micro_batches
+    objective = LanguageModelObjective(
+        output_logits_function(model, 50),
+        LossOptions(loss, alpha=0.5, beta=0.5, temperature=1.0, tail="bucket"),
+        chunk_tokens=7,
+    )
+    totals = accumulate_gradients(
+        model,
+        batches,
+        objective=objective,
+        bf16=False,
+        context=Distributed(rank=0, world_size=1, device=torch.device("cpu")),
+    )
+    assert totals.tokens == sum(len(row.target_ids) for row in rows)
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def dense_mean_loss_gradient(model, rows: list[TrainingRow], loss: str) -> torch.Tensor:
+    """The reference: a float64 copy of the model, its ordinary forward over the whole batch to
+    dense (B, L, V) logits, the loss from its definition (reference_total) divided by the number
+    of target tokens, and its gradient, flattened over all parameters."""
+    import copy
+
+    reference = copy.deepcopy(model).double()
+    reference.zero_grad()
+    batch = collate(rows)
+    logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    selected = logits[batch.row_index, batch.position][:, :50]  # sliced to the tokenizer
+    total = reference_total(
+        selected,
+        batch.target_ids,
+        batch.topk_ids,
+        batch.topk_logprobs,
+        loss=loss,
+        alpha=0.5,
+        beta=0.5,
+        temperature=1.0,
+        tail="bucket",
+    )
+    (total / batch.target_tokens).backward()
+    return torch.cat([p.grad.flatten() for p in reference.parameters()])
+
+
+@pytest.mark.parametrize("loss", ["ce", "fkl", "jsd"])
+def test_the_training_step_gradient_is_the_mean_loss_gradient_however_the_batch_is_split(loss):
+    # 8 rows of different lengths (so micro-batches hold different token counts) with padded
+    # teacher slots; the real step with 1x8, 4x2 and 8x1 micro-batches must each give the
+    # gradient of the batch's loss averaged over all its target tokens.
+    model = tiny_causal_lm()
+    rows = synthetic_training_rows(8, vocabulary=50, top_k=5)
+    assert len({len(row.target_ids) for row in rows}) > 1
+    assert any((row.topk_ids == -1).any() for row in rows)
+    expected = dense_mean_loss_gradient(model, rows, loss)
+    assert expected.abs().max() > 1e-3
+    for micro_batches in (1, 4, 8):
+        got = step_gradient(model, rows, micro_batches, loss)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)

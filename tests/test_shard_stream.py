@@ -112,17 +112,40 @@ def test_memory_is_bounded_by_the_shuffle_buffer(dump):
     assert largest <= 10 + 7 - 1  # the buffer plus less than one row group
 
 
-def test_rows_read_match_what_was_written(dump, tmp_path):
+def rows_in_the_files(directory) -> dict[str, dict]:
+    """Every row of the dump's shards as pyarrow reads them (Python lists), by sample id."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(dump.row_groups[0].path)
-    written = table.slice(0, 1).to_pylist()[0]
-    row = next(iter(ShardStream(dump, shuffle=False, epochs=1)))
-    assert row.sample_id == written["sample_id"]
-    assert row.prompt_ids.tolist() == written["prompt_ids"]
-    assert row.target_ids.tolist() == written["target_ids"]
-    assert row.topk_ids.tolist() == written["topk_ids"]
-    np.testing.assert_array_equal(row.topk_logprobs, np.array(written["topk_logprobs"], np.float32))
+    rows = {}
+    for path in sorted(directory.glob("part-*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            rows[row["sample_id"]] = row
+    return rows
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_every_streamed_row_equals_the_parquet_content(dump, world_size):
+    written = rows_in_the_files(dump.directory)
+    padded = [
+        sample_id for sample_id, row in written.items() if any(-1 in ids for ids in row["topk_ids"])
+    ]
+    assert len(padded) > ROWS // 4  # the comparison covers padded (-1, -inf) slots
+    streamed = []
+    for rank in range(world_size):
+        stream = ShardStream(
+            dump, rank=rank, world_size=world_size, seed=4, buffer_rows=10, epochs=1
+        )
+        for row in stream:
+            expected = written[row.sample_id]
+            assert row.prompt_ids.tolist() == expected["prompt_ids"], row.sample_id
+            assert row.target_ids.tolist() == expected["target_ids"], row.sample_id
+            np.testing.assert_array_equal(row.topk_ids, np.array(expected["topk_ids"], np.int32))
+            np.testing.assert_array_equal(
+                row.topk_logprobs, np.array(expected["topk_logprobs"], np.float32)
+            )
+            assert row.topk_ids.dtype == np.int32 and row.topk_logprobs.dtype == np.float32
+            streamed.append(row.sample_id)
+    assert sorted(streamed) == sorted(written)  # every row, each once
 
 
 def make_row(prompt: list[int], target: list[int], k: int = 2) -> TrainingRow:

@@ -78,3 +78,91 @@ def build_tiny_llama(
                 parameter.normal_(0.0, scale)
     model.save_pretrained(directory)
     return directory
+
+
+def build_tiny_bert_tokenizer(directory: Path):
+    """A WordPiece (BERT-style) tokenizer trained on the Python docs: [CLS] text [SEP]."""
+    import pydoc_data.topics
+
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import BertTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=400,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(pydoc_data.topics.topics.values()), trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = BertTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny_bert(
+    directory: Path,
+    *,
+    labels: tuple[str, ...] | None = ("negative", "positive"),
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    scale: float = 0.3,
+    tokenizer_from: Path | None = None,
+) -> Path:
+    """Save a tiny random BERT (head_dim 32) with a classification head for `labels`, or a bare
+    BertModel when labels is None. `tokenizer_from`: reuse that model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+        tokenizer.save_pretrained(directory)
+    else:
+        tokenizer = build_tiny_bert_tokenizer(directory)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=len(labels or ()) or 2,
+        id2label=dict(enumerate(labels)) if labels else None,
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config) if labels else BertModel(config)
+    with torch.no_grad():
+        # Larger-than-default weights give well-separated class probabilities, so that engines
+        # and references are compared on distributions that are not all near uniform.
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, scale)
+    model.save_pretrained(directory)
+    return directory

@@ -1,0 +1,219 @@
+"""kd-eval --task cls: sequence classifiers side by side on labelled texts.
+
+Every model reads the same texts (each tokenized by its own tokenizer, truncated to its own
+context) through the same engine door (shared.engine.ClassifierEngine, same backend choice and
+batching), its class probabilities are put in the data's label order (by label name), and it is
+scored with the same metrics (shared.scoring.classification_metrics). With --teacher-shards (a
+classify dump of the same data) each model's distribution is also compared with the teacher's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kd_eval.config import EvalConfig
+from schemas.manifest import check_dump_kind, classify_labels
+from shared.classification import align_labels, gold_index, label_order, model_labels
+from shared.errors import UserError
+from shared.models import ResolvedModel, context_length
+from shared.scoring import classification_metrics
+from shared.tasks import TASKS, classification_example, load_records, resolve_task
+
+
+@dataclass(frozen=True)
+class ClassificationInputs:
+    """What every classifier is given and scored against."""
+
+    texts: tuple[str, ...]
+    gold: np.ndarray
+    """(N,) int gold label index (in `labels`)."""
+    labels: tuple[str, ...] | None
+    """The data's label names (None for a file: the first model's names are used)."""
+    references: tuple[str, ...]
+    """(N,) the gold label as written."""
+    source: str
+    fingerprint: str
+
+
+def load_classification_inputs(config: EvalConfig) -> ClassificationInputs:
+    data_path = Path(config.data_path) if config.data_path else None
+    if config.data in TASKS:
+        task = TASKS[config.data]
+        if not task.is_classification:
+            raise UserError(
+                f"kd-eval --task cls --data {config.data}: not a classification task; use "
+                "sst2, agnews or a file with text and label columns"
+            )
+        records = load_records(task, config.data, data_path, config.split)
+        examples = [
+            task.to_example(row, index) for index, row in enumerate(records.rows[: config.limit])
+        ]
+        labels = task.labels
+    else:
+        task = resolve_task(config.data, "text", "label")
+        records = load_records(task, config.data, data_path, config.split)
+        rows = records.rows[: config.limit]
+        names = tuple(sorted({str(row.get("label", "")).strip() for row in rows} - {""}))
+        examples = [classification_example("text", names)(row, i) for i, row in enumerate(rows)]
+        labels = None
+    missing = [example.index for example in examples if not example.references]
+    if missing:
+        raise UserError(
+            f"record {missing[0]} of {records.source} has no label, which scoring needs: pass "
+            "labelled data"
+        )
+    references = tuple(example.references[0] for example in examples)
+    gold = (
+        np.asarray([gold_index((reference,), labels, i) for i, reference in enumerate(references)])
+        if labels is not None
+        else np.zeros(0, dtype=np.int64)
+    )
+    return ClassificationInputs(
+        texts=tuple(example.prompt for example in examples),
+        gold=gold,
+        labels=labels,
+        references=references,
+        source=records.source,
+        fingerprint=records.fingerprint,
+    )
+
+
+def with_labels(inputs: ClassificationInputs, labels: list[str]) -> ClassificationInputs:
+    """A file's inputs once the label names are known (the first model's)."""
+    gold = np.asarray(
+        [gold_index((reference,), labels, i) for i, reference in enumerate(inputs.references)]
+    )
+    return ClassificationInputs(
+        inputs.texts, gold, tuple(labels), inputs.references, inputs.source, inputs.fingerprint
+    )
+
+
+def run_classifier(
+    config: EvalConfig,
+    name: str,
+    resolved: ResolvedModel,
+    tokenizer,
+    inputs: ClassificationInputs,
+    engine=None,
+) -> dict:
+    """One classifier: predictions, accuracy, macro-F1 and cost (whole request stream)."""
+    from shared.engine import ClassifierEngine, ClassifierSettings
+
+    names = align_labels(model_labels(resolved.config), inputs.labels, f"--model {name}")
+    # Output j of the model is data label order[j]: put every model in the data's order.
+    order = np.asarray([inputs.labels.index(label) for label in names])
+    context = config.max_model_len or context_length(resolved.config) or 512
+    token_ids = []
+    for text in inputs.texts:
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        token_ids.append(ids if len(ids) <= context else ids[: context - 1] + ids[-1:])
+    owns_engine = engine is None
+    if owns_engine:
+        engine = ClassifierEngine(
+            ClassifierSettings(
+                model=str(resolved.directory),
+                dtype=config.dtype,
+                max_model_len=context,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                seed=config.seed,
+                enforce_eager=config.enforce_eager,
+                trust_remote_code=config.trust_remote_code,
+                backend=config.classify_backend,
+                batch_size=config.batch_size,
+            )
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    log_probabilities = np.zeros((len(token_ids), len(names)), dtype=np.float32)
+    try:
+        started = time.perf_counter()
+        for batch in engine.classify(
+            enumerate(token_ids), max_in_flight=config.max_in_flight, pad_id=pad_id
+        ):
+            log_probabilities[batch.keys] = batch.log_probabilities
+        seconds = time.perf_counter() - started
+    finally:
+        if owns_engine:
+            engine.close()
+    in_data_order = np.empty_like(log_probabilities)
+    in_data_order[:, order] = log_probabilities
+    predicted = in_data_order.argmax(axis=1)
+    metrics = classification_metrics(predicted, inputs.gold, len(inputs.labels))
+    samples = len(inputs.texts)
+    return {
+        "metrics": {**metrics, "samples": samples},
+        "cost": {
+            "seconds": seconds,
+            "ms_per_sample": 1000.0 * seconds / max(samples, 1),
+            "samples_per_second": samples / max(seconds, 1e-9),
+        },
+        "backend": {"name": engine.backend, "reason": engine.fallback_reason},
+        "log_probabilities": in_data_order,
+        "predictions": [
+            {
+                "sample_id": str(index),
+                "text": inputs.texts[index],
+                "reference": inputs.labels[int(inputs.gold[index])],
+                "prediction": inputs.labels[int(predicted[index])],
+                "correct": bool(predicted[index] == inputs.gold[index]),
+                "probabilities": {
+                    label: round(float(np.exp(in_data_order[index, position])), 6)
+                    for position, label in enumerate(inputs.labels)
+                },
+            }
+            for index in range(samples)
+        ],
+    }
+
+
+def teacher_log_probabilities(config: EvalConfig, inputs: ClassificationInputs) -> np.ndarray:
+    """(N, L) the --teacher-shards classify dump's distributions in the data's label order,
+    by sample id, refusing a dump of other data or labels."""
+    from shared.shard_reader import CLASSIFY_COLUMNS, iterate_rows, open_dump
+
+    dump = open_dump(config.teacher_shards, flag="--teacher-shards")
+    where = f"--teacher-shards {config.teacher_shards}"
+    check_dump_kind(dump.manifest, classify=True, where=where)
+    if dump.manifest["data"].get("fingerprint") != inputs.fingerprint:
+        raise UserError(
+            f"{where} was dumped from {dump.manifest['data'].get('source')}, not from "
+            f"{inputs.source}: dump the teacher on the evaluation data (same --split)"
+        )
+    labels = classify_labels(dump.manifest)
+    if sorted(labels) != sorted(inputs.labels):
+        raise UserError(
+            f"{where} has labels {', '.join(labels)} but the data {', '.join(inputs.labels)}: "
+            "use a dump of a teacher for these labels"
+        )
+    order = np.asarray([inputs.labels.index(label) for label in labels])
+    result = np.full((len(inputs.texts), len(labels)), np.nan, dtype=np.float64)
+    for row in iterate_rows(dump, columns=CLASSIFY_COLUMNS):
+        index = int(row.sample_id)
+        if index < len(result):
+            result[index, order] = label_order(row.topk_ids, row.topk_logprobs)[0]
+    if np.isnan(result).any():
+        missing = int(np.flatnonzero(np.isnan(result).any(axis=1))[0])
+        raise UserError(
+            f"{where} has no row for sample {missing} of the evaluation data: dump the whole "
+            "split (without a smaller --limit)"
+        )
+    return result
+
+
+def classification_fidelity(teacher: np.ndarray, model: np.ndarray) -> dict:
+    """KL(teacher ‖ model) over the labels at T = 1 (mean over samples) and the share of
+    samples where both pick the same label.
+
+    Args:
+        teacher, model: (N, L) log-probabilities in the same label order.
+    """
+    teacher = teacher - np.logaddexp.reduce(teacher, axis=1, keepdims=True)
+    model = model.astype(np.float64) - np.logaddexp.reduce(model, axis=1, keepdims=True)
+    kl = (np.exp(teacher) * (teacher - model)).sum(axis=1)
+    return {
+        "kl": float(kl.mean()),
+        "top1_agreement": float((teacher.argmax(1) == model.argmax(1)).mean()),
+    }

