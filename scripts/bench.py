@@ -690,7 +690,7 @@ def run_bench(config: BenchConfig) -> dict:
         bare_windows=config.bare_windows, max_model_len=config.max_model_len,
         enforce_eager=config.enforce_eager,
     )  # fmt: skip
-    stage("teacher engine (top-k): storage dumps" + (", dump overhead" if gsm8k else ""))
+    stage("teacher engine (top-k): storage dumps" + (", dump overhead" if "dump" in groups else ""))
     raw: dict = {
         "engines": [
             measurement(

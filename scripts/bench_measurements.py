@@ -237,8 +237,10 @@ def measure_engine(
     Text: the WikiText windows are scored once by teacher-dump with the widest variant's request
     (end to end, recorded); every variant's dump is then teacher-dump replayed on that recording
     (its own work timed, repeats), and vLLM's bare scoring loop is timed at each variant's
-    request on the first `bare_windows` windows. GSM8K: teacher-dump generate end to end with the widest request (with `overhead`,
-    the dump-overhead runs against bare LLM.generate), then each variant replayed likewise.
+    request on the first `bare_windows` windows (the ratio is per token, so a subset suffices
+    and keeps the group's time down). GSM8K: teacher-dump generate end to end with the widest
+    request (with `overhead`, the dump-overhead runs against bare LLM.generate), then each
+    variant replayed likewise.
     Variant dumps go to WORK/storage/<dataset>/<variant name>."""
     from shared.engine import EngineSettings, TeacherEngine
     from teacher_dump.config import DumpConfig

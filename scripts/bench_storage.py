@@ -6,10 +6,11 @@ bytes per target token by column; both fidelity figures against the teacher's FU
 teacher-dump's speed ÷ bare vLLM with the same request; the loader's headroom. On WikiText, the
 training figure: the same short KD run (student, steps, data) from each representation, scored
 by the KL to the full teacher on held-out windows at the end; exact top-k is run with several
-seeds for its run-to-run spread. Goals (the storage v2 issue): ≤ 64 B/token with both figures no
-worse than exact top-64 (milestone ≤ 117 B/token at exact top-50's), the sampled mode ≤ 40
-B/token with its training figure within exact top-64's spread, dump ≥ 0.95× bare vLLM, loader ≥
-20× the trainer.
+seeds for its run-to-run spread. Goals (the storage v2 issue), in bytes on disk per target token
+(footers, and so the shard codebook, included): ≤ 64 B/token with both figures no worse than
+exact top-64 (milestone ≤ 117 B/token at exact top-50's), the sampled mode ≤ 40 B/token with its
+training figure no worse than exact top-64's spread, dump ≥ 0.95× bare vLLM, loader ≥ 20× the
+trainer.
 """
 
 from __future__ import annotations
@@ -94,10 +95,15 @@ def summarize(config, raw: dict) -> dict:
                 runs = result["host"]
                 tokens = runs[0]["tokens"]
                 host = statistics.median(run["seconds"] / run["tokens"] for run in runs)
+                # Every byte on disk counts: the footer holds the shard codebook (adaptive), so
+                # the column chunks alone would hide it.
+                file_bytes = _file_bytes(directory) / tokens
                 record = {
                     **labels[name],
                     "tokens": tokens,
-                    "bytes": sum(sizes.values()) / tokens,
+                    "bytes": file_bytes,
+                    "file_bytes": file_bytes,
+                    "footer_bytes": file_bytes - sum(sizes.values()) / tokens,
                     "columns": {
                         column: size / tokens
                         for column, size in sizes.items()
@@ -107,8 +113,9 @@ def summarize(config, raw: dict) -> dict:
                     "engine_logprobs": result["engine_logprobs"],
                     **raw["fidelity"].get(dataset, {}).get(name, {}),
                 }
-                record["rest_bytes"] = record["bytes"] - sum(record["columns"].values())
-                record["file_bytes"] = _file_bytes(directory) / tokens
+                record["rest_bytes"] = (
+                    record["bytes"] - record["footer_bytes"] - sum(record["columns"].values())
+                )
                 width = str(result["engine_logprobs"])
                 if width in bare:
                     bare_runs = bare[width]
@@ -164,8 +171,10 @@ def best_at_parity(records: dict, reference: str) -> tuple[str, dict] | None:
 
 
 def bytes_breakdown(record: dict) -> str:
+    """The distribution columns, the other columns (rest) and the footer (Parquet metadata and,
+    for adaptive, the shard codebook), in B/token; they add up to record["bytes"]."""
     columns = ", ".join(f"{name} {size:.1f}" for name, size in record["columns"].items())
-    return f"{columns}, rest {record['rest_bytes']:.1f}"
+    return f"{columns}, rest {record['rest_bytes']:.1f}, footer {record['footer_bytes']:.1f}"
 
 
 def goal_rows(config, table: dict, row_type) -> list:
@@ -201,8 +210,8 @@ def goal_rows(config, table: dict, row_type) -> list:
             rows.append(
                 row_type(
                     "storage",
-                    f"smallest representation with both fidelity figures no worse than exact "
-                    f"top-{reference.split('-')[1]}, {label} "
+                    f"smallest representation (bytes on disk per target token) with both fidelity "
+                    f"figures no worse than exact top-{reference.split('-')[1]}, {label} "
                     f"({records[reference]['positions']:,} positions)",
                     result,
                     None,
@@ -221,13 +230,16 @@ def goal_rows(config, table: dict, row_type) -> list:
         training = record.get("train_kl")
         within = None
         if training and reference_runs:
-            within = min(reference_runs) <= statistics.median(training) <= max(reference_runs)
+            # Below the spread is better than exact top-k, not a miss: only worse than its
+            # worst seed fails.
+            within = statistics.median(training) <= max(reference_runs)
         passed = max(sizes) <= 40 and (within is not False)
         rows.append(
             row_type(
                 "storage",
-                f"{record['label']}: bytes per target token (WikiText, GSM8K) and the training "
-                f"figure (eval KL to the full teacher) vs exact top-{large}'s run-to-run spread",
+                f"{record['label']}: bytes on disk per target token (WikiText, GSM8K) and the "
+                f"training figure (eval KL to the full teacher) vs exact top-{large}'s "
+                "run-to-run spread",
                 " / ".join(f"{size:.1f}" for size in sizes)
                 + " B/token"
                 + (
@@ -237,7 +249,7 @@ def goal_rows(config, table: dict, row_type) -> list:
                     else ""
                 ),
                 None,
-                "≤ 40 B/token, KL within the spread",
+                "≤ 40 B/token, KL no worse than the spread",
                 passed,
                 f"{bytes_breakdown(record)} B/token (WikiText); "
                 f"{record['entries']:.1f} distinct ids per position",
@@ -325,7 +337,7 @@ def storage_table(config, table: dict) -> str:
     """The per-representation table (markdown): bytes, fidelity, training, speed, loader."""
     large = config.large_k
     lines = [
-        "| representation | dataset | entries/position | B/token | by column (B/token) | "
+        "| representation | dataset | entries/position | B/token on disk | by column (B/token) | "
         "KL(p‖p̂) | −log mass | eval KL after training | dump speed ÷ bare vLLM | "
         "loader headroom |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -358,33 +370,39 @@ def storage_table(config, table: dict) -> str:
 
 def plot(table: dict, path: Path) -> None:
     """bytes per token vs both fidelity figures, one point per representation and k, one column
-    of panels per dataset."""
+    of panels per dataset; one legend (colour per representation, marker per kind), since
+    representations of equal fidelity sit on top of each other's labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = [name for name in ("wiki", "gsm8k") if name in table]
-    figure, axes = plt.subplots(2, len(datasets), figsize=(6.5 * len(datasets), 8), squeeze=False)
+    names = list(dict.fromkeys(name for dataset in datasets for name in table[dataset]))
+    colours = plt.get_cmap("tab20")
+    figure, axes = plt.subplots(2, len(datasets), figsize=(6.5 * len(datasets), 9), squeeze=False)
     markers = {"topk": "o", "adaptive": "s", "sampled": "^"}
+    handles = {}
     for column, dataset in enumerate(datasets):
         for row, (figure_name, title) in enumerate(
             (("kl", "KL(p ‖ p̂), nats"), ("neg_log_mass", "−log(captured mass), nats"))
         ):
             ax = axes[row][column]
-            for record in table[dataset].values():
+            for name, record in table[dataset].items():
                 value = record.get(figure_name)
                 if value is None:
                     continue
-                ax.scatter(record["bytes"], value, marker=markers[record["kind"]], s=36)
-                ax.annotate(record["label"], (record["bytes"], value), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+                handles[record["label"]] = ax.scatter(
+                    record["bytes"], value, marker=markers[record["kind"]], s=40,
+                    color=colours(names.index(name) % 20), label=record["label"],
+                )  # fmt: skip
             ax.axvline(64, color="grey", linestyle=":", linewidth=1)
             ax.set_xscale("log")
-            ax.set_xlabel("bytes per target token (log scale; dotted: the 64 B goal)")
+            ax.set_xlabel("bytes on disk per target token (log scale; dotted: the 64 B goal)")
             ax.set_ylabel(title)
             ax.set_title(DATASET_LABELS[dataset])
-    figure.tight_layout()
+    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
