@@ -53,8 +53,9 @@ demo: setup
 	$(BIN)/python -m scripts.demo $(DEMO_ARGS)
 
 # The performance table (storage, dump overhead, training overhead, loader headroom, offline vs
-# online), measured in one run: about 15 minutes on 2 CPU cores. Writes bench/results.json and
-# bench/results.md. BENCH_ARGS='--only storage' runs one group; benchmarks never fail the build.
+# online), measured in one run. The storage group alone (every representation, with its training
+# runs) took 124 min on 2 busy CPU cores. Writes bench/results.json, bench/results.md and
+# bench/storage.png. BENCH_ARGS='--only storage' runs one group; benchmarks never fail the build.
 bench: setup
 	$(BIN)/python -m scripts.bench $(BENCH_ARGS)
 
