@@ -153,6 +153,7 @@ def load_classifier(
             id2label=dict(enumerate(labels)),
             label2id={label: index for index, label in enumerate(labels)},
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(

@@ -429,7 +429,10 @@ class ClassifierEngine:
         dtype = torch.float32 if settings.dtype == "auto" else getattr(torch, settings.dtype)
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                settings.model, dtype=dtype, trust_remote_code=settings.trust_remote_code
+                settings.model,
+                dtype=dtype,
+                trust_remote_code=settings.trust_remote_code,
+                use_safetensors=True,
             )
         except (OSError, ValueError) as error:
             raise UserError(

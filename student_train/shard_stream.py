@@ -106,9 +106,10 @@ class ShardStream:
         self.columns = columns
         top_k, vocabulary = int(dump.manifest["top_k"]), id_space(dump.manifest)
         classify = is_classify(dump.manifest)
+        self.verify = verify
         self.read_group = read_group or (
             lambda group, columns: decode_row_group(
-                group, columns, top_k, vocabulary, classify, verify=verify
+                group, columns, top_k, vocabulary, classify, verify=self.verify
             )
         )
         self._position = position

@@ -448,6 +448,7 @@ def step_gradient(model, rows: list[TrainingRow], micro_batches: int, loss: str)
     from shared.causal_lm import output_logits_function
     from student_train.config import LossOptions
     from student_train.distributed import Distributed
+    from student_train.objectives import LanguageModelObjective
     from student_train.train import accumulate_gradients
 
     model.zero_grad()
@@ -457,9 +458,11 @@ def step_gradient(model, rows: list[TrainingRow], micro_batches: int, loss: str)
     totals = accumulate_gradients(
         model,
         batches,
-        output_logits=output_logits_function(model, 50),
-        loss_options=LossOptions(loss, alpha=0.5, beta=0.5, temperature=1.0, tail="bucket"),
-        chunk_tokens=7,
+        objective=LanguageModelObjective(
+            output_logits_function(model, 50),
+            LossOptions(loss, alpha=0.5, beta=0.5, temperature=1.0, tail="bucket"),
+            chunk_tokens=7,
+        ),
         bf16=False,
         context=Distributed(rank=0, world_size=1, device=torch.device("cpu")),
     )
