@@ -109,7 +109,8 @@ class RowGroup:
 
 @dataclass(frozen=True)
 class Dump:
-    """An opened teacher-dump directory: its manifest and every row group, in manifest order."""
+    """An opened teacher-dump directory: its manifest and every row group, in manifest order
+    (opened to follow a dump in progress: in publication order, see `refresh_dump`)."""
 
     directory: Path
     manifest: dict
@@ -119,14 +120,25 @@ class Dump:
     def rows(self) -> int:
         return sum(group.rows for group in self.row_groups)
 
+    @property
+    def complete(self) -> bool:
+        """Whether the manifest says every expected row is written."""
+        return bool(self.manifest.get("complete"))
+
 
 def open_dump(
-    directory: Path | str, *, allow_incomplete: bool = False, flag: str = "--shards"
+    directory: Path | str,
+    *,
+    allow_incomplete: bool = False,
+    flag: str = "--shards",
+    follow: bool = False,
 ) -> Dump:
     """Read a dump's manifest and its shards' footers, refusing anything inconsistent.
 
     Only metadata is read here (fast); row contents are checked as they stream. A full check of
-    every byte is `teacher-dump inspect DIR --validate`.
+    every byte is `teacher-dump inspect DIR --validate`. With `follow` the dump may be
+    incomplete and even empty, and its row groups come in publication order (the manifest
+    entries' `published` numbers), the order in which `refresh_dump` appends new ones.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -134,67 +146,106 @@ def open_dump(
             f"{flag} {directory}: no such directory; pass a teacher-dump --out directory"
         )
     manifest = read_manifest(directory)
-    if not manifest.get("complete") and not allow_incomplete:
+    if not manifest.get("complete") and not (allow_incomplete or follow):
         totals = manifest.get("totals", {})
         raise UserError(
             f"{flag} {directory}: the dump is incomplete ({totals.get('rows', 0)} of "
             f"{manifest.get('data', {}).get('expected_rows', '?')} rows): rerun its teacher-dump "
             "command to finish it, or pass --set allow_incomplete=true to train on what is there"
         )
+    entries = publication_order(manifest["shards"]) if follow else manifest["shards"]
     row_groups: list[RowGroup] = []
-    for entry in manifest["shards"]:
-        try:
-            path = inside_directory(directory, entry["name"])
-        except UserError as error:
-            raise UserError(f"{flag} {error}") from None
-        if not path.is_file():
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} is listed in the manifest but missing: "
-                "rerun the teacher-dump command to rewrite it"
-            )
-        if path.stat().st_size != entry["bytes"]:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} has {path.stat().st_size} bytes, the "
-                f"manifest says {entry['bytes']} (truncated or replaced): delete it and rerun the "
-                "teacher-dump command"
-            )
-        try:
-            metadata = pq.ParquetFile(path).metadata
-        except Exception as error:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
-                f"({one_line(error, 100)}): delete it and rerun the teacher-dump command"
-            ) from None
-        schema = metadata.schema.to_arrow_schema()
-        version = schema_version_of(schema)
-        mismatch = describe_schema_mismatch(schema)
-        if version != SCHEMA_VERSION or mismatch:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} has schema version {version} "
-                f"({mismatch or 'columns ok'}), this kd-shards reads version {SCHEMA_VERSION}: "
-                "redo the dump with this release"
-            )
-        if metadata.num_rows != entry["rows"]:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} holds {metadata.num_rows} rows, the "
-                f"manifest says {entry['rows']}: rerun the teacher-dump command to refresh it"
-            )
-        shard = ShardFile(
-            path=path,
-            name=entry["name"],
-            bytes=int(entry["bytes"]),
-            sha256=entry["sha256"],
-            target_tokens=int(entry["target_tokens"]),
-        )
-        for index in range(metadata.num_row_groups):
-            rows = metadata.row_group(index).num_rows
-            if rows:
-                row_groups.append(RowGroup(shard, index, rows))
-    if not row_groups:
+    for entry in entries:
+        row_groups += shard_row_groups(directory, entry, flag)
+    if not row_groups and not follow:
         raise UserError(
             f"{flag} {directory}: the dump holds no rows; run teacher-dump with data first"
         )
     return Dump(directory, manifest, tuple(row_groups))
+
+
+def publication_order(entries: list[dict]) -> list[dict]:
+    """Manifest entries in the order they were published (entries of a manifest written before
+    publication numbers existed keep their place, first)."""
+    indexed = list(enumerate(entries))
+    indexed.sort(key=lambda item: (item[1].get("published", -1), item[0]))
+    return [entry for _, entry in indexed]
+
+
+def refresh_dump(dump: Dump, flag: str = "--shards") -> Dump:
+    """`dump` (opened with follow=True) with the shards published since, appended in
+    publication order; the manifest is re-read. A shard already read must be unchanged (same
+    name, size and sha256) and still listed: a dump rewritten under a reader is refused."""
+    manifest = read_manifest(dump.directory)
+    entries = {entry["name"]: entry for entry in manifest["shards"]}
+    known = {group.shard.name: group.shard for group in dump.row_groups}
+    for name, shard in known.items():
+        entry = entries.get(name)
+        if entry is None or entry["sha256"] != shard.sha256 or entry["bytes"] != shard.bytes:
+            raise UserError(
+                f"{flag} {dump.directory}: shard {name} was removed or rewritten while being "
+                "followed: restart training from the finished dump (with --resume it continues "
+                "from the last checkpoint)"
+            )
+    added: list[RowGroup] = []
+    for entry in publication_order(manifest["shards"]):
+        if entry["name"] not in known:
+            added += shard_row_groups(dump.directory, entry, flag)
+    return Dump(dump.directory, manifest, dump.row_groups + tuple(added))
+
+
+def shard_row_groups(directory: Path, entry: dict, flag: str) -> list[RowGroup]:
+    """The non-empty row groups of one manifest entry's shard, read from its footer after
+    checking that the file is the one the entry describes (size, schema, rows)."""
+    try:
+        path = inside_directory(directory, entry["name"])
+    except UserError as error:
+        raise UserError(f"{flag} {error}") from None
+    if not path.is_file():
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} is listed in the manifest but missing: "
+            "rerun the teacher-dump command to rewrite it"
+        )
+    if path.stat().st_size != entry["bytes"]:
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} has {path.stat().st_size} bytes, the "
+            f"manifest says {entry['bytes']} (truncated or replaced): delete it and rerun the "
+            "teacher-dump command"
+        )
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as error:
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
+            f"({one_line(error, 100)}): delete it and rerun the teacher-dump command"
+        ) from None
+    schema = metadata.schema.to_arrow_schema()
+    version = schema_version_of(schema)
+    mismatch = describe_schema_mismatch(schema)
+    if version != SCHEMA_VERSION or mismatch:
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} has schema version {version} "
+            f"({mismatch or 'columns ok'}), this kd-shards reads version {SCHEMA_VERSION}: "
+            "redo the dump with this release"
+        )
+    if metadata.num_rows != entry["rows"]:
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} holds {metadata.num_rows} rows, the "
+            f"manifest says {entry['rows']}: rerun the teacher-dump command to refresh it"
+        )
+    shard = ShardFile(
+        path=path,
+        name=entry["name"],
+        bytes=int(entry["bytes"]),
+        sha256=entry["sha256"],
+        target_tokens=int(entry["target_tokens"]),
+    )
+    groups = []
+    for index in range(metadata.num_row_groups):
+        rows = metadata.row_group(index).num_rows
+        if rows:
+            groups.append(RowGroup(shard, index, rows))
+    return groups
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,9 @@ def save_checkpoint(
             model.save_pretrained(str(temporary), safe_serialization=True)
             tokenizer.save_pretrained(str(temporary))
             for name, state in (extra_weights or {}).items():
-                save_file({key: value.contiguous() for key, value in state.items()}, temporary / name)
+                save_file(
+                    {key: value.contiguous() for key, value in state.items()}, temporary / name
+                )
             # Through a Python file object, so that a full disk surfaces as the file's OSError
             # (torch.save to a path reports only "unexpected pos").
             with open(temporary / STATE_NAME, "wb") as handle:

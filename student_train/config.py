@@ -26,6 +26,8 @@ RESUMABLE_FIELDS = frozenset(
         "save_every",
         "eval_every",
         "eval_limit",
+        "follow_poll",
+        "follow_timeout",
     }
 )
 """Fields a resumed run may change: they say how this process runs, not what it trains."""
@@ -196,6 +198,17 @@ class TrainConfig:
     """Allow Python code shipped with the student model/tokenizer to run."""
     allow_incomplete: bool = False
     """Train on a dump whose manifest says it is not complete (a dump still running or stopped)."""
+    follow: bool = False
+    """Train while the --shards dump is still being written: start before it (even before its
+    manifest exists), train on each shard as it is published, wait when caught up, and end when
+    the manifest says complete. Epoch 0 reads shards in publication order, shuffled within
+    windows of shuffle_buffer rows; later epochs as without --follow. With --epochs the step
+    count is planned from the manifest's expected rows (needs --micro-batch)."""
+    follow_poll: float = 5.0
+    """--follow: seconds between reads of the manifest while waiting for shards."""
+    follow_timeout: float | None = None
+    """--follow: stop with an error after this many seconds without a new shard (a checkpoint
+    is kept; --resume continues). Default: wait as long as it takes."""
     progress: bool = True
     """Show the progress bar on stderr."""
 
@@ -262,6 +275,21 @@ class TrainConfig:
                 all(weight >= 0 for weight in self.teacher_weights)
                 and (not self.teacher_weights or sum(self.teacher_weights) > 0),
                 "--teacher-weights must be >= 0 and not all 0",
+            ),
+            (
+                not self.follow or (self.shards is not None and not self.more_shards),
+                "--follow trains on one dump being written: pass it as --shards (without "
+                "--more-shards, which needs finished dumps)",
+            ),
+            (
+                not self.follow or self.epochs is None or self.batch_tokens is None,
+                "--follow with --epochs plans its steps from the expected row count, which "
+                "--batch-tokens packing does not give: pass --micro-batch, or --max-steps",
+            ),
+            (self.follow_poll > 0, "--set follow_poll must be > 0"),
+            (
+                self.follow_timeout is None or self.follow_timeout > 0,
+                "--set follow_timeout must be > 0",
             ),
             (self.hidden_weight >= 0, "--hidden-weight must be >= 0"),
             (self.limit is None or self.limit >= 1, "--limit must be at least 1"),

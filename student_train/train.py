@@ -80,7 +80,7 @@ from student_train.reporting import (
     plot_curve,
     truncate_metrics,
 )
-from student_train.shard_stream import ShardStream, StreamPosition
+from student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
 from student_train.student import (
     Student,
     is_classification_student,
@@ -164,10 +164,19 @@ def train(config: TrainConfig, context: Distributed) -> dict:
     out = Path(config.out)
     torch.manual_seed(config.seed)
     classification = is_classification_student(config.student)
-    read_group = None
+    read_group, follower = None, None
     if config.data is not None:
         dump, read_group = labels_only_source(config)
         check_dump_kind(dump.manifest, classify=classification, where=f"--data {config.data}")
+    elif config.follow:
+        follower = DumpFollower.open(
+            config.shards,
+            poll_seconds=config.follow_poll,
+            timeout_seconds=config.follow_timeout,
+            announce=context.is_main,
+        )
+        dump = follower.dump
+        check_dump_kind(dump.manifest, classify=classification, where=f"--shards {config.shards}")
     else:
         dump = open_dump(config.shards, allow_incomplete=config.allow_incomplete)
         check_dump_kind(dump.manifest, classify=classification, where=f"--shards {config.shards}")
@@ -189,7 +198,7 @@ def train(config: TrainConfig, context: Distributed) -> dict:
                     f"--out {out}: another student-train is writing there; wait for it to "
                     "finish or choose another --out"
                 ) from None
-        run = setup(config, context, out, dump, eval_dump, read_group)
+        run = setup(config, context, out, dump, eval_dump, read_group, follower)
         loop(run)
         return finish(run)
 
@@ -201,9 +210,10 @@ def setup(
     dump: Dump,
     eval_dump: Dump | None,
     read_group=None,
+    follower: DumpFollower | None = None,
 ) -> TrainingRun:
     """Load the student, choose the objective, build the optimizer, schedule and stream, and
-    restore a checkpoint."""
+    restore a checkpoint. With a `follower` (--follow) the dump is still being written."""
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None and not config.resume:
         raise UserError(
@@ -247,13 +257,24 @@ def setup(
     )
     parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
     parameters += [parameter for module in objective.modules for parameter in module.parameters()]
-    total_steps = config.max_steps or count_steps(dump, config, context, batch_shape, read_group)
+    if config.max_steps:
+        total_steps = config.max_steps
+    elif follower is not None:
+        total_steps = followed_steps(dump.manifest, config, context)
+    else:
+        total_steps = count_steps(dump, config, context, batch_shape, read_group)
     optimizer, scheduler = make_optimizer(config, parameters, total_steps)
     step, tokens_seen, position = 0, 0, StreamPosition()
     if meta is not None:
         step, tokens_seen, position = restore(meta, state, optimizer, scheduler, context)
     stream = training_stream(
-        dump, config, context, position=position, columns=columns, read_group=read_group
+        dump,
+        config,
+        context,
+        position=position,
+        columns=columns,
+        read_group=read_group,
+        follower=follower,
     )
     if config.log_samples:
         truncate_metrics(out / f"samples-rank{context.rank}.jsonl", step)
@@ -413,7 +434,7 @@ def loop(run: TrainingRun) -> None:
         if config.log_samples:
             samples = [sample for batch in micro_batches for sample in batch.sample_ids]
             path = run.out / f"samples-rank{run.context.rank}.jsonl"
-            append_metrics(path, {"step": run.step + 1, "samples": samples})
+            append_metrics(path, {"step": run.step + 1, "time": time.time(), "samples": samples})
         grad_norm, learning_rate = optimizer_step(run)
         run.step += 1
         run.tokens_seen += totals.tokens
@@ -541,6 +562,8 @@ def step_metrics(
     """One metrics.jsonl line for the step just taken."""
     total, ce, kd, hidden = (totals.sums / max(totals.tokens, 1)).tolist()
     extra = {"hidden_mse": hidden} if run.config.hidden_weight > 0 else {}
+    if run.stream.follower is not None:
+        extra["waited_seconds"] = run.stream.follower.waited_seconds
     return {
         "step": run.step,
         "epoch": run.stream.position.epoch,
@@ -584,8 +607,10 @@ def training_stream(
     position: StreamPosition | None = None,
     columns: tuple[str, ...] = TRAINING_COLUMNS,
     read_group=None,
+    follower: DumpFollower | None = None,
 ) -> ShardStream:
-    """This rank's shuffled stream over the training dump (ends after --epochs, if given)."""
+    """This rank's shuffled stream over the training dump (ends after --epochs, if given;
+    follows the dump as it is written with a `follower`)."""
     return ShardStream(
         dump,
         rank=context.rank,
@@ -600,7 +625,18 @@ def training_stream(
         # Planning reads only the row lengths and trains on nothing: hashing every shard then
         # would read the whole dump at start-up. Training verifies each shard when it opens it.
         verify=columns != LENGTH_COLUMNS,
+        follower=follower,
     )
+
+
+def followed_steps(manifest: dict, config: TrainConfig, context: Distributed) -> int:
+    """Optimizer steps that --epochs passes over a dump still being written take, from the
+    manifest's expected row count: with a fixed --micro-batch every micro-batch but a rank's
+    last takes exactly that many rows, and rank 0 gets ceil(rows / world size) rows of each
+    epoch (the same count count_steps finds on the finished dump)."""
+    rows = int(manifest.get("data", {}).get("expected_rows") or 0)
+    per_rank = int(config.epochs) * math.ceil(rows / context.world_size)
+    return max(1, math.ceil(per_rank / (config.rows_per_micro_batch * config.grad_accum)))
 
 
 def count_steps(

@@ -209,11 +209,17 @@ def refresh_manifest(directory: Path, new_entries: list[dict]) -> dict:
     Entries already in the manifest are kept when the file's size still matches; `new_entries`
     (just written by this process) are taken as given; any other shard on disk (written by a
     rank that has not refreshed yet) is described by reading it.
+
+    Every entry carries `published`: the order in which shards entered the manifest (0, 1, ...;
+    shards that enter in one refresh are numbered in name order). The list itself stays sorted
+    by name, so a rank's new shard can land between older ones; a reader that follows a dump in
+    progress (student-train --follow) reads shards in `published` order, which only grows.
     """
     directory = Path(directory)
     with directory_lock(directory):
         manifest = json.loads(manifest_path(directory).read_text())
         known = {entry["name"]: entry for entry in manifest["shards"]}
+        published = {name: entry.get("published") for name, entry in known.items()}
         known.update({entry["name"]: entry for entry in new_entries})
         shards = []
         for path in shards_on_disk(directory):
@@ -221,12 +227,26 @@ def refresh_manifest(directory: Path, new_entries: list[dict]) -> dict:
             if entry is None or entry["bytes"] != path.stat().st_size:
                 entry = describe_shard(path)
             shards.append(entry)
-        manifest["shards"] = shards
+        manifest["shards"] = number_publications(shards, published)
         manifest["totals"] = totals(shards)
         manifest["complete"] = manifest["totals"]["rows"] == manifest["data"]["expected_rows"]
         manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_json(manifest_path(directory), manifest)
         return manifest
+
+
+def number_publications(shards: list[dict], published: dict[str, int | None]) -> list[dict]:
+    """`shards` with each entry's `published` number: the one it had (`published`, by name),
+    else the next free number, given in list order (a name keeps its number for good)."""
+    numbers = [value for value in published.values() if isinstance(value, int)]
+    next_number = max(numbers, default=-1) + 1
+    numbered = []
+    for entry in shards:
+        number = published.get(entry["name"])
+        if not isinstance(number, int):
+            number, next_number = next_number, next_number + 1
+        numbered.append({**entry, "published": number})
+    return numbered
 
 
 class ShardWriter:
