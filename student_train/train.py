@@ -81,6 +81,14 @@ from student_train.reporting import (
     truncate_metrics,
 )
 from student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
+from student_train.sharding import (
+    ShardedStudent,
+    full_model_state,
+    load_sharded,
+    save_sharded,
+    shard_student,
+    sharded_state,
+)
 from student_train.student import (
     Student,
     is_classification_student,
@@ -115,6 +123,8 @@ class TrainingRun:
     stream: ShardStream
     total_steps: int
     progress: object
+    sharded: ShardedStudent | None = None
+    """The FSDP2 root around the student (--parallel fsdp), else None."""
     step: int = 0
     tokens_seen: int = 0
     checkpoint: Path | None = None
@@ -255,6 +265,14 @@ def setup(
         max_length=config.max_length or student.context or UNLIMITED_LENGTH,
         teacher_top_k=config.teacher_top_k,
     )
+    sharded = None
+    if config.parallel == "fsdp":
+        if is_classify(dump.manifest):
+            raise UserError(
+                "--parallel fsdp trains causal LM students on token dumps: use --parallel ddp "
+                "for a classifier"
+            )
+        sharded = shard_student(student.model, objective, context)
     parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
     parameters += [parameter for module in objective.modules for parameter in module.parameters()]
     if config.max_steps:
@@ -267,6 +285,8 @@ def setup(
     step, tokens_seen, position = 0, 0, StreamPosition()
     if meta is not None:
         step, tokens_seen, position = restore(meta, state, optimizer, scheduler, context)
+        if sharded is not None:
+            load_sharded(sharded, optimizer, checkpoint)
     stream = training_stream(
         dump,
         config,
@@ -300,6 +320,7 @@ def setup(
         stream=stream,
         total_steps=total_steps,
         progress=make_progress_bar(total_steps, step, enabled=context.is_main and config.progress),
+        sharded=sharded,
         step=step,
         tokens_seen=tokens_seen,
         checkpoint=checkpoint,
@@ -376,9 +397,10 @@ def setup_classification(
 def restore(
     meta: dict, state: dict, optimizer, scheduler, context: Distributed
 ) -> tuple[int, int, StreamPosition]:
-    """Load a checkpoint's optimizer, schedule and this rank's RNG state; (step, tokens seen,
-    this rank's loader position)."""
-    optimizer.load_state_dict(state["optimizer"])
+    """Load a checkpoint's optimizer (a sharded student's: from its shards, by the caller),
+    schedule and this rank's RNG state; (step, tokens seen, this rank's loader position)."""
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"][context.rank])
     if context.device.type == "cuda":
@@ -428,6 +450,7 @@ def loop(run: TrainingRun) -> None:
             objective=run.objective,
             bf16=config.bf16,
             context=run.context,
+            sharded=run.sharded,
         )
         if totals.rows == 0:
             break  # every rank's stream has ended (--epochs)
@@ -518,12 +541,15 @@ def accumulate_gradients(
     objective: LanguageModelObjective | ClassificationObjective,
     bf16: bool,
     context: Distributed,
+    sharded: ShardedStudent | None = None,
 ) -> StepTotals:
     """Forward and backward over one optimizer step's micro-batches (this rank's share).
 
     The loss sums are divided once, by the target tokens (classification: examples) of the
     whole step across every micro-batch and rank, so the step's gradient equals that of one big
-    batch however it is split. The gradients are left in .grad, not yet summed over ranks.
+    batch however it is split. The gradients are left in .grad, not yet summed over ranks
+    (a `sharded` student's are: FSDP2 reduce-scatters their sums in each backward, so every
+    rank runs every micro-batch, an empty one as its last real one with weight 0).
     """
     local = [
         sum(batch.target_tokens for batch in micro_batches),
@@ -535,20 +561,29 @@ def accumulate_gradients(
     device = context.device
     sums = torch.zeros(SUMS_WIDTH, dtype=torch.float64, device=device)
     for batch in micro_batches:
-        if batch.target_tokens == 0:
+        weight = 1.0
+        if sharded is not None and step_rows > 0:
+            batch, weight = sharded.batch_to_run(batch)
+        elif batch.target_tokens == 0:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            batch_sums = objective.sums(model, batch, device)
-        (batch_sums[0] / step_tokens).backward()
-        sums += batch_sums.detach().double()
+            if sharded is not None:
+                batch_sums = sharded(batch, device)
+            else:
+                batch_sums = objective.sums(model, batch, device)
+        (batch_sums[0] * weight / max(step_tokens, 1)).backward()
+        sums += batch_sums.detach().double() * weight
     return StepTotals(sum_across_ranks(context, sums), step_tokens, step_rows)
 
 
 def optimizer_step(run: TrainingRun) -> tuple[float, float]:
     """Sum gradients over ranks, clip, step AdamW and the schedule; (grad norm, LR used)."""
-    sum_gradients(run.context, run.parameters)
+    if run.sharded is None:  # FSDP2 has already summed them, shard by shard
+        sum_gradients(run.context, run.parameters)
     clip = run.config.grad_clip if run.config.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.parameters, clip)
+    if hasattr(grad_norm, "full_tensor"):  # the norm over a sharded student's gradients
+        grad_norm = grad_norm.full_tensor()
     learning_rate = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -696,6 +731,19 @@ def save_training_state(run: TrainingRun) -> None:
         else []
     )
     positions = gather_objects(context, run.stream.position.to_dict())
+    model_state, write_sharded = None, None
+    if run.sharded is not None:
+        # Collective: every rank takes part in gathering the full weights and in writing its
+        # shards into the directory rank 0 assembles (its name is sent to the others).
+        model_state = full_model_state(run.sharded)
+        shards = sharded_state(run.sharded, run.optimizer)
+
+        def write_sharded(directory: Path) -> None:
+            broadcast_object(context, str(directory))
+            save_sharded(shards, directory)
+
+        if not context.is_main:
+            write_sharded(Path(broadcast_object(context, None)))
     path = None
     if context.is_main:
         meta = {
@@ -716,11 +764,12 @@ def save_training_state(run: TrainingRun) -> None:
             "torch": torch.__version__,
         }
         state = {
-            "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "rng": rng_states,
             "cuda_rng": cuda_states,
         }
+        if run.sharded is None:  # a sharded optimizer is in the checkpoint's shards
+            state["optimizer"] = run.optimizer.state_dict()
         path = save_checkpoint(
             run.out,
             run.step,
@@ -730,6 +779,8 @@ def save_training_state(run: TrainingRun) -> None:
             meta=meta,
             keep=run.config.keep_checkpoints,
             extra_weights=extra_weights(run),
+            model_state=model_state,
+            write_sharded=write_sharded,
         )
     run.checkpoint = Path(broadcast_object(context, str(path) if path else None))
     run.saved_step = run.step

@@ -62,14 +62,15 @@ def main(context: click.Context, config_file, assignments, **flags) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory")
 @click.option(
     "--validate",
     is_flag=True,
     help="Read every shard fully and check it against schema and manifest.",
 )
-def inspect(directory: Path, validate: bool) -> None:
-    """Summarize a dump; with --validate, check every shard (exit 1 naming the bad shard)."""
+def inspect(directory: str, validate: bool) -> None:
+    """Summarize a dump (a directory or an object-storage URL); with --validate, check every
+    shard (exit 1 naming the bad shard)."""
     from teacher_dump.inspect import run_inspect
 
     try:

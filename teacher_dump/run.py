@@ -17,13 +17,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from schemas.manifest import manifest_path
+from schemas.manifest import MANIFEST_NAME
 from schemas.shard import LOGPROB_STEP, SCHEMA_VERSION
 from shared.config import config_to_dict
 from shared.errors import UserError
-from shared.files import atomic_write_json, directory_lock, remove_stale_temporaries
+from shared.files import remove_stale_temporaries
 from shared.models import ResolvedModel, context_length, resolve_model
 from shared.records import LoadedRecords
+from shared.storage import Folder
 from shared.tasks import examples_from_records, load_records, resolve_task
 from shared.tokenizer import (
     has_chat_template,
@@ -231,16 +232,16 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
     return header
 
 
-def open_output(directory: Path, header: dict, config: DumpConfig) -> None:
+def open_output(directory: Folder, header: dict, config: DumpConfig) -> None:
     """Create the manifest, or check that the existing one was made with the same config."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with directory_lock(directory):
-        path = manifest_path(directory)
-        if not path.exists():
-            atomic_write_json(path, header)
+    directory.make()
+    with directory.lock():
+        path = directory.location_of(MANIFEST_NAME)
+        if not directory.is_file(MANIFEST_NAME):
+            directory.write_json(MANIFEST_NAME, header)
             return
         try:
-            existing = json.loads(path.read_text())
+            existing = json.loads(directory.read_text(MANIFEST_NAME))
         except json.JSONDecodeError:
             raise UserError(
                 f"{path} is corrupt: delete it and rerun (it is rebuilt from the shards)"
@@ -337,18 +338,19 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     started = time.perf_counter()
     prepared = prepare(config)
     header = manifest_header(config, prepared)
-    directory = Path(config.out)
+    directory = Folder(config.out)
     open_output(directory, header, config)
     with exclusive_writer(directory, config.rank, config.world_size):
         return dump_remaining(config, prepared, directory, engine, started)
 
 
 def dump_remaining(
-    config: DumpConfig, prepared: PreparedDump, directory: Path, engine, started: float
+    config: DumpConfig, prepared: PreparedDump, directory: Folder, engine, started: float
 ) -> dict:
     """This rank's prompts not yet in a shard, through the engine into shards (the caller holds
     the rank's writer lock); returns the final manifest."""
-    remove_stale_temporaries(directory)
+    if directory.is_local:  # object stores have no temporaries
+        remove_stale_temporaries(directory.local)
     done = done_source_indices(directory)
     mine = [
         request
@@ -429,7 +431,7 @@ def checkpoint_dtype(model_config: dict) -> str | None:
     return model_config.get("dtype") or model_config.get("torch_dtype")
 
 
-def record_engine(directory: Path, engine, stored_dtype: str | None) -> None:
+def record_engine(directory: Folder, engine, stored_dtype: str | None) -> None:
     """Note what actually ran in the manifest (known only once the engine is built): vLLM's
     version and platform, its arguments, and the dtype the weights were run in. A float32
     checkpoint run in lower precision gets a warning: its logprobs differ from the model's."""
@@ -440,9 +442,8 @@ def record_engine(directory: Path, engine, stored_dtype: str | None) -> None:
             "forward by ~0.1 nats and near-tied ids can swap; pass --dtype float32 for exact values",
             file=sys.stderr,
         )
-    with directory_lock(directory):
-        path = manifest_path(directory)
-        manifest = json.loads(path.read_text())
+    with directory.lock():
+        manifest = json.loads(directory.read_text(MANIFEST_NAME))
         manifest["teacher"]["dtype"] = engine.dtype
         manifest["engine"] = {
             "name": "vllm",
@@ -452,28 +453,26 @@ def record_engine(directory: Path, engine, stored_dtype: str | None) -> None:
                 key: value for key, value in engine.engine_arguments.items() if key != "model"
             },
         }
-        atomic_write_json(path, manifest)
+        directory.write_json(MANIFEST_NAME, manifest)
 
 
-def update_manifest(directory: Path, top_level: dict, classify: dict, dtype: str) -> None:
+def update_manifest(directory: Folder, top_level: dict, classify: dict, dtype: str) -> None:
     """Set top-level manifest entries, entries of its "classify" section and the dtype the
     teacher ran in (under the lock)."""
-    with directory_lock(directory):
-        path = manifest_path(directory)
-        manifest = json.loads(path.read_text())
+    with directory.lock():
+        manifest = json.loads(directory.read_text(MANIFEST_NAME))
         manifest.update(top_level)
         manifest["teacher"]["dtype"] = dtype
         if classify:
             manifest["classify"].update(classify)
-        atomic_write_json(path, manifest)
+        directory.write_json(MANIFEST_NAME, manifest)
 
 
-def record_classification_statistics(directory: Path, statistics: dict, plan) -> None:
+def record_classification_statistics(directory: Folder, statistics: dict, plan) -> None:
     """The hidden-state width and the verbalizer's label-word mass, once known (a resumed
     dump adds its rows to the running sums of the earlier runs)."""
-    with directory_lock(directory):
-        path = manifest_path(directory)
-        manifest = json.loads(path.read_text())
+    with directory.lock():
+        manifest = json.loads(directory.read_text(MANIFEST_NAME))
         section = manifest["classify"]
         if section.get("hidden") is not None and statistics["hidden_width"] is not None:
             section["hidden"]["width"] = statistics["hidden_width"]
@@ -488,11 +487,11 @@ def record_classification_statistics(directory: Path, statistics: dict, plan) ->
             verbalizer["mean_label_word_mass"] = verbalizer["label_word_mass_sum"] / max(
                 verbalizer["label_word_mass_rows"], 1
             )
-        atomic_write_json(path, manifest)
+        directory.write_json(MANIFEST_NAME, manifest)
 
 
 def dump_requests(
-    config: DumpConfig, engine, tokenizer, todo: list[DumpRequest], *, total: int, directory: Path
+    config: DumpConfig, engine, tokenizer, todo: list[DumpRequest], *, total: int, directory: Folder
 ) -> int:
     """Stream requests through the engine into shards; returns target tokens written."""
     writer = ShardWriter(directory, config.rank, config.world_size, config.rows_per_shard)
