@@ -241,24 +241,9 @@ def setup(
             config, context, dump, eval_dump, checkpoint
         )
     else:
-        student = load_student(
-            config.student,
-            manifest=dump.manifest,
-            trust_remote_code=config.trust_remote_code,
-            lora=config.lora_options,
-            device=context.device,
-            weights_from=checkpoint,
+        student, objective, columns = setup_language_model(
+            config, context, dump, eval_dump, checkpoint
         )
-        if eval_dump is not None:
-            fingerprint = tokenizer_fingerprint(student.tokenizer)
-            check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
-        check_output_path(student.model, student.vocabulary, context.device)
-        objective = LanguageModelObjective(
-            output_logits_function(student.model, student.vocabulary),
-            config.loss_options(),
-            config.chunk_tokens,
-        )
-        columns = TRAINING_COLUMNS
     batch_shape = BatchShape(
         rows=config.rows_per_micro_batch,
         batch_tokens=config.batch_tokens,
@@ -327,6 +312,35 @@ def setup(
         saved_step=step if meta is not None else None,
         tokens_at_start=tokens_seen,
     )
+
+
+def setup_language_model(
+    config: TrainConfig,
+    context: Distributed,
+    dump: Dump,
+    eval_dump: Dump | None,
+    checkpoint: Path | None,
+) -> tuple[Student, LanguageModelObjective, tuple[str, ...]]:
+    """The causal LM student, its objective and the columns it reads. Token ids only mean the
+    same tokens under the teacher's tokenizer: the student's fingerprint must match every dump."""
+    student = load_student(
+        config.student,
+        manifest=dump.manifest,
+        trust_remote_code=config.trust_remote_code,
+        lora=config.lora_options,
+        device=context.device,
+        weights_from=checkpoint,
+    )
+    if eval_dump is not None:
+        fingerprint = tokenizer_fingerprint(student.tokenizer)
+        check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
+    check_output_path(student.model, student.vocabulary, context.device)
+    objective = LanguageModelObjective(
+        output_logits_function(student.model, student.vocabulary),
+        config.loss_options(),
+        config.chunk_tokens,
+    )
+    return student, objective, TRAINING_COLUMNS
 
 
 def setup_classification(
