@@ -74,25 +74,40 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def shard_student(model: torch.nn.Module, objective, context: Distributed) -> ShardedStudent:
     """Shard `model` over the ranks with FSDP2 (in place: its parameters become DTensors)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for layer in decoder_layers(model):
         fully_shard(layer)
     root = ShardedStudent(model, objective)
     fully_shard(root)
-    # Sums over ranks, not means: the loss is already divided by the whole step's tokens.
-    root.set_gradient_divide_factor(1.0)
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            # Sums over ranks, not means: the loss is already divided by the whole step's
+            # tokens. A plain SUM reduction (gloo has no pre-multiplied sum).
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     return root
 
 
-def full_model_state(root: ShardedStudent) -> dict[str, torch.Tensor]:
-    """The student's full weights on rank 0 (CPU; empty on other ranks); every rank calls it."""
+def full_model_copy(root: ShardedStudent, is_main: bool) -> torch.nn.Module | None:
+    """On rank 0, a plain CPU copy of the student holding its full weights (gathered from the
+    shards), for save_pretrained; None on the other ranks. Every rank calls it (the gather is
+    collective); the copy is built without collectives, so rank 0 can save it alone."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
 
     state = get_model_state_dict(
         root, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    return {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    if not is_main:
+        return None
+    model = causal_lm(root.model)
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+    weights = {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    copy.load_state_dict(weights, assign=True)
+    copy.tie_weights()
+    return copy
 
 
 def sharded_state(root: ShardedStudent, optimizer) -> dict:

@@ -83,7 +83,7 @@ from student_train.reporting import (
 from student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
 from student_train.sharding import (
     ShardedStudent,
-    full_model_state,
+    full_model_copy,
     load_sharded,
     save_sharded,
     shard_student,
@@ -745,11 +745,11 @@ def save_training_state(run: TrainingRun) -> None:
         else []
     )
     positions = gather_objects(context, run.stream.position.to_dict())
-    model_state, write_sharded = None, None
+    model, write_sharded = run.student.model, None
     if run.sharded is not None:
         # Collective: every rank takes part in gathering the full weights and in writing its
         # shards into the directory rank 0 assembles (its name is sent to the others).
-        model_state = full_model_state(run.sharded)
+        model = full_model_copy(run.sharded, context.is_main)
         shards = sharded_state(run.sharded, run.optimizer)
 
         def write_sharded(directory: Path) -> None:
@@ -757,7 +757,7 @@ def save_training_state(run: TrainingRun) -> None:
             save_sharded(shards, directory)
 
         if not context.is_main:
-            write_sharded(Path(broadcast_object(context, None)))
+            save_sharded(shards, Path(broadcast_object(context, None)))
     path = None
     if context.is_main:
         meta = {
@@ -787,13 +787,12 @@ def save_training_state(run: TrainingRun) -> None:
         path = save_checkpoint(
             run.out,
             run.step,
-            model=run.student.model,
+            model=model,
             tokenizer=run.student.tokenizer,
             training_state=state,
             meta=meta,
             keep=run.config.keep_checkpoints,
             extra_weights=extra_weights(run),
-            model_state=model_state,
             write_sharded=write_sharded,
         )
     run.checkpoint = Path(broadcast_object(context, str(path) if path else None))
