@@ -250,37 +250,20 @@ def setup(
         max_length=config.max_length or student.context or UNLIMITED_LENGTH,
         teacher_top_k=config.teacher_top_k,
     )
-    sharded = None
-    if config.parallel == "fsdp":
-        if is_classify(dump.manifest):
-            raise UserError(
-                "--parallel fsdp trains causal LM students on token dumps: use --parallel ddp "
-                "for a classifier"
-            )
-        sharded = shard_student(student.model, objective, context)
+    sharded = shard_if_asked(config, context, dump, student, objective)
     parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
     parameters += [parameter for module in objective.modules for parameter in module.parameters()]
-    if config.max_steps:
-        total_steps = config.max_steps
-    elif follower is not None:
-        total_steps = followed_steps(dump.manifest, config, context)
-    else:
-        total_steps = count_steps(dump, config, context, batch_shape, read_group)
+    total_steps = plan_steps(config, context, dump, batch_shape, read_group, follower)
     optimizer, scheduler = make_optimizer(config, parameters, total_steps)
     step, tokens_seen, position = 0, 0, StreamPosition()
     if meta is not None:
-        step, tokens_seen, position = restore(meta, state, optimizer, scheduler, context)
-        if sharded is not None:
-            load_sharded(sharded, optimizer, checkpoint)
+        step, tokens_seen, position = restore(
+            meta, state, optimizer, scheduler, context, sharded, checkpoint
+        )
     stream = training_stream(
-        dump,
-        config,
-        context,
-        position=position,
-        columns=columns,
-        read_group=read_group,
+        dump, config, context, position=position, columns=columns, read_group=read_group,
         follower=follower,
-    )
+    )  # fmt: skip
     if config.log_samples:
         truncate_metrics(out / f"samples-rank{context.rank}.jsonl", step)
     if context.is_main:
@@ -312,6 +295,20 @@ def setup(
         saved_step=step if meta is not None else None,
         tokens_at_start=tokens_seen,
     )
+
+
+def shard_if_asked(
+    config: TrainConfig, context: Distributed, dump: Dump, student: Student, objective
+) -> ShardedStudent | None:
+    """--parallel fsdp: the student sharded over the ranks (FSDP2); else None."""
+    if config.parallel != "fsdp":
+        return None
+    if is_classify(dump.manifest):
+        raise UserError(
+            "--parallel fsdp trains causal LM students on token dumps: use --parallel ddp for "
+            "a classifier"
+        )
+    return shard_student(student.model, objective, context)
 
 
 def setup_language_model(
@@ -409,11 +406,20 @@ def setup_classification(
 
 
 def restore(
-    meta: dict, state: dict, optimizer, scheduler, context: Distributed
+    meta: dict,
+    state: dict,
+    optimizer,
+    scheduler,
+    context: Distributed,
+    sharded: ShardedStudent | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[int, int, StreamPosition]:
-    """Load a checkpoint's optimizer (a sharded student's: from its shards, by the caller),
-    schedule and this rank's RNG state; (step, tokens seen, this rank's loader position)."""
-    if "optimizer" in state:
+    """Load a checkpoint's optimizer (a sharded student's, with its weights, from the
+    checkpoint's shards), schedule and this rank's RNG state; (step, tokens seen, this rank's
+    loader position)."""
+    if sharded is not None:
+        load_sharded(sharded, optimizer, checkpoint)
+    else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"][context.rank])
@@ -676,6 +682,23 @@ def training_stream(
         verify=columns != LENGTH_COLUMNS,
         follower=follower,
     )
+
+
+def plan_steps(
+    config: TrainConfig,
+    context: Distributed,
+    dump: Dump,
+    batch_shape: BatchShape,
+    read_group=None,
+    follower: DumpFollower | None = None,
+) -> int:
+    """The run's optimizer steps: --max-steps, or what --epochs passes take (counted on the
+    row lengths, or for a dump still being written planned from its expected rows)."""
+    if config.max_steps:
+        return config.max_steps
+    if follower is not None:
+        return followed_steps(dump.manifest, config, context)
+    return count_steps(dump, config, context, batch_shape, read_group)
 
 
 def followed_steps(manifest: dict, config: TrainConfig, context: Distributed) -> int:
