@@ -594,7 +594,10 @@ def ray_dump_runs(config: BenchConfig, teacher: Path, text: Path, work: Path) ->
     for repeat in range(config.scale_repeats):
         for name in runs:
             out = work / f"scale-{name}-{repeat}"
-            extra = () if name == "local" else ("--executor", "ray", "--ray-workers", name[-1])
+            # Batches of 8 prompts, so that both Ray workers get work (the same for all three).
+            extra = ("--set", "max_in_flight=8")
+            if name != "local":
+                extra += ("--executor", "ray", "--ray-workers", name[-1])
             command = text_dump_command(config, teacher, text, out, config.scale_windows, *extra)
             began = time.perf_counter()
             code, peak = run_process(command, work / f"scale-{name}-{repeat}.log")

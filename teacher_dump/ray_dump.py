@@ -16,6 +16,7 @@ prompts between independent runs (one Ray job per Slurm array task, say).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,7 +124,9 @@ def ray_results(
                 "config_values": config_to_dict(config),
                 "model_directory": str(model_directory),
             },
-            concurrency=config.ray_workers,
+            # No more engines than batches: an actor still starting its engine when the dump
+            # ends has been seen to outlive the local cluster's shutdown.
+            concurrency=min(config.ray_workers, math.ceil(len(todo) / config.max_in_flight)),
             batch_size=config.max_in_flight,
             batch_format="numpy",
             num_gpus=config.tensor_parallel_size if gpus else 0,
