@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.manifest import is_classify
+from schemas.manifest import MANIFEST_NAME, is_classify
 from shared.errors import UserError
 from shared.shard_reader import (
     TRAINING_COLUMNS,
@@ -45,6 +45,7 @@ from shared.shard_reader import (
     open_dump,
     refresh_dump,
 )
+from shared.storage import as_folder
 
 
 @dataclass(frozen=True)
@@ -132,21 +133,19 @@ class DumpFollower:
         """Open a dump to follow, waiting for its manifest if teacher-dump has not written it
         yet (a trainer may be started before the dump)."""
         started = time.monotonic()
-        told = False
-        while True:
-            try:
-                dump = open_dump(directory, flag=flag, follow=True)
-                break
-            except UserError:
-                # Not a dump yet (no directory or no manifest): a real problem persists, and is
-                # raised as is once the timeout is over.
-                waited = time.monotonic() - started
-                if timeout_seconds is not None and waited >= timeout_seconds:
-                    raise
-                if announce and not told:
-                    print(f"--follow: waiting for {directory}/manifest.json", file=sys.stderr)
-                    told = True
-                time.sleep(poll_seconds)
+        folder, told = as_folder(directory), False
+        while not (folder.exists() and folder.is_file(MANIFEST_NAME)):
+            # teacher-dump has not written its manifest yet (a trainer may start first).
+            if timeout_seconds is not None and time.monotonic() - started >= timeout_seconds:
+                raise UserError(
+                    f"--follow: {directory} has no {MANIFEST_NAME} after {timeout_seconds:.0f} s: "
+                    "start its teacher-dump, or check --shards"
+                )
+            if announce and not told:
+                print(f"--follow: waiting for {directory}/{MANIFEST_NAME}", file=sys.stderr)
+                told = True
+            time.sleep(poll_seconds)
+        dump = open_dump(directory, flag=flag, follow=True)
         follower = cls(
             dump,
             poll_seconds=poll_seconds,

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,19 @@ def test_follow_under_torchrun_sees_every_sample_once_per_epoch(student_model, t
     assert len(steps) == 12  # 2 epochs x 18 rows per rank / 3
     assert (out / "final" / "model.safetensors").is_file()
     assert open_dump(shards).complete
+
+
+def test_a_follower_waits_for_the_manifest_but_not_on_a_broken_dump(tmp_path):
+    with pytest.raises(UserError, match=r"has no manifest.json after 0 s"):
+        DumpFollower.open(
+            str(tmp_path / "missing"), poll_seconds=0.01, timeout_seconds=0.1, announce=False
+        )
+    directory = tmp_path / "dump"
+    publish_synthetic_dump(directory, 10, rows_per_shard=10, pause_seconds=0)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["schema_version"] = 999
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    started = time.monotonic()
+    with pytest.raises(UserError, match="schema version 999"):  # at once, not after waiting
+        DumpFollower.open(str(directory), poll_seconds=0.01, timeout_seconds=10)
+    assert time.monotonic() - started < 5
