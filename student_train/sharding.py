@@ -14,8 +14,10 @@ without target tokens, therefore runs its last real micro-batch again with weigh
 zero gradient, and the collectives stay matched.
 
 Checkpoints: the model and optimizer state as torch.distributed.checkpoint writes them (one
-file per rank, in checkpoint/sharded/, restored onto however the new run is sharded), and the
-full model gathered to rank 0 as safetensors (what final/ publishes and transformers loads).
+file per rank, in checkpoint/sharded/), and the full model gathered to rank 0 as safetensors
+(what final/ publishes and transformers loads). torch.distributed.checkpoint could load the
+shards onto another number of ranks, but --resume keeps the world size: the loader positions
+are per rank.
 """
 
 from __future__ import annotations
