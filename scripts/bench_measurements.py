@@ -323,9 +323,9 @@ def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: P
         open_output(Folder(run_config.out), manifest_header(run_config, prepared), run_config)
         fixed = time.perf_counter() - began
         began = time.perf_counter()
-        results = engine_results(run_config, replay, prepared.tokenizer, prepared.requests)
+        replayed = engine_results(run_config, replay, prepared.tokenizer, prepared.requests)
         tokens = write_results(
-            run_config, results, total=len(prepared.requests), todo=len(prepared.requests),
+            run_config, replayed, total=len(prepared.requests), todo=len(prepared.requests),
             directory=Folder(run_config.out),
         )  # fmt: skip
         host.append(
