@@ -14,9 +14,11 @@ is hashed once per process, and a file changed afterwards is checked again.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow.compute as pc
@@ -101,11 +103,15 @@ class ShardFile:
         """The dump it belongs to, for messages."""
         return str(self.folder) if self.folder is not None else str(Path(self.path).parent)
 
-    def open(self):
-        """The shard opened for reading (binary)."""
-        if self.folder is not None:
-            return self.folder.open(self.name)
-        return open(self.path, "rb")  # noqa: SIM115 - the caller closes it
+    @contextlib.contextmanager
+    def readable(self) -> Iterator[str | BinaryIO]:
+        """What pyarrow reads the shard from: its path (a local file: pyarrow's own reader, no
+        Python file object), or an open fsspec file (object storage)."""
+        if self.folder is None:
+            yield str(self.path)
+        else:
+            with self.folder.open(self.name) as handle:
+                yield handle
 
 
 @dataclass(frozen=True)
@@ -246,8 +252,8 @@ def shard_row_groups(folder: Folder, entry: dict, flag: str) -> list[RowGroup]:
         folder=None if folder.is_local else folder,
     )
     try:
-        with shard.open() as handle:
-            metadata = pq.ParquetFile(handle).metadata
+        with shard.readable() as source:
+            metadata = pq.ParquetFile(source).metadata
     except Exception as error:
         raise UserError(
             f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
@@ -389,8 +395,8 @@ def verify_shard(shard: ShardFile) -> None:
             f"says {shard.sha256[:16]} (corrupt or replaced since it was written): {fix}"
         )
     try:
-        with shard.open() as handle:
-            lengths = pq.read_table(handle, columns=["target_ids"])["target_ids"]
+        with shard.readable() as source:
+            lengths = pq.read_table(source, columns=["target_ids"])["target_ids"]
         target_tokens = int(pc.sum(pc.list_value_length(lengths)).as_py() or 0)
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
@@ -468,8 +474,8 @@ def decode_row_group(
     if verify:
         verify_shard(group.shard)
     try:
-        with group.shard.open() as handle:
-            table = pq.ParquetFile(handle).read_row_group(group.index, columns=list(columns))
+        with group.shard.readable() as source:
+            table = pq.ParquetFile(source).read_row_group(group.index, columns=list(columns))
     except Exception as error:
         raise UserError(
             f"shard {group.shard.name} row group {group.index} is unreadable ({one_line(error, 100)}): "

@@ -8,6 +8,7 @@ sample ids; the first problem is reported with the shard's name.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 
@@ -131,12 +132,15 @@ def validate(directory: Path | Folder) -> list[str]:
     return problems
 
 
+@contextlib.contextmanager
 def open_shard(folder: Folder, name: str):
-    """A shard of the dump opened for reading (locally, only a file of the dump directory
-    itself: see schemas.manifest.inside_directory)."""
+    """What pyarrow reads a shard of the dump from: locally its path (only a file of the dump
+    directory itself: see schemas.manifest.inside_directory), else an open fsspec file."""
     if folder.is_local:
-        return open(inside_directory(folder.local, name), "rb")
-    return folder.open(name)
+        yield str(inside_directory(folder.local, name))
+    else:
+        with folder.open(name) as handle:
+            yield handle
 
 
 def validate_shard(

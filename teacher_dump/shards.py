@@ -179,8 +179,11 @@ def describe_shard(path: Path | str, folder: Folder | None = None) -> dict:
         path = inside_directory(Path(path).parent, Path(path).name)
     name = str(path).rsplit("/", 1)[-1] if remote else path.name
     try:
-        with folder.open(name) if remote else open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["target_ids", "topk_ids"])
+        if remote:
+            with folder.open(name) as handle:
+                table = pq.read_table(handle, columns=["target_ids", "topk_ids"])
+        else:
+            table = pq.read_table(path, columns=["target_ids", "topk_ids"])
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
             f"shard {name} is unreadable ({one_line(error, 120)}): delete it and rerun the same "
