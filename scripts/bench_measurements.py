@@ -261,8 +261,16 @@ def bare_generate(engine, requests, *, top_k, temperature, max_new_tokens, seed,
 def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: Path) -> dict:
     """teacher-dump end to end (engine already started) against bare LLM.generate loops on the
     same prompts; each repeat runs every variant, in a rotated order so drift hits all alike."""
+    from shared.storage import Folder
     from teacher_dump.config import DumpConfig
-    from teacher_dump.run import dump_requests, manifest_header, open_output, prepare, run_dump
+    from teacher_dump.run import (
+        engine_results,
+        manifest_header,
+        open_output,
+        prepare,
+        run_dump,
+        write_results,
+    )
 
     repeats = settings["repeats"]
     config = DumpConfig(
@@ -312,12 +320,13 @@ def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: P
         run_config = replace(config, out=str(out / f"replay-{repeat}"))
         began = time.perf_counter()
         prepared = prepare(run_config)
-        open_output(Path(run_config.out), manifest_header(run_config, prepared), run_config)
+        open_output(Folder(run_config.out), manifest_header(run_config, prepared), run_config)
         fixed = time.perf_counter() - began
         began = time.perf_counter()
-        tokens = dump_requests(
-            run_config, replay, prepared.tokenizer, prepared.requests, total=len(prepared.requests),
-            directory=Path(run_config.out),
+        replayed = engine_results(run_config, replay, prepared.tokenizer, prepared.requests)
+        tokens = write_results(
+            run_config, replayed, total=len(prepared.requests), todo=len(prepared.requests),
+            directory=Folder(run_config.out),
         )  # fmt: skip
         host.append(
             {"tokens": tokens, "seconds": time.perf_counter() - began, "prepare_seconds": fixed}

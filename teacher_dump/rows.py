@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.shard import NO_LABEL, PAD_ID, round_logprobs
+from schemas.shard import HIDDEN_COLUMN, NO_LABEL, PAD_ID, round_logprobs
 from shared.errors import UserError
 
 
@@ -169,3 +169,38 @@ def make_classification_row(
         padded_topk_entries=0,
         hidden=None if hidden is None else np.asarray(hidden, dtype=np.float16),
     )
+
+
+def rows_from_table(table) -> list[ShardRow]:
+    """The ShardRows of a shard table (the inverse of teacher_dump.shards.rows_to_table): rows
+    that crossed a process boundary as Arrow, e.g. from the Ray executor's actors."""
+    columns = {name: table[name].to_pylist() for name in table.column_names}
+    width = next(
+        (len(position) for positions in columns["topk_ids"] for position in positions[:1]), 0
+    )
+    rows = []
+    for index in range(table.num_rows):
+        topk_ids = np.asarray(columns["topk_ids"][index], dtype=np.int32).reshape(-1, width)
+        topk_logprobs = np.asarray(columns["topk_logprobs"][index], dtype=np.float32).reshape(
+            -1, width
+        )
+        hidden = columns.get(HIDDEN_COLUMN, [None] * table.num_rows)[index]
+        rows.append(
+            ShardRow(
+                sample_id=columns["sample_id"][index],
+                source_index=columns["source_index"][index],
+                completion_index=columns["completion_index"][index],
+                prompt_ids=np.asarray(columns["prompt_ids"][index], dtype=np.int32),
+                target_ids=np.asarray(columns["target_ids"][index], dtype=np.int32),
+                target_logprobs=np.asarray(columns["target_logprobs"][index], dtype=np.float32),
+                topk_ids=topk_ids,
+                topk_logprobs=topk_logprobs,
+                finish_reason=columns["finish_reason"][index],
+                prompt_text=columns["prompt_text"][index],
+                target_text=columns["target_text"][index],
+                references=tuple(columns["references"][index]),
+                padded_topk_entries=int((topk_ids == PAD_ID).sum()),
+                hidden=None if hidden is None else np.asarray(hidden, dtype=np.float16),
+            )
+        )
+    return rows

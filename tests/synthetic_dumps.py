@@ -131,3 +131,73 @@ def rewrite_shard(directory: Path, name: str, table, *, update_manifest: bool = 
             )
     manifest["totals"] = totals(manifest["shards"])
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def publish_synthetic_dump(
+    directory: Path,
+    rows: int,
+    *,
+    rows_per_shard: int,
+    pause_seconds: float,
+    vocabulary: int = 50,
+    fingerprint: str = "synthetic",
+    top_k: int = 4,
+    seed: int = 0,
+    writers: int = 1,
+    log_path: Path | None = None,
+    hold_until: Path | None = None,
+) -> None:
+    """Write a dump the way teacher-dump does, over time: the manifest first (incomplete), then
+    one shard every `pause_seconds` through teacher-dump's own ShardWriter (atomic shard, then
+    the manifest refreshed under its lock). With `writers` > 1 the shards come from that many
+    ranks in turn (rank r writes rows r, r + writers, ...), so publication order differs from
+    the manifest's name order. `log_path` gets one JSON line per shard when it is published:
+    {"shard": name, "time": unix seconds}. With `hold_until`, the shards after the first wait
+    until that file exists (at most 300 s), e.g. until a trainer has logged its first step."""
+    import time
+
+    from shared.files import atomic_write_json
+    from teacher_dump.shards import ShardWriter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    all_rows = [synthetic_row(index, rng, top_k, vocabulary) for index in range(rows)]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "identity": "synthetic",
+        "mode": "text",
+        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
+        "top_k": top_k,
+        "data": {"expected_rows": rows},
+        "shards": [],
+        "totals": totals([]),
+        "complete": False,
+    }
+    atomic_write_json(directory / MANIFEST_NAME, manifest)
+    shard_writers = [
+        ShardWriter(directory, rank, writers, rows_per_shard) for rank in range(writers)
+    ]
+    shares = [all_rows[rank::writers] for rank in range(writers)]
+    turn = 0
+    while any(shares):
+        rank = turn % writers
+        turn += 1
+        if not shares[rank]:
+            continue
+        chunk, shares[rank] = shares[rank][:rows_per_shard], shares[rank][rows_per_shard:]
+        time.sleep(pause_seconds)
+        if turn > 1 and hold_until is not None:
+            deadline = time.monotonic() + 300
+            while not Path(hold_until).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        shard_writers[rank].add_prompt_rows(chunk)
+        entry = shard_writers[rank].flush() if shard_writers[rank].buffer else None
+        if log_path is not None:
+            name = (
+                entry["name"]
+                if entry
+                else shard_name(rank, writers, shard_writers[rank].sequence - 1)
+            )
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(json.dumps({"shard": name, "time": time.time()}) + "\n")
