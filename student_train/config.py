@@ -246,7 +246,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
-        checks = [
+        check_all([*self.source_and_batch_checks(), *self.value_checks()])
+
+    def source_and_batch_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for the data source, batching, follow and parallel settings."""
+        return [
             (
                 (self.max_steps is None) != (self.epochs is None),
                 "pass exactly one of --max-steps N or --epochs E",
@@ -307,6 +311,11 @@ class TrainConfig:
                 "--parallel fsdp trains full weights without evaluation: drop --lora-r and "
                 "--eval-shards (evaluate final/ with kd-eval --teacher-shards), or use ddp",
             ),
+        ]
+
+    def value_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for the ranges of the numeric settings."""
+        return [
             (self.hidden_weight >= 0, "--hidden-weight must be >= 0"),
             (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
             (self.alpha is None or 0.0 <= self.alpha <= 1.0, "--alpha must be in [0, 1]"),
@@ -342,4 +351,3 @@ class TrainConfig:
                 "--stop-at-step must be at least 1",
             ),
         ]
-        check_all(checks)

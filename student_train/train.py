@@ -224,18 +224,7 @@ def setup(
 ) -> TrainingRun:
     """Load the student, choose the objective, build the optimizer, schedule and stream, and
     restore a checkpoint. With a `follower` (--follow) the dump is still being written."""
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is not None and not config.resume:
-        raise UserError(
-            f"--out {out} already holds a training run (checkpoint {checkpoint.name}): pass "
-            "--resume to continue it, or choose another --out"
-        )
-    meta, state = read_checkpoint(checkpoint) if checkpoint is not None else (None, None)
-    if meta is not None:
-        check_resumable(config, meta, context)
-    if context.is_main:
-        remove_temporaries(out)
-
+    checkpoint, meta, state = existing_checkpoint(config, context, out)
     if is_classify(dump.manifest):
         student, objective, columns = setup_classification(
             config, context, dump, eval_dump, checkpoint
@@ -309,6 +298,25 @@ def shard_if_asked(
             "a classifier"
         )
     return shard_student(student.model, objective, context)
+
+
+def existing_checkpoint(
+    config: TrainConfig, context: Distributed, out: Path
+) -> tuple[Path | None, dict | None, dict | None]:
+    """(checkpoint, meta, training state) to resume from, or Nones for a fresh start; a run
+    already in --out is only continued with --resume, and only with a compatible config."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not config.resume:
+        raise UserError(
+            f"--out {out} already holds a training run (checkpoint {checkpoint.name}): pass "
+            "--resume to continue it, or choose another --out"
+        )
+    meta, state = read_checkpoint(checkpoint) if checkpoint is not None else (None, None)
+    if meta is not None:
+        check_resumable(config, meta, context)
+    if context.is_main:
+        remove_temporaries(out)
+    return checkpoint, meta, state
 
 
 def setup_language_model(

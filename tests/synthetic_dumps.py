@@ -153,7 +153,7 @@ def publish_synthetic_dump(
     ranks in turn (rank r writes rows r, r + writers, ...), so publication order differs from
     the manifest's name order. `log_path` gets one JSON line per shard when it is published:
     {"shard": name, "time": unix seconds}. With `hold_until`, the shards after the first wait
-    until that file exists (at most 300 s), e.g. until a trainer has logged its first step."""
+    until that file has content (at most 300 s), e.g. until a trainer has logged its first step."""
     import time
 
     from shared.files import atomic_write_json
@@ -189,7 +189,9 @@ def publish_synthetic_dump(
         time.sleep(pause_seconds)
         if turn > 1 and hold_until is not None:
             deadline = time.monotonic() + 300
-            while not Path(hold_until).exists() and time.monotonic() < deadline:
+            # Non-empty, not merely existing: the trainer creates its metrics files (empty) at
+            # start-up, long before its first step on a loaded machine.
+            while not has_content(Path(hold_until)) and time.monotonic() < deadline:
                 time.sleep(0.05)
         shard_writers[rank].add_prompt_rows(chunk)
         entry = shard_writers[rank].flush() if shard_writers[rank].buffer else None
@@ -201,3 +203,11 @@ def publish_synthetic_dump(
             )
             with open(log_path, "a", encoding="utf-8") as log:
                 log.write(json.dumps({"shard": name, "time": time.time()}) + "\n")
+
+
+def has_content(path: Path) -> bool:
+    """Whether `path` exists and is not empty."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
