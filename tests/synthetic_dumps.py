@@ -81,17 +81,7 @@ def write_synthetic_dump(
         table = rows_to_table(all_rows[start : start + rows_per_shard])
         pq.write_table(table, path, row_group_size=row_group_rows, **PARQUET_WRITE_OPTIONS)
         entries.append(describe_shard(path))
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "identity": "synthetic",
-        "mode": "text",
-        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
-        "top_k": top_k,
-        "data": {"expected_rows": rows},
-        "shards": entries,
-        "totals": totals(entries),
-        "complete": True,
-    }
+    manifest = synthetic_manifest(entries, rows, top_k, vocabulary, fingerprint, complete=True)
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
     return directory
 
@@ -163,17 +153,7 @@ def publish_synthetic_dump(
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     all_rows = [synthetic_row(index, rng, top_k, vocabulary) for index in range(rows)]
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "identity": "synthetic",
-        "mode": "text",
-        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
-        "top_k": top_k,
-        "data": {"expected_rows": rows},
-        "shards": [],
-        "totals": totals([]),
-        "complete": False,
-    }
+    manifest = synthetic_manifest([], rows, top_k, vocabulary, fingerprint, complete=False)
     atomic_write_json(directory / MANIFEST_NAME, manifest)
     shard_writers = [
         ShardWriter(directory, rank, writers, rows_per_shard) for rank in range(writers)
@@ -211,3 +191,20 @@ def has_content(path: Path) -> bool:
         return path.stat().st_size > 0
     except FileNotFoundError:
         return False
+
+
+def synthetic_manifest(
+    entries: list[dict], rows: int, top_k: int, vocabulary: int, fingerprint: str, *, complete: bool
+) -> dict:
+    """A text-mode manifest over shard `entries` of a synthetic dump of `rows` rows."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "identity": "synthetic",
+        "mode": "text",
+        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
+        "top_k": top_k,
+        "data": {"expected_rows": rows},
+        "shards": entries,
+        "totals": totals(entries),
+        "complete": complete,
+    }
