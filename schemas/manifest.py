@@ -67,18 +67,31 @@ def inside_directory(directory: Path, name: str) -> Path:
     return resolved
 
 
-def read_manifest(directory: Path) -> dict:
-    """Read and check a dump's manifest: present, JSON, our schema version, safe shard names."""
-    path = manifest_path(directory)
-    if path.is_file():
-        path = inside_directory(directory, MANIFEST_NAME)
-    if not path.is_file():
+def read_manifest(directory) -> dict:
+    """Read and check a dump's manifest: present, JSON, our schema version, safe shard names.
+
+    `directory`: a local directory, or a shared.storage.Folder (object storage)."""
+    from shared.storage import as_folder
+
+    folder = as_folder(directory)
+    if folder.is_local:
+        path = manifest_path(folder.local)
+        if path.is_file():
+            path = inside_directory(folder.local, MANIFEST_NAME)
+        present = path.is_file()
+    else:
+        path = folder.location_of(MANIFEST_NAME)
+        present = folder.is_file(MANIFEST_NAME)
+    if not present:
         raise UserError(
             f"{directory} has no {MANIFEST_NAME}: it is not a teacher-dump output "
             "directory (run teacher-dump --out there first, or pass the right directory)"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        text = (
+            path.read_text(encoding="utf-8") if folder.is_local else folder.read_text(MANIFEST_NAME)
+        )
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(
             f"{path} is not valid JSON ({error}): the manifest is corrupt; rerun the same "
@@ -141,7 +154,8 @@ def manifest_problem(manifest: dict) -> str | None:
         return "tokenizer.fingerprint is missing"
     if manifest.get("schema_version") != 1:
         if is_classify(manifest):
-            return f"a classify dump with schema version {manifest.get('schema_version')!r} (they are 1)"
+            version = manifest.get("schema_version")
+            return f"a classify dump with schema version {version!r} (classify dumps are 1)"
         storage = manifest.get("storage")
         if not isinstance(storage, dict) or storage.get("representation") not in REPRESENTATIONS:
             return f"no valid storage record (representation one of {', '.join(REPRESENTATIONS)})"

@@ -1,6 +1,6 @@
 """`make bench`: the performance claims of kd-shards as ratios measured side by side in one run.
 
-Five groups of rows, each the median of `repeats` measurements with their spread (min-max):
+Six groups of rows, each the median of `repeats` measurements with their spread (min-max):
 1. storage   every representation of schema v2 (scripts/bench_storage.py): bytes per target
              token by column, both fidelity figures against the teacher's full distribution, the
              training figure, dump speed and loader headroom, on WikiText-2 and GSM8K
@@ -11,6 +11,8 @@ Five groups of rows, each the median of `repeats` measurements with their spread
 4. loader    tokens/s the shard loader delivers alone ÷ tokens/s the trainer consumes; loader
              peak RSS on a 10x bigger dataset ÷ 1x
 5. online    a KD step with the teacher's forward pass in the loop ÷ the offline step
+6. scale     teacher-dump tokens/s with 2 Ray workers ÷ 1 (and the local executor); follow-mode
+             lag: from a shard's publication to the end of the first training step on its rows
 
 Every measurement runs in a fresh process (its own peak RSS) and every figure comes from this
 run: the work directory is emptied first; only the converted models are kept between runs.
@@ -42,7 +44,9 @@ from shared.config import build_config
 from shared.errors import UserError, check_all, exit_with
 from shared.files import atomic_write_text
 
-GROUPS = ("storage", "dump", "training", "loader", "online")
+GROUPS = ("storage", "dump", "training", "loader", "online", "scale")
+ENGINE_GROUPS = ("storage", "dump", "training", "loader", "online")
+"""The groups that need the storage dumps of the shared teacher engine measurement."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,16 @@ class BenchConfig:
     """vLLM context for the engine."""
     enforce_eager: bool = True
     """Skip vLLM compilation (as the demo does: on 2 CPU cores it costs more than it saves)."""
+    scale_repeats: int = 1
+    """Repeats of each scale-group run (each starts one or two engines: minutes apiece)."""
+    scale_windows: int = 64
+    """Text windows of the Ray dumps (1 and 2 workers) of the scale group."""
+    follow_windows: int = 48
+    """Text windows of the dump that student-train --follow trains on (scale group)."""
+    follow_rows_per_shard: int = 8
+    """Rows per shard of that dump (also the trainer's shuffle window and micro-batch)."""
     only: str | None = None
-    """Run one group of rows: storage, dump, training, loader or online (default: all)."""
+    """Run one group of rows: storage, dump, training, loader, online or scale (default: all)."""
 
     @property
     def storage_ks(self) -> tuple[int, ...]:
@@ -132,6 +144,7 @@ class BenchConfig:
                 (self.only is None or self.only in GROUPS,
                  f"--only {self.only!r} is not one of {', '.join(GROUPS)}"),
                 (self.repeats >= 1, "--set repeats must be at least 1"),
+                (self.scale_repeats >= 1, "--set scale_repeats must be at least 1"),
                 (self.windows >= 1, "--set windows must be at least 1"),
                 (self.storage_seeds >= 2, "--set storage_seeds must be at least 2 (a spread)"),
                 (self.train_steps >= 1, "--set train_steps must be at least 1"),
@@ -495,6 +508,132 @@ def online_rows(config: BenchConfig, online: dict) -> list[Row]:
     ]
 
 
+def text_dump_command(config: BenchConfig, teacher: Path, text: Path, out: Path, windows: int,
+                      *extra) -> list[str]:  # fmt: skip
+    """teacher-dump in text mode over `windows` windows of the benchmark text (k = small_k)."""
+    return command_module(
+        "teacher_dump.cli", "--model", teacher, "--data", "text", "--mode", "text",
+        "--data-path", text, "--chunk-tokens", config.chunk_tokens, "--limit", windows,
+        "--top-k", config.small_k, "--dtype", "float32", "--max-model-len", config.max_model_len,
+        "--out", out, "--no-progress", *(["--enforce-eager"] if config.enforce_eager else []),
+        *extra,
+    )  # fmt: skip
+
+
+def ray_dump_runs(config: BenchConfig, teacher: Path, text: Path, work: Path) -> dict:
+    """The same text dump by the local executor and by Ray with 1 and 2 workers: target tokens
+    and wall seconds of the whole command (start-up and engine starts included)."""
+    runs: dict[str, list[dict]] = {"local": [], "ray-1": [], "ray-2": []}
+    for repeat in range(config.scale_repeats):
+        for name in runs:
+            out = work / f"scale-{name}-{repeat}"
+            # Batches of 8 prompts, so that both Ray workers get work (the same for all three).
+            extra = ("--set", "max_in_flight=8")
+            if name != "local":
+                extra += ("--executor", "ray", "--ray-workers", name[-1])
+            command = text_dump_command(config, teacher, text, out, config.scale_windows, *extra)
+            began = time.perf_counter()
+            code, peak = run_process(command, work / f"scale-{name}-{repeat}.log")
+            seconds = time.perf_counter() - began
+            if code != 0:
+                tail = (work / f"scale-{name}-{repeat}.log").read_text()[-2000:]
+                raise RuntimeError(f"teacher-dump ({name}) failed:\n{tail}")
+            tokens = json.loads((out / "manifest.json").read_text())["totals"]["target_tokens"]
+            runs[name].append({"tokens": tokens, "seconds": seconds, "peak_rss_mb": peak})
+    return runs
+
+
+def follow_lag_run(config: BenchConfig, teacher: Path, student: Path, text: Path, work: Path,
+                   repeat: int) -> dict:  # fmt: skip
+    """teacher-dump and student-train --follow at once: when each shard was published (the
+    manifest polled every 0.05 s) and when the first training step on its rows ended."""
+    shards, out = work / f"follow-shards-{repeat}", work / f"follow-train-{repeat}"
+    rows = config.follow_rows_per_shard
+    dump = subprocess.Popen(
+        text_dump_command(config, teacher, text, shards, config.follow_windows,
+                          "--rows-per-shard", rows),
+        stdout=subprocess.DEVNULL, stderr=(work / f"follow-dump-{repeat}.log").open("w"),
+    )  # fmt: skip
+    train = subprocess.Popen(
+        command_module(
+            "student_train.cli", "--shards", shards, "--student", student, "--out", out,
+            "--follow", "--epochs", 1, "--micro-batch", rows, "--no-progress",
+            "--set", f"shuffle_buffer={rows}", "--set", "follow_poll=0.1",
+            "--set", "log_samples=true",
+        ),
+        stdout=subprocess.DEVNULL, stderr=(work / f"follow-train-{repeat}.log").open("w"),
+    )  # fmt: skip
+    published: dict[str, float] = {}
+    while train.poll() is None or dump.poll() is None:
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads((shards / "manifest.json").read_text())
+            for entry in manifest["shards"]:
+                published.setdefault(entry["name"], time.time())
+        time.sleep(0.05)
+    if train.returncode != 0 or dump.returncode != 0:
+        raise RuntimeError(f"the follow run failed: see {work}/follow-*-{repeat}.log")
+    import pyarrow.parquet as pq
+
+    shard_of = {
+        sample: name
+        for name in published
+        for sample in pq.read_table(shards / name, columns=["sample_id"])["sample_id"].to_pylist()
+    }
+    trained: dict[str, float] = {}
+    for line in (out / "samples-rank0.jsonl").read_text().splitlines():
+        step = json.loads(line)
+        for sample in step["samples"]:
+            trained.setdefault(shard_of[sample], step["time"])
+    seconds, _ = step_seconds(out / "metrics.jsonl")
+    lags = [trained[name] - published[name] for name in sorted(published)]
+    return {"lags": lags, "step_seconds": seconds, "shards": len(published)}
+
+
+def scale_rows(config: BenchConfig, scale: dict) -> list[Row]:
+    runs = scale["ray"]
+
+    def speeds(name: str) -> list[float]:
+        return [run["tokens"] / run["seconds"] for run in runs[name]]
+
+    two, one, local = speeds("ray-2"), speeds("ray-1"), speeds("local")
+    lags = [lag for run in scale["follow"] for lag in run["lags"]]
+    steps = [step for run in scale["follow"] for step in run["step_seconds"]]
+    firsts = [run["lags"][0] for run in scale["follow"]]
+    cores = os.cpu_count()
+    return [
+        Row(
+            "scale",
+            f"teacher-dump --executor ray, 2 workers ÷ 1 worker, target tokens/s over the whole "
+            f"command (start-up and engine starts included); {config.scale_windows} windows of "
+            f"{config.chunk_tokens} tokens, text mode, k={config.small_k}, {cores} CPU cores",
+            f"2 workers {statistics.median(two):,.0f}, 1 worker {statistics.median(one):,.0f}, "
+            f"local executor {statistics.median(local):,.0f} tok/s",
+            spread([a / b for a, b in zip(two, one, strict=True)]),
+            "—",
+            None,
+            f"each vLLM CPU engine uses every core, so on {cores} cores two engines share them; "
+            "more workers pay only where each gets its own GPU (or cores)",
+        ),
+        Row(
+            "scale",
+            f"student-train --follow lag: from a shard's publication in the manifest to the end "
+            f"of the first training step on its rows ({config.follow_windows} windows, shards "
+            f"and steps of {config.follow_rows_per_shard} rows, teacher-dump running beside it)",
+            f"first shard {statistics.median(firsts):.1f} s, median {statistics.median(lags):.1f} "
+            f"s, max {max(lags):.1f} s over {len(lags)} shards; a step took "
+            f"{statistics.median(steps):.1f} s (median, waits included)",
+            None,
+            "—",
+            None,
+            "a shard's lag is the trainer's poll (0.1 s), the step in progress, the shards "
+            "published before it and not yet trained on, and one step on its rows: where a step "
+            "takes longer than the dump needs for the next shard (here both share the cores), "
+            "shards queue and the lag grows shard by shard; the first shard's is the latency "
+            "without a queue",
+        ),
+    ]
+
+
 def teacher_name(config: BenchConfig) -> str:
     return Path(config.teacher).name if config.teacher else "SmolLM2-135M-Instruct"
 
@@ -583,6 +722,8 @@ def table_rows(config: BenchConfig, raw: dict, groups: tuple[str, ...]) -> list[
         rows += loader_rows(config, raw["loader"], raw["training"]["kd"], raw["loader_buffer_rows"])
     if "online" in groups:
         rows += online_rows(config, raw["online"])
+    if "scale" in groups:
+        rows += scale_rows(config, raw["scale"])
     return rows
 
 
@@ -690,9 +831,13 @@ def run_bench(config: BenchConfig) -> dict:
         bare_windows=config.bare_windows, max_model_len=config.max_model_len,
         enforce_eager=config.enforce_eager,
     )  # fmt: skip
-    stage("teacher engine (top-k): storage dumps" + (", dump overhead" if "dump" in groups else ""))
-    raw: dict = {
-        "engines": [
+    raw: dict = {}
+    if any(group in groups for group in ENGINE_GROUPS):
+        stage(
+            "teacher engine (top-k): storage dumps"
+            + (", dump overhead" if "dump" in groups else "")
+        )
+        raw["engines"] = [
             measurement(
                 "engine",
                 work / "engine.log",
@@ -703,7 +848,6 @@ def run_bench(config: BenchConfig) -> dict:
                 gsm8k=str(gsm8k) if gsm8k else None,
             )  # fmt: skip
         ]
-    }
     shards = work / "storage" / "wiki" / default
     if "storage" in groups:
         storage_work(config, raw, sampled_variants, engine_arguments, gsm8k, teacher, student,
@@ -767,6 +911,16 @@ def run_bench(config: BenchConfig) -> dict:
             micro_batch=config.micro_batch,
             top_k=config.large_k,
         )
+
+    if "scale" in groups:
+        stage("scale: Ray dumps with 1 and 2 workers, follow-mode lag")
+        raw["scale"] = {
+            "ray": ray_dump_runs(config, teacher, text, work),
+            "follow": [
+                follow_lag_run(config, teacher, student, text, work, repeat)
+                for repeat in range(config.scale_repeats)
+            ],
+        }
 
     header = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

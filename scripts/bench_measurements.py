@@ -117,7 +117,14 @@ def replay_dump(recording: RecordingEngine, config, repeats: int = 1) -> list[di
     manifest). The last repeat's dump stays in config.out."""
     import shutil
 
-    from teacher_dump.run import dump_requests, manifest_header, open_output, prepare
+    from shared.storage import Folder
+    from teacher_dump.run import (
+        engine_results,
+        manifest_header,
+        open_output,
+        prepare,
+        write_results,
+    )
 
     replay = ReplayEngine(recording, config.engine_logprobs)
     runs = []
@@ -125,12 +132,13 @@ def replay_dump(recording: RecordingEngine, config, repeats: int = 1) -> list[di
         shutil.rmtree(config.out, ignore_errors=True)
         began = time.perf_counter()
         prepared = prepare(config)
-        open_output(Path(config.out), manifest_header(config, prepared), config)
+        open_output(Folder(config.out), manifest_header(config, prepared), config)
         fixed = time.perf_counter() - began
         began = time.perf_counter()
-        tokens = dump_requests(
-            config, replay, prepared.tokenizer, prepared.requests, total=len(prepared.requests),
-            directory=Path(config.out),
+        replayed = engine_results(config, replay, prepared.tokenizer, prepared.requests)
+        tokens = write_results(
+            config, replayed, total=len(prepared.requests), todo=len(prepared.requests),
+            directory=Folder(config.out), vocabulary=len(prepared.tokenizer),
         )  # fmt: skip
         runs.append(
             {"tokens": tokens, "seconds": time.perf_counter() - began, "prepare_seconds": fixed}

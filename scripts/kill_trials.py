@@ -596,6 +596,7 @@ def left_dump_problems(out: Path) -> list[str]:
     shard that the manifest does not list yet (the disk filled up while the manifest was being
     rewritten after the shard's rename) is whole; the rerun lists it, so it is not a problem
     here once it passes every check on its own."""
+    from shared.storage import as_folder
     from teacher_dump.inspect import validate, validate_shard
     from teacher_dump.shards import describe_shard
 
@@ -607,7 +608,7 @@ def left_dump_problems(out: Path) -> list[str]:
             "on disk but not in the manifest (rerun the dump command to refresh it)"
         ):
             entry = describe_shard(out / name)
-            own = validate_shard(out / name, entry, manifest, set())
+            own = validate_shard(as_folder(out), entry, manifest, set())
             if own is None:
                 continue
             problem = f"{name}: {own}"

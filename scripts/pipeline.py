@@ -61,11 +61,15 @@ def ensure_teacher(teacher: Path, package: str, title: str) -> Path:
     return teacher
 
 
-def ensure_student(teacher: Path, layers: int, student: Path, title: str) -> Path:
-    """A student cut from the teacher (`layers` evenly spaced layers) unless it exists."""
+def ensure_student(
+    teacher: Path, layers: int, student: Path, title: str, keep: str = "evenly"
+) -> Path:
+    """A student cut from the teacher (`layers` of its layers, chosen as init-student --keep
+    says) unless it exists."""
     if (student / "config.json").is_file():
         click.secho(f"\n{title}: {student} (made earlier)", bold=True, err=True)
         return student
-    run_command(f"{title}: keep {layers} of the teacher's layers", "student-train",
-                ["init-student", "--teacher", teacher, "--layers", layers, "--out", student])  # fmt: skip
+    run_command(f"{title}: keep {layers} of the teacher's layers ({keep})", "student-train",
+                ["init-student", "--teacher", teacher, "--layers", layers, "--keep", keep,
+                 "--out", student])  # fmt: skip
     return student

@@ -149,11 +149,11 @@ def load_classifier(
         model = AutoModelForSequenceClassification.from_pretrained(
             str(directory),
             dtype=torch.float32,
-            use_safetensors=True,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: index for index, label in enumerate(labels)},
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(

@@ -18,9 +18,11 @@ is hashed once per process, and a file changed afterwards is checked again.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow.compute as pc
@@ -51,6 +53,7 @@ from schemas.shard import (
 from shared.errors import UserError, one_line
 from shared.files import sha256_of_file
 from shared.shard_codec import decode_codebook, decode_distributions
+from shared.storage import Folder, as_folder
 
 TRAINING_COLUMNS = (
     "sample_id",
@@ -115,12 +118,29 @@ class TrainingRow:
 class ShardFile:
     """One shard as its manifest entry describes it."""
 
-    path: Path
-    """The real path (inside the dump directory)."""
+    path: Path | str
+    """The real path (inside the dump directory), or its URL in object storage."""
     name: str
     bytes: int
     sha256: str
     target_tokens: int
+    folder: Folder | None = None
+    """The object-storage folder it is read from (None: a local file, read at `path`)."""
+
+    @property
+    def where(self) -> str:
+        """The dump it belongs to, for messages."""
+        return str(self.folder) if self.folder is not None else str(Path(self.path).parent)
+
+    @contextlib.contextmanager
+    def readable(self) -> Iterator[str | BinaryIO]:
+        """What pyarrow reads the shard from: its path (a local file: pyarrow's own reader, no
+        Python file object), or an open fsspec file (object storage)."""
+        if self.folder is None:
+            yield str(self.path)
+        else:
+            with self.folder.open(self.name) as handle:
+                yield handle
 
 
 @dataclass(frozen=True)
@@ -132,15 +152,17 @@ class RowGroup:
     rows: int
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | str:
         return self.shard.path
 
 
 @dataclass(frozen=True)
 class Dump:
-    """An opened teacher-dump directory: its manifest and every row group, in manifest order."""
+    """An opened teacher-dump directory: its manifest and every row group, in manifest order
+    (opened to follow a dump in progress: in publication order, see `refresh_dump`)."""
 
-    directory: Path
+    directory: Path | str
+    """The local directory, or the URL of an object-storage folder."""
     manifest: dict
     row_groups: tuple[RowGroup, ...]
 
@@ -148,79 +170,142 @@ class Dump:
     def rows(self) -> int:
         return sum(group.rows for group in self.row_groups)
 
+    @property
+    def complete(self) -> bool:
+        """Whether the manifest says every expected row is written."""
+        return bool(self.manifest.get("complete"))
+
 
 def open_dump(
-    directory: Path | str, *, allow_incomplete: bool = False, flag: str = "--shards"
+    directory: Path | str,
+    *,
+    allow_incomplete: bool = False,
+    flag: str = "--shards",
+    follow: bool = False,
 ) -> Dump:
     """Read a dump's manifest and its shards' footers, refusing anything inconsistent.
 
     Only metadata is read here (fast); row contents are checked as they stream. A full check of
-    every byte is `teacher-dump inspect DIR --validate`.
+    every byte is `teacher-dump inspect DIR --validate`. With `follow` the dump may be
+    incomplete and even empty, and its row groups come in publication order (the manifest
+    entries' `published` numbers), the order in which `refresh_dump` appends new ones. `directory` may be
+    a URL of object storage (shared/storage.py).
     """
-    directory = Path(directory)
-    if not directory.is_dir():
+    folder = as_folder(directory)
+    directory = folder.local if folder.is_local else folder.text
+    if not folder.exists():
         raise UserError(
             f"{flag} {directory}: no such directory; pass a teacher-dump --out directory"
         )
-    manifest = read_manifest(directory)
-    if not manifest.get("complete") and not allow_incomplete:
+    manifest = read_manifest(folder)
+    if not manifest.get("complete") and not (allow_incomplete or follow):
         totals = manifest.get("totals", {})
         raise UserError(
             f"{flag} {directory}: the dump is incomplete ({totals.get('rows', 0)} of "
             f"{manifest.get('data', {}).get('expected_rows', '?')} rows): rerun its teacher-dump "
             "command to finish it, or pass --set allow_incomplete=true to train on what is there"
         )
+    entries = publication_order(manifest["shards"]) if follow else manifest["shards"]
     row_groups: list[RowGroup] = []
-    for entry in manifest["shards"]:
-        try:
-            path = inside_directory(directory, entry["name"])
-        except UserError as error:
-            raise UserError(f"{flag} {error}") from None
-        if not path.is_file():
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} is listed in the manifest but missing: "
-                "rerun the teacher-dump command to rewrite it"
-            )
-        if path.stat().st_size != entry["bytes"]:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} has {path.stat().st_size} bytes, the "
-                f"manifest says {entry['bytes']} (truncated or replaced): delete it and rerun the "
-                "teacher-dump command"
-            )
-        try:
-            metadata = pq.ParquetFile(path).metadata
-        except Exception as error:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
-                f"({one_line(error, 100)}): delete it and rerun the teacher-dump command"
-            ) from None
-        problem = shard_format_problem(metadata.schema.to_arrow_schema(), manifest)
-        if problem:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} {problem}: redo the dump with this "
-                "release (or rerun the teacher-dump command that wrote the dump)"
-            )
-        if metadata.num_rows != entry["rows"]:
-            raise UserError(
-                f"{flag} {directory}: shard {entry['name']} holds {metadata.num_rows} rows, the "
-                f"manifest says {entry['rows']}: rerun the teacher-dump command to refresh it"
-            )
-        shard = ShardFile(
-            path=path,
-            name=entry["name"],
-            bytes=int(entry["bytes"]),
-            sha256=entry["sha256"],
-            target_tokens=int(entry["target_tokens"]),
-        )
-        for index in range(metadata.num_row_groups):
-            rows = metadata.row_group(index).num_rows
-            if rows:
-                row_groups.append(RowGroup(shard, index, rows))
-    if not row_groups:
+    for entry in entries:
+        row_groups += shard_row_groups(folder, entry, manifest, flag)
+    if not row_groups and not follow:
         raise UserError(
             f"{flag} {directory}: the dump holds no rows; run teacher-dump with data first"
         )
     return Dump(directory, manifest, tuple(row_groups))
+
+
+def publication_order(entries: list[dict]) -> list[dict]:
+    """Manifest entries in the order they were published (entries of a manifest written before
+    publication numbers existed keep their place, first)."""
+    indexed = list(enumerate(entries))
+    indexed.sort(key=lambda item: (item[1].get("published", -1), item[0]))
+    return [entry for _, entry in indexed]
+
+
+def refresh_dump(dump: Dump, flag: str = "--shards") -> Dump:
+    """`dump` (opened with follow=True) with the shards published since, appended in
+    publication order; the manifest is re-read. A shard already read must be unchanged (same
+    name, size and sha256) and still listed: a dump rewritten under a reader is refused."""
+    folder = as_folder(dump.directory)
+    manifest = read_manifest(folder)
+    entries = {entry["name"]: entry for entry in manifest["shards"]}
+    known = {group.shard.name: group.shard for group in dump.row_groups}
+    for name, shard in known.items():
+        entry = entries.get(name)
+        if entry is None or entry["sha256"] != shard.sha256 or entry["bytes"] != shard.bytes:
+            raise UserError(
+                f"{flag} {dump.directory}: shard {name} was removed or rewritten while being "
+                "followed: restart training from the finished dump (with --resume it continues "
+                "from the last checkpoint)"
+            )
+    added: list[RowGroup] = []
+    for entry in publication_order(manifest["shards"]):
+        if entry["name"] not in known:
+            added += shard_row_groups(folder, entry, manifest, flag)
+    return Dump(dump.directory, manifest, dump.row_groups + tuple(added))
+
+
+def shard_row_groups(folder: Folder, entry: dict, manifest: dict, flag: str) -> list[RowGroup]:
+    """The non-empty row groups of one manifest entry's shard, read from its footer after
+    checking that the file is the one the entry describes (size, schema version, storage and
+    columns against its dump's `manifest`, rows)."""
+    directory = folder.local if folder.is_local else folder.text
+    if folder.is_local:
+        try:
+            path = inside_directory(folder.local, entry["name"])
+        except UserError as error:
+            raise UserError(f"{flag} {error}") from None
+        present = path.is_file()
+    else:
+        path = folder.location_of(entry["name"])
+        present = folder.is_file(entry["name"])
+    if not present:
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} is listed in the manifest but missing: "
+            "rerun the teacher-dump command to rewrite it"
+        )
+    size = path.stat().st_size if folder.is_local else folder.size(entry["name"])
+    if size != entry["bytes"]:
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} has {size} bytes, the "
+            f"manifest says {entry['bytes']} (truncated or replaced): delete it and rerun the "
+            "teacher-dump command"
+        )
+    shard = ShardFile(
+        path=path,
+        name=entry["name"],
+        bytes=int(entry["bytes"]),
+        sha256=entry["sha256"],
+        target_tokens=int(entry["target_tokens"]),
+        folder=None if folder.is_local else folder,
+    )
+    try:
+        with shard.readable() as source:
+            metadata = pq.ParquetFile(source).metadata
+    except Exception as error:
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
+            f"({one_line(error, 100)}): delete it and rerun the teacher-dump command"
+        ) from None
+    problem = shard_format_problem(metadata.schema.to_arrow_schema(), manifest)
+    if problem:
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} {problem}: redo the dump with this "
+            "release (or rerun the teacher-dump command that wrote the dump)"
+        )
+    if metadata.num_rows != entry["rows"]:
+        raise UserError(
+            f"{flag} {directory}: shard {entry['name']} holds {metadata.num_rows} rows, the "
+            f"manifest says {entry['rows']}: rerun the teacher-dump command to refresh it"
+        )
+    groups = []
+    for index in range(metadata.num_row_groups):
+        rows = metadata.row_group(index).num_rows
+        if rows:
+            groups.append(RowGroup(shard, index, rows))
+    return groups
 
 
 def shard_format_problem(schema, manifest: dict) -> str | None:
@@ -416,38 +501,43 @@ def verify_shard(shard: ShardFile) -> None:
     Checks size, sha256 and the number of target tokens. Cheap after the first call for a
     shard (one stat), and repeated when the file's size or modification time has changed.
     """
+    fix = "run teacher-dump inspect --validate, delete it and rerun the teacher-dump command"
     try:
-        status = shard.path.stat()
+        if shard.folder is None:
+            status = Path(shard.path).stat()
+            size, stamp = status.st_size, status.st_mtime_ns
+        else:
+            size, stamp = shard.folder.version(shard.name)
     except OSError as error:
         raise UserError(
-            f"shard {shard.name} in {shard.path.parent} cannot be read ({error.strerror}): "
+            f"shard {shard.name} in {shard.where} cannot be read ({error.strerror or error}): "
             "rerun the teacher-dump command to rewrite it"
         ) from None
-    key = (str(shard.path), status.st_size, status.st_mtime_ns, shard.sha256)
+    key = (str(shard.path), size, stamp, shard.sha256)
     if key in _verified_shards:
         return
-    fix = "run teacher-dump inspect --validate, delete it and rerun the teacher-dump command"
-    if status.st_size != shard.bytes:
+    if size != shard.bytes:
         raise UserError(
-            f"shard {shard.name} in {shard.path.parent} has {status.st_size} bytes, the manifest "
+            f"shard {shard.name} in {shard.where} has {size} bytes, the manifest "
             f"says {shard.bytes} (truncated or replaced): {fix}"
         )
-    digest = sha256_of_file(shard.path)
+    digest = sha256_of_file(shard.path) if shard.folder is None else shard.folder.sha256(shard.name)
     if digest != shard.sha256:
         raise UserError(
-            f"shard {shard.name} in {shard.path.parent} has sha256 {digest[:16]}, the manifest "
+            f"shard {shard.name} in {shard.where} has sha256 {digest[:16]}, the manifest "
             f"says {shard.sha256[:16]} (corrupt or replaced since it was written): {fix}"
         )
     try:
-        lengths = pq.read_table(shard.path, columns=["target_ids"])["target_ids"]
+        with shard.readable() as source:
+            lengths = pq.read_table(source, columns=["target_ids"])["target_ids"]
         target_tokens = int(pc.sum(pc.list_value_length(lengths)).as_py() or 0)
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
-            f"shard {shard.name} in {shard.path.parent} is unreadable ({one_line(error, 100)}): {fix}"
+            f"shard {shard.name} in {shard.where} is unreadable ({one_line(error, 100)}): {fix}"
         ) from None
     if target_tokens != shard.target_tokens:
         raise UserError(
-            f"shard {shard.name} in {shard.path.parent} holds {target_tokens} target tokens, the "
+            f"shard {shard.name} in {shard.where} holds {target_tokens} target tokens, the "
             f"manifest says {shard.target_tokens}: {fix}"
         )
     _verified_shards.add(key)
@@ -523,12 +613,13 @@ def decode_row_group(
     if verify:
         verify_shard(group.shard)
     try:
-        parquet = pq.ParquetFile(group.path)
-        table = parquet.read_row_group(group.index, columns=physical_columns(columns, storage))
-        codebook = read_codebook(parquet.metadata, storage)
+        with group.shard.readable() as source:
+            parquet = pq.ParquetFile(source)
+            table = parquet.read_row_group(group.index, columns=physical_columns(columns, storage))
+            codebook = read_codebook(parquet.metadata, storage)
     except Exception as error:
         raise UserError(
-            f"shard {group.path.name} row group {group.index} is unreadable ({one_line(error, 100)}): "
+            f"shard {group.shard.name} row group {group.index} is unreadable ({one_line(error, 100)}): "
             "check it with teacher-dump inspect --validate and rerun the dump"
         ) from None
     decoded = (
@@ -537,7 +628,7 @@ def decode_row_group(
     problem = decoded if isinstance(decoded, str) else value_problem(decoded, vocabulary, classify)
     if problem:
         raise UserError(
-            f"shard {group.path.name} row group {group.index}: {problem}: the shard is corrupt or "
+            f"shard {group.shard.name} row group {group.index}: {problem}: the shard is corrupt or "
             "was not written by teacher-dump; run teacher-dump inspect --validate and redo it"
         )
     target_offsets, prompt_offsets = decoded.target_offsets, decoded.prompt_offsets

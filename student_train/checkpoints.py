@@ -84,17 +84,23 @@ def save_checkpoint(
     meta: dict,
     keep: int,
     extra_weights: dict[str, dict] | None = None,
+    model_state: dict | None = None,
+    write_sharded=None,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the `keep` newest.
 
     `extra_weights`: file name -> state dict of a trained module besides the student (saved as
-    safetensors beside its weights, and published with them)."""
+    safetensors beside its weights, and published with them). A sharded student (--parallel
+    fsdp) passes its full weights as `model_state`, and `write_sharded(directory)`, which has
+    every rank write its shards into the checkpoint before it is published."""
     from safetensors.torch import save_file
 
     final = checkpoint_directory(out, step)
     try:
         with atomic_directory(final) as temporary:
-            model.save_pretrained(str(temporary), safe_serialization=True)
+            model.save_pretrained(str(temporary), safe_serialization=True, state_dict=model_state)
+            if write_sharded is not None:
+                write_sharded(temporary)
             tokenizer.save_pretrained(str(temporary))
             for name, state in (extra_weights or {}).items():
                 save_file(

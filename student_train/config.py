@@ -7,6 +7,7 @@ It is saved as `train_config.json` in the output directory and inside every chec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from shared.config import check_choices
 from shared.distributions import TailPolicy
@@ -26,9 +27,14 @@ RESUMABLE_FIELDS = frozenset(
         "save_every",
         "eval_every",
         "eval_limit",
+        "follow_poll",
+        "follow_timeout",
     }
 )
 """Fields a resumed run may change: they say how this process runs, not what it trains."""
+
+Parallel = Literal["ddp", "fsdp"]
+"""How the ranks of a torchrun job share the student (see TrainConfig.parallel)."""
 
 DEFAULT_MICRO_BATCH = 8
 LANGUAGE_MODEL_DEFAULTS = {"alpha": 0.0, "temperature": 1.0}
@@ -197,6 +203,24 @@ class TrainConfig:
     """Allow Python code shipped with the student model/tokenizer to run."""
     allow_incomplete: bool = False
     """Train on a dump whose manifest says it is not complete (a dump still running or stopped)."""
+    parallel: Parallel = "ddp"
+    """How the ranks of a torchrun job share the student. ddp: each rank holds the whole
+    student; gradients are summed over ranks once per step. fsdp: torch's FSDP2 shards weights,
+    gradients and optimizer state over the ranks (one unit per decoder layer), for a student
+    that does not fit one device; checkpoints hold the shards (torch.distributed.checkpoint)
+    plus the full model gathered for final/. fsdp trains causal LM students in full (no LoRA)
+    without --eval-shards."""
+    follow: bool = False
+    """Train while the --shards dump is still being written: start before it (even before its
+    manifest exists), train on each shard as it is published, wait when caught up, and end when
+    the manifest says complete. Epoch 0 reads shards in publication order, shuffled within
+    windows of shuffle_buffer rows; later epochs as without --follow. With --epochs the step
+    count is planned from the manifest's expected rows (needs --micro-batch)."""
+    follow_poll: float = 5.0
+    """--follow: seconds between reads of the manifest while waiting for shards."""
+    follow_timeout: float | None = None
+    """--follow: stop with an error after this many seconds without a new shard (a checkpoint
+    is kept; --resume continues). Default: wait as long as it takes."""
     progress: bool = True
     """Show the progress bar on stderr."""
 
@@ -223,7 +247,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
-        checks = [
+        check_all([*self.source_and_batch_checks(), *self.value_checks()])
+
+    def source_and_batch_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for the data source, batching, follow and parallel settings."""
+        return [
             (
                 (self.max_steps is None) != (self.epochs is None),
                 "pass exactly one of --max-steps N or --epochs E",
@@ -264,6 +292,31 @@ class TrainConfig:
                 and (not self.teacher_weights or sum(self.teacher_weights) > 0),
                 "--teacher-weights must be >= 0 and not all 0",
             ),
+            (
+                not self.follow or (self.shards is not None and not self.more_shards),
+                "--follow trains on one dump being written: pass it as --shards (without "
+                "--more-shards, which needs finished dumps)",
+            ),
+            (
+                not self.follow or self.epochs is None or self.batch_tokens is None,
+                "--follow with --epochs plans its steps from the expected row count, which "
+                "--batch-tokens packing does not give: pass --micro-batch, or --max-steps",
+            ),
+            (self.follow_poll > 0, "--set follow_poll must be > 0"),
+            (
+                self.follow_timeout is None or self.follow_timeout > 0,
+                "--set follow_timeout must be > 0",
+            ),
+            (
+                self.parallel == "ddp" or (self.lora_r == 0 and self.eval_shards is None),
+                "--parallel fsdp trains full weights without evaluation: drop --lora-r and "
+                "--eval-shards (evaluate final/ with kd-eval --teacher-shards), or use ddp",
+            ),
+        ]
+
+    def value_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for the ranges of the numeric settings."""
+        return [
             (self.hidden_weight >= 0, "--hidden-weight must be >= 0"),
             (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
             (self.alpha is None or 0.0 <= self.alpha <= 1.0, "--alpha must be in [0, 1]"),
@@ -299,4 +352,3 @@ class TrainConfig:
                 "--stop-at-step must be at least 1",
             ),
         ]
-        check_all(checks)

@@ -11,16 +11,30 @@ So memory is one window, every rank sees a disjoint part of each epoch whose uni
 dump (rank row counts differ by at most one), and the stream is a pure function of
 (seed, epoch, window, offset). That triple is the position saved in checkpoints: resuming reads
 the one window the position is in and skips to the offset, without replaying the stream.
+
+Following a dump in progress (student-train --follow), step 1 of epoch 0 cannot permute row
+groups that are not written yet. Epoch 0 therefore takes the row groups in publication order
+(the order shards entered the manifest, which only grows), closes a window as soon as it holds
+`shuffle_buffer` rows (the last one when the manifest says complete), and shuffles within each
+window as above. Windows, their first rows' indices in the epoch and so the rank partition are
+then a function of the publication order alone, whatever moment each rank reads the manifest;
+a rank that reaches a window not yet closed waits (`DumpFollower`). Later epochs start only
+once the dump is complete and are permuted over all row groups as without --follow. The
+position stays (epoch, window, offset), so resuming a followed run waits, if needed, for the
+window it stopped in.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.manifest import is_classify, storage_of_manifest
+from schemas.manifest import MANIFEST_NAME, is_classify, storage_of_manifest
+from shared.errors import UserError
 from shared.shard_reader import (
     TRAINING_COLUMNS,
     Dump,
@@ -28,7 +42,10 @@ from shared.shard_reader import (
     TrainingRow,
     decode_row_group,
     id_space,
+    open_dump,
+    refresh_dump,
 )
+from shared.storage import as_folder
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,95 @@ def epoch_windows(
     return windows
 
 
+def followed_windows(
+    row_groups: tuple[RowGroup, ...], *, complete: bool, buffer_rows: int
+) -> list[tuple[list[RowGroup], int]]:
+    """Epoch 0 of a followed dump: the closed windows of the row groups published so far, in
+    publication order (a last window short of `buffer_rows` closes only once complete)."""
+    windows = epoch_windows(row_groups, seed=0, epoch=0, shuffle=False, buffer_rows=buffer_rows)
+    if windows and not complete and sum(group.rows for group in windows[-1][0]) < buffer_rows:
+        windows.pop()
+    return windows
+
+
+class DumpFollower:
+    """A dump being written: re-reads its manifest every `poll_seconds` while a reader waits for
+    more shards, and gives up after `timeout_seconds` without a new shard (None: never)."""
+
+    def __init__(
+        self,
+        dump: Dump,
+        *,
+        poll_seconds: float,
+        timeout_seconds: float | None,
+        announce: bool = True,
+        flag: str = "--shards",
+    ):
+        self.dump = dump
+        self.poll_seconds, self.timeout_seconds = poll_seconds, timeout_seconds
+        self.announce, self.flag = announce, flag
+        self.waited_seconds = 0.0
+        """Time spent waiting for shards so far (in this process)."""
+        self._last_growth = time.monotonic()
+
+    @classmethod
+    def open(
+        cls,
+        directory: str,
+        *,
+        poll_seconds: float,
+        timeout_seconds: float | None,
+        announce: bool = True,
+        flag: str = "--shards",
+    ) -> DumpFollower:
+        """Open a dump to follow, waiting for its manifest if teacher-dump has not written it
+        yet (a trainer may be started before the dump)."""
+        started = time.monotonic()
+        folder, told = as_folder(directory), False
+        while not (folder.exists() and folder.is_file(MANIFEST_NAME)):
+            # teacher-dump has not written its manifest yet (a trainer may start first).
+            if timeout_seconds is not None and time.monotonic() - started >= timeout_seconds:
+                raise UserError(
+                    f"--follow: {directory} has no {MANIFEST_NAME} after {timeout_seconds:.0f} s: "
+                    "start its teacher-dump, or check --shards"
+                )
+            if announce and not told:
+                print(f"--follow: waiting for {directory}/{MANIFEST_NAME}", file=sys.stderr)
+                told = True
+            time.sleep(poll_seconds)
+        dump = open_dump(directory, flag=flag, follow=True)
+        follower = cls(
+            dump,
+            poll_seconds=poll_seconds,
+            timeout_seconds=timeout_seconds,
+            announce=announce,
+            flag=flag,
+        )
+        follower.waited_seconds = time.monotonic() - started
+        return follower
+
+    def wait(self) -> Dump:
+        """Sleep one poll interval and re-read the manifest; the dump as it now stands."""
+        idle = time.monotonic() - self._last_growth
+        if self.timeout_seconds is not None and idle >= self.timeout_seconds:
+            totals = self.dump.manifest.get("totals", {})
+            expected = self.dump.manifest.get("data", {}).get("expected_rows", "?")
+            raise UserError(
+                f"--follow: no new shard in {self.flag} {self.dump.directory} for "
+                f"{idle:.0f} s ({totals.get('rows', 0)} of {expected} rows published): check "
+                "that its teacher-dump is running, then rerun with --resume (raise "
+                "--set follow_timeout=SECONDS to wait longer)"
+            )
+        started = time.monotonic()
+        time.sleep(self.poll_seconds)
+        before = (len(self.dump.row_groups), self.dump.complete)
+        self.dump = refresh_dump(self.dump, self.flag)
+        if (len(self.dump.row_groups), self.dump.complete) != before:
+            self._last_growth = time.monotonic()
+        self.waited_seconds += time.monotonic() - started
+        return self.dump
+
+
 class ShardStream:
     """One rank's stream of TrainingRows over a dump, with a resumable position.
 
@@ -96,9 +202,14 @@ class ShardStream:
         position: StreamPosition = StreamPosition(),
         read_group: Callable[[RowGroup, tuple[str, ...]], list[TrainingRow]] | None = None,
         verify: bool = True,
+        follower: DumpFollower | None = None,
     ):
         """`read_group(group, columns)` reads one row group; by default from the dump's
-        Parquet shards (a labels-only classification dataset passes rows held in memory)."""
+        Parquet shards (a labels-only classification dataset passes rows held in memory).
+        With a `follower` the dump is one being written (`dump` is ignored): epoch 0 follows its
+        publication order and waits for shards (see the module's docstring)."""
+        self.follower = follower
+        dump = follower.dump if follower is not None else dump
         self.dump = dump
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.buffer_rows = seed, shuffle, buffer_rows
@@ -118,7 +229,7 @@ class ShardStream:
         )
         self._position = position
         self._windows: list[tuple[list[RowGroup], int]] | None = None
-        self._windows_epoch = -1
+        self._windows_key: tuple | None = None
         self._rows: list[TrainingRow] | None = None
 
     @property
@@ -126,21 +237,45 @@ class ShardStream:
         return self._position
 
     def _epoch_windows(self, epoch: int) -> list[tuple[list[RowGroup], int]]:
-        if self._windows_epoch != epoch:
-            self._windows = epoch_windows(
-                self.dump.row_groups,
-                seed=self.seed,
-                epoch=epoch,
-                shuffle=self.shuffle,
-                buffer_rows=self.buffer_rows,
-            )
-            self._windows_epoch = epoch
+        followed_epoch = self.follower is not None and epoch == 0
+        key = (epoch, len(self.dump.row_groups), self.dump.complete)
+        if self._windows_key != key:
+            if followed_epoch:
+                self._windows = followed_windows(
+                    self.dump.row_groups, complete=self.dump.complete, buffer_rows=self.buffer_rows
+                )
+            else:
+                self._windows = epoch_windows(
+                    self.dump.row_groups,
+                    seed=self.seed,
+                    epoch=epoch,
+                    shuffle=self.shuffle,
+                    buffer_rows=self.buffer_rows,
+                )
+            self._windows_key = key
         return self._windows
+
+    def _windows_for(self, position: StreamPosition) -> list[tuple[list[RowGroup], int]]:
+        """The windows of the position's epoch, once they are known as far as the position
+        (following a dump: waits for its window to close, or for a later epoch, for the whole
+        dump to be complete)."""
+        while True:
+            windows = self._epoch_windows(position.epoch)
+            if self.follower is not None and self.dump.complete and not self.dump.row_groups:
+                raise UserError(
+                    f"--follow: {self.dump.directory} is complete and holds no rows: dump some "
+                    "data first"
+                )
+            if self.follower is None or self.dump.complete:
+                return windows
+            if position.epoch == 0 and position.window < len(windows):
+                return windows
+            self.dump = self.follower.wait()
 
     def _load_window(self) -> None:
         """Decode the window the position is in and keep this rank's share of it."""
         position = self._position
-        groups, start = self._epoch_windows(position.epoch)[position.window]
+        groups, start = self._windows_for(position)[position.window]
         rows = [row for group in groups for row in self.read_group(group, self.columns)]
         if self.shuffle:
             order = np.random.default_rng([self.seed, position.epoch, position.window]).permutation(
@@ -151,20 +286,21 @@ class ShardStream:
         self._rows = rows[first :: self.world_size]
 
     def peek(self) -> TrainingRow | None:
-        """The next row, or None when the stream has ended (finite epochs only)."""
+        """The next row, or None when the stream has ended (finite epochs only). Following a
+        dump, it waits while the next row is not published yet."""
         while True:
             position = self._position
             if self.epochs is not None and position.epoch >= self.epochs:
                 return None
+            if position.window >= len(self._windows_for(position)):
+                self._position = StreamPosition(position.epoch + 1, 0, 0)  # the epoch is over
+                self._rows = None
+                continue
             if self._rows is None:
                 self._load_window()
             if position.offset < len(self._rows):
                 return self._rows[position.offset]
-            window_count = len(self._epoch_windows(position.epoch))
-            if position.window + 1 < window_count:
-                self._position = StreamPosition(position.epoch, position.window + 1, 0)
-            else:
-                self._position = StreamPosition(position.epoch + 1, 0, 0)
+            self._position = StreamPosition(position.epoch, position.window + 1, 0)
             self._rows = None
 
     def take(self) -> TrainingRow | None:

@@ -81,7 +81,15 @@ from student_train.reporting import (
     plot_curve,
     truncate_metrics,
 )
-from student_train.shard_stream import ShardStream, StreamPosition
+from student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
+from student_train.sharding import (
+    ShardedStudent,
+    full_model_copy,
+    load_sharded,
+    save_sharded,
+    shard_student,
+    sharded_state,
+)
 from student_train.student import (
     Student,
     is_classification_student,
@@ -116,6 +124,8 @@ class TrainingRun:
     stream: ShardStream
     total_steps: int
     progress: object
+    sharded: ShardedStudent | None = None
+    """The FSDP2 root around the student (--parallel fsdp), else None."""
     step: int = 0
     tokens_seen: int = 0
     checkpoint: Path | None = None
@@ -165,10 +175,19 @@ def train(config: TrainConfig, context: Distributed) -> dict:
     out = Path(config.out)
     torch.manual_seed(config.seed)
     classification = is_classification_student(config.student)
-    read_group = None
+    read_group, follower = None, None
     if config.data is not None:
         dump, read_group = labels_only_source(config)
         check_dump_kind(dump.manifest, classify=classification, where=f"--data {config.data}")
+    elif config.follow:
+        follower = DumpFollower.open(
+            config.shards,
+            poll_seconds=config.follow_poll,
+            timeout_seconds=config.follow_timeout,
+            announce=context.is_main,
+        )
+        dump = follower.dump
+        check_dump_kind(dump.manifest, classify=classification, where=f"--shards {config.shards}")
     else:
         dump = open_dump(config.shards, allow_incomplete=config.allow_incomplete)
         check_dump_kind(dump.manifest, classify=classification, where=f"--shards {config.shards}")
@@ -191,7 +210,7 @@ def train(config: TrainConfig, context: Distributed) -> dict:
                     f"--out {out}: another student-train is writing there; wait for it to "
                     "finish or choose another --out"
                 ) from None
-        run = setup(config, context, out, dump, eval_dump, read_group)
+        run = setup(config, context, out, dump, eval_dump, read_group, follower)
         loop(run)
         return finish(run)
 
@@ -235,60 +254,39 @@ def setup(
     dump: Dump,
     eval_dump: Dump | None,
     read_group=None,
+    follower: DumpFollower | None = None,
 ) -> TrainingRun:
     """Load the student, choose the objective, build the optimizer, schedule and stream, and
-    restore a checkpoint."""
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is not None and not config.resume:
-        raise UserError(
-            f"--out {out} already holds a training run (checkpoint {checkpoint.name}): pass "
-            "--resume to continue it, or choose another --out"
-        )
-    meta, state = read_checkpoint(checkpoint) if checkpoint is not None else (None, None)
-    if meta is not None:
-        check_resumable(config, meta, context)
-    if context.is_main:
-        remove_temporaries(out)
-
+    restore a checkpoint. With a `follower` (--follow) the dump is still being written."""
+    checkpoint, meta, state = existing_checkpoint(config, context, out)
     if is_classify(dump.manifest):
         student, objective, columns = setup_classification(
             config, context, dump, eval_dump, checkpoint
         )
     else:
-        student = load_student(
-            config.student,
-            manifest=dump.manifest,
-            trust_remote_code=config.trust_remote_code,
-            lora=config.lora_options,
-            device=context.device,
-            weights_from=checkpoint,
+        student, objective, columns = setup_language_model(
+            config, context, dump, eval_dump, checkpoint
         )
-        if eval_dump is not None:
-            fingerprint = tokenizer_fingerprint(student.tokenizer)
-            check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
-        check_output_path(student.model, student.vocabulary, context.device)
-        objective = LanguageModelObjective(
-            output_logits_function(student.model, student.vocabulary),
-            config.loss_options(),
-            config.chunk_tokens,
-        )
-        columns = TRAINING_COLUMNS
     batch_shape = BatchShape(
         rows=config.rows_per_micro_batch,
         batch_tokens=config.batch_tokens,
         max_length=config.max_length or student.context or UNLIMITED_LENGTH,
         teacher_top_k=config.teacher_top_k,
     )
+    sharded = shard_if_asked(config, context, dump, student, objective)
     parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
     parameters += [parameter for module in objective.modules for parameter in module.parameters()]
-    total_steps = config.max_steps or count_steps(dump, config, context, batch_shape, read_group)
+    total_steps = plan_steps(config, context, dump, batch_shape, read_group, follower)
     optimizer, scheduler = make_optimizer(config, parameters, total_steps)
     step, tokens_seen, position = 0, 0, StreamPosition()
     if meta is not None:
-        step, tokens_seen, position = restore(meta, state, optimizer, scheduler, context)
+        step, tokens_seen, position = restore(
+            meta, state, optimizer, scheduler, context, sharded, checkpoint
+        )
     stream = training_stream(
-        dump, config, context, position=position, columns=columns, read_group=read_group
-    )
+        dump, config, context, position=position, columns=columns, read_group=read_group,
+        follower=follower,
+    )  # fmt: skip
     if config.log_samples:
         truncate_metrics(out / f"samples-rank{context.rank}.jsonl", step)
     if context.is_main:
@@ -313,12 +311,75 @@ def setup(
         stream=stream,
         total_steps=total_steps,
         progress=make_progress_bar(total_steps, step, enabled=context.is_main and config.progress),
+        sharded=sharded,
         step=step,
         tokens_seen=tokens_seen,
         checkpoint=checkpoint,
         saved_step=step if meta is not None else None,
         tokens_at_start=tokens_seen,
     )
+
+
+def shard_if_asked(
+    config: TrainConfig, context: Distributed, dump: Dump, student: Student, objective
+) -> ShardedStudent | None:
+    """--parallel fsdp: the student sharded over the ranks (FSDP2); else None."""
+    if config.parallel != "fsdp":
+        return None
+    if is_classify(dump.manifest):
+        raise UserError(
+            "--parallel fsdp trains causal LM students on token dumps: use --parallel ddp for "
+            "a classifier"
+        )
+    return shard_student(student.model, objective, context)
+
+
+def existing_checkpoint(
+    config: TrainConfig, context: Distributed, out: Path
+) -> tuple[Path | None, dict | None, dict | None]:
+    """(checkpoint, meta, training state) to resume from, or Nones for a fresh start; a run
+    already in --out is only continued with --resume, and only with a compatible config."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not config.resume:
+        raise UserError(
+            f"--out {out} already holds a training run (checkpoint {checkpoint.name}): pass "
+            "--resume to continue it, or choose another --out"
+        )
+    meta, state = read_checkpoint(checkpoint) if checkpoint is not None else (None, None)
+    if meta is not None:
+        check_resumable(config, meta, context)
+    if context.is_main:
+        remove_temporaries(out)
+    return checkpoint, meta, state
+
+
+def setup_language_model(
+    config: TrainConfig,
+    context: Distributed,
+    dump: Dump,
+    eval_dump: Dump | None,
+    checkpoint: Path | None,
+) -> tuple[Student, LanguageModelObjective, tuple[str, ...]]:
+    """The causal LM student, its objective and the columns it reads. Token ids only mean the
+    same tokens under the teacher's tokenizer: the student's fingerprint must match every dump."""
+    student = load_student(
+        config.student,
+        manifest=dump.manifest,
+        trust_remote_code=config.trust_remote_code,
+        lora=config.lora_options,
+        device=context.device,
+        weights_from=checkpoint,
+    )
+    if eval_dump is not None:
+        fingerprint = tokenizer_fingerprint(student.tokenizer)
+        check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
+    check_output_path(student.model, student.vocabulary, context.device)
+    objective = LanguageModelObjective(
+        output_logits_function(student.model, student.vocabulary),
+        config.loss_options(),
+        config.chunk_tokens,
+    )
+    return student, objective, TRAINING_COLUMNS
 
 
 def setup_classification(
@@ -387,11 +448,21 @@ def setup_classification(
 
 
 def restore(
-    meta: dict, state: dict, optimizer, scheduler, context: Distributed
+    meta: dict,
+    state: dict,
+    optimizer,
+    scheduler,
+    context: Distributed,
+    sharded: ShardedStudent | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[int, int, StreamPosition]:
-    """Load a checkpoint's optimizer, schedule and this rank's RNG state; (step, tokens seen,
-    this rank's loader position)."""
-    optimizer.load_state_dict(state["optimizer"])
+    """Load a checkpoint's optimizer (a sharded student's, with its weights, from the
+    checkpoint's shards), schedule and this rank's RNG state; (step, tokens seen, this rank's
+    loader position)."""
+    if sharded is not None:
+        load_sharded(sharded, optimizer, checkpoint)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"][context.rank])
     if context.device.type == "cuda":
@@ -441,13 +512,14 @@ def loop(run: TrainingRun) -> None:
             objective=run.objective,
             bf16=config.bf16,
             context=run.context,
+            sharded=run.sharded,
         )
         if totals.rows == 0:
             break  # every rank's stream has ended (--epochs)
         if config.log_samples:
             samples = [sample for batch in micro_batches for sample in batch.sample_ids]
             path = run.out / f"samples-rank{run.context.rank}.jsonl"
-            append_metrics(path, {"step": run.step + 1, "samples": samples})
+            append_metrics(path, {"step": run.step + 1, "time": time.time(), "samples": samples})
         grad_norm, learning_rate = optimizer_step(run)
         run.step += 1
         run.tokens_seen += totals.tokens
@@ -531,12 +603,15 @@ def accumulate_gradients(
     objective: LanguageModelObjective | ClassificationObjective,
     bf16: bool,
     context: Distributed,
+    sharded: ShardedStudent | None = None,
 ) -> StepTotals:
     """Forward and backward over one optimizer step's micro-batches (this rank's share).
 
     The loss sums are divided once, by the target tokens (classification: examples) of the
     whole step across every micro-batch and rank, so the step's gradient equals that of one big
-    batch however it is split. The gradients are left in .grad, not yet summed over ranks.
+    batch however it is split. The gradients are left in .grad, not yet summed over ranks
+    (a `sharded` student's are: FSDP2 reduce-scatters their sums in each backward, so every
+    rank runs every micro-batch, an empty one as its last real one with weight 0).
     """
     local = [
         sum(batch.target_tokens for batch in micro_batches),
@@ -548,20 +623,29 @@ def accumulate_gradients(
     device = context.device
     sums = torch.zeros(SUMS_WIDTH, dtype=torch.float64, device=device)
     for batch in micro_batches:
-        if batch.target_tokens == 0:
+        weight = 1.0
+        if sharded is not None and step_rows > 0:
+            batch, weight = sharded.batch_to_run(batch)
+        elif batch.target_tokens == 0:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            batch_sums = objective.sums(model, batch, device)
-        (batch_sums[0] / step_tokens).backward()
-        sums += batch_sums.detach().double()
+            if sharded is not None:
+                batch_sums = sharded(batch, device)
+            else:
+                batch_sums = objective.sums(model, batch, device)
+        (batch_sums[0] * weight / max(step_tokens, 1)).backward()
+        sums += batch_sums.detach().double() * weight
     return StepTotals(sum_across_ranks(context, sums), step_tokens, step_rows)
 
 
 def optimizer_step(run: TrainingRun) -> tuple[float, float]:
     """Sum gradients over ranks, clip, step AdamW and the schedule; (grad norm, LR used)."""
-    sum_gradients(run.context, run.parameters)
+    if run.sharded is None:  # FSDP2 has already summed them, shard by shard
+        sum_gradients(run.context, run.parameters)
     clip = run.config.grad_clip if run.config.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.parameters, clip)
+    if hasattr(grad_norm, "full_tensor"):  # the norm over a sharded student's gradients
+        grad_norm = grad_norm.full_tensor()
     learning_rate = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -575,6 +659,8 @@ def step_metrics(
     """One metrics.jsonl line for the step just taken."""
     total, ce, kd, hidden = (totals.sums / max(totals.tokens, 1)).tolist()
     extra = {"hidden_mse": hidden} if run.config.hidden_weight > 0 else {}
+    if run.stream.follower is not None:
+        extra["waited_seconds"] = run.stream.follower.waited_seconds
     return {
         "step": run.step,
         "epoch": run.stream.position.epoch,
@@ -618,8 +704,10 @@ def training_stream(
     position: StreamPosition | None = None,
     columns: tuple[str, ...] = TRAINING_COLUMNS,
     read_group=None,
+    follower: DumpFollower | None = None,
 ) -> ShardStream:
-    """This rank's shuffled stream over the training dump (ends after --epochs, if given)."""
+    """This rank's shuffled stream over the training dump (ends after --epochs, if given;
+    follows the dump as it is written with a `follower`)."""
     return ShardStream(
         dump,
         rank=context.rank,
@@ -634,7 +722,35 @@ def training_stream(
         # Planning reads only the row lengths and trains on nothing: hashing every shard then
         # would read the whole dump at start-up. Training verifies each shard when it opens it.
         verify=columns != LENGTH_COLUMNS,
+        follower=follower,
     )
+
+
+def plan_steps(
+    config: TrainConfig,
+    context: Distributed,
+    dump: Dump,
+    batch_shape: BatchShape,
+    read_group=None,
+    follower: DumpFollower | None = None,
+) -> int:
+    """The run's optimizer steps: --max-steps, or what --epochs passes take (counted on the
+    row lengths, or for a dump still being written planned from its expected rows)."""
+    if config.max_steps:
+        return config.max_steps
+    if follower is not None:
+        return followed_steps(dump.manifest, config, context)
+    return count_steps(dump, config, context, batch_shape, read_group)
+
+
+def followed_steps(manifest: dict, config: TrainConfig, context: Distributed) -> int:
+    """Optimizer steps that --epochs passes over a dump still being written take, from the
+    manifest's expected row count: with a fixed --micro-batch every micro-batch but a rank's
+    last takes exactly that many rows, and rank 0 gets ceil(rows / world size) rows of each
+    epoch (the same count count_steps finds on the finished dump)."""
+    rows = int(manifest.get("data", {}).get("expected_rows") or 0)
+    per_rank = int(config.epochs) * math.ceil(rows / context.world_size)
+    return max(1, math.ceil(per_rank / (config.rows_per_micro_batch * config.grad_accum)))
 
 
 def count_steps(
@@ -694,6 +810,19 @@ def save_training_state(run: TrainingRun) -> None:
         else []
     )
     positions = gather_objects(context, run.stream.position.to_dict())
+    model, write_sharded = run.student.model, None
+    if run.sharded is not None:
+        # Collective: every rank takes part in gathering the full weights and in writing its
+        # shards into the directory rank 0 assembles (its name is sent to the others).
+        model = full_model_copy(run.sharded, context.is_main)
+        shards = sharded_state(run.sharded, run.optimizer)
+
+        def write_sharded(directory: Path) -> None:
+            broadcast_object(context, str(directory))
+            save_sharded(shards, directory)
+
+        if not context.is_main:
+            save_sharded(shards, Path(broadcast_object(context, None)))
     path = None
     if context.is_main:
         meta = {
@@ -714,20 +843,22 @@ def save_training_state(run: TrainingRun) -> None:
             "torch": torch.__version__,
         }
         state = {
-            "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "rng": rng_states,
             "cuda_rng": cuda_states,
         }
+        if run.sharded is None:  # a sharded optimizer is in the checkpoint's shards
+            state["optimizer"] = run.optimizer.state_dict()
         path = save_checkpoint(
             run.out,
             run.step,
-            model=run.student.model,
+            model=model,
             tokenizer=run.student.tokenizer,
             training_state=state,
             meta=meta,
             keep=run.config.keep_checkpoints,
             extra_weights=extra_weights(run),
+            write_sharded=write_sharded,
         )
     run.checkpoint = Path(broadcast_object(context, str(path) if path else None))
     run.saved_step = run.step

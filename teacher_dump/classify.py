@@ -54,17 +54,15 @@ class ClassificationPlan:
     """The teacher tokenizer's padding id (transformers batches)."""
 
 
-def classification_requests(
+def teacher_labels(
     config: DumpConfig,
     model: ResolvedModel,
     tokenizer,
-    examples: list[Example],
     task_labels: tuple[str, ...] | None,
-    *,
-    context: int,
     use_template: bool,
-) -> tuple[list[DumpRequest], ClassificationPlan]:
-    """Check the teacher and the labels, and render every example (before any engine starts)."""
+) -> tuple[list[str], str, list[list[int]] | None]:
+    """(labels, "classifier" or "verbalizer", each label word's token ids for a verbalizer):
+    what kind of teacher --model is, checked against the data's labels and --label-words."""
     if is_sequence_classifier(model.config):
         if config.label_words:
             raise UserError(
@@ -100,6 +98,21 @@ def classification_requests(
             f"--model {config.model} is a {names}, not a sequence classifier: --mode classify "
             "needs a *ForSequenceClassification model (or a causal LM with --label-words)"
         )
+    return labels, kind, word_ids
+
+
+def classification_requests(
+    config: DumpConfig,
+    model: ResolvedModel,
+    tokenizer,
+    examples: list[Example],
+    task_labels: tuple[str, ...] | None,
+    *,
+    context: int,
+    use_template: bool,
+) -> tuple[list[DumpRequest], ClassificationPlan]:
+    """Check the teacher and the labels, and render every example (before any engine starts)."""
+    labels, kind, word_ids = teacher_labels(config, model, tokenizer, task_labels, use_template)
     requests, truncated = [], 0
     longest_word = max((len(ids) for ids in word_ids), default=0) if word_ids else 0
     for example in examples:

@@ -18,7 +18,7 @@ FLAGS = (
     "chunk_tokens", "rows_per_shard", "rank", "world_size", "tensor_parallel_size",
     "max_model_len", "dtype", "chat_template", "skip_too_long", "trust_remote_code",
     "enforce_eager", "progress", "classify_backend", "hidden_layer", "hidden_pooling",
-    "label_words", "verbalizer_prompt",
+    "label_words", "verbalizer_prompt", "executor", "ray_workers",
 )  # fmt: skip
 """The DumpConfig fields that have a flag; every field can be set with --set or --config."""
 NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
@@ -63,14 +63,15 @@ def main(context: click.Context, config_file, assignments, **flags) -> None:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory")
 @click.option(
     "--validate",
     is_flag=True,
     help="Read every shard fully and check it against schema and manifest.",
 )
-def inspect(directory: Path, validate: bool) -> None:
-    """Summarize a dump; with --validate, check every shard (exit 1 naming the bad shard)."""
+def inspect(directory: str, validate: bool) -> None:
+    """Summarize a dump (a directory or an object-storage URL); with --validate, check every
+    shard (exit 1 naming the bad shard)."""
     from teacher_dump.inspect import run_inspect
 
     try:

@@ -11,6 +11,9 @@ from shared.config import check_choices
 from shared.engine import ClassifierBackend, EngineDtype
 from shared.errors import check_all
 
+Executor = Literal["local", "ray"]
+"""Who drives the engines: this process (one engine), or a Ray Data pipeline (several)."""
+
 Mode = Literal["generate", "score", "text", "classify"]
 """generate: the teacher samples completions; score: it is teacher-forced on the reference;
 text: every position of raw text; classify: class distributions of a classifier (or of an LLM
@@ -21,7 +24,18 @@ DEFAULT_VERBALIZER_PROMPT = (
     "Answer with the label only."
 )
 
-LOCAL_FIELDS = frozenset({"rank", "world_size", "rows_per_shard", "max_in_flight", "progress"})
+LOCAL_FIELDS = frozenset(
+    {
+        "rank",
+        "world_size",
+        "rows_per_shard",
+        "max_in_flight",
+        "progress",
+        "executor",
+        "ray_workers",
+        "ray_address",
+    }
+)
 """Fields that only say how this process works, not what the dump contains: a rerun may change
 them. Every other field is part of the dump's identity, and a rerun into the same --out with a
 different value is refused."""
@@ -153,6 +167,16 @@ class DumpConfig:
     manifest.json (updated under a file lock)."""
     world_size: int = 1
     """Independent processes (or machines) splitting the prompts; each runs with its --rank."""
+    executor: Executor = "local"
+    """Who runs the teacher. local: one vLLM engine in this process. ray: a Ray Data pipeline,
+    prompts → --ray-workers actors each holding one vLLM engine (of --tensor-parallel-size
+    GPUs) → this process, the only writer, with the same shards, manifest and resume (generate,
+    score and text modes)."""
+    ray_workers: int = 1
+    """--executor ray: vLLM engines (Ray actors) running at once."""
+    ray_address: str | None = None
+    """--executor ray: the Ray cluster to join (e.g. auto, or ray://HOST:10001); default: a
+    local one started for this run (one CPU per worker)."""
     progress: bool = True
     """Show the progress bar on stderr."""
 
@@ -182,6 +206,12 @@ class DumpConfig:
                 f"--rank must be in [0, {self.world_size - 1}] for --world-size {self.world_size}",
             ),
             (self.tensor_parallel_size >= 1, "--tensor-parallel-size must be at least 1"),
+            (self.ray_workers >= 1, "--ray-workers must be at least 1"),
+            (
+                self.executor == "local" or self.mode != "classify",
+                "--executor ray runs token dumps (generate, score, text): use --executor local "
+                "for --mode classify",
+            ),
             (
                 self.mode == "generate" or self.num_samples == 1,
                 "--num-samples > 1 needs --mode generate",

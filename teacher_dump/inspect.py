@@ -9,6 +9,7 @@ ids; the first problem is reported with the shard's name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -19,14 +20,13 @@ import pyarrow.parquet as pq
 from schemas.manifest import inside_directory, is_classify, read_manifest, storage_of_manifest
 from schemas.shard import V1_COLUMNS
 from shared.errors import UserError, one_line
-from shared.files import sha256_of_file
 from shared.shard_reader import checked_columns, physical_columns, read_codebook, shard_columns
+from shared.storage import Folder, as_folder
 from teacher_dump.shards import shards_on_disk
 
 
-def column_bytes(path: Path) -> dict[str, int]:
-    """Compressed bytes of each top-level column of a shard (from its Parquet footer)."""
-    metadata = pq.ParquetFile(path).metadata
+def column_bytes(metadata) -> dict[str, int]:
+    """Compressed bytes of each top-level column of a shard, from its Parquet FileMetaData."""
     sizes: dict[str, int] = {}
     for group in range(metadata.num_row_groups):
         row_group = metadata.row_group(group)
@@ -37,9 +37,10 @@ def column_bytes(path: Path) -> dict[str, int]:
     return sizes
 
 
-def summarize(directory: Path) -> dict:
-    """Statistics of a dump for display."""
-    manifest = read_manifest(directory)
+def summarize(directory: Path | Folder) -> dict:
+    """Statistics of a dump for display (a local directory or an object-storage folder)."""
+    folder = as_folder(directory)
+    manifest = read_manifest(folder)
     storage = storage_of_manifest(manifest)
     finish_reasons: Counter[str] = Counter()
     mass_sum, entries, positions = 0.0, 0, 0
@@ -47,16 +48,18 @@ def summarize(directory: Path) -> dict:
     unreadable = []
     for entry in manifest["shards"]:
         try:
-            path = inside_directory(directory, entry["name"])
             reader_columns = ("sample_id", "target_ids", "finish_reason", *V1_COLUMNS)
-            table = pq.read_table(path, columns=physical_columns(reader_columns, storage))
-            codebook = read_codebook(pq.ParquetFile(path).metadata, storage)
+            with open_shard(folder, entry["name"]) as handle:
+                parquet = pq.ParquetFile(handle)
+                table = parquet.read(columns=physical_columns(reader_columns, storage))
+                metadata = parquet.metadata
+            codebook = read_codebook(metadata, storage)
             columns = (
                 codebook
                 if isinstance(codebook, str)
                 else shard_columns(table, manifest["top_k"], storage, codebook)
             )
-            sizes.update(column_bytes(path))
+            sizes.update(column_bytes(metadata))
         except Exception:  # reported by --validate with the reason; the summary goes on
             unreadable.append(entry["name"])
             continue
@@ -158,41 +161,55 @@ def format_summary(directory: Path, summary: dict) -> str:
     return "\n".join(lines)
 
 
-def validate(directory: Path) -> list[str]:
+def validate(directory: Path | Folder) -> list[str]:
     """Every problem found, each naming its shard; empty when the dump is intact."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
+    folder = as_folder(directory)
+    manifest = read_manifest(folder)
     problems: list[str] = []
     listed = {entry["name"] for entry in manifest["shards"]}
-    for path in shards_on_disk(directory):
-        if path.name not in listed:
+    for name in shards_on_disk(folder):
+        if name not in listed:
             problems.append(
-                f"{path.name}: on disk but not in the manifest (rerun the dump command to refresh it)"
+                f"{name}: on disk but not in the manifest (rerun the dump command to refresh it)"
             )
     seen_ids: set[str] = set()
     for entry in manifest["shards"]:
         try:
-            path = inside_directory(directory, entry["name"])
+            problem = validate_shard(folder, entry, manifest, seen_ids)
         except UserError as error:
-            problems.append(f"{entry['name']}: {error}")
-            continue
-        problem = validate_shard(path, entry, manifest, seen_ids)
+            problem = str(error)
         if problem:
             problems.append(f"{entry['name']}: {problem}")
     return problems
 
 
-def validate_shard(path: Path, entry: dict, manifest: dict, seen_ids: set[str]) -> str | None:
+@contextlib.contextmanager
+def open_shard(folder: Folder, name: str):
+    """What pyarrow reads a shard of the dump from: locally its path (only a file of the dump
+    directory itself: see schemas.manifest.inside_directory), else an open fsspec file."""
+    if folder.is_local:
+        yield str(inside_directory(folder.local, name))
+    else:
+        with folder.open(name) as handle:
+            yield handle
+
+
+def validate_shard(folder: Folder, entry: dict, manifest: dict, seen_ids: set[str]) -> str | None:
     """The first problem in one shard, or None (the same value checks as the trainer's reader)."""
-    if not path.is_file():
+    name = entry["name"]
+    if folder.is_local:
+        name = inside_directory(folder.local, name).name  # refuses links leading elsewhere
+    if not folder.is_file(name):
         return "listed in the manifest but missing on disk"
-    if path.stat().st_size != entry["bytes"]:
-        return f"size {path.stat().st_size} differs from the manifest's {entry['bytes']} (truncated or replaced)"
-    if sha256_of_file(path) != entry["sha256"]:
+    size = folder.size(name)
+    if size != entry["bytes"]:
+        return f"size {size} differs from the manifest's {entry['bytes']} (truncated or replaced)"
+    if folder.sha256(name) != entry["sha256"]:
         return "sha256 differs from the manifest (corrupt or replaced)"
     try:
-        parquet = pq.ParquetFile(path)
-        table = parquet.read()
+        with open_shard(folder, name) as handle:
+            parquet = pq.ParquetFile(handle)
+            table = parquet.read()
     except Exception as error:
         return f"unreadable Parquet ({one_line(error, 120)})"
     if table.num_rows != entry["rows"]:
@@ -209,15 +226,15 @@ def validate_shard(path: Path, entry: dict, manifest: dict, seen_ids: set[str]) 
     return None
 
 
-def run_inspect(directory: Path, check: bool) -> int:
+def run_inspect(directory: Path | str, check: bool) -> int:
     """Print the summary (and validation result); returns the exit status."""
-    directory = Path(directory)
-    if not directory.is_dir():
+    folder = as_folder(directory)
+    if not folder.exists():
         raise UserError(f"{directory} is not a directory: pass a teacher-dump --out directory")
-    print(format_summary(directory, summarize(directory)))
+    print(format_summary(folder, summarize(folder)))
     if not check:
         return 0
-    problems = validate(directory)
+    problems = validate(folder)
     if problems:
         for problem in problems:
             print(f"INVALID {problem}")

@@ -176,3 +176,39 @@ def make_classification_row(
         topk_logprobs=round_logprobs(ranked),
         hidden=None if hidden is None else np.asarray(hidden, dtype=np.float16),
     )
+
+
+ENTRY_COLUMNS = ("entry_counts", "entry_ids", "entry_values", "entry_tail")
+"""The columns that carry a row's RowEntries across a process boundary (list<int32> each),
+beside the shard's row columns (teacher_dump.shards.rows_to_transfer_table)."""
+
+
+def rows_from_table(table) -> list[ShardRow]:
+    """The ShardRows of a transfer table (the inverse of
+    teacher_dump.shards.rows_to_transfer_table): token rows that crossed a process boundary as
+    Arrow, e.g. from the Ray executor's actors, with their stored distributions still before
+    the shard-level coding (the writer's shard decides the codebook)."""
+    columns = {name: table[name].to_pylist() for name in table.column_names}
+
+    def int32(name: str, index: int) -> np.ndarray:
+        return np.asarray(columns[name][index], dtype=np.int32)
+
+    rows = []
+    for index in range(table.num_rows):
+        rows.append(
+            ShardRow(
+                sample_id=columns["sample_id"][index],
+                source_index=columns["source_index"][index],
+                completion_index=columns["completion_index"][index],
+                prompt_ids=int32("prompt_ids", index),
+                target_ids=int32("target_ids", index),
+                target_logprobs=np.asarray(columns["target_logprobs"][index], dtype=np.float32),
+                entries=RowEntries(*(int32(name, index) for name in ENTRY_COLUMNS)),
+                finish_reason=columns["finish_reason"][index],
+                prompt_text=columns["prompt_text"][index],
+                target_text=columns["target_text"][index],
+                references=tuple(columns["references"][index]),
+                padded_topk_entries=columns["padded_topk_entries"][index],
+            )
+        )
+    return rows

@@ -11,19 +11,21 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
 
-from schemas.manifest import manifest_path
+from schemas.manifest import MANIFEST_NAME
 from schemas.shard import CLASSIFY_SCHEMA_VERSION, LOGPROB_STEP, SCHEMA_VERSION, Storage
 from shared.config import config_to_dict
 from shared.errors import UserError
-from shared.files import atomic_write_json, directory_lock, remove_stale_temporaries
+from shared.files import remove_stale_temporaries
 from shared.models import ResolvedModel, context_length, resolve_model
 from shared.records import LoadedRecords
+from shared.storage import Folder
 from shared.tasks import examples_from_records, load_records, resolve_task
 from shared.tokenizer import (
     has_chat_template,
@@ -249,16 +251,16 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
     return header
 
 
-def open_output(directory: Path, header: dict, config: DumpConfig) -> None:
+def open_output(directory: Folder, header: dict, config: DumpConfig) -> None:
     """Create the manifest, or check that the existing one was made with the same config."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with directory_lock(directory):
-        path = manifest_path(directory)
-        if not path.exists():
-            atomic_write_json(path, header)
+    directory.make()
+    with directory.lock():
+        path = directory.location_of(MANIFEST_NAME)
+        if not directory.is_file(MANIFEST_NAME):
+            directory.write_json(MANIFEST_NAME, header)
             return
         try:
-            existing = json.loads(path.read_text())
+            existing = json.loads(directory.read_text(MANIFEST_NAME))
         except json.JSONDecodeError:
             raise UserError(
                 f"{path} is corrupt: delete it and rerun (it is rebuilt from the shards)"
@@ -266,8 +268,9 @@ def open_output(directory: Path, header: dict, config: DumpConfig) -> None:
         if existing.get("schema_version") != header["schema_version"]:
             raise UserError(
                 f"{directory} holds a dump with schema version {existing.get('schema_version')}, "
-                f"this teacher-dump writes {header['schema_version']} there: use a new --out directory (it "
-                "cannot be resumed with this release; reading and training on it still work)"
+                f"this teacher-dump writes {header['schema_version']} there: use a new --out "
+                "directory (it cannot be resumed with this release; reading and training on it "
+                "still work)"
             )
         if existing.get("identity") != header["identity"]:
             old = {
@@ -362,18 +365,19 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     started = time.perf_counter()
     prepared = prepare(config)
     header = manifest_header(config, prepared)
-    directory = Path(config.out)
+    directory = Folder(config.out)
     open_output(directory, header, config)
     with exclusive_writer(directory, config.rank, config.world_size):
         return dump_remaining(config, prepared, directory, engine, started)
 
 
 def dump_remaining(
-    config: DumpConfig, prepared: PreparedDump, directory: Path, engine, started: float
+    config: DumpConfig, prepared: PreparedDump, directory: Folder, engine, started: float
 ) -> dict:
     """This rank's prompts not yet in a shard, through the engine into shards (the caller holds
     the rank's writer lock); returns the final manifest."""
-    remove_stale_temporaries(directory)
+    if directory.is_local:  # object stores have no temporaries
+        remove_stale_temporaries(directory.local)
     done = done_source_indices(directory)
     mine = [
         request
@@ -406,6 +410,26 @@ def dump_remaining(
         dump_seconds = time.perf_counter() - dump_started
         written_tokens = statistics["rows"]
         record_classification_statistics(directory, statistics, plan)
+    elif todo and config.executor == "ray":
+        from teacher_dump.ray_dump import ray_results
+
+        stored_dtype = checkpoint_dtype(prepared.model.config)
+        dump_started = time.perf_counter()
+        results = ray_results(
+            config,
+            prepared.model.directory,
+            todo,
+            on_engine=lambda description: record_engine(directory, description, stored_dtype),
+        )
+        written_tokens = write_results(
+            config,
+            results,
+            total=len(mine),
+            todo=len(todo),
+            directory=directory,
+            vocabulary=len(prepared.tokenizer),
+        )
+        dump_seconds = time.perf_counter() - dump_started
     elif todo:
         own_engine = engine is None
         engine = engine or build_engine(config, prepared.model)
@@ -421,11 +445,18 @@ def dump_remaining(
                 f"--store {config.store} needs an engine with sampled_logprobs={wanted}, this "
                 f"one has {engine.settings.sampled_logprobs}: build one for this --store"
             )
-        record_engine(directory, engine, checkpoint_dtype(prepared.model.config))
+        stored_dtype = checkpoint_dtype(prepared.model.config)
+        record_engine(directory, engine_description(engine), stored_dtype)
         dump_started = time.perf_counter()
         try:
-            written_tokens = dump_requests(
-                config, engine, prepared.tokenizer, todo, total=len(mine), directory=directory
+            results = engine_results(config, engine, prepared.tokenizer, todo)
+            written_tokens = write_results(
+                config,
+                results,
+                total=len(mine),
+                todo=len(todo),
+                directory=directory,
+                vocabulary=len(prepared.tokenizer),
             )
         finally:
             if own_engine:
@@ -463,58 +494,70 @@ def checkpoint_dtype(model_config: dict) -> str | None:
     return model_config.get("dtype") or model_config.get("torch_dtype")
 
 
-def record_engine(directory: Path, engine, stored_dtype: str | None) -> None:
+def engine_description(engine) -> dict:
+    """What actually ran, as the manifest records it (known only once the engine is built)."""
+    return {
+        "dtype": engine.dtype,
+        "requested_dtype": engine.settings.dtype,
+        "version": engine.vllm_version,
+        "platform": engine.platform,
+        "arguments": {
+            key: value for key, value in engine.engine_arguments.items() if key != "model"
+        },
+        # --store sampled: how kd-shards' vLLM plugin reached the model runner.
+        "draws": (
+            None
+            if not engine.settings.sampled_logprobs
+            else "kd-shards vLLM plugin patched in this process (entry point not installed; "
+            "vLLM ran in-process)"
+            if getattr(engine, "draws_in_process", False)
+            else "kd-shards vLLM plugin loaded by vLLM through its entry point"
+        ),
+    }
+
+
+def record_engine(directory: Folder, engine: dict, stored_dtype: str | None) -> None:
     """Note what actually ran in the manifest (known only once the engine is built): vLLM's
     version and platform, its arguments, and the dtype the weights were run in. A float32
     checkpoint run in lower precision gets a warning: its logprobs differ from the model's."""
-    if stored_dtype == "float32" and engine.dtype != "float32":
+    if stored_dtype == "float32" and engine["dtype"] != "float32":
         print(
-            f"warning: the teacher's weights are float32 but vLLM runs them in {engine.dtype} "
-            f"(--dtype {engine.settings.dtype}): stored logprobs can differ from a float32 "
+            f"warning: the teacher's weights are float32 but vLLM runs them in {engine['dtype']} "
+            f"(--dtype {engine['requested_dtype']}): stored logprobs can differ from a float32 "
             "forward by ~0.1 nats and near-tied ids can swap; pass --dtype float32 for exact values",
             file=sys.stderr,
         )
-    with directory_lock(directory):
-        path = manifest_path(directory)
-        manifest = json.loads(path.read_text())
-        manifest["teacher"]["dtype"] = engine.dtype
+    with directory.lock():
+        manifest = json.loads(directory.read_text(MANIFEST_NAME))
+        manifest["teacher"]["dtype"] = engine["dtype"]
         manifest["engine"] = {
             "name": "vllm",
-            "version": engine.vllm_version,
-            "platform": engine.platform,
-            "arguments": {
-                key: value for key, value in engine.engine_arguments.items() if key != "model"
-            },
+            "version": engine["version"],
+            "platform": engine["platform"],
+            "arguments": engine["arguments"],
         }
-        if engine.settings.sampled_logprobs:
-            manifest["engine"]["draws"] = (
-                "kd-shards vLLM plugin patched in this process (entry point not installed; "
-                "vLLM ran in-process)"
-                if getattr(engine, "draws_in_process", False)
-                else "kd-shards vLLM plugin loaded by vLLM through its entry point"
-            )
-        atomic_write_json(path, manifest)
+        if engine.get("draws"):
+            manifest["engine"]["draws"] = engine["draws"]
+        directory.write_json(MANIFEST_NAME, manifest)
 
 
-def update_manifest(directory: Path, top_level: dict, classify: dict, dtype: str) -> None:
+def update_manifest(directory: Folder, top_level: dict, classify: dict, dtype: str) -> None:
     """Set top-level manifest entries, entries of its "classify" section and the dtype the
     teacher ran in (under the lock)."""
-    with directory_lock(directory):
-        path = manifest_path(directory)
-        manifest = json.loads(path.read_text())
+    with directory.lock():
+        manifest = json.loads(directory.read_text(MANIFEST_NAME))
         manifest.update(top_level)
         manifest["teacher"]["dtype"] = dtype
         if classify:
             manifest["classify"].update(classify)
-        atomic_write_json(path, manifest)
+        directory.write_json(MANIFEST_NAME, manifest)
 
 
-def record_classification_statistics(directory: Path, statistics: dict, plan) -> None:
+def record_classification_statistics(directory: Folder, statistics: dict, plan) -> None:
     """The hidden-state width and the verbalizer's label-word mass, once known (a resumed
     dump adds its rows to the running sums of the earlier runs)."""
-    with directory_lock(directory):
-        path = manifest_path(directory)
-        manifest = json.loads(path.read_text())
+    with directory.lock():
+        manifest = json.loads(directory.read_text(MANIFEST_NAME))
         section = manifest["classify"]
         if section.get("hidden") is not None and statistics["hidden_width"] is not None:
             section["hidden"]["width"] = statistics["hidden_width"]
@@ -529,28 +572,15 @@ def record_classification_statistics(directory: Path, statistics: dict, plan) ->
             verbalizer["mean_label_word_mass"] = verbalizer["label_word_mass_sum"] / max(
                 verbalizer["label_word_mass_rows"], 1
             )
-        atomic_write_json(path, manifest)
+        directory.write_json(MANIFEST_NAME, manifest)
 
 
-def dump_requests(
-    config: DumpConfig, engine, tokenizer, todo: list[DumpRequest], *, total: int, directory: Path
-) -> int:
-    """Stream requests through the engine into shards; returns target tokens written."""
+def engine_results(
+    config: DumpConfig, engine, tokenizer, todo: list[DumpRequest]
+) -> Iterator[tuple[DumpRequest, list[ShardRow]]]:
+    """Stream requests through the engine; yield each prompt's rows (stored as the dump's
+    representation, stage 1 of teacher_dump.encoding) as it finishes."""
     storage = config.storage(len(tokenizer))
-    writer = ShardWriter(
-        directory, config.rank, config.world_size, config.rows_per_shard, storage, len(tokenizer)
-    )
-    progress = tqdm(
-        total=total,
-        initial=total - len(todo),
-        unit="prompt",
-        desc=f"teacher-dump r{config.rank}/{config.world_size}",
-        disable=not config.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    tokens = 0
-    started = time.perf_counter()
     if config.mode == "generate":
         stream = engine.generate(
             (
@@ -568,24 +598,56 @@ def dump_requests(
             top_k=config.engine_logprobs,
             max_in_flight=config.max_in_flight,
         )
-        results = (
-            (request, rows_for_completions(request, completions, tokenizer, storage))
-            for request, completions in stream
-        )
-    else:
-        finish_reason = "reference" if config.mode == "score" else "text"
-        stream = engine.score(
-            (
-                (request, request.prompt_ids.tolist() + request.target_ids.tolist())
-                for request in todo
-            ),
-            top_k=config.engine_logprobs,
-            max_in_flight=config.max_in_flight,
-        )
-        results = (
-            (request, [row_for_scored(request, scored, tokenizer, finish_reason, storage)])
-            for request, scored in stream
-        )
+        try:
+            for request, completions in stream:
+                yield request, rows_for_completions(request, completions, tokenizer, storage)
+        finally:
+            stream.close()  # on an error part-way, the engine drops the requests still in flight
+        return
+    finish_reason = "reference" if config.mode == "score" else "text"
+    stream = engine.score(
+        ((request, request.prompt_ids.tolist() + request.target_ids.tolist()) for request in todo),
+        top_k=config.engine_logprobs,
+        max_in_flight=config.max_in_flight,
+    )
+    try:
+        for request, scored in stream:
+            yield request, [row_for_scored(request, scored, tokenizer, finish_reason, storage)]
+    finally:
+        stream.close()
+
+
+def write_results(
+    config: DumpConfig,
+    results: Iterator[tuple[DumpRequest, list[ShardRow]]],
+    *,
+    total: int,
+    todo: int,
+    directory: Folder,
+    vocabulary: int,
+) -> int:
+    """Write each prompt's rows into this rank's shards as they come; returns target tokens
+    written. `total`: this rank's prompts, `todo`: those not yet dumped (for the progress);
+    `vocabulary`: the tokenizer's size (the shard codebook's range)."""
+    writer = ShardWriter(
+        directory,
+        config.rank,
+        config.world_size,
+        config.rows_per_shard,
+        config.storage(vocabulary),
+        vocabulary,
+    )
+    progress = tqdm(
+        total=total,
+        initial=total - todo,
+        unit="prompt",
+        desc=f"teacher-dump r{config.rank}/{config.world_size}",
+        disable=not config.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    tokens = 0
+    started = time.perf_counter()
     try:
         for _, rows in results:
             writer.add_prompt_rows(rows)
@@ -596,7 +658,7 @@ def dump_requests(
             )
         writer.flush()
     finally:
-        stream.close()  # on an error part-way, the engine drops the requests still in flight
+        results.close()
         progress.close()
     return tokens
 

@@ -5,11 +5,16 @@ named after its own rank, each shard atomically (temp + fsync + rename). The man
 rebuilt under a directory lock from the shards actually on disk, so it always covers every rank
 and a crash between a shard's rename and the manifest update is repaired by the next refresh.
 Resume reads back which prompts (source indices) the existing shards already hold.
+
+The directory may also be a folder in object storage (shared/storage.py): a shard is then
+written in one request under its final name once complete, and published by the manifest;
+there are no locks there (what holds instead is stated in shared/storage.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -22,10 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.manifest import (
+    MANIFEST_NAME,
     SHARD_SUFFIX,
     inside_directory,
     is_safe_shard_name,
-    manifest_path,
     totals,
 )
 from schemas.shard import (
@@ -39,13 +44,13 @@ from schemas.shard import (
 from shared.errors import UserError, one_line
 from shared.files import (
     atomic_write,
-    atomic_write_json,
     directory_lock,
     hold_lock,
     sha256_of_file,
 )
+from shared.storage import Folder, as_folder, parquet_bytes
 from teacher_dump.encoding import shard_columns
-from teacher_dump.rows import ShardRow
+from teacher_dump.rows import ENTRY_COLUMNS, ShardRow
 
 ROW_GROUP_ROWS = 256
 """Rows per Parquet row group: the unit the training loader reads at a time."""
@@ -57,14 +62,19 @@ WRITER_LOCK = re.compile(r"^\.writer-r(\d+)-w(\d+)\.lock$")
 
 
 @contextlib.contextmanager
-def exclusive_writer(directory: Path, rank: int, world_size: int) -> Iterator[None]:
+def exclusive_writer(directory: Path | Folder, rank: int, world_size: int) -> Iterator[None]:
     """Hold this rank's writer lock for the whole run.
 
     Refuses to start while another process writes the same rank, or any rank of another
     --world-size, into the directory: their prompts overlap, so both would write the same
     samples. The lock is a file lock: the kernel releases it when its process ends, even by
-    kill -9, so a rerun after a crash is never refused."""
-    directory = Path(directory)
+    kill -9, so a rerun after a crash is never refused. Object storage has no locks: there
+    nothing is checked (one process per rank is the scheduler's promise)."""
+    folder = as_folder(directory)
+    if not folder.is_local:
+        yield
+        return
+    directory = folder.local
     with directory_lock(directory):
         for path in sorted(directory.glob(".writer-r*-w*.lock")):
             match = WRITER_LOCK.match(path.name)
@@ -95,11 +105,10 @@ def shard_name(rank: int, world_size: int, sequence: int) -> str:
     return f"part-r{rank:05d}-w{world_size:05d}-{sequence:06d}{SHARD_SUFFIX}"
 
 
-def shards_on_disk(directory: Path) -> list[Path]:
-    """Complete shards in `directory` (temporaries and other files excluded), sorted by name."""
-    return sorted(
-        path for path in Path(directory).glob(f"*{SHARD_SUFFIX}") if is_safe_shard_name(path.name)
-    )
+def shards_on_disk(directory: Path | Folder) -> list[str]:
+    """Names of the complete shards in `directory` (temporaries and other files excluded),
+    sorted."""
+    return [name for name in as_folder(directory).names(SHARD_SUFFIX) if is_safe_shard_name(name)]
 
 
 PADDED_KEY = b"kd_shards.padded_entries"
@@ -158,6 +167,28 @@ def rows_to_table(
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema), footer
 
 
+def rows_to_transfer_table(rows: list[ShardRow]) -> pa.Table:
+    """Token rows as an Arrow table to cross a process boundary (teacher_dump.rows
+    .rows_from_table is the inverse): the row columns, each row's RowEntries before the
+    shard-level coding (ENTRY_COLUMNS) and its padding count. Not a shard."""
+    columns = {
+        "sample_id": pa.array([row.sample_id for row in rows], pa.string()),
+        "source_index": pa.array([row.source_index for row in rows], pa.int64()),
+        "completion_index": pa.array([row.completion_index for row in rows], pa.int32()),
+        "prompt_ids": flat_list([row.prompt_ids for row in rows], pa.int32()),
+        "target_ids": flat_list([row.target_ids for row in rows], pa.int32()),
+        "target_logprobs": flat_list([row.target_logprobs for row in rows], pa.float32()),
+        "finish_reason": pa.array([row.finish_reason for row in rows], pa.string()),
+        "prompt_text": pa.array([row.prompt_text for row in rows], pa.string()),
+        "target_text": pa.array([row.target_text for row in rows], pa.string()),
+        "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
+        "padded_topk_entries": pa.array([row.padded_topk_entries for row in rows], pa.int64()),
+    }
+    for name, field in zip(ENTRY_COLUMNS, ("counts", "ids", "values", "tail"), strict=True):
+        columns[name] = flat_list([getattr(row.entries, field) for row in rows], pa.int32())
+    return pa.table(columns)
+
+
 def classify_table(rows: list[ShardRow], columns: dict[str, pa.Array]) -> pa.Table:
     """A classify shard's table: schema v1 (schemas.shard.CLASSIFY_SCHEMA_VERSION), every
     label's logprob at the one position of each row, the pooled hidden state when present."""
@@ -173,105 +204,160 @@ def classify_table(rows: list[ShardRow], columns: dict[str, pa.Array]) -> pa.Tab
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
-def write_table(
-    path: Path, table: pa.Table, footer: dict[bytes, bytes], storage: Storage | None
-) -> None:
-    """Write a table as one Parquet file (row groups of ROW_GROUP_ROWS), footer keys once."""
+def write_table(sink, table: pa.Table, footer: dict[bytes, bytes], storage: Storage | None) -> None:
+    """Write a table as one Parquet file (row groups of ROW_GROUP_ROWS), footer keys once; `sink`
+    is a path or a writable file."""
     options = parquet_write_options(storage) if storage is not None else PARQUET_WRITE_OPTIONS_V1
-    with pq.ParquetWriter(path, table.schema, **options) as writer:
+    with pq.ParquetWriter(sink, table.schema, **options) as writer:
         writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
         if footer:
             writer.add_key_value_metadata(footer)
 
 
-def write_shard(path: Path, rows: list[ShardRow], storage: Storage | None, vocabulary: int) -> dict:
-    """Write rows atomically as one Parquet shard; return its manifest entry."""
+def write_shard(
+    path: Path | str,
+    rows: list[ShardRow],
+    storage: Storage | None,
+    vocabulary: int,
+    folder: Folder | None = None,
+) -> dict:
+    """Write rows as one Parquet shard (locally: atomically at `path`; into an object-storage
+    `folder`: as the object named `path`, in one request once complete); return its manifest
+    entry. `storage` None: a classify dump (schema v1 layout)."""
     table, footer = rows_to_table(rows, storage, vocabulary)
-    atomic_write(path, lambda temp: write_table(temp, table, footer, storage))
+
+    def write(sink) -> None:
+        write_table(sink, table, footer, storage)
+
+    if folder is not None and not folder.is_local:
+        data = parquet_bytes(write)
+        name = str(path).rsplit("/", 1)[-1]
+        folder.write_bytes(name, data)
+        size, digest = len(data), hashlib.sha256(data).hexdigest()
+    else:
+        path = Path(path)
+        atomic_write(path, write)
+        name, size, digest = path.name, path.stat().st_size, sha256_of_file(path)
     return {
-        "name": path.name,
+        "name": name,
         "rows": len(rows),
         "target_tokens": int(sum(len(row.target_ids) for row in rows)),
-        "bytes": path.stat().st_size,
-        "sha256": sha256_of_file(path),
+        "bytes": size,
+        "sha256": digest,
         "padded_topk_entries": int(sum(row.padded_topk_entries for row in rows)),
     }
 
 
-def describe_shard(path: Path) -> dict:
-    """The manifest entry of a shard already on disk (reads it)."""
-    path = inside_directory(path.parent, path.name)
+def describe_shard(path: Path | str, folder: Folder | None = None) -> dict:
+    """The manifest entry of a shard already written (reads it): a local path, or the name of
+    an object in an object-storage `folder`."""
+    remote = folder is not None and not folder.is_local
+    if not remote:
+        path = inside_directory(Path(path).parent, Path(path).name)
+    name = str(path).rsplit("/", 1)[-1] if remote else path.name
     try:
-        parquet = pq.ParquetFile(path)
-        lengths = parquet.read(columns=["target_ids"])["target_ids"]
+        if remote:
+            with folder.open(name) as handle:
+                parquet = pq.ParquetFile(handle)
+                lengths = parquet.read(columns=["target_ids"])["target_ids"]
+        else:
+            parquet = pq.ParquetFile(path)
+            lengths = parquet.read(columns=["target_ids"])["target_ids"]
         padded = (parquet.metadata.metadata or {}).get(PADDED_KEY, b"0")
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
-            f"shard {path.name} is unreadable ({one_line(error, 120)}): delete it and rerun the same "
+            f"shard {name} is unreadable ({one_line(error, 120)}): delete it and rerun the same "
             "teacher-dump command to redo its samples"
         ) from None
     return {
-        "name": path.name,
+        "name": name,
         "rows": parquet.metadata.num_rows,
         "target_tokens": int(pc.sum(pc.list_value_length(lengths)).as_py() or 0),
-        "bytes": path.stat().st_size,
-        "sha256": sha256_of_file(path),
+        "bytes": folder.size(name) if remote else path.stat().st_size,
+        "sha256": folder.sha256(name) if remote else sha256_of_file(path),
         "padded_topk_entries": int(padded),
     }
 
 
-def done_source_indices(directory: Path) -> set[int]:
+def done_source_indices(directory: Path | Folder) -> set[int]:
     """Source indices of the prompts whose rows are already in complete shards."""
+    folder = as_folder(directory)
     done: set[int] = set()
-    for path in shards_on_disk(directory):
-        real_path = inside_directory(directory, path.name)
+    for name in shards_on_disk(folder):
         try:
-            column = pq.read_table(real_path, columns=["source_index"])["source_index"]
+            if folder.is_local:
+                source = inside_directory(folder.local, name)
+                column = pq.read_table(source, columns=["source_index"])["source_index"]
+            else:
+                with folder.open(name) as handle:
+                    column = pq.read_table(handle, columns=["source_index"])["source_index"]
+        except UserError:
+            raise
         except Exception as error:
             raise UserError(
-                f"shard {path.name} is unreadable ({one_line(error, 120)}): delete it and rerun the "
+                f"shard {name} is unreadable ({one_line(error, 120)}): delete it and rerun the "
                 "same teacher-dump command to redo its samples"
             ) from None
         done.update(column.to_numpy().tolist())
     return done
 
 
-def next_sequence(directory: Path, rank: int, world_size: int) -> int:
+def next_sequence(directory: Path | Folder, rank: int, world_size: int) -> int:
     """The next free shard sequence number for this (rank, world size)."""
     sequences = [
         int(match.group(3))
-        for path in shards_on_disk(directory)
-        if (match := SHARD_NAME.match(path.name))
+        for name in shards_on_disk(directory)
+        if (match := SHARD_NAME.match(name))
         and int(match.group(1)) == rank
         and int(match.group(2)) == world_size
     ]
     return max(sequences, default=-1) + 1
 
 
-def refresh_manifest(directory: Path, new_entries: list[dict]) -> dict:
+def refresh_manifest(directory: Path | Folder, new_entries: list[dict]) -> dict:
     """Rebuild the manifest's shard list from disk (under the directory lock) and save it.
 
     Entries already in the manifest are kept when the file's size still matches; `new_entries`
     (just written by this process) are taken as given; any other shard on disk (written by a
     rank that has not refreshed yet) is described by reading it.
+
+    Every entry carries `published`: the order in which shards entered the manifest (0, 1, ...;
+    shards that enter in one refresh are numbered in name order). The list itself stays sorted
+    by name, so a rank's new shard can land between older ones; a reader that follows a dump in
+    progress (student-train --follow) reads shards in `published` order, which only grows.
     """
-    directory = Path(directory)
-    with directory_lock(directory):
-        manifest = json.loads(manifest_path(directory).read_text())
+    folder = as_folder(directory)
+    with folder.lock():
+        manifest = json.loads(folder.read_text(MANIFEST_NAME))
         known = {entry["name"]: entry for entry in manifest["shards"]}
+        published = {name: entry.get("published") for name, entry in known.items()}
         known.update({entry["name"]: entry for entry in new_entries})
         shards = []
-        for path in shards_on_disk(directory):
-            entry = known.get(path.name)
-            if entry is None or entry["bytes"] != path.stat().st_size:
-                entry = describe_shard(path)
+        for name in shards_on_disk(folder):
+            entry = known.get(name)
+            if entry is None or entry["bytes"] != folder.size(name):
+                entry = describe_shard(folder.location_of(name), folder)
             shards.append(entry)
-        manifest["shards"] = shards
+        manifest["shards"] = number_publications(shards, published)
         manifest["totals"] = totals(shards)
         manifest["complete"] = manifest["totals"]["rows"] == manifest["data"]["expected_rows"]
         manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
-        atomic_write_json(manifest_path(directory), manifest)
+        folder.write_json(MANIFEST_NAME, manifest)
         return manifest
+
+
+def number_publications(shards: list[dict], published: dict[str, int | None]) -> list[dict]:
+    """`shards` with each entry's `published` number: the one it had (`published`, by name),
+    else the next free number, given in list order (a name keeps its number for good)."""
+    numbers = [value for value in published.values() if isinstance(value, int)]
+    next_number = max(numbers, default=-1) + 1
+    numbered = []
+    for entry in shards:
+        number = published.get(entry["name"])
+        if not isinstance(number, int):
+            number, next_number = next_number, next_number + 1
+        numbered.append({**entry, "published": number})
+    return numbered
 
 
 class ShardWriter:
@@ -279,7 +365,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        directory: Path,
+        directory: Path | Folder,
         rank: int,
         world_size: int,
         rows_per_shard: int,
@@ -287,13 +373,13 @@ class ShardWriter:
         vocabulary: int = 0,
     ):
         """`storage` None: a classify dump, written in the schema-v1 layout."""
-        self.directory = Path(directory)
+        self.folder = as_folder(directory)
         self.storage = storage
         self.vocabulary = vocabulary
         self.rank = rank
         self.world_size = world_size
         self.rows_per_shard = rows_per_shard
-        self.sequence = next_sequence(self.directory, rank, world_size)
+        self.sequence = next_sequence(self.folder, rank, world_size)
         self.buffer: list[ShardRow] = []
 
     def add_prompt_rows(self, rows: list[ShardRow]) -> None:
@@ -305,9 +391,11 @@ class ShardWriter:
     def flush(self) -> dict | None:
         if not self.buffer:
             return None
-        path = self.directory / shard_name(self.rank, self.world_size, self.sequence)
-        entry = write_shard(path, self.buffer, self.storage, self.vocabulary)
+        name = shard_name(self.rank, self.world_size, self.sequence)
+        entry = write_shard(
+            self.folder.location_of(name), self.buffer, self.storage, self.vocabulary, self.folder
+        )
         self.sequence += 1
         self.buffer = []
-        refresh_manifest(self.directory, [entry])
+        refresh_manifest(self.folder, [entry])
         return entry

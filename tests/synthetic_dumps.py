@@ -115,19 +115,33 @@ def write_v1_dump(
         table = v1_table(rows[start : start + rows_per_shard])
         pq.write_table(table, path, row_group_size=row_group_rows, **V1_WRITE_OPTIONS)
         entries.append(describe_shard(path))
-    manifest = {
-        "schema_version": 1,
-        "identity": "synthetic",
-        "mode": "text",
-        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
-        "top_k": top_k,
-        "data": {"expected_rows": len(rows)},
-        "shards": entries,
-        "totals": totals(entries),
-        "complete": True,
-    }
+    manifest = synthetic_manifest(
+        entries, len(rows), top_k, vocabulary, fingerprint, complete=True, storage=None
+    )
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
     return directory
+
+
+def synthetic_shard_rows(rows: list[dict], storage: Storage, vocabulary: int) -> list[ShardRow]:
+    """Rows (synthetic_arrays fields) as teacher-dump's writer takes them, stored as `storage`
+    (teacher_dump.encoding.encode_row)."""
+    return [
+        ShardRow(
+            sample_id=row["sample_id"],
+            source_index=row["source_index"],
+            completion_index=0,
+            prompt_ids=row["prompt_ids"],
+            target_ids=row["target_ids"],
+            target_logprobs=row["target_logprobs"],
+            entries=encode_row(row["topk_ids"], row["topk_logprobs"], storage, vocabulary),
+            finish_reason="text",
+            prompt_text="",
+            target_text="",
+            references=(),
+            padded_topk_entries=int((row["topk_ids"] == PAD_ID).sum()),
+        )
+        for row in rows
+    ]
 
 
 def write_v2_dump(
@@ -142,41 +156,16 @@ def write_v2_dump(
     """Write rows (synthetic_arrays fields) with teacher-dump's v2 writer as `storage`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shard_rows = [
-        ShardRow(
-            sample_id=row["sample_id"],
-            source_index=row["source_index"],
-            completion_index=0,
-            prompt_ids=row["prompt_ids"],
-            target_ids=row["target_ids"],
-            target_logprobs=row["target_logprobs"],
-            entries=encode_row(row["topk_ids"], row["topk_logprobs"], storage, vocabulary),
-            finish_reason="text",
-            prompt_text="",
-            target_text="",
-            references=(),
-            padded_topk_entries=0,
-        )
-        for row in rows
-    ]
+    shard_rows = synthetic_shard_rows(rows, storage, vocabulary)
     entries = []
     for sequence, start in enumerate(range(0, len(rows), rows_per_shard)):
         path = directory / shard_name(0, 1, sequence)
         table, footer = v2_table(shard_rows[start : start + rows_per_shard], storage, vocabulary)
         write_table(path, table, footer, storage)
         entries.append(describe_shard(path))
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "identity": "synthetic",
-        "mode": "text",
-        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
-        "top_k": storage.top_k or storage.draws,  # as teacher-dump records it
-        "storage": storage.to_dict(),
-        "data": {"expected_rows": len(rows)},
-        "shards": entries,
-        "totals": totals(entries),
-        "complete": True,
-    }
+    manifest = synthetic_manifest(
+        entries, len(rows), 0, vocabulary, fingerprint, complete=True, storage=storage
+    )
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
     return directory
 
@@ -248,3 +237,108 @@ def rewrite_shard(directory: Path, name: str, table, *, update_manifest: bool = 
             )
     manifest["totals"] = totals(manifest["shards"])
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def publish_synthetic_dump(
+    directory: Path,
+    rows: int,
+    *,
+    rows_per_shard: int,
+    pause_seconds: float,
+    vocabulary: int = 50,
+    fingerprint: str = "synthetic",
+    top_k: int = 4,
+    seed: int = 0,
+    writers: int = 1,
+    log_path: Path | None = None,
+    hold_until: Path | None = None,
+) -> None:
+    """Write a dump the way teacher-dump does, over time (schema v2, exact top-k storage): the
+    manifest first (incomplete), then one shard every `pause_seconds` through teacher-dump's own
+    ShardWriter (atomic shard, then
+    the manifest refreshed under its lock). With `writers` > 1 the shards come from that many
+    ranks in turn (rank r writes rows r, r + writers, ...), so publication order differs from
+    the manifest's name order. `log_path` gets one JSON line per shard when it is published:
+    {"shard": name, "time": unix seconds}. With `hold_until`, the shards after the first wait
+    until that file has content (at most 300 s), e.g. until a trainer has logged its first step."""
+    import time
+
+    from shared.files import atomic_write_json
+    from teacher_dump.shards import ShardWriter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    storage = Storage("topk", top_k=top_k)  # what teacher-dump --store topk writes
+    arrays = [synthetic_arrays(index, rng, top_k, vocabulary) for index in range(rows)]
+    all_rows = synthetic_shard_rows(arrays, storage, vocabulary)
+    manifest = synthetic_manifest(
+        [], rows, top_k, vocabulary, fingerprint, complete=False, storage=storage
+    )
+    atomic_write_json(directory / MANIFEST_NAME, manifest)
+    shard_writers = [
+        ShardWriter(directory, rank, writers, rows_per_shard, storage, vocabulary)
+        for rank in range(writers)
+    ]
+    shares = [all_rows[rank::writers] for rank in range(writers)]
+    turn = 0
+    while any(shares):
+        rank = turn % writers
+        turn += 1
+        if not shares[rank]:
+            continue
+        chunk, shares[rank] = shares[rank][:rows_per_shard], shares[rank][rows_per_shard:]
+        time.sleep(pause_seconds)
+        if turn > 1 and hold_until is not None:
+            deadline = time.monotonic() + 300
+            # Non-empty, not merely existing: the trainer creates its metrics files (empty) at
+            # start-up, long before its first step on a loaded machine.
+            while not has_content(Path(hold_until)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        shard_writers[rank].add_prompt_rows(chunk)
+        entry = shard_writers[rank].flush() if shard_writers[rank].buffer else None
+        if log_path is not None:
+            name = (
+                entry["name"]
+                if entry
+                else shard_name(rank, writers, shard_writers[rank].sequence - 1)
+            )
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(json.dumps({"shard": name, "time": time.time()}) + "\n")
+
+
+def has_content(path: Path) -> bool:
+    """Whether `path` exists and is not empty."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def synthetic_manifest(
+    entries: list[dict],
+    rows: int,
+    top_k: int,
+    vocabulary: int,
+    fingerprint: str,
+    *,
+    complete: bool,
+    storage: Storage | None,
+) -> dict:
+    """A text-mode manifest over shard `entries` of a synthetic dump of `rows` rows: schema v1
+    (top_k: its k) with `storage` None, else schema v2 with that storage record (top_k as
+    teacher-dump records it: the storage's k, or its draws)."""
+    manifest = {
+        "schema_version": 1 if storage is None else SCHEMA_VERSION,
+        "identity": "synthetic",
+        "mode": "text",
+        "tokenizer": {"fingerprint": fingerprint, "size": vocabulary},
+        "top_k": top_k if storage is None else storage.top_k or storage.draws,
+        "data": {"expected_rows": rows},
+        "shards": entries,
+        "totals": totals(entries),
+        "complete": complete,
+    }
+    if storage is not None:
+        manifest["storage"] = storage.to_dict()
+    return manifest

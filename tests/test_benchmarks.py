@@ -40,6 +40,7 @@ def test_bench_smoke_on_tiny_models(tiny_model, student_model, text_file, gsm8k_
         dump_prompts=4,
         dump_max_new_tokens=8, repeats=2, train_steps=1, online_steps=1, loss_positions=128,
         loss_chunk_tokens=32, loader_copies=2, loader_buffer_rows=8, max_model_len=512,
+        scale_windows=4, follow_windows=6, follow_rows_per_shard=2,
     )  # fmt: skip
     report = run_bench(config)
 
@@ -99,6 +100,12 @@ def test_bench_smoke_on_tiny_models(tiny_model, student_model, text_file, gsm8k_
     loader = measurements["loader"]
     assert loader["10x"][0]["rows"] == 2 * loader["1x"][0]["rows"]
     assert loader["1x"][0]["rows"] >= 2 * 8  # 1x holds two shuffle windows
+    scale = measurements["scale"]
+    # The same dump whoever runs it: every executor wrote every window's target tokens.
+    assert len({run["tokens"] for runs in scale["ray"].values() for run in runs}) == 1
+    follow = scale["follow"][0]
+    assert follow["shards"] == 3 and len(follow["lags"]) == 3
+    assert all(lag > 0 for lag in follow["lags"])  # a shard is trained on after it is published
 
 
 def test_bench_refuses_missing_data(tmp_path):

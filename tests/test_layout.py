@@ -5,7 +5,7 @@
     shared/                        ground floor: imports no command and no top floor
     schemas/                       the contract: imports nothing above the ground floor
 
-vLLM is imported in exactly one module, shared/engine.py, and no ground-floor module changes the
+vLLM is imported in exactly one module, shared/engine.py, Ray in teacher_dump/ray_dump.py, and no ground-floor module changes the
 process environment when it is imported.
 """
 
@@ -21,6 +21,7 @@ COMMANDS = ("teacher_dump", "student_train", "kd_eval")
 TOP_FLOOR = ("scripts",)
 GROUND_FLOOR = ("shared", "schemas")
 ENGINE_MODULE = Path("shared/engine.py")
+RAY_MODULE = Path("teacher_dump/ray_dump.py")
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -54,6 +55,8 @@ def layout_violations(root: Path) -> list[str]:
             problems += [f"{relative}: imports {name}" for name in sorted(imported & forbidden)]
             if "vllm" in imported and relative != ENGINE_MODULE:
                 problems.append(f"{relative}: imports vllm (only {ENGINE_MODULE} may)")
+            if "ray" in imported and relative != RAY_MODULE:
+                problems.append(f"{relative}: imports ray (only {RAY_MODULE} may)")
     return problems
 
 
@@ -68,9 +71,11 @@ def test_the_check_catches_a_ground_floor_module_importing_a_command(tmp_path):
         "def f():\n    from student_train.losses import loss_sums\n"
     )
     (tmp_path / "kd_eval" / "run.py").write_text("import teacher_dump.run\nimport vllm\n")
+    (tmp_path / "shared" / "cluster.py").write_text("def f():\n    import ray.data\n")
     assert sorted(layout_violations(tmp_path)) == [
         "kd_eval/run.py: imports teacher_dump",
         "kd_eval/run.py: imports vllm (only shared/engine.py may)",
+        "shared/cluster.py: imports ray (only teacher_dump/ray_dump.py may)",
         "shared/helper.py: imports student_train",
     ]
 

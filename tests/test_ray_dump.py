@@ -1,0 +1,113 @@
+"""teacher-dump --executor ray: a local Ray cluster, 2 actors each with a real vLLM engine on the
+tiny model. The reference is the single-process dump (the local executor) of the same prompts:
+the same rows. A run killed with SIGKILL mid-dump resumes to the same rows, none twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from shared.shard_reader import iterate_rows, open_dump
+from teacher_dump.inspect import validate
+from teacher_dump.run import run_dump
+from tests.conftest import REPO, cli_command, dump_config
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.engine
+
+ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def read_rows(directory: Path) -> dict[str, dict]:
+    """Every row's columns as pyarrow reads them, plus the teacher's distributions decoded by the
+    trainer's reader (topk_ids, topk_logprobs: (T, K) lists, rank order)."""
+    rows = {}
+    for path in sorted(Path(directory).glob("part-*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            assert row["sample_id"] not in rows, f"duplicate sample_id {row['sample_id']}"
+            rows[row["sample_id"]] = row
+    for row in iterate_rows(open_dump(directory, allow_incomplete=True)):
+        rows[row.sample_id]["topk_ids"] = row.topk_ids.tolist()
+        rows[row.sample_id]["topk_logprobs"] = row.topk_logprobs.tolist()
+    return rows
+
+
+def assert_same_rows(got: dict[str, dict], want: dict[str, dict]) -> None:
+    assert got.keys() == want.keys()
+    for sample_id, row in want.items():
+        other = got[sample_id]
+        for key in ("prompt_ids", "target_ids", "topk_ids", "finish_reason", "source_index"):
+            assert other[key] == row[key], (sample_id, key)
+        for key in ("target_logprobs", "topk_logprobs"):
+            np.testing.assert_allclose(
+                np.array(other[key], dtype=np.float64), np.array(row[key], dtype=np.float64),
+                atol=2e-3,
+            )  # fmt: skip
+
+
+def ray_options(**overrides) -> dict:
+    # Text mode on 12 chunks, 2 prompts per actor call: 6 batches over the 2 actors.
+    options = dict(
+        data="text", mode="text", chunk_tokens=64, limit=12, rows_per_shard=2,
+        executor="ray", ray_workers=2, max_in_flight=2,
+    )  # fmt: skip
+    options.update(overrides)
+    return options
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, text_file, engine, tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("local")
+    options = ray_options(executor="local")
+    run_dump(dump_config(tiny_model, text_file, out, **options), engine)
+    return read_rows(out)
+
+
+def test_two_ray_actors_write_the_rows_of_the_single_process_dump(
+    tiny_model, text_file, reference, tmp_path
+):
+    out = tmp_path / "ray"
+    manifest = run_dump(dump_config(tiny_model, text_file, out, **ray_options()))
+    assert manifest["complete"] and manifest["totals"]["rows"] == 12
+    assert manifest["engine"]["version"] and manifest["teacher"]["dtype"] == "float32"
+    assert_same_rows(read_rows(out), reference)
+    assert validate(out) == []
+
+
+def test_a_killed_ray_dump_resumes(tiny_model, text_file, reference, tmp_path):
+    out = tmp_path / "ray"
+    arguments = [
+        "--model", str(tiny_model), "--data", "text", "--mode", "text",
+        "--data-path", str(text_file), "--chunk-tokens", "64", "--limit", "12",
+        "--rows-per-shard", "2", "--top-k", "8", "--dtype", "float32", "--max-model-len", "512",
+        "--enforce-eager", "--max-new-tokens", "12", "--out", str(out), "--no-progress",
+        "--executor", "ray",
+        "--ray-workers", "2", "--set", "max_in_flight=2",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        cli_command(*arguments), cwd=REPO, env=ENVIRONMENT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 400
+    try:
+        while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the dump ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        # The whole session: the driver and the Ray cluster it started (its actors included).
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    partial = read_rows(out)
+    assert 0 < len(partial) < 12  # killed part-way
+    manifest = run_dump(dump_config(tiny_model, text_file, out, **ray_options()))
+    assert manifest["complete"]
+    assert_same_rows(read_rows(out), reference)
+    assert validate(out) == []
