@@ -123,6 +123,7 @@ def engine_settings(config: EvalConfig, directory: Path, max_logprobs: int):
         dtype=config.dtype,
         max_model_len=config.max_model_len,
         max_logprobs=max_logprobs,
+        sampled_logprobs=False,  # kd-eval scores with the exact top-k
         tensor_parallel_size=1,
         gpu_memory_utilization=config.gpu_memory_utilization,
         seed=config.seed,

@@ -225,6 +225,8 @@ def encode_row(
     Returns:
         RowEntries.
     """
+    if not len(ids):  # a completion without tokens: nothing to choose from
+        return RowEntries(*(np.zeros(0, dtype=np.int32) for _ in range(4)))
     real = ids >= 0
     real_count = real.sum(axis=1).astype(np.int32)
     if storage.representation == "sampled":

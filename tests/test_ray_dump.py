@@ -87,7 +87,8 @@ def test_a_killed_ray_dump_resumes(tiny_model, text_file, reference, tmp_path):
     arguments = [
         "--model", str(tiny_model), "--data", "text", "--mode", "text",
         "--data-path", str(text_file), "--chunk-tokens", "64", "--limit", "12",
-        "--rows-per-shard", "2", "--top-k", "8", "--dtype", "float32", "--max-model-len", "512",
+        "--rows-per-shard", "2", "--store", "topk", "--top-k", "8", "--dtype", "float32",
+        "--max-model-len", "512",
         "--enforce-eager", "--max-new-tokens", "12", "--out", str(out), "--no-progress",
         "--executor", "ray",
         "--ray-workers", "2", "--set", "max_in_flight=2",

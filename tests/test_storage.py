@@ -131,6 +131,36 @@ def test_v1_and_v2_topk_hand_the_trainer_the_same_arrays(tmp_path):
     assert np.isnan(v1[2]).all() and np.isfinite(v2[2]).all()  # v1 stores no tail
 
 
+@pytest.mark.parametrize(
+    "storage",
+    [
+        Storage("topk", top_k=16),
+        Storage("adaptive", top_k=16, k_max=32),
+        Storage("adaptive", top_k=16, k_max=32, rule="mass", mass_target=0.9, codebook=True),
+        Storage("sampled", draws=16),
+    ],
+    ids=lambda storage: f"{storage.representation}-{storage.rule}-{storage.codebook}",
+)
+def test_a_row_without_target_positions_is_written_and_read_back_empty(tmp_path, storage):
+    # A completion can end before its first token (a stop token at once): its row has T = 0
+    # between rows that have positions.
+    full = teacher(40, seed=8)
+    rows = synthetic_rows(full, [20, 0, 20], k=32)
+    if storage.representation == "sampled":
+        draws = np.random.default_rng(8).choice(32, size=(40, 16))
+        for row, part in zip(rows, (slice(0, 20), slice(20, 20), slice(20, 40)), strict=True):
+            row["topk_ids"] = np.take_along_axis(
+                np.argsort(-full, axis=1)[part, :32], draws[part], axis=1
+            ).astype(np.int32)
+    write_v2_dump(tmp_path, rows, storage, vocabulary=VOCABULARY, fingerprint="f")
+    read = {row.sample_id: row for row in iterate_rows(open_dump(tmp_path))}
+    assert [len(read[str(index)].target_ids) for index in range(3)] == [20, 0, 20]
+    assert read["1"].topk_ids.shape[0] == 0 and read["1"].topk_log_tail.shape == (0,)
+    from teacher_dump.inspect import validate
+
+    assert validate(tmp_path) == []
+
+
 @pytest.mark.parametrize("codebook", [True, False])
 def test_adaptive_mass_rule_respects_its_target_and_cap_on_every_position(tmp_path, codebook):
     full = teacher(200, seed=3)
