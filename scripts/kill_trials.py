@@ -169,18 +169,33 @@ def finished_shards(directory: Path) -> list[Path]:
 
 
 def dump_rows(directory: Path) -> tuple[dict[str, dict], list[str]]:
-    """(rows by sample id, sample ids seen more than once) over the finished shards."""
+    """(rows by sample id, sample ids seen more than once) over the finished shards. A row is
+    its plain columns as stored plus the teacher's distributions as the trainer's reader
+    decodes them: adaptive dumps renumber ids per shard, so only the decoded values can be
+    compared between dumps whose shards hold different rows."""
     import pyarrow.parquet as pq
+
+    from schemas.shard import PAD_ID
+    from shared.shard_reader import iterate_rows, open_dump
 
     rows: dict[str, dict] = {}
     duplicates = []
-    columns = ["sample_id", "prompt_ids", "target_ids", "target_logprobs", "topk_ids"]
-    columns.append("topk_logprobs")
     for path in finished_shards(directory):
+        columns = ["sample_id", "prompt_ids", "target_ids", "target_logprobs"]
         for row in pq.read_table(path, columns=columns).to_pylist():
             if row["sample_id"] in rows:
                 duplicates.append(row["sample_id"])
             rows[row["sample_id"]] = row
+    for row in iterate_rows(open_dump(directory, allow_incomplete=True)):
+        tail = row.topk_log_tail
+        # A row group pads every row to its widest position: keep this row's own width.
+        width = int((row.topk_ids != PAD_ID).sum(axis=1).max(initial=0))
+        rows[row.sample_id].update(
+            topk_ids=row.topk_ids[:, :width].tolist(),
+            topk_logprobs=row.topk_logprobs[:, :width].tolist(),
+            # NaN (no stored tail, schema v1) would never compare equal to itself.
+            topk_log_tail=None if tail is None or np.isnan(tail).any() else tail.tolist(),
+        )
     return rows, duplicates
 
 
@@ -399,7 +414,17 @@ def check_dump(out: Path, reference: dict[str, dict], trial: Trial) -> None:
             f"{len(duplicates)} duplicate, {len(missing)} missing, {len(extra)} unexpected sample ids"
         )
     if differing:
-        trial.failures.append(f"{len(differing)} rows differ from the uninterrupted dump")
+        fields = sorted(
+            {
+                name
+                for key in differing
+                for name in reference[key]
+                if rows[key].get(name) != reference[key][name]
+            }
+        )
+        trial.failures.append(
+            f"{len(differing)} rows differ from the uninterrupted dump (in {', '.join(fields)})"
+        )
     if status != 0:
         trial.failures.append(f"inspect --validate exited {status}: {last_line}")
     if trial.checks["temporaries_left"]:

@@ -151,7 +151,10 @@ def decode_distributions(
             return f"a code is outside the shard's codebook of {len(codebook)} ids"
         codes = codebook[codes]
     logprobs = sqrt_levels_to_logprobs(levels, storage.value_scale)
-    order_key = storage.value_scale - levels.astype(np.int64)
+    # Highest level first, equal levels by token id: a row decodes the same whatever shard (and
+    # so codebook, whose code order is the shard's id frequency) it was written into.
+    spread = int(codes.max(initial=0)) + 1
+    order_key = (storage.value_scale - levels.astype(np.int64)) * spread + codes
     width = int(counts.max(initial=1))
     ids, logprobs = rank_padded(counts, codes, logprobs, order_key, width)
     return DecodedPositions(ids, logprobs, log_tail)
