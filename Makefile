@@ -53,9 +53,11 @@ demo: setup
 	$(BIN)/python -m scripts.demo $(DEMO_ARGS)
 
 # The performance table (storage, dump overhead, training overhead, loader headroom, offline vs
-# online, scale: Ray workers and follow-mode lag), measured in one run: about 15 minutes on 2 CPU
-# cores, plus about 18 for the scale group. Writes bench/results.json and
-# bench/results.md. BENCH_ARGS='--only storage' runs one group; benchmarks never fail the build.
+# online, scale: Ray workers and follow-mode lag), measured in one run. The storage group alone
+# (every representation, with its training runs) took 124 min on 2 busy CPU cores; the other
+# groups about 15 minutes, plus about 18 for the scale group. Writes bench/results.json,
+# bench/results.md and bench/storage.png. BENCH_ARGS='--only storage' runs one group; benchmarks
+# never fail the build.
 bench: setup
 	$(BIN)/python -m scripts.bench $(BENCH_ARGS)
 

@@ -123,6 +123,7 @@ def engine_settings(config: EvalConfig, directory: Path, max_logprobs: int):
         dtype=config.dtype,
         max_model_len=config.max_model_len,
         max_logprobs=max_logprobs,
+        sampled_logprobs=False,  # kd-eval scores with the exact top-k
         tensor_parallel_size=1,
         gpu_memory_utilization=config.gpu_memory_utilization,
         seed=config.seed,
@@ -322,6 +323,7 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from schemas.manifest import storage_of_manifest
     from shared.causal_lm import output_logits_function
     from shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
     from shared.shard_reader import iterate_rows, open_dump
@@ -329,6 +331,11 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
     dump = open_dump(config.teacher_shards, flag="--teacher-shards")
     if tokenizer_fingerprint(tokenizer) != dump.manifest["tokenizer"]["fingerprint"]:
         return {"skipped": "the model's tokenizer differs from the teacher's"}
+    storage = storage_of_manifest(dump.manifest)
+    if storage is not None and storage.representation == "sampled":
+        # Draws estimate the teacher's distribution without bias only inside a loss's gradient;
+        # a KL to the draws is not the KL to the teacher.
+        return {"skipped": "the teacher shards hold sampled draws (--store sampled)"}
     model = AutoModelForCausalLM.from_pretrained(
         str(directory),
         dtype=torch.float32,

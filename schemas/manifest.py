@@ -1,7 +1,8 @@
 """The manifest: `manifest.json` beside the shards, with provenance and per-shard checksums.
 
 It is what readers open first. It records the schema version, the teacher and tokenizer (with a
-fingerprint readers compare against their own), k, the sampling and logprobs settings, the data,
+fingerprint readers compare against their own), k, how the distributions are stored (schema v2:
+`storage`, the representation and its parameters), the sampling and logprobs settings, the data,
 the resolved dump config, and per shard: name, rows, target tokens, bytes, sha256. Readers refuse
 a manifest whose schema version or tokenizer fingerprint they do not match, with a message that
 names both values and what to do.
@@ -12,7 +13,13 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from schemas.shard import CLASSIFY_MODE, SCHEMA_VERSION
+from schemas.shard import (
+    CLASSIFY_MODE,
+    READABLE_VERSIONS,
+    REPRESENTATIONS,
+    SCHEMA_VERSION,
+    Storage,
+)
 from shared.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
@@ -145,17 +152,34 @@ def manifest_problem(manifest: dict) -> str | None:
         return "tokenizer.size is missing or not a positive integer"
     if not isinstance(tokenizer.get("fingerprint"), str):
         return "tokenizer.fingerprint is missing"
+    if manifest.get("schema_version") != 1:
+        if is_classify(manifest):
+            version = manifest.get("schema_version")
+            return f"a classify dump with schema version {version!r} (classify dumps are 1)"
+        storage = manifest.get("storage")
+        if not isinstance(storage, dict) or storage.get("representation") not in REPRESENTATIONS:
+            return f"no valid storage record (representation one of {', '.join(REPRESENTATIONS)})"
     return None
 
 
 def check_schema_version(found: object, where: str) -> None:
-    """Refuse anything written with another schema version, saying what to do."""
-    if found != SCHEMA_VERSION:
+    """Refuse anything written with a schema version this release does not read, saying what
+    to do."""
+    if found not in READABLE_VERSIONS:
+        readable = " and ".join(str(version) for version in READABLE_VERSIONS)
         raise UserError(
-            f"{where} uses shard schema version {found!r} but this kd-shards reads version "
-            f"{SCHEMA_VERSION}: install the kd-shards release that wrote it, or redo the dump "
-            "with this one"
+            f"{where} uses shard schema version {found!r} but this kd-shards reads versions "
+            f"{readable} (it writes {SCHEMA_VERSION}): install the kd-shards release that wrote "
+            "it, or redo the dump with this one"
         )
+
+
+def storage_of_manifest(manifest: dict) -> Storage | None:
+    """How a dump stores its distributions (None: schema v1, topk_ids/topk_logprobs, which
+    classify dumps always are; read_manifest has checked every other version has a record)."""
+    if manifest.get("schema_version") == 1 or is_classify(manifest):
+        return None
+    return Storage.from_dict(manifest["storage"])
 
 
 def is_classify(manifest: dict) -> bool:

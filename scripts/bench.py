@@ -1,8 +1,9 @@
 """`make bench`: the performance claims of kd-shards as ratios measured side by side in one run.
 
-Five groups of rows, each the median of `repeats` measurements with their spread (min-max):
-1. storage   bytes per target token on disk at two k (SmolLM2 on WikiText-2 text), against
-             naive int32 ids + fp16 values (6 B x k); the share of the ids; decoded-vs-original KL
+Six groups of rows, each the median of `repeats` measurements with their spread (min-max):
+1. storage   every representation of schema v2 (scripts/bench_storage.py): bytes per target
+             token by column, both fidelity figures against the teacher's full distribution, the
+             training figure, dump speed and loader headroom, on WikiText-2 and GSM8K
 2. dump      teacher-dump end to end ÷ vLLM's bare `LLM.generate` with the same logprobs request;
              what logprobs cost vLLM itself; teacher-dump's own work per token
 3. training  KD step time and peak RSS ÷ CE-only (the real student-train command); chunked vs
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import click
 
+from scripts import bench_storage
 from shared.config import build_config
 from shared.errors import UserError, check_all, exit_with
 from shared.files import atomic_write_text
@@ -68,11 +70,31 @@ class BenchConfig:
     chunk_tokens: int = 256
     """Tokens per text window."""
     windows: int = 64
-    """Text windows dumped at each k."""
+    """Text windows dumped per representation (and trained on by the storage group)."""
+    eval_windows: int = 16
+    """Held-out text windows (after the trained ones) of the training figure."""
     small_k: int = 20
-    """First storage k (also the k of the shards used for training and the loader)."""
+    """The smallest exact top-k of the storage group."""
+    middle_ks: tuple[int, ...] = (50,)
+    """Exact top-k between small_k and large_k (also adaptive parity references)."""
     large_k: int = 64
-    """Second storage k (the design's storage goal is stated at k=64)."""
+    """The storage goal's reference (exact top-64), the adaptive default's --top-k, and the
+    shards of the training, loader and online groups (teacher-dump's default storage)."""
+    mass_target: float = 0.9
+    """The adaptive mass rule's target (cap 2 x large_k)."""
+    draws: tuple[int, ...] = (32, 64)
+    """Draws per position of the sampled representations."""
+    bare_windows: int = 16
+    """Windows of vLLM's bare scoring loop, timed at each representation's request."""
+    storage_train_steps: int = 20
+    """Optimizer steps of each storage training run (8 windows per step)."""
+    storage_seeds: int = 3
+    """Seeds (data orders) of the exact top-large_k training run: its run-to-run spread."""
+    storage_lr: float = 3e-4
+    """Learning rate of the storage training runs (forward KL, bucket tail)."""
+    storage_trained: tuple[str, ...] | None = None
+    """Representations (directory names) with a training figure; default: exact top-large_k,
+    the adaptive default, the mass rule, exact top-small_k and every sampled one."""
     dump_prompts: int = 64
     """GSM8K prompts per dump-overhead run."""
     dump_max_new_tokens: int = 128
@@ -108,6 +130,14 @@ class BenchConfig:
     only: str | None = None
     """Run one group of rows: storage, dump, training, loader, online or scale (default: all)."""
 
+    @property
+    def storage_ks(self) -> tuple[int, ...]:
+        return (self.small_k, *self.middle_ks, self.large_k)
+
+    @property
+    def parity_ks(self) -> tuple[int, ...]:
+        return (*self.middle_ks, self.large_k)
+
     def __post_init__(self):
         check_all(
             [
@@ -116,6 +146,7 @@ class BenchConfig:
                 (self.repeats >= 1, "--set repeats must be at least 1"),
                 (self.scale_repeats >= 1, "--set scale_repeats must be at least 1"),
                 (self.windows >= 1, "--set windows must be at least 1"),
+                (self.storage_seeds >= 2, "--set storage_seeds must be at least 2 (a spread)"),
                 (self.train_steps >= 1, "--set train_steps must be at least 1"),
                 (self.online_steps >= 1, "--set online_steps must be at least 1"),
                 (self.loader_copies >= 2, "--set loader_copies must be at least 2"),
@@ -281,107 +312,6 @@ def replicate_dump(source: Path, copies: int, out: Path) -> Path:
     return out
 
 
-def storage_rows(config: BenchConfig, storage: list[dict], engine_start: float) -> list[Row]:
-    rows = []
-    text = Path(config.text).name
-    for result in storage:
-        k, tokens = result["top_k"], result["target_tokens"]
-        per_token = result["file_bytes"] / tokens
-        ids = result["column_bytes"].get("topk_ids", 0) / tokens
-        logprobs = result["column_bytes"].get("topk_logprobs", 0) / tokens
-        naive = 6 * k
-        at_goal_k = k == 64
-        estimates = result["encoding_estimates"]
-        alternatives = []
-        if "ids_sorted_delta_no_order" in estimates:
-            alternatives.append(
-                f"ids sorted and delta-coded (rank order dropped) would still take "
-                f"{estimates['ids_sorted_delta_no_order']:.0f} B, in rank order as uint16 "
-                f"{estimates['ids_uint16_rank_order']:.0f} B"
-            )
-        ids_floor = estimates.get("ids_sorted_delta_no_order")
-        if at_goal_k and ids_floor is not None and ids_floor > 64:
-            alternatives.append(
-                f"the ids alone, sorted, exceed the goal ({ids_floor:.0f} > 64 B): re-encoding "
-                "cannot reach it at k=64 with exact ids"
-            )
-        if "logprobs_rank_deltas" in estimates:
-            alternatives.append(
-                f"logprobs as rank-to-rank drops on the same grid {estimates['logprobs_rank_deltas']:.0f} B"
-            )
-        rows.append(
-            Row(
-                "storage",
-                f"bytes on disk per target token, k={k} ({result['rows']} windows of "
-                f"{config.chunk_tokens} tokens of {text}) ÷ naive int32 ids + fp16 values (6·k B)",
-                f"{per_token:.1f} B/token vs {naive} B; ids {ids:.1f} B, logprobs {logprobs:.1f} B, "
-                f"rest {per_token - ids - logprobs:.1f} B",
-                {
-                    "median": per_token / naive,
-                    "min": per_token / naive,
-                    "max": per_token / naive,
-                    "repeats": 1,
-                },
-                "≤ 64 B/token at k=64" if at_goal_k else "—",
-                per_token <= 64 if at_goal_k else None,
-                f"k={k}: per top-k entry ids {ids / k:.2f} B and logprobs {logprobs / k:.2f} B "
-                "(dictionary-encoded int32/float32 lists + zstd)"
-                + (
-                    f"; measured on the same top-k: {'; '.join(alternatives)}"
-                    if alternatives
-                    else ""
-                ),
-            )  # fmt: skip
-        )
-    fractions = ", ".join(
-        f"k={result['top_k']}: {result['column_bytes'].get('topk_ids', 0) / result['file_bytes']:.0%}"
-        for result in storage
-    )
-    rows.append(
-        Row(
-            "storage",
-            "share of the bytes taken by the top-k ids",
-            fractions,
-            None,
-            "—",
-            None,
-            "ids are stored in rank order (the order the logprobs are sorted by)",
-        )  # fmt: skip
-    )
-    kl_mean = max(result["kl_mean"] for result in storage)
-    rows.append(
-        Row(
-            "storage",
-            "decoded-vs-original KL: the trainer's teacher distribution (k outcomes + tail bucket) "
-            "from the stored logprobs (rounded to 2^-10) vs from the engine's float32 values",
-            "; ".join(
-                f"k={result['top_k']}: mean {result['kl_mean']:.1e}, max {result['kl_max']:.1e} "
-                f"nats over {result['compared_positions']:,} positions"
-                for result in storage
-            ),
-            None,
-            "mean ≤ 1e-4 nats",
-            kl_mean <= 1e-4,
-            "the worst position's tail mass is "
-            + ", ".join(
-                f"{result['worst_position_tail']['original']:.1e} → "
-                f"{result['worst_position_tail']['decoded']:.1e} (k={result['top_k']})"
-                for result in storage
-            )
-            + " before → after rounding (the trainer counts tails under 1e-3 as empty); "
-            "rounding moves each logprob by at most "
-            f"{max(result['max_abs_logprob_error'] for result in storage):.1e} nats (for scale: "
-            "cutting the teacher to its top-k loses 0.1-0.3 nats); the scoring dumps ran at "
-            + ", ".join(
-                f"{result['target_tokens'] / result['seconds']:.0f} tok/s (k={result['top_k']})"
-                for result in storage
-            )
-            + f" after a {engine_start:.0f} s engine start",
-        )  # fmt: skip
-    )
-    return rows
-
-
 def dump_rows(config: BenchConfig, dump: dict) -> list[Row]:
     runs = dump["runs"]
 
@@ -398,7 +328,8 @@ def dump_rows(config: BenchConfig, dump: dict) -> list[Row]:
     engine_limit = 1e6 / (9 * host_microseconds)
     setting = (
         f"{dump['prompts']} GSM8K prompts × {config.dump_max_new_tokens} sampled tokens, "
-        f"top-{config.small_k} logprobs"
+        f"teacher-dump's default storage at --top-k {config.large_k} (adaptive; the engine is "
+        f"asked for {2 * config.large_k} logprobs)"
     )
     ratio = spread(overhead)
     defaults_ratio = spread([a / b for a, b in zip(defaults, same, strict=True)])
@@ -437,7 +368,7 @@ def dump_rows(config: BenchConfig, dump: dict) -> list[Row]:
             f"the per-position dicts and detokenizing cost {1 - defaults_ratio['median']:.0%} of "
             "the loop's speed here"
             if defaults_ratio["median"] < 0.95
-            else f"at k={config.small_k} and this engine's speed the per-position dicts and "
+            else f"at k={2 * config.large_k} and this engine's speed the per-position dicts and "
             "detokenizing cost nothing measurable (teacher-dump avoids them anyway)",
         ),
         Row(
@@ -472,8 +403,9 @@ def training_rows(config: BenchConfig, runs: dict, memory: dict) -> list[Row]:
     return [
         Row(
             "training",
-            f"KD (fkl, bucket tail, k={config.small_k}) step time ÷ CE-only step time, "
-            f"student-train, same student and batch ({setting})",
+            f"KD (fkl, bucket tail, shards of teacher-dump's default storage at --top-k "
+            f"{config.large_k}) step time ÷ CE-only step time, student-train, same student and "
+            f"batch ({setting})",
             f"{kd_seconds:.2f} vs {ce_seconds:.2f} s/step",
             time_ratio,
             "≤ 1.15",
@@ -495,8 +427,9 @@ def training_rows(config: BenchConfig, runs: dict, memory: dict) -> list[Row]:
             rss_ratio,
             "≤ 1.15",
             rss_ratio["median"] <= 1.15,
-            f"KD's extra data per step: {tokens} × {config.small_k} teacher ids and logprobs "
-            f"({tokens * config.small_k * 12 / 2**20:.1f} MB as int64 + float32)",
+            f"KD's extra data per step: {tokens} positions × at most {2 * config.large_k} teacher "
+            f"ids and logprobs ({tokens * 2 * config.large_k * 12 / 2**20:.1f} MB as int64 + "
+            "float32 at most)",
         ),
         Row(
             "training",
@@ -778,12 +711,11 @@ def package_versions() -> dict:
 
 def table_rows(config: BenchConfig, raw: dict, groups: tuple[str, ...]) -> list[Row]:
     """The table, from the raw measurements of one run (results.json keeps them)."""
-    engine = raw.get("engine", {})
     rows: list[Row] = []
     if "storage" in groups:
-        rows += storage_rows(config, engine["storage"], engine["engine_start_seconds"])
+        rows += bench_storage.goal_rows(config, raw["storage_table"], Row)
     if "dump" in groups:
-        rows += dump_rows(config, engine["dump"])
+        rows += dump_rows(config, raw["engines"][0]["dump"])
     if "training" in groups:
         rows += training_rows(config, raw["training"], raw["loss_memory"])
     if "loader" in groups:
@@ -795,25 +727,81 @@ def table_rows(config: BenchConfig, raw: dict, groups: tuple[str, ...]) -> list[
     return rows
 
 
-def engine_measurement(config, groups, teacher, text, gsm8k, work, stage) -> dict:
-    """The shared teacher engine's measurement: the storage dumps (and shards for training and
-    the loader) and the dump-overhead runs."""
-    stage("teacher engine: storage dumps" + (", dump overhead" if gsm8k else ""))
-    top_ks = [config.small_k] + ([config.large_k] if "storage" in groups else [])
-    return measurement(
-        "engine",
-        work / "engine.log",
-        teacher=str(teacher),
-        text=str(text),
-        gsm8k=str(gsm8k) if gsm8k else None,
-        work=str(work),
-        chunk_tokens=config.chunk_tokens,
-        windows=config.windows,
-        top_ks=top_ks,
-        overhead={"top_k": config.small_k, "prompts": config.dump_prompts,
-                  "max_new_tokens": config.dump_max_new_tokens, "repeats": config.repeats},
-        max_model_len=config.max_model_len,
-        enforce_eager=config.enforce_eager,
+def storage_work(
+    config: BenchConfig, raw: dict, sampled_variants: list[dict], engine_arguments: dict,
+    gsm8k: Path, teacher: Path, student: Path, text: Path, work: Path, stage,
+) -> None:  # fmt: skip
+    """The storage group after the top-k engine: the drawing engine's dumps, the fidelity
+    figures, the training runs and their evaluation, the loader per representation; the
+    summary goes to raw["storage_table"]."""
+    stage("teacher engine (draws): sampled dumps")
+    raw["engines"].append(
+        measurement(
+            "engine",
+            work / "engine-sampled.log",
+            **engine_arguments,
+            variants=sampled_variants,
+            sampled=True,
+            overhead=False,
+            gsm8k=str(gsm8k),
+        )  # fmt: skip
+    )
+    stage("fidelity against the teacher's full distribution (transformers forward)")
+    datasets: dict = {}
+    for engine in raw["engines"]:
+        for dataset in ("wiki", "gsm8k"):
+            for name, result in engine.get(dataset, {}).get("variants", {}).items():
+                datasets.setdefault(dataset, {})[name] = result["directory"]
+    raw["fidelity"] = measurement(
+        "fidelity", work / "fidelity.log", teacher=str(teacher), datasets=datasets
+    )
+    stage("training figure: the same short KD run from each representation")
+    runs: dict = {}
+    for name in bench_storage.trained_variants(config):
+        seeds = config.storage_seeds if name == f"topk-{config.large_k}" else 1
+        for seed in range(seeds):
+            out = work / "storage-train" / f"{name}-seed{seed}"
+            command = command_module(
+                "student_train.cli", "--shards", datasets["wiki"][name], "--student", student,
+                "--out", out, "--max-steps", config.storage_train_steps,
+                "--micro-batch", config.micro_batch, "--lr", config.storage_lr, "--loss", "fkl",
+                "--warmup", 0.1, "--seed", seed, "--no-progress",
+            )  # fmt: skip
+            code, _ = run_process(command, out.with_suffix(".log"))
+            if code != 0:
+                tail = out.with_suffix(".log").read_text()[-2000:]
+                raise RuntimeError(f"student-train on {name} failed:\n{tail}")
+            summary = json.loads((out / "final" / "training.json").read_text())
+            runs.setdefault(name, []).append(
+                {"model": f"{name}-seed{seed}", "directory": str(out / "final"),
+                 "tokens_per_second": summary["train"]["tokens_per_second"]}
+            )  # fmt: skip
+    raw["training_storage"] = runs
+    models = {run["model"]: run["directory"] for group in runs.values() for run in group}
+    raw["full_kl"] = measurement(
+        "full-kl", work / "full-kl.log", teacher=str(teacher),
+        models={**models, "untrained student": str(student)}, text=str(text),
+        chunk_tokens=config.chunk_tokens, skip=config.windows, windows=config.eval_windows,
+    )  # fmt: skip
+    stage("loader per representation")
+    from student_train.config import TrainConfig
+
+    buffer_rows = config.loader_buffer_rows or TrainConfig.shuffle_buffer
+    loader = {}
+    for name in runs:
+        rows_in_dump = json.loads((Path(datasets["wiki"][name]) / "manifest.json").read_text())
+        copies = math.ceil(2 * buffer_rows / rows_in_dump["totals"]["rows"])
+        directory = replicate_dump(
+            Path(datasets["wiki"][name]), copies, work / "storage-loader" / name
+        )
+        loader[name] = measurement(
+            "loader", work / f"storage-loader-{name}.log", shards=str(directory),
+            micro_batch=config.micro_batch, buffer_rows=buffer_rows,
+        )  # fmt: skip
+    raw["storage_table"] = bench_storage.summarize(
+        config,
+        {"engines": raw["engines"], "fidelity": raw["fidelity"], "training": runs,
+         "full_kl": raw["full_kl"], "loader": loader},
     )  # fmt: skip
 
 
@@ -825,16 +813,45 @@ def run_bench(config: BenchConfig) -> dict:
     work.mkdir(parents=True)
     groups = GROUPS if config.only is None else (config.only,)
     text = data_file(config, config.text, "text")
-    gsm8k = data_file(config, config.gsm8k, "gsm8k") if "dump" in groups else None
+    wants_gsm8k = "dump" in groups or "storage" in groups
+    gsm8k = data_file(config, config.gsm8k, "gsm8k") if wants_gsm8k else None
     teacher, student = prepare_models(config, models)
 
     def stage(message: str) -> None:
         click.echo(f"bench [{(time.perf_counter() - started) / 60:4.1f} min] {message}", err=True)
 
+    topk_variants, sampled_variants = bench_storage.variants(config)
+    default = bench_storage.default_variant(config)
+    if "storage" not in groups:
+        topk_variants = [variant for variant in topk_variants if variant["name"] == default]
+    engine_arguments = dict(
+        teacher=str(teacher), text=str(text), work=str(work), chunk_tokens=config.chunk_tokens,
+        windows=config.windows, gsm8k_prompts=config.dump_prompts,
+        max_new_tokens=config.dump_max_new_tokens, repeats=config.repeats,
+        bare_windows=config.bare_windows, max_model_len=config.max_model_len,
+        enforce_eager=config.enforce_eager,
+    )  # fmt: skip
     raw: dict = {}
     if any(group in groups for group in ENGINE_GROUPS):
-        raw["engine"] = engine_measurement(config, groups, teacher, text, gsm8k, work, stage)
-    shards = work / f"shards-k{config.small_k}"
+        stage(
+            "teacher engine (top-k): storage dumps"
+            + (", dump overhead" if "dump" in groups else "")
+        )
+        raw["engines"] = [
+            measurement(
+                "engine",
+                work / "engine.log",
+                **engine_arguments,
+                variants=topk_variants,
+                sampled=False,
+                overhead="dump" in groups,
+                gsm8k=str(gsm8k) if gsm8k else None,
+            )  # fmt: skip
+        ]
+    shards = work / "storage" / "wiki" / default
+    if "storage" in groups:
+        storage_work(config, raw, sampled_variants, engine_arguments, gsm8k, teacher, student,
+                     text, work, stage)  # fmt: skip
     if "training" in groups or "loader" in groups:
         stage("student-train: KD and CE-only runs")
         raw["training"] = train_runs(config, shards, student, work)
@@ -892,7 +909,7 @@ def run_bench(config: BenchConfig) -> dict:
             teacher=str(teacher),
             steps=config.online_steps,
             micro_batch=config.micro_batch,
-            top_k=config.small_k,
+            top_k=config.large_k,
         )
 
     if "scale" in groups:
@@ -917,6 +934,12 @@ def run_bench(config: BenchConfig) -> dict:
     rows = table_rows(config, raw, groups)
     report = {**header, "rows": [asdict(row) for row in rows], "measurements": raw}
     table = markdown(rows, header)
+    if "storage" in groups:
+        bench_storage.plot(raw["storage_table"], out / "storage.png")
+        table += (
+            "\n\nStorage, per representation (figure: storage.png):\n\n"
+            + bench_storage.storage_table(config, raw["storage_table"])
+        )
     atomic_write_text(out / "results.json", json.dumps(report, indent=1))
     atomic_write_text(out / "results.md", table + "\n")
     click.echo(table)

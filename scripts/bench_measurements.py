@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -22,7 +23,7 @@ def peak_rss_megabytes() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-# --- teacher engine: storage, decoded-vs-original KL, dump overhead ---------------------------
+# --- teacher engine: storage variants, dump overhead ----------------------------------------
 
 
 class RecordingEngine:
@@ -50,22 +51,32 @@ class RecordingEngine:
 
 
 class ReplayEngine:
-    """Hands out recorded generate() results at once, converting them from the flat Python lists
-    vLLM returns as TeacherEngine does: teacher-dump run on it costs only its own work."""
+    """Hands out recorded results (score or generate) at once, cut to the width a dump asks for
+    and converted from the flat Python lists vLLM returns as TeacherEngine does: teacher-dump run
+    on it costs only its own work. A recording at width W replays any narrower request: vLLM's
+    top-k is a prefix of its top-W, and the first k of W independent draws are k draws."""
 
-    def __init__(self, recording: RecordingEngine):
-        self.results = {
-            key.source_index: [
-                (
-                    completion.token_ids.tolist(),
-                    completion.position_ids.ravel().tolist(),
-                    completion.position_logprobs.ravel().tolist(),
-                    completion.finish_reason,
+    def __init__(self, recording: RecordingEngine, top_k: int):
+        width = top_k + 1
+        self.top_k = top_k
+        self.generated, self.scored = {}, {}
+        for key, result in recording.records:
+            if isinstance(result, list):
+                self.generated[key.source_index] = [
+                    (
+                        completion.token_ids.tolist(),
+                        completion.position_ids[:, :width].ravel().tolist(),
+                        completion.position_logprobs[:, :width].ravel().tolist(),
+                        completion.finish_reason,
+                    )
+                    for completion in result
+                ]
+            else:
+                self.scored[key.source_index] = (
+                    result.position_ids[:, :width].ravel().tolist(),
+                    result.position_logprobs[:, :width].ravel().tolist(),
+                    len(result.position_ids),
                 )
-                for completion in completions
-            ]
-            for key, completions in recording.records
-        }
         self.settings = recording.settings
         self.vllm_version = recording.vllm_version
         self.platform = recording.platform
@@ -75,9 +86,10 @@ class ReplayEngine:
     def generate(self, prompts, *, top_k, **options):
         from shared.engine import Completion, positions_to_arrays
 
+        assert top_k == self.top_k
         for request, _, _ in prompts:
             completions = []
-            for token_ids, flat_ids, flat_logprobs, finish_reason in self.results[
+            for token_ids, flat_ids, flat_logprobs, finish_reason in self.generated[
                 request.source_index
             ]:
                 ids, values = positions_to_arrays(
@@ -88,75 +100,60 @@ class ReplayEngine:
                 )
             yield request, completions
 
+    def score(self, sequences, *, top_k, **options):
+        from shared.engine import ScoredSequence, positions_to_arrays
 
-def decoding_kl(original: np.ndarray, decoded: np.ndarray, tail: str = "bucket") -> np.ndarray:
-    """KL(original || decoded) per position, between the teacher distributions the trainer builds
-    from each (shared.distributions.teacher_log_distribution: the k outcomes and, with the
-    bucket tail, the mass outside them, where tails under its noise level count as empty).
+        assert top_k == self.top_k
+        for request, _ in sequences:
+            flat_ids, flat_logprobs, positions = self.scored[request.source_index]
+            ids, values = positions_to_arrays(flat_ids, flat_logprobs, positions, top_k + 1)
+            yield request, ScoredSequence(position_ids=ids, position_logprobs=values)
 
-    Args:
-        original, decoded: (N, K) natural-log probabilities (-inf in freed slots).
-    Returns:
-        (N,) float64 nats.
-    """
-    import torch
 
-    from shared.distributions import teacher_log_distribution
+def replay_dump(recording: RecordingEngine, config, repeats: int = 1) -> list[dict]:
+    """teacher-dump's own work on recorded engine results, `repeats` times: its run (the same
+    steps run_dump takes), timed apart: reading and tokenizing the data once per run
+    (prepare_seconds), then the per-token work (flat lists to arrays, rows, encoding, Parquet,
+    manifest). The last repeat's dump stays in config.out."""
+    import shutil
 
-    log_p, valid = teacher_log_distribution(
-        torch.from_numpy(original).double(), temperature=1.0, tail=tail
+    from shared.storage import Folder
+    from teacher_dump.run import (
+        engine_results,
+        manifest_header,
+        open_output,
+        prepare,
+        write_results,
     )
-    log_q, _ = teacher_log_distribution(
-        torch.from_numpy(decoded).double(), temperature=1.0, tail=tail
-    )
-    terms = torch.where(valid, log_p.exp() * (log_p - log_q), 0.0)
-    return terms.sum(-1).double().numpy()
 
-
-def encoding_estimates(topk_ids: np.ndarray, topk_logprobs: np.ndarray, step: float) -> dict:
-    """Bytes per position other encodings of the same top-k would take (zstd level 3 on raw
-    arrays), to say how far the stored format is from what is possible.
-
-    Args:
-        topk_ids: (N, K) int ids in rank order (< 65536 for the uint16 variants).
-        topk_logprobs: (N, K) float, sorted descending, on the storage grid `step`.
-    Returns:
-        {name: bytes per position}.
-    """
-    import pyarrow as pa
-
-    codec = pa.Codec("zstd", compression_level=3)
-    positions = len(topk_ids)
-
-    def packed(array: np.ndarray) -> float:
-        # Byte planes (all low bytes, then all high bytes) let zstd see the mostly-zero high bytes.
-        values = np.ascontiguousarray(array, dtype=np.uint16)
-        planes = np.stack([values & 0xFF, values >> 8]).astype(np.uint8)
-        return len(codec.compress(planes.tobytes(), asbytes=True)) / positions
-
-    estimates = {}
-    if topk_ids.max() < 1 << 16 and topk_ids.min() >= 0:
-        estimates["ids_uint16_rank_order"] = packed(topk_ids)
-        # Sorting loses the rank order (it would have to be stored too): a floor for any
-        # per-position coding of the id sets.
-        ordered = np.sort(topk_ids, axis=1)
-        estimates["ids_sorted_delta_no_order"] = packed(np.diff(ordered, axis=1, prepend=0))
-    if np.isfinite(topk_logprobs).all():
-        units = np.round(np.maximum(topk_logprobs, -60.0) / step).astype(np.int64)
-        drops = -np.diff(units, axis=1, prepend=0)  # first: -units[0]; then rank-to-rank drops
-        if drops.max() < 1 << 16:
-            estimates["logprobs_rank_deltas"] = packed(drops)
-    return estimates
+    replay = ReplayEngine(recording, config.engine_logprobs)
+    runs = []
+    for _ in range(repeats):
+        shutil.rmtree(config.out, ignore_errors=True)
+        began = time.perf_counter()
+        prepared = prepare(config)
+        open_output(Folder(config.out), manifest_header(config, prepared), config)
+        fixed = time.perf_counter() - began
+        began = time.perf_counter()
+        replayed = engine_results(config, replay, prepared.tokenizer, prepared.requests)
+        tokens = write_results(
+            config, replayed, total=len(prepared.requests), todo=len(prepared.requests),
+            directory=Folder(config.out), vocabulary=len(prepared.tokenizer),
+        )  # fmt: skip
+        runs.append(
+            {"tokens": tokens, "seconds": time.perf_counter() - began, "prepare_seconds": fixed}
+        )
+    return runs
 
 
 def column_bytes(directory: Path) -> dict[str, int]:
     """Compressed bytes of each top-level column over every shard of a dump (Parquet footers)."""
     import pyarrow.parquet as pq
 
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = json.loads((Path(directory) / "manifest.json").read_text())
     totals: dict[str, int] = {}
     for entry in manifest["shards"]:
-        metadata = pq.ParquetFile(directory / entry["name"]).metadata
+        metadata = pq.ParquetFile(Path(directory) / entry["name"]).metadata
         for group in range(metadata.num_row_groups):
             row_group = metadata.row_group(group)
             for index in range(row_group.num_columns):
@@ -164,81 +161,6 @@ def column_bytes(directory: Path) -> dict[str, int]:
                 name = chunk.path_in_schema.split(".")[0]
                 totals[name] = totals.get(name, 0) + chunk.total_compressed_size
     return totals
-
-
-def decoded_topk(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """sample_id -> (topk_ids, topk_logprobs) as the trainer's reader gets them back."""
-    from shared.shard_reader import iterate_rows, open_dump
-
-    return {
-        row.sample_id: (row.topk_ids, row.topk_logprobs)
-        for row in iterate_rows(open_dump(directory))
-    }
-
-
-def measure_storage(engine, base: dict, top_k: int, out: Path) -> dict:
-    """One text-mode dump at `top_k`: bytes per target token, per column, and how far the
-    stored top-k logprobs are from the engine's original float32 values."""
-    from schemas.shard import LOGPROB_STEP
-    from teacher_dump.config import DumpConfig
-    from teacher_dump.rows import drop_padding_ids
-    from teacher_dump.run import run_dump
-
-    recording = RecordingEngine(engine)
-    config = DumpConfig(**base, mode="text", top_k=top_k, out=str(out))
-    started = time.perf_counter()
-    manifest = run_dump(config, recording)
-    seconds = time.perf_counter() - started
-    decoded = decoded_topk(out)
-    size = manifest["tokenizer"]["size"]
-    divergences, errors, originals_kept, decoded_kept = [], [], [], []
-    for request, scored in recording.records:
-        start = len(request.prompt_ids) - 1
-        # The same lossless reordering teacher-dump applies (padding-row ids move to the end).
-        original_ids, original, _ = drop_padding_ids(
-            scored.position_ids[start:, 1:], scored.position_logprobs[start:, 1:], size
-        )
-        ids, logprobs = decoded[str(request.source_index)]
-        if not np.array_equal(ids, original_ids):
-            raise RuntimeError(
-                f"row {request.source_index}: stored top-k ids differ from the engine's"
-            )
-        divergences.append(decoding_kl(original, logprobs))
-        originals_kept.append(original)
-        decoded_kept.append(logprobs)
-        finite = np.isfinite(original)
-        errors.append(np.abs(original[finite].astype(np.float64) - logprobs[finite]).max())
-    kl = np.concatenate(divergences)
-    originals = np.concatenate(originals_kept)
-    decodeds = np.concatenate(decoded_kept)
-    worst = int(np.argmax(kl))
-
-    def tail_mass(logprobs: np.ndarray) -> float:
-        return float(1.0 - np.exp(logprobs.astype(np.float64)).sum())
-
-    all_ids = np.concatenate([ids for ids, _ in decoded.values()])
-    all_logprobs = np.concatenate([logprobs for _, logprobs in decoded.values()])
-    estimates = encoding_estimates(all_ids, all_logprobs, LOGPROB_STEP)
-    return {
-        "encoding_estimates": {
-            name: value * len(all_ids) / manifest["totals"]["target_tokens"]
-            for name, value in estimates.items()
-        },
-        "top_k": top_k,
-        "target_tokens": manifest["totals"]["target_tokens"],
-        "rows": manifest["totals"]["rows"],
-        "file_bytes": manifest["totals"]["bytes"],
-        "column_bytes": column_bytes(out),
-        "kl_mean": float(kl.mean()),
-        "kl_max": float(kl.max()),
-        "compared_positions": int(kl.size),
-        "worst_position_tail": {
-            "original": tail_mass(originals[worst]),
-            "decoded": tail_mass(decodeds[worst]),
-        },
-        "max_abs_logprob_error": float(max(errors)),
-        "seconds": seconds,
-    }
 
 
 def bare_generate(engine, requests, *, top_k, temperature, max_new_tokens, seed, style) -> dict:
@@ -258,35 +180,15 @@ def bare_generate(engine, requests, *, top_k, temperature, max_new_tokens, seed,
     return {"tokens": tokens, "seconds": time.perf_counter() - started}
 
 
-def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: Path) -> dict:
+def measure_dump_overhead(engine, config, repeats: int, out: Path) -> tuple[dict, object]:
     """teacher-dump end to end (engine already started) against bare LLM.generate loops on the
-    same prompts; each repeat runs every variant, in a rotated order so drift hits all alike."""
-    from shared.storage import Folder
-    from teacher_dump.config import DumpConfig
-    from teacher_dump.run import (
-        engine_results,
-        manifest_header,
-        open_output,
-        prepare,
-        run_dump,
-        write_results,
-    )
+    same prompts with the same logprobs request; each repeat runs every variant, in a rotated
+    order so drift hits all alike. Returns the figures and the last teacher-dump recording."""
+    from teacher_dump.run import prepare, run_dump
 
-    repeats = settings["repeats"]
-    config = DumpConfig(
-        **base,
-        data="gsm8k",
-        data_path=gsm8k,
-        mode="generate",
-        limit=settings["prompts"],
-        max_new_tokens=settings["max_new_tokens"],
-        top_k=settings["top_k"],
-        temperature=1.0,
-        out=str(out / "unused"),
-    )
     requests = prepare(config).requests
     options = {
-        "top_k": config.top_k,
+        "top_k": config.engine_logprobs,
         "temperature": config.temperature,
         "max_new_tokens": config.max_new_tokens,
         "seed": config.seed,
@@ -310,96 +212,280 @@ def measure_dump_overhead(engine, base: dict, gsm8k: str, settings: dict, out: P
                 )
             else:
                 results[variant].append(bare_generate(engine, requests, style=variant, **options))
+    host = replay_dump(recording, replace(config, out=str(out / "replay")), repeats)
+    return {"prompts": len(requests), "runs": results, "host_only": host}, recording
 
-    # teacher-dump's own work: its run (the same steps run_dump takes) fed by recorded engine
-    # results, timed apart: reading and tokenizing the data once per run, then the per-token
-    # work (flat lists to arrays, rows, Parquet, manifest).
-    replay = ReplayEngine(recording)
-    host = []
-    for repeat in range(repeats):
-        run_config = replace(config, out=str(out / f"replay-{repeat}"))
-        began = time.perf_counter()
-        prepared = prepare(run_config)
-        open_output(Folder(run_config.out), manifest_header(run_config, prepared), run_config)
-        fixed = time.perf_counter() - began
-        began = time.perf_counter()
-        replayed = engine_results(run_config, replay, prepared.tokenizer, prepared.requests)
-        tokens = write_results(
-            run_config, replayed, total=len(prepared.requests), todo=len(prepared.requests),
-            directory=Folder(run_config.out),
-        )  # fmt: skip
-        host.append(
-            {"tokens": tokens, "seconds": time.perf_counter() - began, "prepare_seconds": fixed}
-        )
-    return {
-        "prompts": len(requests),
-        "runs": results,
-        "host_only": host,
-    }
+
+def bare_score(engine, sequences: list[list[int]], top_k: int) -> dict:
+    """vLLM's own blocking loop teacher-forcing the sequences with prompt_logprobs=top_k."""
+    started = time.perf_counter()
+    positions = engine.score_batch(sequences, top_k=top_k)
+    return {"positions": positions, "seconds": time.perf_counter() - started}
 
 
 def measure_engine(
     teacher: str,
     text: str,
-    gsm8k: str,
+    gsm8k: str | None,
     work: str,
     chunk_tokens: int,
     windows: int,
-    top_ks: list[int],
-    overhead: dict,
+    variants: list[dict],
+    sampled: bool,
+    gsm8k_prompts: int,
+    max_new_tokens: int,
+    repeats: int,
+    overhead: bool,
+    bare_windows: int,
     max_model_len: int,
     enforce_eager: bool,
 ) -> dict:
-    """Start one engine; dump the text at each k (storage); then the dump-overhead runs."""
-    from shared.engine import EngineSettings, TeacherEngine
+    """One engine (top-k, or draws with `sampled`) for every storage variant of that kind.
 
-    work_path = Path(work)
+    Text: the WikiText windows are scored once by teacher-dump with the widest variant's request
+    (end to end, recorded); every variant's dump is then teacher-dump replayed on that recording
+    (its own work timed, repeats), and vLLM's bare scoring loop is timed at each variant's
+    request on the first `bare_windows` windows (the ratio is per token, so a subset suffices
+    and keeps the group's time down). GSM8K: teacher-dump generate end to end with the widest
+    request (with `overhead`, the dump-overhead runs against bare LLM.generate), then each
+    variant replayed likewise.
+    Variant dumps go to WORK/storage/<dataset>/<variant name>."""
+    from shared.engine import EngineSettings, TeacherEngine
+    from teacher_dump.config import DumpConfig
+    from teacher_dump.run import prepare, run_dump
+
+    work_path = Path(work) / "storage"
+    base = {
+        "model": teacher, "dtype": "float32", "max_model_len": max_model_len,
+        "enforce_eager": enforce_eager, "progress": False,
+    }  # fmt: skip
+    datasets = {
+        "wiki": {"data": "text", "data_path": text, "mode": "text", "chunk_tokens": chunk_tokens,
+                 "limit": windows},
+    }  # fmt: skip
+    if gsm8k:
+        datasets["gsm8k"] = {
+            "data": "gsm8k", "data_path": gsm8k, "mode": "generate", "limit": gsm8k_prompts,
+            "max_new_tokens": max_new_tokens, "temperature": 1.0,
+        }  # fmt: skip
+    configs = {
+        name: {
+            variant["name"]: DumpConfig(
+                **base, **settings, **variant["dump"], out=str(work_path / name / variant["name"])
+            )
+            for variant in variants
+        }
+        for name, settings in datasets.items()
+    }
+    widest = max(variants, key=lambda variant: configs["wiki"][variant["name"]].engine_logprobs)
     started = time.perf_counter()
     engine = TeacherEngine(
         EngineSettings(
-            model=teacher,
-            dtype="float32",
-            max_model_len=max_model_len,
-            max_logprobs=max([*top_ks, overhead["top_k"]]),
-            tensor_parallel_size=1,
-            gpu_memory_utilization=None,
-            seed=0,
-            enforce_eager=enforce_eager,
-            trust_remote_code=False,
+            model=teacher, dtype="float32", max_model_len=max_model_len,
+            max_logprobs=configs["wiki"][widest["name"]].engine_logprobs,
+            sampled_logprobs=sampled, tensor_parallel_size=1, gpu_memory_utilization=None,
+            seed=0, enforce_eager=enforce_eager, trust_remote_code=False,
         )
-    )
-    start_seconds = time.perf_counter() - started
-    base = {
-        "model": teacher,
-        "dtype": "float32",
-        "max_model_len": max_model_len,
-        "enforce_eager": enforce_eager,
-        "progress": False,
-    }
+    )  # fmt: skip
+    result: dict = {"engine_start_seconds": time.perf_counter() - started, "sampled": sampled}
     try:
-        storage = [
-            measure_storage(
-                engine,
-                {
-                    **base,
-                    "data": "text",
-                    "data_path": text,
-                    "chunk_tokens": chunk_tokens,
-                    "limit": windows,
-                },
-                top_k,
-                work_path / f"shards-k{top_k}",
-            )  # fmt: skip
-            for top_k in top_ks
-        ]
-        dump = (
-            measure_dump_overhead(engine, base, gsm8k, overhead, work_path / "dump-overhead")
-            if gsm8k
-            else None
-        )
+        for name, by_variant in configs.items():
+            end_to_end = f"end-to-end-{'draws' if sampled else 'top-k'}"
+            record_config = replace(
+                by_variant[widest["name"]], out=str(work_path / name / end_to_end)
+            )
+            if name == "gsm8k" and overhead:
+                figures, recording = measure_dump_overhead(
+                    engine, record_config, repeats, Path(work) / "dump-overhead"
+                )
+                result["dump"] = figures
+                seconds = statistics.median(
+                    run["seconds"] for run in figures["runs"]["teacher_dump"]
+                )
+            else:
+                recording = RecordingEngine(engine)
+                began = time.perf_counter()
+                run_dump(record_config, recording)
+                seconds = time.perf_counter() - began
+            dataset = {
+                "end_to_end": {"variant": widest["name"], "seconds": seconds},
+                "variants": {},
+            }
+            for variant, config in by_variant.items():
+                runs = replay_dump(recording, config, repeats)
+                dataset["variants"][variant] = {
+                    "directory": config.out, "engine_logprobs": config.engine_logprobs,
+                    "host": runs,
+                }  # fmt: skip
+            if name == "wiki":
+                sequences = [
+                    [*request.prompt_ids.tolist(), *request.target_ids.tolist()]
+                    for request in prepare(record_config).requests
+                ]
+                bare_score(engine, sequences[:4], 1)  # warm-up
+                widths = sorted({config.engine_logprobs for config in by_variant.values()})
+                dataset["bare"] = {
+                    str(width): [
+                        bare_score(engine, sequences[:bare_windows], width) for _ in range(repeats)
+                    ]
+                    for width in widths
+                }
+            result[name] = dataset
     finally:
         engine.close()
-    return {"engine_start_seconds": start_seconds, "storage": storage, "dump": dump}
+    return result
+
+
+# --- the teacher's full distribution: storage fidelity, the training figure -------------------
+
+
+def full_logprobs(model, prompt_ids, target_ids, vocabulary: int):
+    """(T, vocabulary) float64 log-distributions that predicted each target token (a transformers
+    float32 forward of prompt + target; log-softmax in float64 over the tokenizer's ids)."""
+    import torch
+
+    with torch.no_grad():
+        sequence = torch.tensor([[*prompt_ids, *target_ids]])
+        logits = model(sequence).logits[0, len(prompt_ids) - 1 : -1, :vocabulary]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def fidelity_of_row(full, ids, logprobs, log_tail) -> dict:
+    """Both storage fidelity figures per position, summed over a row's positions.
+
+    KL(p || p_hat): p_hat = the stored probabilities on the stored ids, the stored tail (where
+    the dump stores none: max(1 - sum q, 0)) spread evenly over the V - n other ids, normalized.
+    -log(captured mass): -log of the teacher's true mass on the stored ids (= KL of the stored
+    distribution, renormalized, to the teacher).
+
+    Args:
+        full: (T, V) float64 torch log-distributions. ids (T, W), logprobs (T, W), log_tail (T,)
+            as the trainer's reader hands them out.
+    Returns: {"kl", "neg_log_mass", "entries", "positions"} sums.
+    """
+    import torch
+
+    ids = torch.from_numpy(ids).long()
+    valid = ids >= 0
+    vocabulary = full.shape[1]
+    p = full.exp()
+    stored_p = torch.where(valid, p.gather(1, ids.clamp(min=0)), 0.0)
+    captured = stored_p.sum(-1)
+    q_log = torch.where(valid, torch.from_numpy(logprobs).double(), 0.0)
+    q = torch.where(valid, q_log.exp(), 0.0)
+    tail = torch.from_numpy(log_tail).double()
+    rest = torch.where(tail.isnan(), (1.0 - q.sum(-1)).clamp(min=0.0), tail.exp()).clamp(min=1e-30)
+    count = valid.sum(-1)
+    normalizer = q.sum(-1) + rest
+    outside = (1.0 - captured).clamp(min=0.0)
+    kl = (
+        (p * full).sum(-1)
+        - (stored_p * q_log).sum(-1)
+        - outside * (rest.log() - torch.log(vocabulary - count.double()))
+        + normalizer.log()
+    )
+    return {
+        "kl": float(kl.sum()),
+        "neg_log_mass": float(-captured.log().sum()),
+        "entries": int(count.sum()),
+        "positions": int(len(ids)),
+    }
+
+
+def measure_fidelity(teacher: str, datasets: dict[str, dict[str, str]]) -> dict:
+    """Both fidelity figures of every storage variant against the teacher's FULL distribution.
+
+    Args:
+        datasets: {dataset: {variant: dump directory}}. Rows holding the same tokens share one
+            forward pass.
+    Returns:
+        {dataset: {variant: {"kl", "neg_log_mass", "entries" (means per position),
+         "positions"}}}; kl is None for sampled dumps (their stored weights are not meant as a
+         distribution; they are judged by training).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from schemas.manifest import storage_of_manifest
+    from shared.shard_reader import iterate_rows, open_dump
+
+    model = AutoModelForCausalLM.from_pretrained(
+        teacher, dtype=torch.float32, use_safetensors=True
+    ).eval()
+    results: dict = {}
+    for dataset, variants in datasets.items():
+        by_sequence: dict[tuple, list] = {}
+        sampled = {}
+        for variant, directory in variants.items():
+            dump = open_dump(directory)
+            vocabulary = int(dump.manifest["tokenizer"]["size"])
+            storage = storage_of_manifest(dump.manifest)
+            sampled[variant] = storage is not None and storage.representation == "sampled"
+            for row in iterate_rows(dump):
+                key = (tuple(row.prompt_ids.tolist()), tuple(row.target_ids.tolist()))
+                by_sequence.setdefault(key, []).append((variant, row))
+        sums = {variant: {"kl": 0.0, "neg_log_mass": 0.0, "entries": 0, "positions": 0}
+                for variant in variants}  # fmt: skip
+        for (prompt_ids, target_ids), rows in by_sequence.items():
+            full = full_logprobs(model, prompt_ids, target_ids, vocabulary)
+            for variant, row in rows:
+                figures = fidelity_of_row(full, row.topk_ids, row.topk_logprobs, row.topk_log_tail)
+                for name, value in figures.items():
+                    sums[variant][name] += value
+        results[dataset] = {
+            variant: {
+                "positions": total["positions"],
+                "kl": None if sampled[variant] else total["kl"] / total["positions"],
+                "neg_log_mass": total["neg_log_mass"] / total["positions"],
+                "entries": total["entries"] / total["positions"],
+            }
+            for variant, total in sums.items()
+        }
+    return results
+
+
+def measure_full_kl(
+    teacher: str, models: dict[str, str], text: str, chunk_tokens: int, skip: int, windows: int
+) -> dict:
+    """Mean KL(teacher || model) per position over held-out text windows, both distributions
+    full (transformers float32 forwards, log-softmax in float64 over the tokenizer's ids).
+
+    The windows are teacher-dump's text-mode windows number skip .. skip + windows - 1 of the
+    text (after the ones the students trained on). Returns {name: KL, "positions": N}."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from teacher_dump.config import DumpConfig
+    from teacher_dump.run import prepare
+
+    config = DumpConfig(
+        model=teacher, data="text", data_path=text, mode="text", out="unused",
+        chunk_tokens=chunk_tokens, limit=skip + windows, progress=False,
+    )  # fmt: skip
+    prepared = prepare(config)
+    requests = prepared.requests[skip:]
+    vocabulary = len(prepared.tokenizer)
+    teacher_model = AutoModelForCausalLM.from_pretrained(
+        teacher, dtype=torch.float32, use_safetensors=True
+    ).eval()
+    teacher_full = [
+        full_logprobs(teacher_model, r.prompt_ids.tolist(), r.target_ids.tolist(), vocabulary)
+        for r in requests
+    ]
+    del teacher_model
+    result: dict = {"positions": sum(len(full) for full in teacher_full)}
+    for name, directory in models.items():
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, use_safetensors=True
+        ).eval()
+        total = 0.0
+        for request, full in zip(requests, teacher_full, strict=True):
+            student = full_logprobs(
+                model, request.prompt_ids.tolist(), request.target_ids.tolist(), vocabulary
+            )
+            total += float((full.exp() * (full - student)).sum())
+        result[name] = total / result["positions"]
+    return result
 
 
 # --- training ------------------------------------------------------------------------------
@@ -466,7 +552,9 @@ def measure_online(
             selected = hidden[batch.row_index, batch.position]
             logprobs = torch.log_softmax(teacher_logits(selected).float(), dim=-1)
             values, ids = logprobs.topk(top_k, dim=-1)
-        return replace(batch, topk_ids=ids, topk_logprobs=values)
+        # the online top-k has no stored tail: 1 - sum(p), as a v1 dump
+        unknown = torch.full(values.shape[:1], float("nan"))
+        return replace(batch, topk_ids=ids, topk_logprobs=values, topk_log_tail=unknown)
 
     def step(online: bool) -> float:
         started = time.perf_counter()
@@ -543,6 +631,8 @@ def measure_loader(shards: str, micro_batch: int, buffer_rows: int) -> dict:
 
 MEASUREMENTS = {
     "engine": measure_engine,
+    "fidelity": measure_fidelity,
+    "full-kl": measure_full_kl,
     "online": measure_online,
     "loss-memory": measure_loss_memory,
     "loader": measure_loader,

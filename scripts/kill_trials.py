@@ -169,18 +169,33 @@ def finished_shards(directory: Path) -> list[Path]:
 
 
 def dump_rows(directory: Path) -> tuple[dict[str, dict], list[str]]:
-    """(rows by sample id, sample ids seen more than once) over the finished shards."""
+    """(rows by sample id, sample ids seen more than once) over the finished shards. A row is
+    its plain columns as stored plus the teacher's distributions as the trainer's reader
+    decodes them: adaptive dumps renumber ids per shard, so only the decoded values can be
+    compared between dumps whose shards hold different rows."""
     import pyarrow.parquet as pq
+
+    from schemas.shard import PAD_ID
+    from shared.shard_reader import iterate_rows, open_dump
 
     rows: dict[str, dict] = {}
     duplicates = []
-    columns = ["sample_id", "prompt_ids", "target_ids", "target_logprobs", "topk_ids"]
-    columns.append("topk_logprobs")
     for path in finished_shards(directory):
+        columns = ["sample_id", "prompt_ids", "target_ids", "target_logprobs"]
         for row in pq.read_table(path, columns=columns).to_pylist():
             if row["sample_id"] in rows:
                 duplicates.append(row["sample_id"])
             rows[row["sample_id"]] = row
+    for row in iterate_rows(open_dump(directory, allow_incomplete=True)):
+        tail = row.topk_log_tail
+        # A row group pads every row to its widest position: keep this row's own width.
+        width = int((row.topk_ids != PAD_ID).sum(axis=1).max(initial=0))
+        rows[row.sample_id].update(
+            topk_ids=row.topk_ids[:, :width].tolist(),
+            topk_logprobs=row.topk_logprobs[:, :width].tolist(),
+            # NaN (no stored tail, schema v1) would never compare equal to itself.
+            topk_log_tail=None if tail is None or np.isnan(tail).any() else tail.tolist(),
+        )
     return rows, duplicates
 
 
@@ -399,7 +414,17 @@ def check_dump(out: Path, reference: dict[str, dict], trial: Trial) -> None:
             f"{len(duplicates)} duplicate, {len(missing)} missing, {len(extra)} unexpected sample ids"
         )
     if differing:
-        trial.failures.append(f"{len(differing)} rows differ from the uninterrupted dump")
+        fields = sorted(
+            {
+                name
+                for key in differing
+                for name in reference[key]
+                if rows[key].get(name) != reference[key][name]
+            }
+        )
+        trial.failures.append(
+            f"{len(differing)} rows differ from the uninterrupted dump (in {', '.join(fields)})"
+        )
     if status != 0:
         trial.failures.append(f"inspect --validate exited {status}: {last_line}")
     if trial.checks["temporaries_left"]:
@@ -596,6 +621,7 @@ def left_dump_problems(out: Path) -> list[str]:
     shard that the manifest does not list yet (the disk filled up while the manifest was being
     rewritten after the shard's rename) is whole; the rerun lists it, so it is not a problem
     here once it passes every check on its own."""
+    from shared.storage import as_folder
     from teacher_dump.inspect import validate, validate_shard
     from teacher_dump.shards import describe_shard
 
@@ -607,9 +633,7 @@ def left_dump_problems(out: Path) -> list[str]:
             "on disk but not in the manifest (rerun the dump command to refresh it)"
         ):
             entry = describe_shard(out / name)
-            own = validate_shard(
-                out / name, entry, manifest["top_k"], manifest["tokenizer"]["size"], set()
-            )
+            own = validate_shard(as_folder(out), entry, manifest, set())
             if own is None:
                 continue
             problem = f"{name}: {own}"
@@ -744,12 +768,10 @@ def bit_flip_census(dump: Path, work: Path, trainer_checks: int = 20) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from schemas.shard import describe_schema_mismatch
-    from shared.shard_reader import open_dump, shard_columns, value_problem
+    from shared.shard_reader import checked_columns, open_dump
     from student_train.shard_stream import ShardStream
 
     manifest = json.loads((dump / "manifest.json").read_text())
-    top_k, vocabulary = manifest["top_k"], manifest["tokenizer"]["size"]
     name = manifest["shards"][0]["name"]
     data = (dump / name).read_bytes()
     original = pq.read_table(dump / name)
@@ -760,15 +782,15 @@ def bit_flip_census(dump: Path, work: Path, trainer_checks: int = 20) -> dict:
         flipped = bytearray(data)
         flipped[offset] ^= 1
         try:
-            table = pq.read_table(pa.BufferReader(bytes(flipped)))
+            parquet = pq.ParquetFile(pa.BufferReader(bytes(flipped)))
+            table = parquet.read()
         except Exception:
             counts["unreadable"] += 1
             continue
         if table.equals(original):
             counts["unchanged"] += 1
             continue
-        columns = None if describe_schema_mismatch(table.schema) else shard_columns(table, top_k)
-        if columns is None or isinstance(columns, str) or value_problem(columns, vocabulary):
+        if isinstance(checked_columns(table, parquet.metadata, manifest), str):
             counts["refused_by_value_checks"] += 1
             continue
         counts["silent"] += 1

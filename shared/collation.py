@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from schemas.shard import PAD_ID
 from shared.shard_reader import TrainingRow
 
 
@@ -35,6 +36,9 @@ class Batch:
     """(N, K) int64 teacher ids (PAD_ID = -1 in freed slots); None when lengths only."""
     topk_logprobs: torch.Tensor | None
     """(N, K) float32 teacher logprobs (-inf in freed slots)."""
+    topk_log_tail: torch.Tensor | None
+    """(N,) float32 log of the teacher's mass outside its stored ids (-inf: none), NaN where the
+    dump stores no tail (then it is 1 - sum(p))."""
     sample_ids: tuple[str, ...]
 
     @property
@@ -60,6 +64,27 @@ def fit_row(row: TrainingRow, max_length: int) -> TrainingRow:
         target_ids=row.target_ids[:keep_target],
         topk_ids=None if row.topk_ids is None else row.topk_ids[:keep_target],
         topk_logprobs=None if row.topk_logprobs is None else row.topk_logprobs[:keep_target],
+        topk_log_tail=None if row.topk_log_tail is None else row.topk_log_tail[:keep_target],
+    )
+
+
+def keep_top_entries(row: TrainingRow, count: int) -> TrainingRow:
+    """A row with only the `count` most likely teacher entries of every position; the mass of
+    the others joins the stored tail (which stays NaN where the dump stores none).
+
+    The entries are in rank order, so these are the first `count` columns."""
+    if row.topk_ids is None or row.topk_ids.shape[1] <= count:
+        return row
+    dropped = np.exp(row.topk_logprobs[:, count:].astype(np.float64)).sum(axis=1)
+    tail = row.topk_log_tail
+    if tail is not None:
+        with np.errstate(divide="ignore"):
+            tail = np.log(np.exp(tail.astype(np.float64)) + dropped).astype(np.float32)
+    return replace(
+        row,
+        topk_ids=row.topk_ids[:, :count],
+        topk_logprobs=row.topk_logprobs[:, :count],
+        topk_log_tail=tail,
     )
 
 
@@ -83,16 +108,36 @@ def collate(rows: list[TrainingRow]) -> Batch:
         return torch.zeros((0,) if width is None else (0, width), dtype=getattr(torch, dtype))
 
     has_topk = bool(rows) and rows[0].topk_ids is not None
-    width = rows[0].topk_ids.shape[1] if has_topk else None
+    width = max(row.topk_ids.shape[1] for row in rows) if has_topk else None
+
+    def widened(array: np.ndarray, fill) -> np.ndarray:
+        # rows of a variable-width representation are padded to the widest
+        missing = width - array.shape[1]
+        return np.pad(array, ((0, 0), (0, missing)), constant_values=fill) if missing else array
+
+    def log_tail(row: TrainingRow) -> np.ndarray:
+        if row.topk_log_tail is None:
+            return np.full(len(row.target_ids), np.nan, dtype=np.float32)
+        return row.topk_log_tail
+
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention_mask),
         row_index=concatenate(row_index, "int64"),
         position=concatenate(position, "int64"),
         target_ids=concatenate([row.target_ids for row in rows], "int64"),
-        topk_ids=concatenate([row.topk_ids for row in rows], "int64", width) if has_topk else None,
+        topk_ids=(
+            concatenate([widened(row.topk_ids, PAD_ID) for row in rows], "int64", width)
+            if has_topk
+            else None
+        ),
         topk_logprobs=(
-            concatenate([row.topk_logprobs for row in rows], "float32", width) if has_topk else None
+            concatenate([widened(row.topk_logprobs, -np.inf) for row in rows], "float32", width)
+            if has_topk
+            else None
+        ),
+        topk_log_tail=(
+            concatenate([log_tail(row) for row in rows], "float32") if has_topk else None
         ),
         sample_ids=tuple(row.sample_id for row in rows),
     )

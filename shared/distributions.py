@@ -9,8 +9,9 @@ Everything returns per-position values or SUMS over positions; callers divide on
 The compared outcomes, per position:
 - tail "renormalize": teacher and student both restricted to the teacher's k ids and
   renormalized there (a proper divergence on the shared support).
-- tail "bucket": k+1 outcomes, the k ids plus one "everything else" outcome holding
-  p_tail = 1 - sum(p_i) for the teacher and the student's exact remaining mass for the student.
+- tail "bucket": k+1 outcomes, the k ids plus one "everything else" outcome holding the
+  teacher's tail mass (as the dump stores it; 1 - sum(p_i) where it stores none, schema v1) and
+  the student's exact remaining mass for the student.
 Teacher slots holding PAD_ID (-1, logprob -inf) are outside the support on both sides.
 Temperature T raises both compared distributions to the power 1/T and renormalizes them over
 their outcomes. For the student under "renormalize" that is exactly softmax(z / T) restricted to
@@ -35,9 +36,10 @@ Divergence = Literal["fkl", "rkl", "jsd", "skew-kl", "tvd"]
 (1 - beta) q) as in DistiLLM, tvd total variation."""
 
 TAIL_NOISE = 1e-3
-"""Bucket policy: teacher tail masses below this count as empty. Stored logprobs are
-rounded by up to 4.9e-4 nats each, so the teacher's 1 - sum(p) is only known to about that
-precision; a temperature > 1 would otherwise amplify rounding noise into visible tail mass."""
+"""Bucket policy, tails derived as 1 - sum(p) (schema v1): below this they count as empty.
+Stored v1 logprobs are rounded by up to 4.9e-4 nats each, so 1 - sum(p) is only known to about
+that precision; a temperature > 1 would otherwise amplify rounding noise into visible tail mass.
+Stored tails (schema v2) are exact to 0.8 % and are used down to TAIL_FLOOR."""
 TAIL_FLOOR = 1e-9
 """The mass an empty teacher tail gets: keeps reverse KL and JSD finite."""
 EXACT_TAIL_BELOW = 1e-2
@@ -45,18 +47,42 @@ EXACT_TAIL_BELOW = 1e-2
 as 1 - sum(q): float32 log-probabilities leave 1 - sum(q) only ~1e-6 accurate."""
 
 
-def teacher_tail_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """(N, 1) the mass the teacher's stored top-k leaves outside it, 1 - sum(p), unfloored.
+def teacher_tail_mass(
+    topk_logprobs: torch.Tensor, log_tail: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, 1) the mass the teacher leaves outside its stored ids, unfloored: the stored tail
+    where there is one, else 1 - sum(p).
 
     Args:
         topk_logprobs: (N, K) float, -inf at PAD slots (float32 at least in the result).
+        log_tail: optional (N,) stored log tail mass (-inf: none), NaN where none is stored.
     """
     logprobs = topk_logprobs.to(torch.promote_types(topk_logprobs.dtype, torch.float32))
-    return 1.0 - torch.where(torch.isfinite(logprobs), logprobs.exp(), 0.0).sum(-1, keepdim=True)
+    derived = 1.0 - torch.where(torch.isfinite(logprobs), logprobs.exp(), 0.0).sum(-1, keepdim=True)
+    if log_tail is None:
+        return derived
+    stored = log_tail.to(logprobs.dtype).unsqueeze(-1)
+    return torch.where(torch.isnan(stored), derived, stored.exp())
+
+
+def empty_teacher_tail(
+    topk_logprobs: torch.Tensor, log_tail: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, 1) bool: the teacher's tail counts as empty (replaced by TAIL_FLOOR): a derived tail
+    below TAIL_NOISE, a stored one at or below TAIL_FLOOR."""
+    mass = teacher_tail_mass(topk_logprobs, log_tail)
+    if log_tail is None:
+        return mass < TAIL_NOISE
+    derived = torch.isnan(log_tail).unsqueeze(-1)
+    return torch.where(derived, mass < TAIL_NOISE, mass <= TAIL_FLOOR)
 
 
 def teacher_log_distribution(
-    topk_logprobs: torch.Tensor, *, temperature: float, tail: TailPolicy
+    topk_logprobs: torch.Tensor,
+    *,
+    temperature: float,
+    tail: TailPolicy,
+    log_tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher log-probabilities over the compared outcomes.
 
@@ -64,6 +90,7 @@ def teacher_log_distribution(
         topk_logprobs: (N, K) float, raw teacher logprobs; -inf marks PAD_ID slots.
         temperature: T > 0.
         tail: "renormalize" or "bucket".
+        log_tail: optional (N,) stored log tail mass, NaN where none is stored (bucket only).
     Returns:
         (log_p, valid): (N, M) float32 and bool, M = K (renormalize) or K + 1 (bucket, last =
         tail). log_p is -inf where not valid; each row's valid entries sum to 1 in probability.
@@ -73,8 +100,8 @@ def teacher_log_distribution(
     valid = torch.isfinite(logprobs)
     scaled = torch.where(valid, logprobs / temperature, -math.inf)
     if tail == "bucket":
-        tail_mass = teacher_tail_mass(logprobs)
-        tail_mass = torch.where(tail_mass < TAIL_NOISE, TAIL_FLOOR, tail_mass)
+        tail_mass = teacher_tail_mass(logprobs, log_tail)
+        tail_mass = torch.where(empty_teacher_tail(logprobs, log_tail), TAIL_FLOOR, tail_mass)
         scaled = torch.cat([scaled, tail_mass.log() / temperature], dim=-1)
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=-1)
     elif tail != "renormalize":
@@ -101,7 +128,7 @@ def student_log_distribution(
         temperature: T > 0.
         tail: "renormalize" or "bucket".
         log_normalizer: (N, 1) logsumexp of the logits, when the caller already has it.
-        empty_teacher_tail: (N, 1) bool (bucket only): teacher_tail_mass < TAIL_NOISE. Where the
+        empty_teacher_tail: (N, 1) bool (bucket only): see empty_teacher_tail. Where the
             teacher's tail is empty within the stored precision (set to TAIL_FLOOR), the
             student's exact tail is compared at no less than that floor, so that identical
             distributions cost nothing at any temperature. Elsewhere it is exact.
@@ -227,12 +254,14 @@ def topk_divergence_sum(
     temperature: float,
     tail: TailPolicy,
     log_normalizer: torch.Tensor | None = None,
+    topk_log_tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed divergence of student logits from the teacher's top-k.
 
     Args:
         logits: (N, V) student logits. topk_ids: (N, K) int. topk_logprobs: (N, K) float.
         log_normalizer: optional (N, 1) logsumexp of the logits (shared with the CE term).
+        topk_log_tail: optional (N,) stored log tail mass, NaN where none is stored.
     Returns:
         Scalar: T² · Σ_positions divergence. Positions where the teacher kept no valid id carry
         nothing (they do not occur in practice; the teacher's top-k always has a real token).
@@ -246,8 +275,12 @@ def topk_divergence_sum(
         )
         if log_normalizer is not None:
             log_normalizer = log_normalizer[has_support]
-    log_p, valid = teacher_log_distribution(topk_logprobs, temperature=temperature, tail=tail)
-    empty_tail = teacher_tail_mass(topk_logprobs) < TAIL_NOISE if tail == "bucket" else None
+        if topk_log_tail is not None:
+            topk_log_tail = topk_log_tail[has_support]
+    log_p, valid = teacher_log_distribution(
+        topk_logprobs, temperature=temperature, tail=tail, log_tail=topk_log_tail
+    )
+    empty_tail = empty_teacher_tail(topk_logprobs, topk_log_tail) if tail == "bucket" else None
     log_q = student_log_distribution(
         logits,
         topk_ids,

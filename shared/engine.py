@@ -14,6 +14,13 @@ one dict per position), `detokenize=False`, an engine built with `max_logprobs=k
 filtering; this is what the manifest records). vLLM returns k+1 entries per position: first the
 actual (sampled or given) token, then ranks 1..k, duplicates kept; `positions_to_arrays` turns
 that into (positions, k+1) arrays without building a dict per position.
+
+Sampled storage (RS-KD) needs draws from the teacher's FULL distribution at every position,
+teacher-forced prompt positions included. vLLM has no request option for that, and its logits
+processors never see prompt positions, so kd-shards ships a vLLM general plugin
+(`register_sampled_logprobs`, entry point in pyproject.toml): in an engine started with
+KD_SHARDS_SAMPLED_LOGPROBS=1, the k entries after the actual token are k draws with replacement
+from the raw distribution instead of the top-k, through the same FlatLogprobs channel.
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
 """The dtype vLLM runs the weights in. auto follows the checkpoint but may downcast float32 on
 CPU builds (the manifest records what actually ran); use float32 on CPU."""
 
+SAMPLED_LOGPROBS_FLAG = "KD_SHARDS_SAMPLED_LOGPROBS"
+"""Environment variable that switches the plugin on in the engine's processes ("1")."""
+PLUGIN_GROUP = "vllm.general_plugins"
+PLUGIN_NAME = "kd_shards_sampled_logprobs"
+PLUGIN_TARGET = "shared.engine:register_sampled_logprobs"
+
 ENVIRONMENT_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
 """Set (unless the user set them) just before vLLM is imported. vLLM's defaults suit a dedicated
 GPU server; here it shares a machine with our own work and prints under our progress bar, so a
@@ -52,6 +65,8 @@ class EngineSettings:
     """Context length the engine reserves; None takes the model's."""
     max_logprobs: int
     """Largest k any request asks for (vLLM refuses more than this)."""
+    sampled_logprobs: bool
+    """Return k draws from the full distribution per position instead of the top-k (RS-KD)."""
     tensor_parallel_size: int
     """GPUs to shard the model over."""
     gpu_memory_utilization: float | None
@@ -110,12 +125,91 @@ def positions_to_arrays(
     return ids, values
 
 
+def register_sampled_logprobs() -> None:
+    """vLLM general plugin: with KD_SHARDS_SAMPLED_LOGPROBS=1 in the environment, the k logprob
+    entries vLLM returns per position (prompt_logprobs=k or logprobs=k) become k draws with
+    replacement from the full raw distribution (raw_logprobs mode: temperature 1), each with its
+    logprob; entry 0 stays the actual token. vLLM calls every general plugin in each process it
+    starts (engine core, workers), so this patch reaches the model runner wherever it runs;
+    without the flag it does nothing. Idempotent.
+
+    Draws use the worker's torch generator (seeded by the engine seed): they do not depend on
+    the data, but also do not repeat exactly across batching or resumes.
+    """
+    if os.environ.get(SAMPLED_LOGPROBS_FLAG) != "1":
+        return
+    import torch
+    from vllm.v1.outputs import LogprobsTensors
+    from vllm.v1.sample.sampler import Sampler
+
+    if getattr(Sampler.gather_logprobs, "kd_shards_draws", False):
+        return
+    top_k = Sampler.gather_logprobs
+
+    def gather_draws(logprobs: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor):
+        if os.environ.get(SAMPLED_LOGPROBS_FLAG) != "1":  # a later top-k engine in this process
+            return top_k(logprobs, num_logprobs, token_ids)
+        # logprobs: (positions, vocabulary) float32 log-softmax of the raw logits
+        draws = torch.multinomial(logprobs.exp(), num_logprobs, replacement=True)
+        token_ids = token_ids.unsqueeze(-1)
+        token_logprobs = logprobs.gather(-1, token_ids)
+        ranks = (logprobs > token_logprobs).sum(-1)
+        return LogprobsTensors(
+            torch.cat((token_ids, draws), dim=1).to(torch.int32),
+            torch.cat((token_logprobs, logprobs.gather(-1, draws)), dim=1),
+            ranks,
+        )
+
+    gather_draws.kd_shards_draws = True
+    Sampler.gather_logprobs = staticmethod(gather_draws)
+
+
+def plugin_registered() -> bool:
+    """Whether vLLM's processes will load kd-shards' plugin: its entry point is installed and
+    not excluded by VLLM_PLUGINS."""
+    from importlib.metadata import entry_points
+
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in allowed.split(","):
+        return False
+    return any(
+        entry.name == PLUGIN_NAME and entry.value == PLUGIN_TARGET
+        for entry in entry_points(group=PLUGIN_GROUP)
+    )
+
+
+def look_like_draws(ids: np.ndarray, logprobs: np.ndarray) -> bool:
+    """Whether engine entries (T, k+1) can be draws rather than the top-k: the top-k has
+    distinct ids in non-increasing logprob order at every position; k >= 2 draws almost surely
+    repeat an id or break that order somewhere."""
+    entries, values = ids[:, 1:], logprobs[:, 1:]
+    if entries.shape[1] < 2:
+        return True
+    ordered = np.sort(entries, axis=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any()
+    return bool(repeated or (np.diff(values, axis=1) > 0).any())
+
+
 class TeacherEngine:
-    """A vLLM engine serving top-k logprobs for generation and teacher forcing."""
+    """A vLLM engine serving top-k logprobs (or draws) for generation and teacher forcing."""
 
     def __init__(self, settings: EngineSettings):
         for name, value in ENVIRONMENT_DEFAULTS.items():
             os.environ.setdefault(name, value)
+        # Engine processes inherit the environment: the flag must be set (or cleared) before
+        # vLLM starts them.
+        os.environ[SAMPLED_LOGPROBS_FLAG] = "1" if settings.sampled_logprobs else "0"
+        self.draws_in_process = settings.sampled_logprobs and not plugin_registered()
+        """The plugin entry point is not installed: run vLLM in this process and patch it here."""
+        if self.draws_in_process:
+            if settings.tensor_parallel_size > 1:
+                raise UserError(
+                    "--store sampled needs kd-shards' vLLM plugin, whose entry point is not "
+                    "installed (or VLLM_PLUGINS excludes it), and --tensor-parallel-size > 1 "
+                    "runs workers it cannot reach: reinstall kd-shards (pip install -e .)"
+                )
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self._draws_checked = not settings.sampled_logprobs
         try:
             import vllm
             from vllm.platforms import current_platform
@@ -154,10 +248,25 @@ class TeacherEngine:
                 f"vLLM could not start the teacher engine ({reason}): check --model, "
                 "--dtype and --max-model-len"
             ) from None
+        if self.draws_in_process:
+            register_sampled_logprobs()
         self.engine = self.llm.llm_engine
         self.dtype = str(self.llm.model_config.dtype).removeprefix("torch.")
         """The dtype the weights actually run in (with --dtype auto, vLLM may downcast)."""
         self._request_counter = 0
+
+    def _check_draws(self, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        """Once per engine, on the first result with 8+ positions: refuse the top-k where draws
+        were asked for (the plugin did not reach the process that runs the model)."""
+        if self._draws_checked or len(ids) < 8:
+            return
+        if not look_like_draws(ids, logprobs):
+            raise UserError(
+                "--store sampled: vLLM returned the top-k instead of draws, so kd-shards' vLLM "
+                "plugin did not reach its model runner: reinstall kd-shards (pip install -e .) "
+                f"so that the {PLUGIN_GROUP} entry point {PLUGIN_NAME} is registered"
+            )
+        self._draws_checked = True
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -235,6 +344,7 @@ class TeacherEngine:
                 flat = sample.logprobs
                 count = len(sample.token_ids)
                 ids, values = positions_to_arrays(flat.token_ids, flat.logprobs, count, top_k + 1)
+                self._check_draws(ids, values)
                 completions.append(
                     Completion(
                         token_ids=np.asarray(sample.token_ids, dtype=np.int32),
@@ -276,6 +386,7 @@ class TeacherEngine:
             ids, values = positions_to_arrays(
                 flat.token_ids[start:], flat.logprobs[start:], positions, top_k + 1
             )
+            self._check_draws(ids, values)
             yield key, ScoredSequence(position_ids=ids, position_logprobs=values)
 
     def generate_batch(
@@ -312,6 +423,24 @@ class TeacherEngine:
         inputs = [TokensPrompt(prompt_token_ids=prompt) for prompt in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return sum(len(output.outputs[0].token_ids) for output in outputs)
+
+    def score_batch(self, sequences: list[list[int]], *, top_k: int) -> int:
+        """One blocking `LLM.generate` call teacher-forcing every sequence with
+        prompt_logprobs=top_k and teacher-dump's output options (flat lists, no detokenizing):
+        the benchmark's baseline for score and text mode. Returns the positions scored."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=top_k,
+            flat_logprobs=True,
+            detokenize=False,
+        )
+        inputs = [TokensPrompt(prompt_token_ids=sequence) for sequence in sequences]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        return sum(len(output.prompt_logprobs.start_indices) - 1 for output in outputs)
 
 
 ClassifierBackend = Literal["auto", "vllm", "transformers"]

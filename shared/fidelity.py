@@ -25,11 +25,13 @@ def fidelity_sums(
     target_ids: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
+    topk_log_tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Evaluation sums of one chunk: how close the student is to the teacher.
 
     Args:
         logits: (N, V). target_ids: (N,). topk_ids, topk_logprobs: (N, K).
+        topk_log_tail: optional (N,) stored log tail mass (NaN: 1 - sum(p)).
     Returns:
         (4,) float64: [CE on the targets, KL(teacher || student) on the teacher's top-k with the
         tail bucketed (T = 1), top-1 agreement count (student argmax == teacher's rank-1 id),
@@ -45,6 +47,7 @@ def fidelity_sums(
             beta=0.0,
             temperature=1.0,
             tail="bucket",
+            topk_log_tail=topk_log_tail,
         )
         agreement = (logits.argmax(-1) == topk_ids[:, 0]).sum()
         positions = ce.new_tensor(len(logits), dtype=torch.float64)
@@ -71,7 +74,12 @@ def fidelity_sums_over_batches(
                 model, batch.input_ids.to(device), batch.attention_mask.to(device)
             )
             selected = hidden[batch.row_index.to(device), batch.position.to(device)]
-            per_position = (batch.target_ids, batch.topk_ids, batch.topk_logprobs)
+            per_position = (
+                batch.target_ids,
+                batch.topk_ids,
+                batch.topk_logprobs,
+                batch.topk_log_tail,
+            )
             sums += chunked_head_sums(
                 selected,
                 output_logits,

@@ -5,6 +5,10 @@ and kd-eval, and `teacher-dump inspect --validate`. `open_dump` checks the manif
 shards' footers (cheap); `decode_row_group` reads one row group and refuses any value that would
 silently corrupt training, with one line naming the shard and what to do.
 
+Schema versions 1 and 2 are read. Whatever the representation (schemas.shard), a row reaches the
+trainer as (T, K) teacher ids and logprobs in rank order (PAD_ID / -inf after the real entries)
+plus, where the representation stores one, the exact log tail mass (shared.shard_codec decodes).
+
 Checksums: a dump can be terabytes, so nothing hashes it at start-up. Instead the first time a
 process reads a row group of a shard, the whole shard is hashed and compared with the
 manifest's sha256 (and its target-token count), before any of its rows is returned. The result
@@ -24,18 +28,31 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import classify_labels, inside_directory, is_classify, read_manifest
+from schemas.manifest import (
+    classify_labels,
+    inside_directory,
+    is_classify,
+    read_manifest,
+    storage_of_manifest,
+)
 from schemas.shard import (
+    CODEBOOK_KEY,
     HIDDEN_COLUMN,
     NO_LABEL,
     PAD_ID,
-    SCHEMA_VERSION,
+    PER_POSITION_COLUMNS,
+    READABLE_VERSIONS,
+    V1_COLUMNS,
+    Storage,
     describe_schema_mismatch,
+    expected_schema,
     max_rounding_error,
     schema_version_of,
+    storage_of,
 )
 from shared.errors import UserError, one_line
 from shared.files import sha256_of_file
+from shared.shard_codec import decode_codebook, decode_distributions
 from shared.storage import Folder, as_folder
 
 TRAINING_COLUMNS = (
@@ -46,7 +63,8 @@ TRAINING_COLUMNS = (
     "topk_ids",
     "topk_logprobs",
 )
-"""What training and the fidelity evaluation read. target_logprobs carries no loss, but it is read
+"""What training and the fidelity evaluation read. topk_ids / topk_logprobs name the teacher's
+distributions, stored as the dump's representation (physical_columns). target_logprobs carries no loss, but it is read
 (a few percent of a row's bytes) so that the trainer refuses every numeric column that
 `inspect --validate` refuses, not only the ones it uses."""
 LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
@@ -62,6 +80,14 @@ def id_space(manifest: dict) -> int:
     return int(manifest["tokenizer"]["size"])
 
 
+def physical_columns(columns: tuple[str, ...], storage: Storage | None) -> list[str]:
+    """The Parquet columns to read for these reader columns: topk_ids / topk_logprobs are the
+    representation's columns in schema v2."""
+    if storage is None or not set(V1_COLUMNS) & set(columns):
+        return list(columns)
+    return [name for name in columns if name not in V1_COLUMNS] + list(storage.columns)
+
+
 @dataclass(frozen=True)
 class TrainingRow:
     """One shard row as the trainer needs it (numpy views into the decoded row group)."""
@@ -75,6 +101,9 @@ class TrainingRow:
     """(T, K) int32, PAD_ID in freed slots; None when only lengths were read."""
     topk_logprobs: np.ndarray | None
     """(T, K) float32, -inf in freed slots; None when only lengths were read."""
+    topk_log_tail: np.ndarray | None = None
+    """(T,) float32 log of the teacher's mass outside the stored ids, as stored (-inf: none);
+    NaN where the dump stores no tail (schema v1: it is 1 - sum(p) of the stored values)."""
     text: str = ""
     """Classify rows: the example's text (prompt_text), which the student tokenizes itself."""
     hidden: np.ndarray | None = None
@@ -179,7 +208,7 @@ def open_dump(
     entries = publication_order(manifest["shards"]) if follow else manifest["shards"]
     row_groups: list[RowGroup] = []
     for entry in entries:
-        row_groups += shard_row_groups(folder, entry, flag)
+        row_groups += shard_row_groups(folder, entry, manifest, flag)
     if not row_groups and not follow:
         raise UserError(
             f"{flag} {directory}: the dump holds no rows; run teacher-dump with data first"
@@ -214,13 +243,14 @@ def refresh_dump(dump: Dump, flag: str = "--shards") -> Dump:
     added: list[RowGroup] = []
     for entry in publication_order(manifest["shards"]):
         if entry["name"] not in known:
-            added += shard_row_groups(folder, entry, flag)
+            added += shard_row_groups(folder, entry, manifest, flag)
     return Dump(dump.directory, manifest, dump.row_groups + tuple(added))
 
 
-def shard_row_groups(folder: Folder, entry: dict, flag: str) -> list[RowGroup]:
+def shard_row_groups(folder: Folder, entry: dict, manifest: dict, flag: str) -> list[RowGroup]:
     """The non-empty row groups of one manifest entry's shard, read from its footer after
-    checking that the file is the one the entry describes (size, schema, rows)."""
+    checking that the file is the one the entry describes (size, schema version, storage and
+    columns against its dump's `manifest`, rows)."""
     directory = folder.local if folder.is_local else folder.text
     if folder.is_local:
         try:
@@ -259,14 +289,11 @@ def shard_row_groups(folder: Folder, entry: dict, flag: str) -> list[RowGroup]:
             f"{flag} {directory}: shard {entry['name']} is not readable Parquet "
             f"({one_line(error, 100)}): delete it and rerun the teacher-dump command"
         ) from None
-    schema = metadata.schema.to_arrow_schema()
-    version = schema_version_of(schema)
-    mismatch = describe_schema_mismatch(schema)
-    if version != SCHEMA_VERSION or mismatch:
+    problem = shard_format_problem(metadata.schema.to_arrow_schema(), manifest)
+    if problem:
         raise UserError(
-            f"{flag} {directory}: shard {entry['name']} has schema version {version} "
-            f"({mismatch or 'columns ok'}), this kd-shards reads version {SCHEMA_VERSION}: "
-            "redo the dump with this release"
+            f"{flag} {directory}: shard {entry['name']} {problem}: redo the dump with this "
+            "release (or rerun the teacher-dump command that wrote the dump)"
         )
     if metadata.num_rows != entry["rows"]:
         raise UserError(
@@ -279,6 +306,54 @@ def shard_row_groups(folder: Folder, entry: dict, flag: str) -> list[RowGroup]:
         if rows:
             groups.append(RowGroup(shard, index, rows))
     return groups
+
+
+def shard_format_problem(schema, manifest: dict) -> str | None:
+    """How a shard's schema disagrees with its dump's manifest (version, representation,
+    columns), or None."""
+    version = schema_version_of(schema)
+    wanted = manifest.get("schema_version")
+    if version not in READABLE_VERSIONS or version != wanted:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
+        return (
+            f"has schema version {version}, the manifest says {wanted} (this kd-shards reads "
+            f"versions {readable})"
+        )
+    storage = storage_of_manifest(manifest)
+    if storage is not None and storage_of(schema) != storage:
+        found = storage_of(schema)
+        return (
+            f"stores {found.describe() if found else 'no valid storage record'}, the manifest "
+            f"says {storage.describe()}"
+        )
+    if (
+        storage is not None
+        and storage.representation != "sampled"
+        and storage.top_k != manifest.get("top_k")
+    ):
+        return f"stores {storage.describe()}, but the manifest's top_k is {manifest.get('top_k')!r}"
+    mismatch = describe_schema_mismatch(schema, expected_schema(version, storage))
+    return f"does not match schema version {version} ({mismatch})" if mismatch else None
+
+
+def checked_columns(table, metadata, manifest: dict) -> ShardColumns | str:
+    """A whole shard table decoded and checked as the trainer and `inspect --validate` check it
+    (schema version and storage against the manifest, structure, values), or the first problem.
+
+    Args:
+        table: the shard's pyarrow Table (every column). metadata: its Parquet FileMetaData
+            (the footer holds the codebook). manifest: its dump's manifest."""
+    problem = shard_format_problem(table.schema, manifest)
+    if problem:
+        return problem
+    storage = storage_of_manifest(manifest)
+    codebook = read_codebook(metadata, storage)
+    if isinstance(codebook, str):
+        return codebook
+    columns = shard_columns(table, int(manifest["top_k"]), storage, codebook)
+    if isinstance(columns, str):
+        return columns
+    return value_problem(columns, id_space(manifest), is_classify(manifest)) or columns
 
 
 @dataclass(frozen=True)
@@ -300,13 +375,23 @@ class ShardColumns:
     """(N, K) int32, PAD_ID in freed slots."""
     topk_logprobs: np.ndarray | None = None
     """(N, K) float32, -inf in freed slots."""
+    topk_log_tail: np.ndarray | None = None
+    """(N,) float32 stored log tail mass (-inf: none), NaN where the dump stores none (v1)."""
 
 
-def shard_columns(table, top_k: int) -> ShardColumns | str:
-    """Flatten a shard table (or row group) without Python loops, or say why it cannot be.
+def shard_columns(
+    table, top_k: int, storage: Storage | None = None, codebook: np.ndarray | None = None
+) -> ShardColumns | str:
+    """Flatten a shard table (or row group) without Python loops, decoding a schema-v2
+    representation, or say why it cannot be.
 
-    Refuses nulls, and lists whose lengths disagree with target_ids row by row or with k.
-    Returns the ShardColumns, or a description of the first structural problem.
+    Refuses nulls, and lists whose lengths disagree with target_ids row by row or with k (v1),
+    or with the per-position entry counts (v2). Returns the ShardColumns, or a description of
+    the first structural problem.
+
+    Args:
+        top_k: v1's k. storage: how a v2 dump stores its distributions (None: v1).
+        codebook: the shard's codebook (adaptive storage with one), else None.
     """
     for name in table.column_names:
         if table[name].null_count:
@@ -342,6 +427,14 @@ def shard_columns(table, top_k: int) -> ShardColumns | str:
         flat_values = inner.values.to_numpy(zero_copy_only=False)
         start = inner.offsets.to_numpy()[offsets[0]]
         arrays[column] = flat_values[start : start + len(target_ids) * top_k].reshape(-1, top_k)
+    if storage is not None and storage.columns[0] in table.column_names:
+        decoded = _decode_storage(table, storage, codebook, flat, target_lengths)
+        if isinstance(decoded, str):
+            return decoded
+        arrays["topk_ids"], arrays["topk_logprobs"] = decoded.ids, decoded.logprobs
+        arrays["topk_log_tail"] = decoded.log_tail
+    elif arrays.get("topk_ids") is not None:
+        arrays["topk_log_tail"] = np.full(len(target_ids), np.nan, dtype=np.float32)
     prompt_ids = prompt_offsets = None
     if "prompt_ids" in table.column_names:
         prompt_ids, prompt_offsets = flat("prompt_ids")
@@ -354,7 +447,47 @@ def shard_columns(table, top_k: int) -> ShardColumns | str:
         target_logprobs=arrays.get("target_logprobs"),
         topk_ids=arrays.get("topk_ids"),
         topk_logprobs=arrays.get("topk_logprobs"),
+        topk_log_tail=arrays.get("topk_log_tail"),
     )
+
+
+def _decode_storage(table, storage: Storage, codebook, flat, target_lengths):
+    """The v2 distribution columns of a table: row lengths checked, then decoded."""
+    values: dict[str, np.ndarray] = {}
+    lengths: dict[str, np.ndarray] = {}
+    for name in storage.columns:
+        values[name], offsets = flat(name)
+        lengths[name] = np.diff(offsets)
+    count_name = storage.columns[0]
+    for name in storage.columns:
+        if name in PER_POSITION_COLUMNS and not np.array_equal(lengths[name], target_lengths):
+            row = int(np.flatnonzero(lengths[name] != target_lengths)[0])
+            return f"column {name} has a different number of positions than target_ids in row {row}"
+    counts = values[count_name].astype(np.int64)
+    running = np.concatenate(([0], np.cumsum(counts)))
+    row_ends = np.cumsum(target_lengths)
+    row_entries = running[row_ends] - running[row_ends - target_lengths]
+    for name in storage.columns:
+        if name not in PER_POSITION_COLUMNS and not np.array_equal(lengths[name], row_entries):
+            row = int(np.flatnonzero(lengths[name] != row_entries)[0])
+            return f"column {name} holds a different number of entries than {count_name} says in row {row}"
+    if storage.codebook and codebook is None:
+        return "the footer has no id codebook, which the manifest's storage says it uses"
+    return decode_distributions(values, storage, codebook)
+
+
+def read_codebook(metadata, storage: Storage | None) -> np.ndarray | None | str:
+    """The shard's id codebook from its Parquet footer metadata (None if it uses none), or a
+    description of why it cannot be read."""
+    if storage is None or not storage.codebook:
+        return None
+    text = (metadata.metadata or {}).get(CODEBOOK_KEY)
+    if text is None:
+        return "the footer has no id codebook, which the manifest's storage says it uses"
+    try:
+        return decode_codebook(text, storage.codebook_dtype)
+    except ValueError as error:
+        return f"the footer's id codebook is unreadable ({one_line(error, 100)})"
 
 
 _verified_shards: set[tuple[str, int, int, str]] = set()
@@ -432,6 +565,9 @@ def value_problem(columns: ShardColumns, vocabulary: int, classify: bool = False
             return "target logprobs contain NaN, infinite or positive values"
     if columns.topk_ids is None:
         return None
+    tails = columns.topk_log_tail
+    if tails is not None and ((tails > 0) | np.isposinf(tails)).any():
+        return "stored tail masses above 1"
     ids, logprobs = columns.topk_ids, columns.topk_logprobs
     if not ids.size:
         return None
@@ -464,24 +600,31 @@ def decode_row_group(
     vocabulary: int,
     classify: bool = False,
     *,
+    storage: Storage | None = None,
     verify: bool = True,
 ) -> list[TrainingRow]:
     """Read one row group into TrainingRows, refusing what would silently corrupt training.
 
-    `classify`: the group belongs to a classify dump (vocabulary = its number of labels). With
-    `verify` (always, except to plan step counts from row lengths), the shard's checksum is
-    checked first (verify_shard: the first time this process reads the shard)."""
+    `classify`: the group belongs to a classify dump (vocabulary = its number of labels).
+    `storage`: the dump's (schemas.manifest.storage_of_manifest; None for schema v1, which
+    classify dumps always are). With `verify` (always, except to plan step counts from row
+    lengths), the shard's checksum is checked first (verify_shard: the first time this process
+    reads the shard)."""
     if verify:
         verify_shard(group.shard)
     try:
         with group.shard.readable() as source:
-            table = pq.ParquetFile(source).read_row_group(group.index, columns=list(columns))
+            parquet = pq.ParquetFile(source)
+            table = parquet.read_row_group(group.index, columns=physical_columns(columns, storage))
+            codebook = read_codebook(parquet.metadata, storage)
     except Exception as error:
         raise UserError(
             f"shard {group.shard.name} row group {group.index} is unreadable ({one_line(error, 100)}): "
             "check it with teacher-dump inspect --validate and rerun the dump"
         ) from None
-    decoded = shard_columns(table, top_k)
+    decoded = (
+        codebook if isinstance(codebook, str) else shard_columns(table, top_k, storage, codebook)
+    )
     problem = decoded if isinstance(decoded, str) else value_problem(decoded, vocabulary, classify)
     if problem:
         raise UserError(
@@ -507,6 +650,9 @@ def decode_row_group(
                 topk_logprobs=(
                     None if decoded.topk_logprobs is None else decoded.topk_logprobs[first:last]
                 ),
+                topk_log_tail=(
+                    None if decoded.topk_log_tail is None else decoded.topk_log_tail[first:last]
+                ),
                 text=texts[row] if texts is not None else "",
                 hidden=hidden[row] if hidden is not None else None,
             )
@@ -522,9 +668,10 @@ def iterate_rows(
     top_k = int(dump.manifest["top_k"])
     vocabulary = id_space(dump.manifest)
     classify = is_classify(dump.manifest)
+    storage = storage_of_manifest(dump.manifest)
     index = 0
     for group in dump.row_groups:
-        for row in decode_row_group(group, columns, top_k, vocabulary, classify):
+        for row in decode_row_group(group, columns, top_k, vocabulary, classify, storage=storage):
             if index % world_size == rank:
                 yield row
             index += 1

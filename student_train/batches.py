@@ -7,9 +7,9 @@ exact (what checkpoints save).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from shared.collation import fit_row
+from shared.collation import fit_row, keep_top_entries
 from shared.shard_reader import TrainingRow
 from student_train.shard_stream import ShardStream
 
@@ -43,12 +43,8 @@ def take_micro_batch(stream: ShardStream, shape: BatchShape) -> list[TrainingRow
         if taken and too_long:
             break
         stream.take()
-        if shape.teacher_top_k is not None and row.topk_ids is not None:
-            row = replace(
-                row,
-                topk_ids=row.topk_ids[:, : shape.teacher_top_k],
-                topk_logprobs=row.topk_logprobs[:, : shape.teacher_top_k],
-            )
+        if shape.teacher_top_k is not None:
+            row = keep_top_entries(row, shape.teacher_top_k)
         taken.append(row)
         longest = max(longest, row.length)
     return taken

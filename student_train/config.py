@@ -115,11 +115,12 @@ class TrainConfig:
     renormalized; the KD loss is multiplied by T². Default 1 for token dumps, 5 for
     classification."""
     tail: TailPolicy = "bucket"
-    """The teacher's mass outside its top-k. bucket: compare k+1 outcomes, the top-k ids plus
-    "everything else" (the teacher's 1 − Σp, the student's exact remaining mass); a teacher
-    tail below 10⁻³ (the precision of the stored logprobs) counts as empty (10⁻⁹) and the
-    student's tail is then compared at no less than 10⁻⁹. renormalize: compare both
-    distributions restricted to the k ids."""
+    """The teacher's mass outside its stored ids. bucket: compare k+1 outcomes, the stored ids
+    plus "everything else" (the teacher's stored tail, exact to 0.8 %; schema-v1 dumps store
+    none, so it is 1 − Σp there and tails below 10⁻³, the precision of their rounded logprobs,
+    count as empty, 10⁻⁹) against the student's exact remaining mass. renormalize: compare
+    both distributions restricted to the stored ids. Sampled (RS-KD) dumps need bucket, --loss
+    fkl and --temperature 1: only then is their loss unbiased."""
     max_steps: int | None = None
     """Optimizer steps to train (the stream cycles through epochs as needed). Give this or
     --epochs."""

@@ -15,6 +15,7 @@ target tokens (sequence-level KD when those are the teacher's samples).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Literal, get_args
 
@@ -35,6 +36,7 @@ def loss_sums(
     target_ids: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
+    topk_log_tail: torch.Tensor | None = None,
     *,
     loss: Loss,
     alpha: float,
@@ -44,9 +46,15 @@ def loss_sums(
 ) -> torch.Tensor:
     """Summed training loss of one chunk: total = α·CE + (1-α)·KD (loss "ce": total = CE).
 
+    With a sampled (RS-KD) dump the teacher's probabilities are the draws' weights w_i = hits /
+    draws and its tail is empty, so forward KL with the bucket tail is sum_i w_i (log w_i -
+    log s_i) + const: its gradient (sum w) s - w has expectation s - p, the gradient of
+    KL(p || s), with s the student's softmax over the whole vocabulary.
+
     Args:
         logits: (N, V). target_ids: (N,) int, the tokens that carry loss (sequence KD target).
         topk_ids: (N, K) int. topk_logprobs: (N, K) float.
+        topk_log_tail: optional (N,) the teacher's stored log tail mass (NaN: 1 - sum(p)).
     Returns:
         (3,) float32: [total, ce, kd] sums over the N positions (kd is 0 for loss "ce").
     """
@@ -72,6 +80,7 @@ def loss_sums(
         temperature=temperature,
         tail=tail,
         log_normalizer=log_normalizer,
+        topk_log_tail=topk_log_tail,
     )
     return torch.stack([alpha * ce + (1.0 - alpha) * kd, ce, kd])
 
@@ -82,6 +91,7 @@ def chunked_loss_sums(
     target_ids: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
+    topk_log_tail: torch.Tensor | None = None,
     *,
     chunk_tokens: int,
     loss: Loss,
@@ -96,7 +106,7 @@ def chunked_loss_sums(
     Args:
         hidden: (N, H) final hidden states at the positions that predict each target.
         output_logits: maps (C, H) hidden states to (C, V) logits (the LM head, sliced to V).
-        target_ids: (N,). topk_ids, topk_logprobs: (N, K).
+        target_ids: (N,). topk_ids, topk_logprobs: (N, K). topk_log_tail: optional (N,).
         chunk_tokens: positions per chunk. The rest: see loss_sums.
     Returns:
         (3,) float32: [total, ce, kd] sums over the N positions.
@@ -104,11 +114,13 @@ def chunked_loss_sums(
     per_chunk = functools.partial(
         loss_sums, loss=loss, alpha=alpha, beta=beta, temperature=temperature, tail=tail
     )
+    if topk_log_tail is None:
+        topk_log_tail = torch.full(target_ids.shape, math.nan, device=target_ids.device)
     return chunked_head_sums(
         hidden,
         output_logits,
         per_chunk,
-        (target_ids, topk_ids, topk_logprobs),
+        (target_ids, topk_ids, topk_logprobs, topk_log_tail),
         chunk_tokens=chunk_tokens,
         width=3,
     )

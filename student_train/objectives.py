@@ -55,6 +55,7 @@ class LanguageModelObjective:
             batch.target_ids.to(device),
             batch.topk_ids.to(device),
             batch.topk_logprobs.to(device),
+            batch.topk_log_tail.to(device),
             chunk_tokens=self.chunk_tokens,
             loss=options.loss,
             alpha=options.alpha,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.manifest import MANIFEST_NAME, is_classify
+from schemas.manifest import MANIFEST_NAME, is_classify, storage_of_manifest
 from shared.errors import UserError
 from shared.shard_reader import (
     TRAINING_COLUMNS,
@@ -217,10 +217,14 @@ class ShardStream:
         self.columns = columns
         top_k, vocabulary = int(dump.manifest["top_k"]), id_space(dump.manifest)
         classify = is_classify(dump.manifest)
+        storage = storage_of_manifest(dump.manifest)
         self.verify = verify
+        """Check each shard's checksum before its first row (off only to plan step counts)."""
+        # self.verify is read at each call, so a stream can be switched to planning after it
+        # is built.
         self.read_group = read_group or (
             lambda group, columns: decode_row_group(
-                group, columns, top_k, vocabulary, classify, verify=self.verify
+                group, columns, top_k, vocabulary, classify, storage=storage, verify=self.verify
             )
         )
         self._position = position

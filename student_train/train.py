@@ -29,6 +29,7 @@ from schemas.manifest import (
     check_tokenizer_fingerprint,
     classify_labels,
     is_classify,
+    storage_of_manifest,
 )
 from schemas.shard import HIDDEN_COLUMN
 from shared.causal_lm import check_output_path, output_logits_function
@@ -195,6 +196,7 @@ def train(config: TrainConfig, context: Distributed) -> dict:
         check_dump_kind(
             eval_dump.manifest, classify=classification, where=f"--eval-shards {config.eval_shards}"
         )
+    check_representations(config, dump, eval_dump)
     # One trainer at a time per output directory; a previous run is only continued with --resume.
     if context.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +213,38 @@ def train(config: TrainConfig, context: Distributed) -> dict:
         run = setup(config, context, out, dump, eval_dump, read_group, follower)
         loop(run)
         return finish(run)
+
+
+def check_representations(config: TrainConfig, dump: Dump, eval_dump: Dump | None) -> None:
+    """Refuse settings under which a sampled (RS-KD) dump would give a biased signal.
+
+    Its stored weights are an unbiased estimate of the teacher's distribution only inside
+    forward KL at temperature 1 with the bucket tail (student_train.losses.loss_sums); other
+    divergences, temperatures, renormalizing and cutting entries are non-linear in them, and
+    an evaluation KL on draws is not the KL to the teacher."""
+    storage = storage_of_manifest(dump.manifest)
+    if storage is not None and storage.representation == "sampled":
+        options = config.loss_options()
+        unbiased = (
+            options.loss in ("fkl", "ce")
+            and options.tail == "bucket"
+            and options.temperature == 1.0
+            and config.teacher_top_k is None
+        )
+        if not unbiased:
+            raise UserError(
+                f"--shards {dump.directory} holds sampled teacher draws (RS-KD), which train "
+                f"without bias only with --loss fkl, --tail bucket, --temperature 1 and no "
+                f"teacher_top_k (got --loss {options.loss}, --tail {options.tail}, "
+                f"--temperature {options.temperature}): use those, or a topk/adaptive dump"
+            )
+    if eval_dump is not None:
+        storage = storage_of_manifest(eval_dump.manifest)
+        if storage is not None and storage.representation == "sampled":
+            raise UserError(
+                f"--eval-shards {eval_dump.directory} holds sampled teacher draws, which give no "
+                "KL to the teacher: dump the held-out data with --store topk or adaptive"
+            )
 
 
 def setup(
@@ -868,6 +902,7 @@ def run_description(config: TrainConfig, dump: Dump, student: Student, total_ste
             "labels": classify_labels(dump.manifest) or None,
             "teacher": dump.manifest.get("teacher", {}).get("model"),
             "top_k": dump.manifest.get("top_k"),
+            "storage": dump.manifest.get("storage"),
             "rows": dump.rows,
         },
         "student": {

@@ -14,7 +14,7 @@ from teacher_dump.config import DumpConfig
 
 FLAGS = (
     "model", "data", "out", "mode", "data_path", "split", "prompt_column", "target_column",
-    "top_k", "max_new_tokens", "temperature", "top_p", "num_samples", "seed", "limit",
+    "store", "top_k", "k_max", "adaptive_rule", "mass_target", "draws", "max_new_tokens", "temperature", "top_p", "num_samples", "seed", "limit",
     "chunk_tokens", "rows_per_shard", "rank", "world_size", "tensor_parallel_size",
     "max_model_len", "dtype", "chat_template", "skip_too_long", "trust_remote_code",
     "enforce_eager", "progress", "classify_backend", "hidden_layer", "hidden_pooling",
@@ -34,7 +34,8 @@ NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
 @config_options
 @click.pass_context
 def main(context: click.Context, config_file, assignments, **flags) -> None:
-    """Run a teacher in vLLM and store its top-k logprobs as Parquet shards.
+    """Run a teacher in vLLM and store its distributions (top-k, adaptive or sampled) as
+    Parquet shards.
 
     \b
     teacher-dump --model MODEL --data DATA --out DIR [options]

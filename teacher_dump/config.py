@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from schemas.shard import VALUE_SCALE, AdaptiveRule, Representation, Storage
 from shared.classification import Pooling
 from shared.config import check_choices
 from shared.engine import ClassifierBackend, EngineDtype
@@ -71,8 +72,38 @@ class DumpConfig:
     """Column holding the reference answer (needed by score mode for custom files)."""
     limit: int | None = None
     """Use only the first N prompts (text mode: the first N chunks)."""
+    store: Representation = "adaptive"
+    """How the teacher's distribution at each target position is stored (README "Storage").
+    adaptive: per row, the fewest entries whose two fidelity figures together are no worse
+    than exact top-k (--top-k; at most --k-max per position; about 3x smaller than topk at that
+    fidelity); topk: exactly the --top-k most likely ids and their logprobs; sampled: --draws
+    draws from the teacher's full distribution, stored as distinct ids with hit counts
+    (RS-KD; student-train's forward KL on them is unbiased). Token modes only: --mode classify
+    stores every label exactly (README "Classification shards")."""
     top_k: int = 20
-    """Teacher top-k logprobs stored per target position."""
+    """topk: ids stored per target position. adaptive: the exact top-k whose fidelity each row
+    matches (--adaptive-rule parity)."""
+    k_max: int | None = None
+    """adaptive: the most entries a position keeps, and how many the engine is asked for
+    (default 2 x --top-k)."""
+    adaptive_rule: AdaptiveRule = "parity"
+    """adaptive: parity keeps entries in order of their KL gain until the row matches exact
+    top-k (--top-k) on both fidelity figures; mass keeps the most likely entries of each position
+    until they hold --mass-target of its mass."""
+    mass_target: float = 0.9
+    """adaptive with --adaptive-rule mass: the captured mass each position reaches (unless
+    --k-max stops it)."""
+    draws: int = 32
+    """sampled: draws per target position from the teacher's full distribution."""
+    codebook: bool = True
+    """adaptive: code ids by their frequency in the shard (a table in the Parquet footer),
+    which makes the id gaps smaller."""
+    value_scale: int = VALUE_SCALE
+    """adaptive: S of the stored values round(S·sqrt(p)); their error costs about
+    entries / (6 S²) nats of KL per position."""
+    zstd_level: int = 3
+    """zstd level of the distribution columns (19: about 6 B per token smaller, the writer
+    about 3x slower)."""
     max_new_tokens: int = 256
     """Generate mode: the longest completion."""
     temperature: float = 1.0
@@ -153,6 +184,14 @@ class DumpConfig:
         check_choices(self)
         checks = [
             (self.top_k >= 1, "--top-k must be at least 1"),
+            (
+                self.k_max is None or self.k_max >= self.top_k,
+                f"--k-max must be at least --top-k ({self.top_k})",
+            ),
+            (0 < self.mass_target <= 1, "--mass-target must be in (0, 1]"),
+            (self.draws >= 1, "--draws must be at least 1"),
+            (1 <= self.value_scale <= 1 << 15, "--set value_scale must be in [1, 32768]"),
+            (1 <= self.zstd_level <= 22, "--set zstd_level must be in [1, 22]"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
             (self.temperature >= 0, "--temperature must be >= 0"),
             (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
@@ -191,3 +230,30 @@ class DumpConfig:
             ),
         ]
         check_all(checks)
+
+    def storage(self, vocabulary: int) -> Storage:
+        """The dump's Storage (schemas.shard) for a teacher with `vocabulary` token ids."""
+        if self.store == "topk":
+            return Storage("topk", top_k=self.top_k, zstd_level=self.zstd_level)
+        if self.store == "sampled":
+            return Storage("sampled", top_k=0, draws=self.draws, zstd_level=self.zstd_level)
+        return Storage(
+            "adaptive",
+            top_k=self.top_k,
+            k_max=self.k_max or 2 * self.top_k,
+            rule=self.adaptive_rule,
+            mass_target=self.mass_target if self.adaptive_rule == "mass" else 0.0,
+            value_scale=self.value_scale,
+            codebook=self.codebook,
+            codebook_dtype="<u2" if vocabulary <= 1 << 16 else "<u4",
+            zstd_level=self.zstd_level,
+        )
+
+    @property
+    def engine_logprobs(self) -> int:
+        """Entries per position the engine is asked for (logprobs / prompt_logprobs)."""
+        if self.store == "topk":
+            return self.top_k
+        if self.store == "sampled":
+            return self.draws
+        return self.k_max or 2 * self.top_k

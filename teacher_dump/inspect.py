@@ -1,42 +1,65 @@
 """`teacher-dump inspect DIR [--validate]`: what a dump holds, and whether it is intact.
 
-The summary reads only the manifest plus a light pass over each shard (finish reasons and the
-captured top-k mass). `--validate` reads every shard fully and checks it against the schema and
-the manifest: checksum, row/token counts, list lengths, id range, finite sorted logprobs, unique
-sample ids; the first problem is reported with the shard's name.
+The summary reads the manifest plus a pass over each shard's distributions (finish reasons, the
+entries per position, the captured mass) and its footer (bytes per column). `--validate` reads
+every shard fully and checks it against the schema and the manifest: checksum, representation,
+row/token counts, list lengths, entry counts, id range, finite sorted logprobs, unique sample
+ids; the first problem is reported with the shard's name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import inside_directory, is_classify, read_manifest
-from schemas.shard import SCHEMA_VERSION, describe_schema_mismatch, schema_version_of
+from schemas.manifest import inside_directory, is_classify, read_manifest, storage_of_manifest
+from schemas.shard import V1_COLUMNS
 from shared.errors import UserError, one_line
-from shared.shard_reader import id_space, shard_columns, value_problem
+from shared.shard_reader import checked_columns, physical_columns, read_codebook, shard_columns
 from shared.storage import Folder, as_folder
 from teacher_dump.shards import shards_on_disk
+
+
+def column_bytes(metadata) -> dict[str, int]:
+    """Compressed bytes of each top-level column of a shard, from its Parquet FileMetaData."""
+    sizes: dict[str, int] = {}
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for index in range(row_group.num_columns):
+            chunk = row_group.column(index)
+            name = chunk.path_in_schema.split(".")[0]
+            sizes[name] = sizes.get(name, 0) + chunk.total_compressed_size
+    return sizes
 
 
 def summarize(directory: Path | Folder) -> dict:
     """Statistics of a dump for display (a local directory or an object-storage folder)."""
     folder = as_folder(directory)
     manifest = read_manifest(folder)
+    storage = storage_of_manifest(manifest)
     finish_reasons: Counter[str] = Counter()
-    mass_sum, positions = 0.0, 0
+    mass_sum, entries, positions = 0.0, 0, 0
+    sizes: Counter[str] = Counter()
     unreadable = []
     for entry in manifest["shards"]:
         try:
+            reader_columns = ("sample_id", "target_ids", "finish_reason", *V1_COLUMNS)
             with open_shard(folder, entry["name"]) as handle:
-                table = pq.read_table(
-                    handle, columns=["sample_id", "target_ids", "finish_reason", "topk_logprobs"]
-                )
-            columns = shard_columns(table, manifest["top_k"])
+                parquet = pq.ParquetFile(handle)
+                table = parquet.read(columns=physical_columns(reader_columns, storage))
+                metadata = parquet.metadata
+            codebook = read_codebook(metadata, storage)
+            columns = (
+                codebook
+                if isinstance(codebook, str)
+                else shard_columns(table, manifest["top_k"], storage, codebook)
+            )
+            sizes.update(column_bytes(metadata))
         except Exception:  # reported by --validate with the reason; the summary goes on
             unreadable.append(entry["name"])
             continue
@@ -44,16 +67,28 @@ def summarize(directory: Path | Folder) -> dict:
             unreadable.append(entry["name"])
             continue
         finish_reasons.update(table["finish_reason"].to_pylist())
-        mass_sum += float(np.exp(columns.topk_logprobs.astype(np.float64)).sum())
+        mass_sum += float(captured_mass(columns).sum())
+        entries += int((columns.topk_ids >= 0).sum())
         positions += len(columns.topk_logprobs)
     totals = manifest["totals"]
+    tokens = max(totals["target_tokens"], 1)
     return {
         "manifest": manifest,
         "finish_reasons": dict(finish_reasons.most_common()),
-        "mean_topk_mass": mass_sum / positions if positions else float("nan"),
-        "bytes_per_token": totals["bytes"] / max(totals["target_tokens"], 1),
+        "mean_captured_mass": mass_sum / positions if positions else float("nan"),
+        "entries_per_position": entries / positions if positions else float("nan"),
+        "bytes_per_token": totals["bytes"] / tokens,
+        "column_bytes_per_token": {name: size / tokens for name, size in sizes.items()},
         "unreadable": unreadable,
     }
+
+
+def captured_mass(columns) -> np.ndarray:
+    """(N,) the teacher's mass on the stored ids: 1 - the stored tail where the dump stores one
+    (exact), else the sum of the stored probabilities (schema v1)."""
+    stored = np.exp(columns.topk_logprobs.astype(np.float64)).sum(axis=1)
+    tail = columns.topk_log_tail.astype(np.float64)
+    return np.where(np.isnan(tail), stored, -np.expm1(tail))
 
 
 def format_summary(directory: Path, summary: dict) -> str:
@@ -66,6 +101,22 @@ def format_summary(directory: Path, summary: dict) -> str:
         ", ".join(f"{reason} {count}" for reason, count in summary["finish_reasons"].items())
         or "none"
     )
+    storage = storage_of_manifest(manifest)
+    sizes = summary["column_bytes_per_token"]
+    distribution = storage.columns if storage is not None else V1_COLUMNS
+    by_column = ", ".join(f"{name} {sizes.get(name, 0):.1f}" for name in distribution)
+    rest = sum(size for name, size in sizes.items() if name not in distribution)
+    if is_classify(manifest):
+        stored = f"classify: all {manifest['top_k']} labels exactly (schema v1 layout), logprobs on 2^-10"
+    elif storage is None:
+        stored = f"schema v1: exact top-{manifest['top_k']}, logprobs on 2^-10, no stored tail"
+    else:
+        stored = storage.describe()
+    mass_meaning = (
+        "share of the draws on real ids (weights hits/draws)"
+        if storage is not None and storage.representation == "sampled"
+        else "mean teacher mass on the stored ids"
+    )
     lines = [
         f"dump            {directory}",
         f"schema version  {manifest['schema_version']}",
@@ -74,13 +125,16 @@ def format_summary(directory: Path, summary: dict) -> str:
         f"--dtype {teacher.get('dtype_requested', '?')}, weights stored as "
         f"{teacher.get('checkpoint_dtype') or '?'}; vllm {engine.get('version')}, {engine.get('platform')})",
         f"tokenizer       {manifest['tokenizer']['fingerprint'][:16]} (size {manifest['tokenizer']['size']})",
-        f"top-k           {manifest['top_k']} ({manifest['logprobs']['mode']})",
+        f"storage         {stored} ({manifest['logprobs']['mode']})",
+        f"parameters      {json.dumps(storage.to_dict() if storage else {'top_k': manifest['top_k']})}",
         f"data            {data['task']} from {data['source']} ({data['prompts']} prompts, {data['skipped_too_long']} skipped as too long)",
         f"rows            {totals['rows']:,} of {data['expected_rows']:,} expected ({'complete' if manifest['complete'] else 'INCOMPLETE: rerun the same command to finish'})",
         f"shards          {totals['shards']}",
         f"target tokens   {totals['target_tokens']:,}",
-        f"bytes           {totals['bytes']:,} ({summary['bytes_per_token']:.1f} B per target token)",
-        f"top-k mass      {summary['mean_topk_mass']:.4f} mean sum of p over the stored ids",
+        f"bytes           {totals['bytes']:,} ({summary['bytes_per_token']:.1f} B per target token: "
+        f"{by_column}, other columns {rest:.1f})",
+        f"entries         {summary['entries_per_position']:.1f} per position",
+        f"captured mass   {summary['mean_captured_mass']:.4f} ({mass_meaning})",
         f"finish reasons  {reasons}",
     ]
     section = manifest.get("classify")
@@ -119,12 +173,9 @@ def validate(directory: Path | Folder) -> list[str]:
                 f"{name}: on disk but not in the manifest (rerun the dump command to refresh it)"
             )
     seen_ids: set[str] = set()
-    top_k = manifest["top_k"]
-    vocabulary = id_space(manifest)
-    classify = is_classify(manifest)
     for entry in manifest["shards"]:
         try:
-            problem = validate_shard(folder, entry, top_k, vocabulary, seen_ids, classify)
+            problem = validate_shard(folder, entry, manifest, seen_ids)
         except UserError as error:
             problem = str(error)
         if problem:
@@ -143,14 +194,7 @@ def open_shard(folder: Folder, name: str):
             yield handle
 
 
-def validate_shard(
-    folder: Folder,
-    entry: dict,
-    top_k: int,
-    tokenizer_size: int,
-    seen_ids: set[str],
-    classify: bool = False,
-) -> str | None:
+def validate_shard(folder: Folder, entry: dict, manifest: dict, seen_ids: set[str]) -> str | None:
     """The first problem in one shard, or None (the same value checks as the trainer's reader)."""
     name = entry["name"]
     if folder.is_local:
@@ -164,25 +208,17 @@ def validate_shard(
         return "sha256 differs from the manifest (corrupt or replaced)"
     try:
         with open_shard(folder, name) as handle:
-            table = pq.read_table(handle)
+            parquet = pq.ParquetFile(handle)
+            table = parquet.read()
     except Exception as error:
         return f"unreadable Parquet ({one_line(error, 120)})"
-    version = schema_version_of(table.schema)
-    if version != SCHEMA_VERSION:
-        return f"written with shard schema version {version}, expected {SCHEMA_VERSION}"
-    mismatch = describe_schema_mismatch(table.schema)
-    if mismatch:
-        return f"schema: {mismatch}"
     if table.num_rows != entry["rows"]:
         return f"{table.num_rows} rows, manifest says {entry['rows']}"
-    columns = shard_columns(table, top_k)
+    columns = checked_columns(table, parquet.metadata, manifest)
     if isinstance(columns, str):
         return columns
     if len(columns.target_ids) != entry["target_tokens"]:
         return f"{len(columns.target_ids)} target tokens, manifest says {entry['target_tokens']}"
-    problem = value_problem(columns, tokenizer_size, classify)
-    if problem:
-        return problem
     for sample_id in columns.sample_ids:
         if sample_id in seen_ids:
             return f"sample_id {sample_id} appears more than once in the dump"

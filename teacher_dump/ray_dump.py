@@ -34,7 +34,7 @@ ENGINE_COLUMN = "engine"
 
 class TeacherWorker:
     """A Ray Data actor: one vLLM engine; maps a batch of prompts to the Arrow table of their
-    rows (schemas/shard.py) plus ENGINE_COLUMN."""
+    rows (teacher_dump.shards.rows_to_transfer_table) plus ENGINE_COLUMN."""
 
     def __init__(self, config_values: dict, model_directory: str):
         from shared.models import resolve_model
@@ -57,7 +57,7 @@ class TeacherWorker:
         import pyarrow as pa
 
         from teacher_dump.run import engine_results
-        from teacher_dump.shards import rows_to_table
+        from teacher_dump.shards import rows_to_transfer_table
 
         requests = [
             DumpRequest(
@@ -78,7 +78,8 @@ class TeacherWorker:
             for _, prompt_rows in engine_results(self.config, self.engine, self.tokenizer, requests)
             for row in prompt_rows
         ]
-        table = rows_to_table(rows)
+        # Stage 1 of the encoding only: the writer's shard decides the shard-level coding.
+        table = rows_to_transfer_table(rows)
         return table.append_column(ENGINE_COLUMN, pa.array([self.description] * len(rows)))
 
 

@@ -1,7 +1,8 @@
 """Pure conversions from the engine's per-position arrays to shard rows.
 
 No I/O and no engine here: inputs are numpy arrays, outputs are `ShardRow`s whose arrays follow
-the schema in schemas/shard.py (ids < tokenizer size, logprobs rounded to the storage grid).
+the schema in schemas/shard.py (ids < tokenizer size, target logprobs rounded to the storage
+grid, the teacher's distributions encoded as the dump's representation: teacher_dump.encoding).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.shard import HIDDEN_COLUMN, NO_LABEL, PAD_ID, round_logprobs
+from schemas.shard import NO_LABEL, PAD_ID, Storage, round_logprobs
 from shared.errors import UserError
+from teacher_dump.encoding import RowEntries, encode_row
 
 
 @dataclass(frozen=True)
@@ -27,16 +29,20 @@ class ShardRow:
     """(T,) int32."""
     target_logprobs: np.ndarray
     """(T,) float32."""
-    topk_ids: np.ndarray
-    """(T, K) int32."""
-    topk_logprobs: np.ndarray
-    """(T, K) float32."""
+    entries: RowEntries | None
+    """The teacher's distribution at each target position, as the dump stores it (stage 1 of
+    teacher_dump.encoding; the shard's writer finishes the coding). None in classify rows,
+    which keep every label exactly in topk_ids / topk_logprobs (schema v1)."""
     finish_reason: str
     prompt_text: str
     target_text: str
     references: tuple[str, ...]
     padded_topk_entries: int
-    """Top-k slots that held padding-row ids (>= tokenizer size) and were replaced by PAD_ID."""
+    """Engine entries that were padding-row ids (>= tokenizer size), left out."""
+    topk_ids: np.ndarray | None = None
+    """Classify rows only (schema v1 layout, entries None): (1, L) every label index, rank order."""
+    topk_logprobs: np.ndarray | None = None
+    """Classify rows only: (1, L) float32 their logprobs, rounded to the storage grid."""
     hidden: np.ndarray | None = None
     """(H,) float16 pooled teacher hidden state (classify dumps that ask for it), else None."""
 
@@ -85,6 +91,7 @@ def make_row(
     position_ids: np.ndarray,
     position_logprobs: np.ndarray,
     tokenizer_size: int,
+    storage: Storage,
     finish_reason: str,
     prompt_text: str,
     target_text: str,
@@ -93,7 +100,7 @@ def make_row(
     """Build a row from the engine's (T, K+1) arrays for the target positions.
 
     Column 0 of the position arrays is the target token itself (vLLM's layout), columns 1..K
-    the top-K in rank order.
+    the top-K in rank order (sampled storage: K draws from the full distribution).
     """
     if not np.array_equal(position_ids[:, 0], target_ids):
         raise RuntimeError(f"engine logprobs are misaligned with the targets of sample {sample_id}")
@@ -110,8 +117,7 @@ def make_row(
         prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
         target_ids=np.asarray(target_ids, dtype=np.int32),
         target_logprobs=round_logprobs(position_logprobs[:, 0]),
-        topk_ids=topk_ids.astype(np.int32, copy=False),
-        topk_logprobs=round_logprobs(topk_logprobs),
+        entries=encode_row(topk_ids, topk_logprobs, storage, tokenizer_size),
         finish_reason=finish_reason,
         prompt_text=prompt_text,
         target_text=target_text,
@@ -160,47 +166,49 @@ def make_classification_row(
             if has_gold
             else np.asarray([-np.inf], dtype=np.float32)
         ),
-        topk_ids=order.astype(np.int32),
-        topk_logprobs=round_logprobs(ranked),
+        entries=None,
         finish_reason="label" if has_gold else "unlabelled",
         prompt_text=text,
         target_text=labels[gold] if has_gold else "",
         references=(labels[gold],) if has_gold else (),
         padded_topk_entries=0,
+        topk_ids=order.astype(np.int32),
+        topk_logprobs=round_logprobs(ranked),
         hidden=None if hidden is None else np.asarray(hidden, dtype=np.float16),
     )
 
 
+ENTRY_COLUMNS = ("entry_counts", "entry_ids", "entry_values", "entry_tail")
+"""The columns that carry a row's RowEntries across a process boundary (list<int32> each),
+beside the shard's row columns (teacher_dump.shards.rows_to_transfer_table)."""
+
+
 def rows_from_table(table) -> list[ShardRow]:
-    """The ShardRows of a shard table (the inverse of teacher_dump.shards.rows_to_table): rows
-    that crossed a process boundary as Arrow, e.g. from the Ray executor's actors."""
+    """The ShardRows of a transfer table (the inverse of
+    teacher_dump.shards.rows_to_transfer_table): token rows that crossed a process boundary as
+    Arrow, e.g. from the Ray executor's actors, with their stored distributions still before
+    the shard-level coding (the writer's shard decides the codebook)."""
     columns = {name: table[name].to_pylist() for name in table.column_names}
-    width = next(
-        (len(position) for positions in columns["topk_ids"] for position in positions[:1]), 0
-    )
+
+    def int32(name: str, index: int) -> np.ndarray:
+        return np.asarray(columns[name][index], dtype=np.int32)
+
     rows = []
     for index in range(table.num_rows):
-        topk_ids = np.asarray(columns["topk_ids"][index], dtype=np.int32).reshape(-1, width)
-        topk_logprobs = np.asarray(columns["topk_logprobs"][index], dtype=np.float32).reshape(
-            -1, width
-        )
-        hidden = columns.get(HIDDEN_COLUMN, [None] * table.num_rows)[index]
         rows.append(
             ShardRow(
                 sample_id=columns["sample_id"][index],
                 source_index=columns["source_index"][index],
                 completion_index=columns["completion_index"][index],
-                prompt_ids=np.asarray(columns["prompt_ids"][index], dtype=np.int32),
-                target_ids=np.asarray(columns["target_ids"][index], dtype=np.int32),
+                prompt_ids=int32("prompt_ids", index),
+                target_ids=int32("target_ids", index),
                 target_logprobs=np.asarray(columns["target_logprobs"][index], dtype=np.float32),
-                topk_ids=topk_ids,
-                topk_logprobs=topk_logprobs,
+                entries=RowEntries(*(int32(name, index) for name in ENTRY_COLUMNS)),
                 finish_reason=columns["finish_reason"][index],
                 prompt_text=columns["prompt_text"][index],
                 target_text=columns["target_text"][index],
                 references=tuple(columns["references"][index]),
-                padded_topk_entries=int((topk_ids == PAD_ID).sum()),
-                hidden=None if hidden is None else np.asarray(hidden, dtype=np.float16),
+                padded_topk_entries=columns["padded_topk_entries"][index],
             )
         )
     return rows

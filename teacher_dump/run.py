@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from schemas.manifest import MANIFEST_NAME
-from schemas.shard import LOGPROB_STEP, SCHEMA_VERSION
+from schemas.shard import CLASSIFY_SCHEMA_VERSION, LOGPROB_STEP, SCHEMA_VERSION, Storage
 from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import remove_stale_temporaries
@@ -92,7 +92,7 @@ def prepare(config: DumpConfig) -> PreparedDump:
         raise UserError(
             f"--model {config.model} does not state its context length: pass --max-model-len"
         )
-    if config.mode != "classify" and config.top_k > len(tokenizer):
+    if config.mode != "classify" and config.store != "sampled" and config.top_k > len(tokenizer):
         raise UserError(
             f"--top-k {config.top_k} is above the vocabulary size {len(tokenizer)}: lower it"
         )
@@ -172,7 +172,8 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     plan = prepared.classification
     header = {
-        "schema_version": SCHEMA_VERSION,
+        # Classify dumps keep schema v1's exact all-label layout (schemas.shard).
+        "schema_version": SCHEMA_VERSION if plan is None else CLASSIFY_SCHEMA_VERSION,
         "kind": "kd-shards teacher dump",
         "identity": hashlib.sha256(identity_blob.encode()).hexdigest(),
         "created": now,
@@ -196,12 +197,27 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
             "stop_token_ids": stop_token_ids(tokenizer, model.directory),
             "chat_template_used": prepared.use_template,
         },
-        "top_k": len(plan.labels) if plan is not None else config.top_k,
+        # The most entries a position holds: every label (classify), the draws (sampled).
+        "top_k": (
+            len(plan.labels)
+            if plan is not None
+            else config.draws
+            if config.store == "sampled"
+            else config.top_k
+        ),
         "logprobs": {
             "mode": "raw_logprobs",
             "meaning": "natural-log probabilities of the raw logits (temperature 1, no top-p/top-k)",
+            "engine_logprobs": config.engine_logprobs,
+            "drawn": config.store == "sampled",
+            "target_rounding_step": LOGPROB_STEP,
+            "padding_ids": "ids >= tokenizer.size are never stored; their mass is part of the tail",
+        }
+        if plan is None
+        else {
+            "mode": "raw_logprobs",
+            "meaning": "natural-log probabilities over all labels (temperature 1)",
             "rounding_step": LOGPROB_STEP,
-            "padding_ids": "ids >= tokenizer.size are dropped from the top-k; freed slots hold id -1, logprob -inf",
         },
         "sampling": {
             "temperature": config.temperature,
@@ -230,6 +246,8 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
     }
     if plan is not None:
         header["classify"] = manifest_section(config, plan)
+    else:
+        header["storage"] = config.storage(len(tokenizer)).to_dict()
     return header
 
 
@@ -247,10 +265,12 @@ def open_output(directory: Folder, header: dict, config: DumpConfig) -> None:
             raise UserError(
                 f"{path} is corrupt: delete it and rerun (it is rebuilt from the shards)"
             ) from None
-        if existing.get("schema_version") != SCHEMA_VERSION:
+        if existing.get("schema_version") != header["schema_version"]:
             raise UserError(
                 f"{directory} holds a dump with schema version {existing.get('schema_version')}, "
-                f"this teacher-dump writes {SCHEMA_VERSION}: use a new --out directory"
+                f"this teacher-dump writes {header['schema_version']} there: use a new --out "
+                "directory (it cannot be resumed with this release; reading and training on it "
+                "still work)"
             )
         if existing.get("identity") != header["identity"]:
             old = {
@@ -272,7 +292,9 @@ def open_output(directory: Folder, header: dict, config: DumpConfig) -> None:
             )
 
 
-def rows_for_completions(request: DumpRequest, completions, tokenizer) -> list[ShardRow]:
+def rows_for_completions(
+    request: DumpRequest, completions, tokenizer, storage: Storage
+) -> list[ShardRow]:
     """Rows of one prompt's sampled completions (generate mode)."""
     rows = []
     size = len(tokenizer)
@@ -303,6 +325,7 @@ def rows_for_completions(request: DumpRequest, completions, tokenizer) -> list[S
                 position_ids=position_ids,
                 position_logprobs=position_logprobs,
                 tokenizer_size=size,
+                storage=storage,
                 finish_reason=finish_reason,
                 prompt_text=request.prompt_text,
                 target_text=tokenizer.decode(token_ids.tolist(), skip_special_tokens=True),
@@ -312,7 +335,9 @@ def rows_for_completions(request: DumpRequest, completions, tokenizer) -> list[S
     return rows
 
 
-def row_for_scored(request: DumpRequest, scored, tokenizer, finish_reason: str) -> ShardRow:
+def row_for_scored(
+    request: DumpRequest, scored, tokenizer, finish_reason: str, storage: Storage
+) -> ShardRow:
     """The row of one teacher-forced sequence (score and text modes)."""
     start = len(request.prompt_ids) - 1  # row j-1 predicts token j; targets start at token P
     return make_row(
@@ -324,6 +349,7 @@ def row_for_scored(request: DumpRequest, scored, tokenizer, finish_reason: str) 
         position_ids=scored.position_ids[start:],
         position_logprobs=scored.position_logprobs[start:],
         tokenizer_size=len(tokenizer),
+        storage=storage,
         finish_reason=finish_reason,
         prompt_text=request.prompt_text,
         target_text=tokenizer.decode(request.target_ids.tolist(), skip_special_tokens=True),
@@ -396,16 +422,28 @@ def dump_remaining(
             on_engine=lambda description: record_engine(directory, description, stored_dtype),
         )
         written_tokens = write_results(
-            config, results, total=len(mine), todo=len(todo), directory=directory
+            config,
+            results,
+            total=len(mine),
+            todo=len(todo),
+            directory=directory,
+            vocabulary=len(prepared.tokenizer),
         )
         dump_seconds = time.perf_counter() - dump_started
     elif todo:
         own_engine = engine is None
         engine = engine or build_engine(config, prepared.model)
-        if engine.settings.max_logprobs < config.top_k:
+        if engine.settings.max_logprobs < config.engine_logprobs:
             raise UserError(
-                f"--top-k {config.top_k} is above the engine's max_logprobs of "
-                f"{engine.settings.max_logprobs}: build the engine with max_logprobs >= k"
+                f"--store {config.store} asks the engine for {config.engine_logprobs} logprobs "
+                f"per position, above its max_logprobs of {engine.settings.max_logprobs}: build "
+                "the engine with max_logprobs >= that"
+            )
+        wanted = config.store == "sampled"
+        if engine.settings.sampled_logprobs != wanted:
+            raise UserError(
+                f"--store {config.store} needs an engine with sampled_logprobs={wanted}, this "
+                f"one has {engine.settings.sampled_logprobs}: build one for this --store"
             )
         stored_dtype = checkpoint_dtype(prepared.model.config)
         record_engine(directory, engine_description(engine), stored_dtype)
@@ -413,7 +451,12 @@ def dump_remaining(
         try:
             results = engine_results(config, engine, prepared.tokenizer, todo)
             written_tokens = write_results(
-                config, results, total=len(mine), todo=len(todo), directory=directory
+                config,
+                results,
+                total=len(mine),
+                todo=len(todo),
+                directory=directory,
+                vocabulary=len(prepared.tokenizer),
             )
         finally:
             if own_engine:
@@ -434,7 +477,9 @@ def build_engine(config: DumpConfig, model: ResolvedModel):
             model=str(model.directory),
             dtype=config.dtype,
             max_model_len=config.max_model_len,
-            max_logprobs=config.top_k,
+            max_logprobs=config.engine_logprobs,
+            # A verbalizer (classify) needs the exact logprobs of its label words, never draws.
+            sampled_logprobs=config.store == "sampled" and config.mode != "classify",
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
             seed=config.seed,
@@ -459,6 +504,15 @@ def engine_description(engine) -> dict:
         "arguments": {
             key: value for key, value in engine.engine_arguments.items() if key != "model"
         },
+        # --store sampled: how kd-shards' vLLM plugin reached the model runner.
+        "draws": (
+            None
+            if not engine.settings.sampled_logprobs
+            else "kd-shards vLLM plugin patched in this process (entry point not installed; "
+            "vLLM ran in-process)"
+            if getattr(engine, "draws_in_process", False)
+            else "kd-shards vLLM plugin loaded by vLLM through its entry point"
+        ),
     }
 
 
@@ -482,6 +536,8 @@ def record_engine(directory: Folder, engine: dict, stored_dtype: str | None) -> 
             "platform": engine["platform"],
             "arguments": engine["arguments"],
         }
+        if engine.get("draws"):
+            manifest["engine"]["draws"] = engine["draws"]
         directory.write_json(MANIFEST_NAME, manifest)
 
 
@@ -522,7 +578,9 @@ def record_classification_statistics(directory: Folder, statistics: dict, plan) 
 def engine_results(
     config: DumpConfig, engine, tokenizer, todo: list[DumpRequest]
 ) -> Iterator[tuple[DumpRequest, list[ShardRow]]]:
-    """Stream requests through the engine; yield each prompt's rows as it finishes."""
+    """Stream requests through the engine; yield each prompt's rows (stored as the dump's
+    representation, stage 1 of teacher_dump.encoding) as it finishes."""
+    storage = config.storage(len(tokenizer))
     if config.mode == "generate":
         stream = engine.generate(
             (
@@ -537,24 +595,24 @@ def engine_results(
             temperature=config.temperature,
             top_p=config.top_p,
             max_new_tokens=config.max_new_tokens,
-            top_k=config.top_k,
+            top_k=config.engine_logprobs,
             max_in_flight=config.max_in_flight,
         )
         try:
             for request, completions in stream:
-                yield request, rows_for_completions(request, completions, tokenizer)
+                yield request, rows_for_completions(request, completions, tokenizer, storage)
         finally:
             stream.close()  # on an error part-way, the engine drops the requests still in flight
         return
     finish_reason = "reference" if config.mode == "score" else "text"
     stream = engine.score(
         ((request, request.prompt_ids.tolist() + request.target_ids.tolist()) for request in todo),
-        top_k=config.top_k,
+        top_k=config.engine_logprobs,
         max_in_flight=config.max_in_flight,
     )
     try:
         for request, scored in stream:
-            yield request, [row_for_scored(request, scored, tokenizer, finish_reason)]
+            yield request, [row_for_scored(request, scored, tokenizer, finish_reason, storage)]
     finally:
         stream.close()
 
@@ -566,10 +624,19 @@ def write_results(
     total: int,
     todo: int,
     directory: Folder,
+    vocabulary: int,
 ) -> int:
     """Write each prompt's rows into this rank's shards as they come; returns target tokens
-    written. `total`: this rank's prompts, `todo`: those not yet dumped (for the progress)."""
-    writer = ShardWriter(directory, config.rank, config.world_size, config.rows_per_shard)
+    written. `total`: this rank's prompts, `todo`: those not yet dumped (for the progress);
+    `vocabulary`: the tokenizer's size (the shard codebook's range)."""
+    writer = ShardWriter(
+        directory,
+        config.rank,
+        config.world_size,
+        config.rows_per_shard,
+        config.storage(vocabulary),
+        vocabulary,
+    )
     progress = tqdm(
         total=total,
         initial=total - todo,

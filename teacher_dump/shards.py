@@ -33,7 +33,14 @@ from schemas.manifest import (
     is_safe_shard_name,
     totals,
 )
-from schemas.shard import HIDDEN_COLUMN, PARQUET_WRITE_OPTIONS, classify_schema
+from schemas.shard import (
+    HIDDEN_COLUMN,
+    PARQUET_WRITE_OPTIONS_V1,
+    Storage,
+    classify_schema,
+    parquet_write_options,
+    shard_schema,
+)
 from shared.errors import UserError, one_line
 from shared.files import (
     atomic_write,
@@ -42,7 +49,8 @@ from shared.files import (
     sha256_of_file,
 )
 from shared.storage import Folder, as_folder, parquet_bytes
-from teacher_dump.rows import ShardRow
+from teacher_dump.encoding import shard_columns
+from teacher_dump.rows import ENTRY_COLUMNS, ShardRow
 
 ROW_GROUP_ROWS = 256
 """Rows per Parquet row group: the unit the training loader reads at a time."""
@@ -103,26 +111,41 @@ def shards_on_disk(directory: Path | Folder) -> list[str]:
     return [name for name in as_folder(directory).names(SHARD_SUFFIX) if is_safe_shard_name(name)]
 
 
-def rows_to_table(rows: list[ShardRow]) -> pa.Table:
-    """Build an Arrow table in SCHEMA from rows, with whole-column numpy copies (no per-token Python)."""
+PADDED_KEY = b"kd_shards.padded_entries"
+"""Parquet footer key: how many engine entries of the shard were padding-row ids (left out)."""
 
-    def flat_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
-        lengths = np.fromiter((len(array) for array in arrays), dtype=np.int32, count=len(arrays))
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
-        values = np.concatenate(arrays) if arrays else np.array([])
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
-    def nested_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
-        width = arrays[0].shape[1] if arrays else 0
-        positions = np.fromiter(
-            (array.shape[0] for array in arrays), dtype=np.int64, count=len(arrays)
-        )
-        outer = np.concatenate([[0], np.cumsum(positions)]).astype(np.int32)
-        inner = (np.arange(int(positions.sum()) + 1, dtype=np.int64) * width).astype(np.int32)
-        values = np.concatenate([array.reshape(-1) for array in arrays]) if arrays else np.array([])
-        inner_lists = pa.ListArray.from_arrays(pa.array(inner), pa.array(values, type=value_type))
-        return pa.ListArray.from_arrays(pa.array(outer), inner_lists)
+def flat_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """A list column with one list per array (whole-array copies, no per-value Python)."""
+    lengths = np.fromiter((len(array) for array in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate(arrays) if arrays else np.array([])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
+
+def nested_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """A list<list> column from (T, K) arrays, one per row (schema v1's top-k layout)."""
+    width = arrays[0].shape[1] if arrays else 0
+    positions = np.fromiter((array.shape[0] for array in arrays), dtype=np.int64, count=len(arrays))
+    outer = np.concatenate([[0], np.cumsum(positions)]).astype(np.int32)
+    inner = (np.arange(int(positions.sum()) + 1, dtype=np.int64) * width).astype(np.int32)
+    values = np.concatenate([array.reshape(-1) for array in arrays]) if arrays else np.array([])
+    inner_lists = pa.ListArray.from_arrays(pa.array(inner), pa.array(values, type=value_type))
+    return pa.ListArray.from_arrays(pa.array(outer), inner_lists)
+
+
+def rows_to_table(
+    rows: list[ShardRow], storage: Storage | None, vocabulary: int
+) -> tuple[pa.Table, dict[bytes, bytes]]:
+    """An Arrow table in the dump's schema, and the shard's footer metadata (the codebook and
+    the padding count), from rows (teacher_dump.encoding finishes the distribution columns).
+
+    `storage` None: a classify dump (schema v1 layout, classify_table)."""
+    distributions, footer = (
+        shard_columns([row.entries for row in rows], storage, vocabulary)
+        if storage is not None
+        else ({}, {})
+    )
     columns = {
         "sample_id": pa.array([row.sample_id for row in rows], pa.string()),
         "source_index": pa.array([row.source_index for row in rows], pa.int64()),
@@ -130,27 +153,81 @@ def rows_to_table(rows: list[ShardRow]) -> pa.Table:
         "prompt_ids": flat_list([row.prompt_ids for row in rows], pa.int32()),
         "target_ids": flat_list([row.target_ids for row in rows], pa.int32()),
         "target_logprobs": flat_list([row.target_logprobs for row in rows], pa.float32()),
-        "topk_ids": nested_list([row.topk_ids for row in rows], pa.int32()),
-        "topk_logprobs": nested_list([row.topk_logprobs for row in rows], pa.float32()),
         "finish_reason": pa.array([row.finish_reason for row in rows], pa.string()),
         "prompt_text": pa.array([row.prompt_text for row in rows], pa.string()),
         "target_text": pa.array([row.target_text for row in rows], pa.string()),
         "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
     }
+    if storage is None:
+        return classify_table(rows, columns), footer
+    for name, arrays in distributions.items():
+        columns[name] = flat_list(arrays, pa.int32())
+    footer[PADDED_KEY] = str(sum(row.padded_topk_entries for row in rows)).encode()
+    schema = shard_schema(storage)
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema), footer
+
+
+def rows_to_transfer_table(rows: list[ShardRow]) -> pa.Table:
+    """Token rows as an Arrow table to cross a process boundary (teacher_dump.rows
+    .rows_from_table is the inverse): the row columns, each row's RowEntries before the
+    shard-level coding (ENTRY_COLUMNS) and its padding count. Not a shard."""
+    columns = {
+        "sample_id": pa.array([row.sample_id for row in rows], pa.string()),
+        "source_index": pa.array([row.source_index for row in rows], pa.int64()),
+        "completion_index": pa.array([row.completion_index for row in rows], pa.int32()),
+        "prompt_ids": flat_list([row.prompt_ids for row in rows], pa.int32()),
+        "target_ids": flat_list([row.target_ids for row in rows], pa.int32()),
+        "target_logprobs": flat_list([row.target_logprobs for row in rows], pa.float32()),
+        "finish_reason": pa.array([row.finish_reason for row in rows], pa.string()),
+        "prompt_text": pa.array([row.prompt_text for row in rows], pa.string()),
+        "target_text": pa.array([row.target_text for row in rows], pa.string()),
+        "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
+        "padded_topk_entries": pa.array([row.padded_topk_entries for row in rows], pa.int64()),
+    }
+    for name, field in zip(ENTRY_COLUMNS, ("counts", "ids", "values", "tail"), strict=True):
+        columns[name] = flat_list([getattr(row.entries, field) for row in rows], pa.int32())
+    return pa.table(columns)
+
+
+def classify_table(rows: list[ShardRow], columns: dict[str, pa.Array]) -> pa.Table:
+    """A classify shard's table: schema v1 (schemas.shard.CLASSIFY_SCHEMA_VERSION), every
+    label's logprob at the one position of each row, the pooled hidden state when present."""
+    columns = {
+        **columns,
+        "topk_ids": nested_list([row.topk_ids for row in rows], pa.int32()),
+        "topk_logprobs": nested_list([row.topk_logprobs for row in rows], pa.float32()),
+    }
     with_hidden = bool(rows) and rows[0].hidden is not None
     if with_hidden:
         columns[HIDDEN_COLUMN] = flat_list([row.hidden for row in rows], pa.float16())
-    return pa.Table.from_arrays(list(columns.values()), schema=classify_schema(with_hidden))
+    schema = classify_schema(with_hidden)
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
-def write_shard(path: Path | str, rows: list[ShardRow], folder: Folder | None = None) -> dict:
+def write_table(sink, table: pa.Table, footer: dict[bytes, bytes], storage: Storage | None) -> None:
+    """Write a table as one Parquet file (row groups of ROW_GROUP_ROWS), footer keys once; `sink`
+    is a path or a writable file."""
+    options = parquet_write_options(storage) if storage is not None else PARQUET_WRITE_OPTIONS_V1
+    with pq.ParquetWriter(sink, table.schema, **options) as writer:
+        writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        if footer:
+            writer.add_key_value_metadata(footer)
+
+
+def write_shard(
+    path: Path | str,
+    rows: list[ShardRow],
+    storage: Storage | None,
+    vocabulary: int,
+    folder: Folder | None = None,
+) -> dict:
     """Write rows as one Parquet shard (locally: atomically at `path`; into an object-storage
     `folder`: as the object named `path`, in one request once complete); return its manifest
-    entry."""
-    table = rows_to_table(rows)
+    entry. `storage` None: a classify dump (schema v1 layout)."""
+    table, footer = rows_to_table(rows, storage, vocabulary)
 
     def write(sink) -> None:
-        pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, **PARQUET_WRITE_OPTIONS)
+        write_table(sink, table, footer, storage)
 
     if folder is not None and not folder.is_local:
         data = parquet_bytes(write)
@@ -181,23 +258,24 @@ def describe_shard(path: Path | str, folder: Folder | None = None) -> dict:
     try:
         if remote:
             with folder.open(name) as handle:
-                table = pq.read_table(handle, columns=["target_ids", "topk_ids"])
+                parquet = pq.ParquetFile(handle)
+                lengths = parquet.read(columns=["target_ids"])["target_ids"]
         else:
-            table = pq.read_table(path, columns=["target_ids", "topk_ids"])
+            parquet = pq.ParquetFile(path)
+            lengths = parquet.read(columns=["target_ids"])["target_ids"]
+        padded = (parquet.metadata.metadata or {}).get(PADDED_KEY, b"0")
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise UserError(
             f"shard {name} is unreadable ({one_line(error, 120)}): delete it and rerun the same "
             "teacher-dump command to redo its samples"
         ) from None
-    target_lengths = pc.list_value_length(table["target_ids"])
-    topk_values = pc.list_flatten(pc.list_flatten(table["topk_ids"]))
     return {
         "name": name,
-        "rows": table.num_rows,
-        "target_tokens": int(pc.sum(target_lengths).as_py() or 0),
+        "rows": parquet.metadata.num_rows,
+        "target_tokens": int(pc.sum(pc.list_value_length(lengths)).as_py() or 0),
         "bytes": folder.size(name) if remote else path.stat().st_size,
         "sha256": folder.sha256(name) if remote else sha256_of_file(path),
-        "padded_topk_entries": int(pc.sum(pc.equal(topk_values, -1)).as_py() or 0),
+        "padded_topk_entries": int(padded),
     }
 
 
@@ -285,8 +363,19 @@ def number_publications(shards: list[dict], published: dict[str, int | None]) ->
 class ShardWriter:
     """Buffers rows and writes them as numbered shards of this rank; refreshes the manifest."""
 
-    def __init__(self, directory: Path | Folder, rank: int, world_size: int, rows_per_shard: int):
+    def __init__(
+        self,
+        directory: Path | Folder,
+        rank: int,
+        world_size: int,
+        rows_per_shard: int,
+        storage: Storage | None = None,
+        vocabulary: int = 0,
+    ):
+        """`storage` None: a classify dump, written in the schema-v1 layout."""
         self.folder = as_folder(directory)
+        self.storage = storage
+        self.vocabulary = vocabulary
         self.rank = rank
         self.world_size = world_size
         self.rows_per_shard = rows_per_shard
@@ -303,7 +392,9 @@ class ShardWriter:
         if not self.buffer:
             return None
         name = shard_name(self.rank, self.world_size, self.sequence)
-        entry = write_shard(self.folder.location_of(name), self.buffer, self.folder)
+        entry = write_shard(
+            self.folder.location_of(name), self.buffer, self.storage, self.vocabulary, self.folder
+        )
         self.sequence += 1
         self.buffer = []
         refresh_manifest(self.folder, [entry])

@@ -70,7 +70,8 @@ def engine(tiny_model):
             model=str(tiny_model),
             dtype="float32",
             max_model_len=512,
-            max_logprobs=ENGINE_TOP_K,
+            max_logprobs=2 * ENGINE_TOP_K,  # --store adaptive asks for k_max = 2 k
+            sampled_logprobs=False,
             tensor_parallel_size=1,
             gpu_memory_utilization=None,
             seed=0,
@@ -83,7 +84,8 @@ def engine(tiny_model):
 
 
 def dump_config(model: Path, data_path: Path, out: Path, **overrides):
-    """A DumpConfig for the tiny model, as the CLI would build it."""
+    """A DumpConfig for the tiny model, as the CLI would build it (exact top-k storage unless
+    `store` is given)."""
     from teacher_dump.config import DumpConfig
 
     values = dict(
@@ -91,6 +93,7 @@ def dump_config(model: Path, data_path: Path, out: Path, **overrides):
         data="gsm8k",
         data_path=str(data_path),
         out=str(out),
+        store="topk",
         top_k=ENGINE_TOP_K,
         max_new_tokens=12,
         dtype="float32",

@@ -122,8 +122,8 @@ def test_rerun_with_a_different_config_is_refused(tiny_model, gsm8k_file, engine
 
 
 def test_k_above_a_reused_engines_cap(tiny_model, gsm8k_file, engine, tmp_path):
-    message = dump_error(dump_config(tiny_model, gsm8k_file, tmp_path / "o", top_k=9), engine)
-    assert "above the engine's max_logprobs of 8" in message
+    message = dump_error(dump_config(tiny_model, gsm8k_file, tmp_path / "o", top_k=17), engine)
+    assert "asks the engine for 17 logprobs per position, above its max_logprobs of 16" in message
 
 
 def test_corrupt_shard_is_named_on_resume(tiny_model, gsm8k_file, engine, tmp_path):
@@ -142,7 +142,7 @@ def test_schema_version_mismatch_and_unsafe_shard_names(tmp_path):
 
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99, "shards": []}))
     with pytest.raises(
-        UserError, match="shard schema version 99 but this kd-shards reads version 1"
+        UserError, match="shard schema version 99 but this kd-shards reads versions 1 and 2"
     ):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(
@@ -165,6 +165,7 @@ def test_tokenizer_mismatch_names_both_fingerprints():
 
 
 def test_nan_or_inf_teacher_logprobs_are_refused():
+    from schemas.shard import Storage
     from teacher_dump.rows import make_row
 
     logprobs = np.full((2, 3), -1.0, dtype=np.float32)
@@ -179,6 +180,7 @@ def test_nan_or_inf_teacher_logprobs_are_refused():
             position_ids=np.array([[4, 4, 9], [5, 5, 9]]),
             position_logprobs=logprobs,
             tokenizer_size=100,
+            storage=Storage("topk", top_k=2),
             finish_reason="stop",
             prompt_text="",
             target_text="",

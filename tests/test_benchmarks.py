@@ -12,33 +12,6 @@ import numpy as np
 import pytest
 
 from scripts.bench import GROUPS, BenchConfig, run_bench, step_seconds
-from scripts.bench_measurements import decoding_kl
-
-
-def test_decoding_kl_matches_direct_computation():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(5, 50))
-    full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    top = -np.sort(-full, axis=-1)[:, :8]  # tails well above the trainer's 1e-3 noise level
-    assert np.allclose(decoding_kl(top, top), 0.0, atol=1e-12)
-    shifted = top - 0.01
-    p = np.concatenate([np.exp(top), 1 - np.exp(top).sum(-1, keepdims=True)], -1)
-    q = np.concatenate([np.exp(shifted), 1 - np.exp(shifted).sum(-1, keepdims=True)], -1)
-    assert np.allclose(decoding_kl(top, shifted), (p * np.log(p / q)).sum(-1), rtol=1e-9)
-    # renormalize: the tail is not an outcome
-    p_top, q_top = (
-        p[:, :-1] / p[:, :-1].sum(-1, keepdims=True),
-        q[:, :-1] / q[:, :-1].sum(-1, keepdims=True),
-    )
-    assert np.allclose(
-        decoding_kl(top, shifted, "renormalize"),
-        (p_top * np.log(p_top / q_top)).sum(-1),
-        atol=1e-12,
-    )
-    # A freed slot (-inf on both sides) contributes nothing.
-    padded = top.copy()
-    padded[:, -1] = -np.inf
-    assert np.allclose(decoding_kl(padded, padded), 0.0, atol=1e-12)
 
 
 def test_step_seconds_from_cumulative_throughput(tmp_path):
@@ -62,7 +35,9 @@ def test_bench_smoke_on_tiny_models(tiny_model, student_model, text_file, gsm8k_
         gsm8k=str(gsm8k_file),
         teacher=str(tiny_model),
         student=str(student_model),
-        chunk_tokens=64, windows=6, small_k=8, large_k=16, dump_prompts=4,
+        chunk_tokens=64, windows=6, eval_windows=2, small_k=4, middle_ks=(), large_k=8,
+        draws=(8,), storage_train_steps=1, storage_seeds=2, storage_trained=("topk-8", "sampled-8"),
+        dump_prompts=4,
         dump_max_new_tokens=8, repeats=2, train_steps=1, online_steps=1, loss_positions=128,
         loss_chunk_tokens=32, loader_copies=2, loader_buffer_rows=8, max_model_len=512,
         scale_windows=4, follow_windows=6, follow_rows_per_shard=2,
@@ -83,19 +58,33 @@ def test_bench_smoke_on_tiny_models(tiny_model, student_model, text_file, gsm8k_
         assert f"--only {group}" in table
 
     measurements = saved["measurements"]
-    for storage in measurements["engine"]["storage"]:
-        manifest = json.loads(
-            (
-                tmp_path / "bench" / "work" / f"shards-k{storage['top_k']}" / "manifest.json"
-            ).read_text()
-        )
-        assert storage["file_bytes"] == manifest["totals"]["bytes"]
-        assert sum(storage["column_bytes"].values()) <= storage["file_bytes"]
-        # every stored position was compared with the engine's original values
-        assert storage["compared_positions"] == manifest["totals"]["target_tokens"]
-        assert storage["max_abs_logprob_error"] <= 2.0**-11 + 1e-9
-        assert 0 <= storage["kl_mean"] < 1e-5
-    dump = measurements["engine"]["dump"]
+    table = measurements["storage_table"]
+    names = {"topk-4", "topk-8", "adaptive-parity-8", "adaptive-mass-0.9",
+             "adaptive-parity-8-no-codebook", "adaptive-parity-8-zstd19", "sampled-8"}  # fmt: skip
+    for dataset in ("wiki", "gsm8k"):
+        assert set(table[dataset]) == names
+        for name, record in table[dataset].items():
+            manifest = json.loads(
+                (tmp_path / "bench" / "work" / "storage" / dataset / name / "manifest.json")
+                .read_text()
+            )  # fmt: skip
+            assert manifest["storage"]["representation"] == record["kind"]
+            assert record["tokens"] == manifest["totals"]["target_tokens"] == record["positions"]
+            assert record["file_bytes"] == pytest.approx(
+                manifest["totals"]["bytes"] / record["tokens"]
+            )
+            assert record["bytes"] <= record["file_bytes"] and record["columns"]
+            assert record["neg_log_mass"] >= 0 and record["entries"] >= 1
+            assert (record["kl"] is None) == (record["kind"] == "sampled")
+    wiki = table["wiki"]
+    # exact top-8 and parity with it: parity holds by construction, on both figures
+    assert wiki["adaptive-parity-8"]["kl"] <= wiki["topk-8"]["kl"] + 1e-9
+    assert wiki["adaptive-parity-8"]["neg_log_mass"] <= wiki["topk-8"]["neg_log_mass"] + 1e-9
+    assert len(wiki["topk-8"]["train_kl"]) == 2 and len(wiki["sampled-8"]["train_kl"]) == 1
+    assert all(0 < record["speed_ratio"] <= 1 for record in wiki.values())
+    assert wiki["topk-8"]["loader_headroom"] > 0 and wiki["sampled-8"]["loader_headroom"] > 0
+    assert (tmp_path / "bench" / "storage.png").stat().st_size > 0
+    dump = measurements["engines"][0]["dump"]
     assert all(len(runs) == 2 for runs in dump["runs"].values())
     # same prompts and per-prompt seeds: the bare loops sample the same tokens
     bare_tokens = {

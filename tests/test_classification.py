@@ -126,6 +126,14 @@ def test_classify_dump_validates_and_equals_a_transformers_forward(class_shards,
     assert manifest["classify"]["backend"] == "transformers"
     assert manifest["classify"]["hidden"] == {"layer": -1, "pooling": "cls", "width": 64}
     assert manifest["top_k"] == 2 and validate(class_shards) == []
+    # Classify dumps keep schema v1's exact all-label layout, file metadata included.
+    import pyarrow.parquet as pq
+
+    from schemas.shard import schema_version_of
+
+    assert manifest["schema_version"] == 1 and "storage" not in manifest
+    for path in class_shards.glob("part-*.parquet"):
+        assert schema_version_of(pq.read_schema(path)) == 1
     rows = read_dump_rows(class_shards)
     expected, states = reference_log_probabilities(tiny_classifier, [text for text, _ in TEXTS])
     for row, (_, label), reference, state in zip(rows, TEXTS, expected, states, strict=True):

@@ -17,11 +17,20 @@ pytestmark = pytest.mark.engine
 
 
 def read_rows(directory: Path) -> dict[str, dict]:
+    """Every row's Parquet columns, plus topk_ids / topk_logprobs as the trainer's reader decodes
+    them (lists per position, PAD_ID / -inf after the stored entries)."""
+    from shared.shard_reader import iterate_rows, open_dump
+
+    dump = open_dump(directory, allow_incomplete=True)
+    decoded = {row.sample_id: row for row in iterate_rows(dump)}
     rows = {}
     for path in sorted(Path(directory).glob("part-*.parquet")):
         for row in pq.read_table(path).to_pylist():
             assert row["sample_id"] not in rows, f"duplicate sample_id {row['sample_id']}"
+            row["topk_ids"] = decoded[row["sample_id"]].topk_ids.tolist()
+            row["topk_logprobs"] = decoded[row["sample_id"]].topk_logprobs.tolist()
             rows[row["sample_id"]] = row
+    assert rows.keys() == decoded.keys()
     return rows
 
 
@@ -170,14 +179,16 @@ def test_shards_load_with_polars_pyarrow_and_datasets(tiny_model, gsm8k_file, en
     assert len(files) == 3
     frame = polars.read_parquet(files)
     assert frame.height == len(QUESTIONS)
-    assert frame["topk_ids"].list.len().sum() == frame["target_ids"].list.len().sum()
+    assert frame["kd_count"].list.len().sum() == frame["target_ids"].list.len().sum()
+    assert frame["kd_ids"].list.len().sum() == frame["kd_count"].list.sum().sum()
     table = pyarrow.dataset.dataset(files, format="parquet").to_table()
     assert table.num_rows == len(QUESTIONS)
     loaded = datasets.load_dataset(
         "parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf-cache")
     )
     assert len(loaded) == len(QUESTIONS)
-    assert len(loaded[0]["topk_ids"][0]) == ENGINE_TOP_K
+    assert len(loaded[0]["kd_count"]) == len(loaded[0]["target_ids"])
+    assert len(loaded[0]["kd_ids"]) == sum(loaded[0]["kd_count"])
 
 
 def test_two_ranks_write_the_same_rows_as_one_process(tiny_model, gsm8k_file, engine, tmp_path):
@@ -187,7 +198,7 @@ def test_two_ranks_write_the_same_rows_as_one_process(tiny_model, gsm8k_file, en
 
     arguments = [
         "--model", str(tiny_model), "--data", "gsm8k", "--data-path", str(gsm8k_file),
-        "--out", str(tmp_path / "split"), "--top-k", str(ENGINE_TOP_K), "--max-new-tokens", "12",
+        "--out", str(tmp_path / "split"), "--store", "topk", "--top-k", str(ENGINE_TOP_K), "--max-new-tokens", "12",
         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--temperature", "0",
         "--rows-per-shard", "2", "--no-progress", "--world-size", "2",
     ]  # fmt: skip
@@ -224,8 +235,9 @@ def test_cli_inspect_reports_and_validates(tiny_model, gsm8k_file, engine, tmp_p
     assert result.returncode == 0, result.stderr
     for expected in (
         "rows            12 of 12 expected (complete)",
-        "B per target token",
-        "top-k mass",
+        "B per target token: kd_count",
+        "storage         topk: exact top-8",
+        "captured mass",
         "reference 12",
         "valid",
     ):

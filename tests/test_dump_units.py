@@ -8,7 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from schemas.shard import LOGPROB_STEP, PAD_ID, SCHEMA, max_rounding_error, round_logprobs
+from schemas.shard import (
+    LOGPROB_STEP,
+    PAD_ID,
+    Storage,
+    max_rounding_error,
+    round_logprobs,
+    schema_version_of,
+    shard_schema,
+    storage_of,
+)
 from shared.tasks import TASKS, column_task
 from teacher_dump.rows import drop_padding_ids
 
@@ -109,6 +118,7 @@ def test_written_shard_follows_the_schema_and_its_manifest_entry(tmp_path):
             position_ids=np.array([[3, 3, 60], [4, 9, 4], [5, 70, 5]]),
             position_logprobs=np.log(np.array([[0.5, 0.5, 0.2], [0.1, 0.6, 0.1], [0.3, 0.4, 0.3]])),
             tokenizer_size=50,
+            storage=Storage("topk", top_k=2),
             finish_reason="stop",
             prompt_text="p",
             target_text="t",
@@ -117,16 +127,20 @@ def test_written_shard_follows_the_schema_and_its_manifest_entry(tmp_path):
         for index in range(3)
     ]
     path = tmp_path / "part-r00000-w00001-000000.parquet"
-    entry = write_shard(path, rows)
+    storage = Storage("topk", top_k=2)
+    entry = write_shard(path, rows, storage, 50)
     table = pq.read_table(path)
-    assert table.schema.equals(SCHEMA, check_metadata=False)
+    assert table.schema.equals(shard_schema(storage), check_metadata=False)
+    assert storage_of(table.schema) == storage and schema_version_of(table.schema) == 2
     assert entry == describe_shard(path)
     assert entry["sha256"] == sha256_of_file(path)
     assert (entry["rows"], entry["target_tokens"], entry["padded_topk_entries"]) == (3, 9, 6)
     first = table.slice(0, 1).to_pylist()[0]
-    assert first["topk_ids"] == [[3, -1], [9, 4], [5, -1]]
-    assert first["topk_logprobs"][1] == [
-        round_logprobs(np.log([0.6]))[0],
-        round_logprobs(np.log([0.1]))[0],
-    ]
+    # padding-row ids (60, 70) are left out: 1, 2, 1 entries in rank order
+    assert first["kd_count"] == [1, 2, 1]
+    assert first["kd_ids"] == [3, 9, 4, 5]
+    level = [round(-np.log(p) / LOGPROB_STEP) for p in (0.5, 0.6, 0.1, 0.3)]
+    assert first["kd_drops"] == [level[0], level[1], level[2] - level[1], level[3]]
+    # the tail: everything but the stored ids, on the 2^-6 grid of -ln(mass)
+    assert first["kd_tail"] == [round(-np.log(1 - p) * 64) for p in (0.5, 0.7, 0.3)]
     assert not list(tmp_path.glob(".tmp-*"))

@@ -43,17 +43,20 @@ def test_disk_full_during_a_shard_write_leaves_only_complete_shards(
 
     out = tmp_path / "out"
     config = dump_config(tiny_model, gsm8k_file, out, rows_per_shard=3, max_in_flight=2)
-    real_write_table = pq.write_table
+    from teacher_dump import shards
+
+    real_write_table = shards.write_table
     writes = []
 
-    def write_table_on_a_full_disk(table, where, **options):
+    def write_table_on_a_full_disk(where, table, footer, storage):
         writes.append(Path(where).name)
-        real_write_table(table, where, **options)
+        real_write_table(where, table, footer, storage)
         if len(writes) == 2:  # the second shard: part of it reaches the disk, then it is full
             Path(where).write_bytes(Path(where).read_bytes()[:1000])
             raise OSError(errno.ENOSPC, DISK_FULL)
 
-    monkeypatch.setattr(pq, "write_table", write_table_on_a_full_disk)
+    # The one function that writes a shard's Parquet file (teacher_dump.shards.write_shard).
+    monkeypatch.setattr(shards, "write_table", write_table_on_a_full_disk)
     with pytest.raises(UserError) as caught:
         run_dump(config, engine)
     message = str(caught.value)

@@ -428,15 +428,20 @@ def tiny_causal_lm():
 
 
 def synthetic_training_rows(count: int, vocabulary: int, top_k: int) -> list[TrainingRow]:
-    from tests.synthetic_dumps import synthetic_row
+    from schemas.shard import round_logprobs
+    from tests.synthetic_dumps import synthetic_arrays
 
     rng = np.random.default_rng(0)
     rows = []
     for index in range(count):
-        row = synthetic_row(index, rng, top_k=top_k, vocabulary=vocabulary)
+        row = synthetic_arrays(index, rng, top_k=top_k, vocabulary=vocabulary)
         rows.append(
             TrainingRow(
-                row.sample_id, row.prompt_ids, row.target_ids, row.topk_ids, row.topk_logprobs
+                row["sample_id"],
+                row["prompt_ids"],
+                row["target_ids"],
+                row["topk_ids"],
+                round_logprobs(row["topk_logprobs"]),
             )
         )
     return rows
@@ -455,14 +460,15 @@ def step_gradient(model, rows: list[TrainingRow], micro_batches: int, loss: str)
     size = len(rows) // micro_batches
     batches = [collate(rows[start : start + size]) for start in range(0, len(rows), size)]
     assert len(batches) == micro_batches
+    objective = LanguageModelObjective(
+        output_logits_function(model, 50),
+        LossOptions(loss, alpha=0.5, beta=0.5, temperature=1.0, tail="bucket"),
+        chunk_tokens=7,
+    )
     totals = accumulate_gradients(
         model,
         batches,
-        objective=LanguageModelObjective(
-            output_logits_function(model, 50),
-            LossOptions(loss, alpha=0.5, beta=0.5, temperature=1.0, tail="bucket"),
-            chunk_tokens=7,
-        ),
+        objective=objective,
         bf16=False,
         context=Distributed(rank=0, world_size=1, device=torch.device("cpu")),
     )

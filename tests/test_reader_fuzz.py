@@ -1,6 +1,10 @@
 """A fuzzed reader (issue 11, item 6): real teacher-dump shards, corrupted at random by hypothesis,
 must be refused by both readers with one line naming the shard.
 
+The shards are schema v2 with the exact `topk` representation (tests.conftest.dump_config): per
+row, kd_count and kd_tail hold one value per target position, kd_ids and kd_drops the entries
+of all positions end to end. (Schema-v1 value defects are tests/test_reader_checks.py's.)
+
 The two readers are student-train's loader (open_dump, then one streamed epoch: exactly what
 training reads) and `teacher-dump inspect --validate` (teacher_dump.inspect.validate). Each run
 copies the pristine dump, applies one corruption of one kind, and checks both. Content
@@ -26,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.shard import SCHEMA, max_rounding_error
+from schemas.shard import TAIL_EMPTY
 from shared.errors import UserError
 from shared.shard_reader import open_dump
 from student_train.shard_stream import ShardStream
@@ -96,14 +100,22 @@ def pick_shard(data, directory: Path) -> str:
 def edit_rows(directory: Path, name: str, edit) -> None:
     """Rewrite shard `name` with edit(rows) applied to its rows as Python lists; the manifest
     entry is made to agree with the new file."""
-    rows = pq.read_table(directory / name).to_pylist()
+    table = pq.read_table(directory / name)
+    rows = table.to_pylist()
     edit(rows)
-    rewrite_shard(directory, name, pa.Table.from_pylist(rows, schema=SCHEMA))
+    # The file's own schema, with its metadata (schema version, storage record).
+    rewrite_shard(directory, name, pa.Table.from_pylist(rows, schema=table.schema))
 
 
 def pick_position(data, rows: list[dict]) -> tuple[dict, int]:
     row = data.draw(st.sampled_from(rows))
     return row, data.draw(st.integers(0, len(row["target_ids"]) - 1))
+
+
+def entry_slots(row: dict, position: int) -> range:
+    """The indices in kd_ids / kd_drops of the entries of target position `position`."""
+    start = sum(row["kd_count"][:position])
+    return range(start, start + row["kd_count"][position])
 
 
 @FUZZ
@@ -136,8 +148,10 @@ WRONG_TYPES = {
     "prompt_ids": [pa.list_(pa.int64()), pa.large_list(pa.int32())],
     "target_ids": [pa.list_(pa.int64()), pa.list_(pa.float32())],
     "target_logprobs": [pa.list_(pa.float64())],
-    "topk_ids": [pa.list_(pa.list_(pa.int64())), pa.list_(pa.large_list(pa.int32()))],
-    "topk_logprobs": [pa.list_(pa.list_(pa.float64()))],
+    "kd_count": [pa.list_(pa.int64()), pa.large_list(pa.int32())],
+    "kd_ids": [pa.list_(pa.int64()), pa.list_(pa.float32())],
+    "kd_drops": [pa.list_(pa.float64())],
+    "kd_tail": [pa.list_(pa.int64())],
     "finish_reason": [pa.large_string()],
 }
 
@@ -157,35 +171,62 @@ def test_wrong_column_types(pristine, data):
 
 
 @FUZZ
-@given(
-    data=st.data(),
-    column=st.sampled_from(["target_logprobs", "topk_logprobs"]),
-    value=st.sampled_from([math.nan, math.inf, 0.5, 3e38]),
-)
-def test_non_finite_or_positive_logprobs(pristine, data, column, value):
+@given(data=st.data(), value=st.sampled_from([math.nan, math.inf, 0.5, 3e38]))
+def test_non_finite_or_positive_logprobs(pristine, data, value):
+    # The only float column of a v2 shard; the distribution columns are integers (below).
     directory = fresh_copy(pristine)
     name = pick_shard(data, directory)
 
     def edit(rows):
         row, position = pick_position(data, rows)
-        if column == "target_logprobs":
-            row[column][position] = value
-        else:
-            row[column][position][data.draw(st.integers(0, len(row[column][position]) - 1))] = value
+        row["target_logprobs"][position] = value
 
     edit_rows(directory, name, edit)
     assert_refused_by_both(directory, name, "NaN/+inf/positive logprob")
 
 
+INTEGER_EDITS = {
+    "negative first drop (a positive logprob)": ("kd_drops", "first", [-1, -1000]),
+    "negative later drop (values out of rank order)": ("kd_drops", "later", [-1, -(2**31)]),
+    "negative tail level": ("kd_tail", "position", [-1, -(2**31)]),
+    "tail level beyond 65535": ("kd_tail", "position", [TAIL_EMPTY + 1, 2**31 - 1]),
+    "zero or negative count": ("kd_count", "position", [0, -1]),
+}
+
+
+@FUZZ
+@given(data=st.data(), edit_name=st.sampled_from(sorted(INTEGER_EDITS)))
+def test_distribution_values_out_of_their_range(pristine, data, edit_name):
+    # What a NaN or a positive logprob is for a float column: integers no writer produces.
+    directory = fresh_copy(pristine)
+    name = pick_shard(data, directory)
+    column, where, values = INTEGER_EDITS[edit_name]
+
+    def edit(rows):
+        candidates = [
+            (row, position)
+            for row in rows
+            for position in range(len(row["target_ids"]))
+            if where != "later" or row["kd_count"][position] > 1
+        ]
+        row, position = data.draw(st.sampled_from(candidates))
+        slots = entry_slots(row, position)
+        index = {"first": slots.start, "later": slots.start + 1, "position": position}[where]
+        row[column][index] = data.draw(st.sampled_from(values))
+
+    edit_rows(directory, name, edit)
+    assert_refused_by_both(directory, name, "distribution value out of range")
+
+
 @FUZZ
 @given(
     data=st.data(),
-    column=st.sampled_from(["prompt_ids", "target_ids", "topk_ids"]),
+    column=st.sampled_from(["prompt_ids", "target_ids", "kd_ids"]),
     value=st.sampled_from([500, 511, 512, 10**6, -2, -1, -(2**31)]),
 )
 def test_ids_out_of_range(pristine, data, column, value):
-    # 500 = len(tokenizer); 500..511 are the tiny model's padded embedding rows; -1 is the PAD
-    # marker, valid only in a top-k slot whose logprob is -inf.
+    # 500 = len(tokenizer); 500..511 are the tiny model's padded embedding rows; -1 (the PAD
+    # marker of decoded arrays) is never a stored id: positions hold fewer entries instead.
     directory = fresh_copy(pristine)
     name = pick_shard(data, directory)
 
@@ -196,10 +237,7 @@ def test_ids_out_of_range(pristine, data, column, value):
         elif column == "target_ids":
             row[column][position] = value
         else:
-            slot = data.draw(st.integers(0, len(row[column][position]) - 1))
-            if value == -1 and row["topk_logprobs"][position][slot] == -math.inf:
-                slot = 0  # the first slot is always real: a PAD id there is out of place
-            row[column][position][slot] = value
+            row[column][data.draw(st.sampled_from(entry_slots(row, position)))] = value
 
     edit_rows(directory, name, edit)
     assert_refused_by_both(directory, name, "id out of range")
@@ -207,37 +245,37 @@ def test_ids_out_of_range(pristine, data, column, value):
 
 @FUZZ
 @given(data=st.data())
-def test_unsorted_logprobs(pristine, data):
+def test_an_id_twice_at_one_position(pristine, data):
     directory = fresh_copy(pristine)
     name = pick_shard(data, directory)
 
     def edit(rows):
-        # Swap a pair of real slots (id with its logprob) that differ by more than rounding.
         candidates = [
-            (row, position, first, second)
+            (row, position)
             for row in rows
-            for position, values in enumerate(row["topk_logprobs"])
-            for first in range(len(values))
-            for second in range(first + 1, len(values))
-            if values[second] > -math.inf
-            and values[first] - values[second] > 2 * max_rounding_error()
+            for position in range(len(row["target_ids"]))
+            if row["kd_count"][position] > 1
         ]
-        row, position, first, second = data.draw(st.sampled_from(candidates))
-        for column in ("topk_ids", "topk_logprobs"):
-            slots = row[column][position]
-            slots[first], slots[second] = slots[second], slots[first]
+        row, position = data.draw(st.sampled_from(candidates))
+        slots = entry_slots(row, position)
+        first, second = data.draw(
+            st.lists(st.sampled_from(slots), min_size=2, max_size=2, unique=True)
+        )
+        row["kd_ids"][second] = row["kd_ids"][first]
 
     edit_rows(directory, name, edit)
-    assert_refused_by_both(directory, name, "unsorted logprobs")
+    assert_refused_by_both(directory, name, "an id twice at one position")
 
 
 LENGTH_EDITS = [
-    "drop a top-k list",
-    "drop a top-k entry",
-    "add a top-k entry",
+    "drop a per-position count",
+    "drop an entry's id",
+    "drop an entry's drop",
+    "add an entry",
+    "count one entry more",
     "drop a target id",
     "add a target logprob",
-    "drop a top-k logprob list",
+    "drop a per-position tail",
 ]
 
 
@@ -249,20 +287,24 @@ def test_mismatched_list_lengths(pristine, data, edit_name):
 
     def edit(rows):
         row, position = pick_position(data, rows)
-        if edit_name == "drop a top-k list":
-            row["topk_ids"].pop(position)
-        elif edit_name == "drop a top-k entry":
-            column = data.draw(st.sampled_from(["topk_ids", "topk_logprobs"]))
-            row[column][position].pop()
-        elif edit_name == "add a top-k entry":
-            row["topk_ids"][position].append(7)
-            row["topk_logprobs"][position].append(-30.0)
+        slot = data.draw(st.sampled_from(entry_slots(row, position)))
+        if edit_name == "drop a per-position count":
+            row["kd_count"].pop(position)
+        elif edit_name == "drop an entry's id":
+            row["kd_ids"].pop(slot)
+        elif edit_name == "drop an entry's drop":
+            row["kd_drops"].pop(slot)
+        elif edit_name == "add an entry":
+            row["kd_ids"].insert(slot, 7)
+            row["kd_drops"].insert(slot, 3)
+        elif edit_name == "count one entry more":
+            row["kd_count"][position] += 1
         elif edit_name == "drop a target id":
             row["target_ids"].pop(position)
         elif edit_name == "add a target logprob":
             row["target_logprobs"].insert(position, -1.0)
         else:
-            row["topk_logprobs"].pop(position)
+            row["kd_tail"].pop(position)
 
     edit_rows(directory, name, edit)
     assert_refused_by_both(directory, name, "mismatched list lengths")
@@ -320,7 +362,7 @@ def test_the_commands_refuse_a_fuzzed_dump_in_one_line(pristine, student_model):
     name = manifest_of(directory)["shards"][2]["name"]
 
     def edit(rows):
-        rows[5]["topk_logprobs"][40][3] = math.nan
+        rows[5]["target_logprobs"][40] = math.nan
 
     edit_rows(directory, name, edit)
     inspected = subprocess.run(
@@ -330,7 +372,7 @@ def test_the_commands_refuse_a_fuzzed_dump_in_one_line(pristine, student_model):
         text=True,
     )
     assert inspected.returncode == 1, inspected.stdout + inspected.stderr
-    assert f"INVALID {name}: top-k logprobs contain NaN" in inspected.stdout
+    assert f"INVALID {name}: target logprobs contain NaN" in inspected.stdout
     out = directory.parent / "run"
     trained = subprocess.run(
         [
