@@ -123,6 +123,10 @@ class BenchConfig:
     """Repeats of each scale-group run (each starts one or two engines: minutes apiece)."""
     scale_windows: int = 64
     """Text windows of the Ray dumps (1 and 2 workers) of the scale group."""
+    ray_dumps: bool = True
+    """Run the scale group's Ray dumps (local, 1 and 2 workers); false keeps its follow-lag run
+    only (make test's smoke: the Ray executor has its own tests, tests/test_ray_dump.py, and
+    each Ray run costs minutes of engine and cluster start-up on 2 cores)."""
     follow_windows: int = 48
     """Text windows of the dump that student-train --follow trains on (scale group)."""
     follow_rows_per_shard: int = 8
@@ -194,13 +198,17 @@ def run_process(command: list[str], log: Path) -> tuple[int, float]:
 
 def measurement(name: str, log: Path, **arguments) -> dict:
     """Run one measurement of scripts.bench_measurements in a fresh process."""
-    command = [sys.executable, "-m", "scripts.bench_measurements", name, json.dumps(arguments)]
+    result_file = log.with_suffix(".result.json")
+    result_file.unlink(missing_ok=True)
+    command = [
+        sys.executable, "-m", "scripts.bench_measurements", name, json.dumps(arguments),
+        str(result_file),
+    ]  # fmt: skip
     code, peak = run_process(command, log)
-    lines = log.read_text(errors="replace").strip().splitlines()
-    if code != 0 or not lines:
-        tail = "\n".join(lines[-30:])
+    if code != 0 or not result_file.is_file():
+        tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-30:])
         raise RuntimeError(f"benchmark measurement {name} failed (exit {code}):\n{tail}")
-    result = json.loads(lines[-1])
+    result = json.loads(result_file.read_text())
     result["process_peak_rss_mb"] = peak
     return result
 
@@ -524,6 +532,8 @@ def ray_dump_runs(config: BenchConfig, teacher: Path, text: Path, work: Path) ->
     """The same text dump by the local executor and by Ray with 1 and 2 workers: target tokens
     and wall seconds of the whole command (start-up and engine starts included)."""
     runs: dict[str, list[dict]] = {"local": [], "ray-1": [], "ray-2": []}
+    if not config.ray_dumps:
+        return {}
     for repeat in range(config.scale_repeats):
         for name in runs:
             out = work / f"scale-{name}-{repeat}"
@@ -589,31 +599,35 @@ def follow_lag_run(config: BenchConfig, teacher: Path, student: Path, text: Path
     return {"lags": lags, "step_seconds": seconds, "shards": len(published)}
 
 
+def ray_row(config: BenchConfig, two: list[float], one: list[float], local: list[float]) -> Row:
+    """The Ray row of the scale group from whole-command target tokens/s of each run."""
+    cores = os.cpu_count()
+    return Row(
+        "scale",
+        f"teacher-dump --executor ray, 2 workers ÷ 1 worker, target tokens/s over the whole "
+        f"command (start-up and engine starts included); {config.scale_windows} windows of "
+        f"{config.chunk_tokens} tokens, text mode, k={config.small_k}, {cores} CPU cores",
+        f"2 workers {statistics.median(two):,.0f}, 1 worker {statistics.median(one):,.0f}, "
+        f"local executor {statistics.median(local):,.0f} tok/s",
+        spread([a / b for a, b in zip(two, one, strict=True)]),
+        "—",
+        None,
+        f"each vLLM CPU engine uses every core, so on {cores} cores two engines share them; "
+        "more workers pay only where each gets its own GPU (or cores)",
+    )
+
+
 def scale_rows(config: BenchConfig, scale: dict) -> list[Row]:
     runs = scale["ray"]
 
     def speeds(name: str) -> list[float]:
         return [run["tokens"] / run["seconds"] for run in runs[name]]
 
-    two, one, local = speeds("ray-2"), speeds("ray-1"), speeds("local")
     lags = [lag for run in scale["follow"] for lag in run["lags"]]
     steps = [step for run in scale["follow"] for step in run["step_seconds"]]
     firsts = [run["lags"][0] for run in scale["follow"]]
-    cores = os.cpu_count()
-    return [
-        Row(
-            "scale",
-            f"teacher-dump --executor ray, 2 workers ÷ 1 worker, target tokens/s over the whole "
-            f"command (start-up and engine starts included); {config.scale_windows} windows of "
-            f"{config.chunk_tokens} tokens, text mode, k={config.small_k}, {cores} CPU cores",
-            f"2 workers {statistics.median(two):,.0f}, 1 worker {statistics.median(one):,.0f}, "
-            f"local executor {statistics.median(local):,.0f} tok/s",
-            spread([a / b for a, b in zip(two, one, strict=True)]),
-            "—",
-            None,
-            f"each vLLM CPU engine uses every core, so on {cores} cores two engines share them; "
-            "more workers pay only where each gets its own GPU (or cores)",
-        ),
+    rows = [ray_row(config, speeds("ray-2"), speeds("ray-1"), speeds("local"))] if runs else []
+    return rows + [
         Row(
             "scale",
             f"student-train --follow lag: from a shard's publication in the manifest to the end "

@@ -1,8 +1,8 @@
 """The measurements behind `make bench`, each run in a fresh Python process.
 
 `scripts.bench` starts one process per measurement (`python -m scripts.bench_measurements
-NAME JSON`), so that every peak RSS belongs to one configuration alone, and reads the JSON line
-it prints. Nothing here decides pass or miss: these functions only measure.
+NAME JSON RESULT_FILE`), so that every peak RSS belongs to one configuration alone, and reads
+the JSON it writes to RESULT_FILE. Nothing here decides pass or miss: these functions only measure.
 """
 
 from __future__ import annotations
@@ -640,5 +640,7 @@ MEASUREMENTS = {
 
 
 if __name__ == "__main__":
-    name, arguments = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps(MEASUREMENTS[name](**arguments)))
+    # The result goes to its own file: whatever the engine's processes print at exit (leaked
+    # semaphore warnings, say) cannot be mistaken for it.
+    name, arguments, result_file = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    result_file.write_text(json.dumps(MEASUREMENTS[name](**arguments)))

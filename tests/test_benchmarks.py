@@ -40,7 +40,7 @@ def test_bench_smoke_on_tiny_models(tiny_model, student_model, text_file, gsm8k_
         dump_prompts=4,
         dump_max_new_tokens=8, repeats=2, train_steps=1, online_steps=1, loss_positions=128,
         loss_chunk_tokens=32, loader_copies=2, loader_buffer_rows=8, max_model_len=512,
-        scale_windows=4, follow_windows=6, follow_rows_per_shard=2,
+        scale_windows=4, follow_windows=6, follow_rows_per_shard=2, ray_dumps=False,
     )  # fmt: skip
     report = run_bench(config)
 
@@ -101,11 +101,29 @@ def test_bench_smoke_on_tiny_models(tiny_model, student_model, text_file, gsm8k_
     assert loader["10x"][0]["rows"] == 2 * loader["1x"][0]["rows"]
     assert loader["1x"][0]["rows"] >= 2 * 8  # 1x holds two shuffle windows
     scale = measurements["scale"]
-    # The same dump whoever runs it: every executor wrote every window's target tokens.
-    assert len({run["tokens"] for runs in scale["ray"].values() for run in runs}) == 1
+    assert scale["ray"] == {}  # ray_dumps=False: the follow-lag run only
     follow = scale["follow"][0]
     assert follow["shards"] == 3 and len(follow["lags"]) == 3
     assert all(lag > 0 for lag in follow["lags"])  # a shard is trained on after it is published
+
+
+def test_scale_rows_compare_two_ray_workers_with_one():
+    # The Ray row from whole-command runs (the smoke above skips the Ray dumps): tokens/s of
+    # each executor and the 2 ÷ 1 ratio per repeat.
+    from scripts.bench import scale_rows
+
+    def runs(*seconds):
+        return [{"tokens": 600, "seconds": value, "peak_rss_mb": 1.0} for value in seconds]
+
+    scale = {
+        "ray": {"local": runs(10.0, 12.0), "ray-1": runs(6.0, 5.0), "ray-2": runs(3.0, 4.0)},
+        "follow": [{"lags": [1.0, 3.0, 2.0], "step_seconds": [0.5, 0.7], "shards": 3}],
+    }
+    ray, follow = scale_rows(BenchConfig(), scale)
+    assert "2 workers 175, 1 worker 110, local executor 55 tok/s" in ray.result
+    assert ray.ratio == {"median": 1.625, "min": 1.25, "max": 2.0, "repeats": 2}
+    assert "first shard 1.0 s, median 2.0 s, max 3.0 s over 3 shards" in follow.result
+    assert [row.group for row in scale_rows(BenchConfig(), {**scale, "ray": {}})] == ["scale"]
 
 
 def test_bench_refuses_missing_data(tmp_path):

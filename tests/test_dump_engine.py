@@ -192,25 +192,24 @@ def test_shards_load_with_polars_pyarrow_and_datasets(tiny_model, gsm8k_file, en
 
 
 def test_two_ranks_write_the_same_rows_as_one_process(tiny_model, gsm8k_file, engine, tmp_path):
-    """Acceptance 4: --world-size 2 as two concurrent processes equals one process."""
+    """Acceptance 4: --world-size 2 as two concurrent processes equals one process. Rank 1 is
+    the CLI in its own process; rank 0 runs meanwhile in this one, on the session's engine (one
+    engine start fewer), both publishing into the same manifest."""
     from teacher_dump.inspect import validate
     from teacher_dump.run import run_dump
 
     arguments = [
         "--model", str(tiny_model), "--data", "gsm8k", "--data-path", str(gsm8k_file),
-        "--out", str(tmp_path / "split"), "--store", "topk", "--top-k", str(ENGINE_TOP_K), "--max-new-tokens", "12",
-        "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--temperature", "0",
-        "--rows-per-shard", "2", "--no-progress", "--world-size", "2",
+        "--out", str(tmp_path / "split"), "--store", "topk", "--top-k", str(ENGINE_TOP_K),
+        "--max-new-tokens", "12", "--dtype", "float32", "--max-model-len", "512",
+        "--enforce-eager", "--temperature", "0", "--rows-per-shard", "2", "--no-progress",
+        "--world-size", "2", "--rank", "1",
     ]  # fmt: skip
-    processes = [
-        subprocess.Popen(
-            cli_command(*arguments, "--rank", str(rank)), cwd=REPO, stderr=subprocess.PIPE
-        )
-        for rank in (0, 1)
-    ]
-    for process in processes:
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr.decode()[-2000:]
+    process = subprocess.Popen(cli_command(*arguments), cwd=REPO, stderr=subprocess.PIPE)
+    split = dict(temperature=0.0, rows_per_shard=2, world_size=2)
+    run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "split", rank=0, **split), engine)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr.decode()[-2000:]
     run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "single", temperature=0.0), engine)
     split, single = read_rows(tmp_path / "split"), read_rows(tmp_path / "single")
     assert set(split) == set(single)
