@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -56,6 +57,9 @@ from teacher_dump.shards import (
     exclusive_writer,
     refresh_manifest,
 )
+
+if TYPE_CHECKING:  # shared.engine imports vllm where it starts an engine
+    from shared.engine import TeacherEngine
 
 
 def identity_of(config: DumpConfig) -> dict:
@@ -153,91 +157,110 @@ def prepare(config: DumpConfig) -> PreparedDump:
     return PreparedDump(model, tokenizer, records, requests, skipped, use_template, context)
 
 
-def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
-    """Everything the manifest records about the dump, except its shards."""
-    model, tokenizer, records = prepared.model, prepared.tokenizer, prepared.records
-    requests = prepared.requests
-    identity = identity_of(config)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    identity_blob = json.dumps(
+def dump_identity(config: DumpConfig, prepared: PreparedDump) -> str:
+    """sha256 of what makes the dump what it is: its identity fields, weights, data, tokenizer."""
+    blob = json.dumps(
         {
-            "config": identity,
-            "weights": model.weights_fingerprint,
-            "data": records.fingerprint,
-            "tokenizer": fingerprint,
+            "config": identity_of(config),
+            "weights": prepared.model.weights_fingerprint,
+            "data": prepared.records.fingerprint,
+            "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
         },
         sort_keys=True,
     )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def teacher_section(config: DumpConfig, prepared: PreparedDump) -> dict:
+    """The manifest's teacher: the model as resolved; `dtype` (what ran) is filled in once the
+    engine has started."""
+    model = prepared.model
+    return {
+        "model": config.model,
+        "directory": str(model.directory),
+        "revision": model.revision,
+        "weights_fingerprint": model.weights_fingerprint,
+        "architectures": model.config.get("architectures"),
+        "embedding_rows": model.config.get("vocab_size"),
+        "checkpoint_dtype": checkpoint_dtype(model.config),
+        "dtype_requested": config.dtype,
+        "dtype": None,
+        "context": prepared.context,
+    }
+
+
+def logprobs_section(config: DumpConfig, classify: bool) -> dict:
+    """What the stored values mean."""
+    if classify:
+        return {
+            "mode": "raw_logprobs",
+            "meaning": "natural-log probabilities over all labels (temperature 1)",
+            "rounding_step": LOGPROB_STEP,
+        }
+    return {
+        "mode": "raw_logprobs",
+        "meaning": "natural-log probabilities of the raw logits (temperature 1, no top-p/top-k)",
+        "engine_logprobs": config.engine_logprobs,
+        "drawn": config.store == "sampled",
+        "target_rounding_step": LOGPROB_STEP,
+        "padding_ids": "ids >= tokenizer.size are never stored; their mass is part of the tail",
+    }
+
+
+def sampling_section(config: DumpConfig) -> dict | None:
+    """How generate mode sampled the completions (None in the other modes)."""
+    if config.mode != "generate":
+        return None
+    return {
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "max_new_tokens": config.max_new_tokens,
+        "num_samples": config.num_samples,
+        "seed": config.seed,
+        "per_prompt_seed": "blake2b('<seed>:<source_index>') & 0x7fffffff",
+    }
+
+
+def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
+    """Everything the manifest records about the dump, except its shards."""
+    tokenizer, records, plan = prepared.tokenizer, prepared.records, prepared.classification
     samples_per_prompt = config.num_samples if config.mode == "generate" else 1
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    plan = prepared.classification
+    # The most entries a position holds: every label (classify), the draws (sampled).
+    most_entries = (
+        len(plan.labels)
+        if plan is not None
+        else config.draws
+        if config.store == "sampled"
+        else config.top_k
+    )
     header = {
         # Classify dumps keep schema v1's exact all-label layout (schemas.shard).
         "schema_version": SCHEMA_VERSION if plan is None else CLASSIFY_SCHEMA_VERSION,
         "kind": "kd-shards teacher dump",
-        "identity": hashlib.sha256(identity_blob.encode()).hexdigest(),
+        "identity": dump_identity(config, prepared),
         "created": now,
         "updated": now,
         "mode": config.mode,
-        "teacher": {
-            "model": config.model,
-            "directory": str(model.directory),
-            "revision": model.revision,
-            "weights_fingerprint": model.weights_fingerprint,
-            "architectures": model.config.get("architectures"),
-            "embedding_rows": model.config.get("vocab_size"),
-            "checkpoint_dtype": checkpoint_dtype(model.config),
-            "dtype_requested": config.dtype,
-            "dtype": None,
-            "context": prepared.context,
-        },
+        "teacher": teacher_section(config, prepared),
         "tokenizer": {
-            "fingerprint": fingerprint,
+            "fingerprint": tokenizer_fingerprint(tokenizer),
             "size": len(tokenizer),
-            "stop_token_ids": stop_token_ids(tokenizer, model.directory),
+            "stop_token_ids": stop_token_ids(tokenizer, prepared.model.directory),
             "chat_template_used": prepared.use_template,
         },
-        # The most entries a position holds: every label (classify), the draws (sampled).
-        "top_k": (
-            len(plan.labels)
-            if plan is not None
-            else config.draws
-            if config.store == "sampled"
-            else config.top_k
-        ),
-        "logprobs": {
-            "mode": "raw_logprobs",
-            "meaning": "natural-log probabilities of the raw logits (temperature 1, no top-p/top-k)",
-            "engine_logprobs": config.engine_logprobs,
-            "drawn": config.store == "sampled",
-            "target_rounding_step": LOGPROB_STEP,
-            "padding_ids": "ids >= tokenizer.size are never stored; their mass is part of the tail",
-        }
-        if plan is None
-        else {
-            "mode": "raw_logprobs",
-            "meaning": "natural-log probabilities over all labels (temperature 1)",
-            "rounding_step": LOGPROB_STEP,
-        },
-        "sampling": {
-            "temperature": config.temperature,
-            "top_p": config.top_p,
-            "max_new_tokens": config.max_new_tokens,
-            "num_samples": samples_per_prompt,
-            "seed": config.seed,
-            "per_prompt_seed": "blake2b('<seed>:<source_index>') & 0x7fffffff",
-        }
-        if config.mode == "generate"
-        else None,
+        "top_k": most_entries,
+        "logprobs": logprobs_section(config, classify=plan is not None),
+        "sampling": sampling_section(config),
         "engine": {"name": "vllm", "version": None, "platform": None},
         "data": {
             "task": config.data,
             "source": records.source,
             "fingerprint": records.fingerprint,
             "split": config.split,
-            "prompts": len(requests),
+            "prompts": len(prepared.requests),
             "skipped_too_long": prepared.skipped,
-            "expected_rows": len(requests) * samples_per_prompt,
+            "expected_rows": len(prepared.requests) * samples_per_prompt,
         },
         "config": config_to_dict(config),
         "shards": [],
@@ -387,86 +410,103 @@ def dump_remaining(
     todo = [request for request in mine if request.source_index not in done]
     refresh_manifest(directory, [])
     written_tokens, dump_seconds = 0, 0.0
-    if todo and prepared.classification is not None:
-        own_engine = engine is None
-        plan = prepared.classification
-        if engine is None:
-            engine = (
-                build_classifier_engine(config, prepared.model, prepared.context)
-                if plan.teacher_kind == "classifier"
-                else build_engine(config, prepared.model)
-            )
-        entry, classify_updates = engine_record(engine, plan)
-        update_manifest(directory, {"engine": entry}, classify_updates, engine.dtype)
+    if todo:
         dump_started = time.perf_counter()
-        writer = ShardWriter(directory, config.rank, config.world_size, config.rows_per_shard)
-        try:
-            statistics = dump_classification(
-                config, engine, plan, todo, total=len(mine), writer=writer
-            )
-        finally:
-            if own_engine:
-                engine.close()
-        dump_seconds = time.perf_counter() - dump_started
-        written_tokens = statistics["rows"]
-        record_classification_statistics(directory, statistics, plan)
-    elif todo and config.executor == "ray":
-        from teacher_dump.ray_dump import ray_results
-
-        stored_dtype = checkpoint_dtype(prepared.model.config)
-        dump_started = time.perf_counter()
-        results = ray_results(
-            config,
-            prepared.model.directory,
-            todo,
-            on_engine=lambda description: record_engine(directory, description, stored_dtype),
-        )
-        written_tokens = write_results(
-            config,
-            results,
-            total=len(mine),
-            todo=len(todo),
-            directory=directory,
-            vocabulary=len(prepared.tokenizer),
-        )
-        dump_seconds = time.perf_counter() - dump_started
-    elif todo:
-        own_engine = engine is None
-        engine = engine or build_engine(config, prepared.model)
-        if engine.settings.max_logprobs < config.engine_logprobs:
-            raise UserError(
-                f"--store {config.store} asks the engine for {config.engine_logprobs} logprobs "
-                f"per position, above its max_logprobs of {engine.settings.max_logprobs}: build "
-                "the engine with max_logprobs >= that"
-            )
-        wanted = config.store == "sampled"
-        if engine.settings.sampled_logprobs != wanted:
-            raise UserError(
-                f"--store {config.store} needs an engine with sampled_logprobs={wanted}, this "
-                f"one has {engine.settings.sampled_logprobs}: build one for this --store"
-            )
-        stored_dtype = checkpoint_dtype(prepared.model.config)
-        record_engine(directory, engine_description(engine), stored_dtype)
-        dump_started = time.perf_counter()
-        try:
-            results = engine_results(config, engine, prepared.tokenizer, todo)
-            written_tokens = write_results(
-                config,
-                results,
-                total=len(mine),
-                todo=len(todo),
-                directory=directory,
-                vocabulary=len(prepared.tokenizer),
-            )
-        finally:
-            if own_engine:
-                engine.close()
+        if prepared.classification is not None:
+            dump = dump_classification_prompts
+        elif config.executor == "ray":
+            dump = dump_on_ray
+        else:
+            dump = dump_on_engine
+        written_tokens = dump(config, prepared, directory, engine, todo, total=len(mine))
         dump_seconds = time.perf_counter() - dump_started
     manifest = refresh_manifest(directory, [])
     print_summary(
         config, manifest, len(todo), written_tokens, dump_seconds, time.perf_counter() - started
     )
     return manifest
+
+
+def dump_classification_prompts(
+    config: DumpConfig, prepared: PreparedDump, directory: Folder, engine, todo, *, total: int
+) -> int:
+    """Classify mode: label distributions of `todo` into shards; returns the rows written."""
+    plan = prepared.classification
+    own_engine = engine is None
+    if engine is None:
+        engine = (
+            build_classifier_engine(config, prepared.model, prepared.context)
+            if plan.teacher_kind == "classifier"
+            else build_engine(config, prepared.model)
+        )
+    entry, classify_updates = engine_record(engine, plan)
+    update_manifest(directory, {"engine": entry}, classify_updates, engine.dtype)
+    writer = ShardWriter(directory, config.rank, config.world_size, config.rows_per_shard)
+    try:
+        statistics = dump_classification(config, engine, plan, todo, total=total, writer=writer)
+    finally:
+        if own_engine:
+            engine.close()
+    record_classification_statistics(directory, statistics, plan)
+    return statistics["rows"]
+
+
+def dump_on_ray(
+    config: DumpConfig, prepared: PreparedDump, directory: Folder, engine, todo, *, total: int
+) -> int:
+    """--executor ray: `todo` through Ray's vLLM actors into this process's shards; returns the
+    target tokens written. (`engine` is unused: every actor starts its own.)"""
+    from teacher_dump.ray_dump import ray_results
+
+    stored_dtype = checkpoint_dtype(prepared.model.config)
+    results = ray_results(
+        config,
+        prepared.model.directory,
+        todo,
+        on_engine=lambda description: record_engine(directory, description, stored_dtype),
+    )
+    return write_results(
+        config, results, total=total, todo=len(todo), directory=directory,
+        vocabulary=len(prepared.tokenizer),
+    )  # fmt: skip
+
+
+def check_engine_fits(config: DumpConfig, engine: TeacherEngine) -> None:
+    """A reused engine must give what --store asks of it."""
+    if engine.settings.max_logprobs < config.engine_logprobs:
+        raise UserError(
+            f"--store {config.store} asks the engine for {config.engine_logprobs} logprobs "
+            f"per position, above its max_logprobs of {engine.settings.max_logprobs}: build "
+            "the engine with max_logprobs >= that"
+        )
+    wanted = config.store == "sampled"
+    if engine.settings.sampled_logprobs != wanted:
+        raise UserError(
+            f"--store {config.store} needs an engine with sampled_logprobs={wanted}, this "
+            f"one has {engine.settings.sampled_logprobs}: build one for this --store"
+        )
+
+
+def dump_on_engine(
+    config: DumpConfig, prepared: PreparedDump, directory: Folder, engine, todo, *, total: int
+) -> int:
+    """The local executor: `todo` through one engine (`engine`, or one started here) into
+    shards; returns the target tokens written."""
+    own_engine = engine is None
+    engine = engine or build_engine(config, prepared.model)
+    try:
+        check_engine_fits(config, engine)
+        record_engine(
+            directory, engine_description(engine), checkpoint_dtype(prepared.model.config)
+        )
+        results = engine_results(config, engine, prepared.tokenizer, todo)
+        return write_results(
+            config, results, total=total, todo=len(todo), directory=directory,
+            vocabulary=len(prepared.tokenizer),
+        )  # fmt: skip
+    finally:
+        if own_engine:
+            engine.close()
 
 
 def build_engine(config: DumpConfig, model: ResolvedModel):
