@@ -134,6 +134,22 @@ def nested_list(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(outer), inner_lists)
 
 
+def row_columns(rows: list[ShardRow]) -> dict[str, pa.Array]:
+    """The columns every token row has, whatever the storage (schemas/shard.py)."""
+    return {
+        "sample_id": pa.array([row.sample_id for row in rows], pa.string()),
+        "source_index": pa.array([row.source_index for row in rows], pa.int64()),
+        "completion_index": pa.array([row.completion_index for row in rows], pa.int32()),
+        "prompt_ids": flat_list([row.prompt_ids for row in rows], pa.int32()),
+        "target_ids": flat_list([row.target_ids for row in rows], pa.int32()),
+        "target_logprobs": flat_list([row.target_logprobs for row in rows], pa.float32()),
+        "finish_reason": pa.array([row.finish_reason for row in rows], pa.string()),
+        "prompt_text": pa.array([row.prompt_text for row in rows], pa.string()),
+        "target_text": pa.array([row.target_text for row in rows], pa.string()),
+        "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
+    }
+
+
 def rows_to_table(
     rows: list[ShardRow], storage: Storage | None, vocabulary: int
 ) -> tuple[pa.Table, dict[bytes, bytes]]:
@@ -146,18 +162,7 @@ def rows_to_table(
         if storage is not None
         else ({}, {})
     )
-    columns = {
-        "sample_id": pa.array([row.sample_id for row in rows], pa.string()),
-        "source_index": pa.array([row.source_index for row in rows], pa.int64()),
-        "completion_index": pa.array([row.completion_index for row in rows], pa.int32()),
-        "prompt_ids": flat_list([row.prompt_ids for row in rows], pa.int32()),
-        "target_ids": flat_list([row.target_ids for row in rows], pa.int32()),
-        "target_logprobs": flat_list([row.target_logprobs for row in rows], pa.float32()),
-        "finish_reason": pa.array([row.finish_reason for row in rows], pa.string()),
-        "prompt_text": pa.array([row.prompt_text for row in rows], pa.string()),
-        "target_text": pa.array([row.target_text for row in rows], pa.string()),
-        "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
-    }
+    columns = row_columns(rows)
     if storage is None:
         return classify_table(rows, columns), footer
     for name, arrays in distributions.items():
@@ -172,16 +177,7 @@ def rows_to_transfer_table(rows: list[ShardRow]) -> pa.Table:
     .rows_from_table is the inverse): the row columns, each row's RowEntries before the
     shard-level coding (ENTRY_COLUMNS) and its padding count. Not a shard."""
     columns = {
-        "sample_id": pa.array([row.sample_id for row in rows], pa.string()),
-        "source_index": pa.array([row.source_index for row in rows], pa.int64()),
-        "completion_index": pa.array([row.completion_index for row in rows], pa.int32()),
-        "prompt_ids": flat_list([row.prompt_ids for row in rows], pa.int32()),
-        "target_ids": flat_list([row.target_ids for row in rows], pa.int32()),
-        "target_logprobs": flat_list([row.target_logprobs for row in rows], pa.float32()),
-        "finish_reason": pa.array([row.finish_reason for row in rows], pa.string()),
-        "prompt_text": pa.array([row.prompt_text for row in rows], pa.string()),
-        "target_text": pa.array([row.target_text for row in rows], pa.string()),
-        "references": pa.array([list(row.references) for row in rows], pa.list_(pa.string())),
+        **row_columns(rows),
         "padded_topk_entries": pa.array([row.padded_topk_entries for row in rows], pa.int64()),
     }
     for name, field in zip(ENTRY_COLUMNS, ("counts", "ids", "values", "tail"), strict=True):
