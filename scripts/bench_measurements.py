@@ -150,16 +150,14 @@ def column_bytes(directory: Path) -> dict[str, int]:
     """Compressed bytes of each top-level column over every shard of a dump (Parquet footers)."""
     import pyarrow.parquet as pq
 
+    from teacher_dump.inspect import column_bytes as shard_column_bytes
+
     manifest = json.loads((Path(directory) / "manifest.json").read_text())
     totals: dict[str, int] = {}
     for entry in manifest["shards"]:
         metadata = pq.ParquetFile(Path(directory) / entry["name"]).metadata
-        for group in range(metadata.num_row_groups):
-            row_group = metadata.row_group(group)
-            for index in range(row_group.num_columns):
-                chunk = row_group.column(index)
-                name = chunk.path_in_schema.split(".")[0]
-                totals[name] = totals.get(name, 0) + chunk.total_compressed_size
+        for name, size in shard_column_bytes(metadata).items():
+            totals[name] = totals.get(name, 0) + size
     return totals
 
 

@@ -190,6 +190,22 @@ def look_like_draws(ids: np.ndarray, logprobs: np.ndarray) -> bool:
     return bool(repeated or (np.diff(values, axis=1) > 0).any())
 
 
+def scoring_params(top_k: int, **options):
+    """vLLM SamplingParams that teacher-force a sequence: its top-k at every prompt position
+    (flat lists, no detokenizing) and one throw-away generated token. The same for teacher-dump
+    and for the benchmark's bare baseline, so that both ask vLLM for the same work."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        prompt_logprobs=top_k,
+        flat_logprobs=True,
+        detokenize=False,
+        **options,
+    )
+
+
 class TeacherEngine:
     """A vLLM engine serving top-k logprobs (or draws) for generation and teacher forcing."""
 
@@ -366,17 +382,9 @@ class TeacherEngine:
 
         One prefill per sequence with prompt_logprobs=k and a single throw-away generated token.
         """
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            prompt_logprobs=top_k,
-            flat_logprobs=True,
-            detokenize=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        params = scoring_params(top_k, output_kind=RequestOutputKind.FINAL_ONLY)
         requests = ((key, token_ids, params) for key, token_ids in sequences)
         for key, output in self._stream(requests, max_in_flight):
             flat = output.prompt_logprobs
@@ -428,18 +436,10 @@ class TeacherEngine:
         """One blocking `LLM.generate` call teacher-forcing every sequence with
         prompt_logprobs=top_k and teacher-dump's output options (flat lists, no detokenizing):
         the benchmark's baseline for score and text mode. Returns the positions scored."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            prompt_logprobs=top_k,
-            flat_logprobs=True,
-            detokenize=False,
-        )
         inputs = [TokensPrompt(prompt_token_ids=sequence) for sequence in sequences]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, scoring_params(top_k), use_tqdm=False)
         return sum(len(output.prompt_logprobs.start_indices) - 1 for output in outputs)
 
 
