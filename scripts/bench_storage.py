@@ -179,11 +179,24 @@ def bytes_breakdown(record: dict) -> str:
 
 def goal_rows(config, table: dict, row_type) -> list:
     """The storage group's rows of the main table (goals of the storage v2 issue)."""
+    wiki = table.get("wiki", {})
+    reference_runs = wiki.get(f"topk-{config.large_k}", {}).get("train_kl")
+    return [
+        *parity_rows(config, table, row_type),
+        *sampled_rows(config, table, reference_runs, row_type),
+        *representation_training_rows(config, wiki, reference_runs, row_type),
+        *representation_speed_rows(table, row_type),
+        *representation_loader_rows(wiki, row_type),
+    ]
+
+
+def parity_rows(config, table: dict, row_type) -> list:
+    """Per dataset: the smallest representation at exact top-k's fidelity, for the goal's k and
+    the milestone's."""
     rows = []
-    datasets = DATASET_LABELS
     large = config.large_k
     milestone_k = config.storage_ks[-2] if len(config.storage_ks) > 1 else None
-    for dataset, label in datasets.items():
+    for dataset, label in DATASET_LABELS.items():
         records = table.get(dataset)
         if not records:
             continue
@@ -220,9 +233,15 @@ def goal_rows(config, table: dict, row_type) -> list:
                     diagnosis,
                 )
             )
-    wiki = table.get("wiki", {})
-    reference_runs = wiki.get(f"topk-{large}", {}).get("train_kl")
-    for name, record in {**wiki}.items():
+    return rows
+
+
+def sampled_rows(config, table: dict, reference_runs: list | None, row_type) -> list:
+    """Per sampled representation: bytes on both datasets, and its training figure against
+    exact top-k's run-to-run spread."""
+    rows = []
+    large = config.large_k
+    for name, record in table.get("wiki", {}).items():
         if record["kind"] != "sampled":
             continue
         gsm = table.get("gsm8k", {}).get(name)
@@ -255,82 +274,86 @@ def goal_rows(config, table: dict, row_type) -> list:
                 f"{record['entries']:.1f} distinct ids per position",
             )
         )
-    trained = {name: record for name, record in wiki.items() if record.get("train_kl")}
-    if trained and reference_runs:
-        reference = statistics.median(reference_runs)
-        rows.append(
-            row_type(
-                "storage",
-                f"training figure: KL(teacher ‖ student) on held-out windows after the same "
-                f"short KD run from each representation ÷ from exact top-{large}",
-                "; ".join(
-                    f"{record['label']} " + "/".join(f"{kl:.4f}" for kl in record["train_kl"])
-                    for record in trained.values()
-                ),
-                {
-                    "median": statistics.median(
-                        statistics.median(r["train_kl"]) / reference for r in trained.values()
-                    ),
-                    "min": min(min(r["train_kl"]) / reference for r in trained.values()),
-                    "max": max(max(r["train_kl"]) / reference for r in trained.values()),
-                    "repeats": len(trained),
-                },
-                "—",
-                None,
-                f"exact top-{large} ran with {len(reference_runs)} seeds (data order): its "
-                f"spread {min(reference_runs):.4f}–{max(reference_runs):.4f} is the noise floor",
-            )
-        )
-    speeds = [
-        (name, dataset, record)
-        for dataset, records in table.items()
-        for name, record in records.items()
-        if "speed_ratio" in record and dataset == "wiki"
-    ]
-    if speeds:
-        worst = min(record["speed_ratio"] for _, _, record in speeds)
-        rows.append(
-            row_type(
-                "storage",
-                "teacher-dump speed ÷ bare vLLM scoring with the same request, per "
-                "representation (WikiText; bare engine time measured, teacher-dump's own "
-                "work measured on replayed engine results)",
-                "; ".join(
-                    f"{record['label']} {record['speed_ratio']:.3f}" for _, _, record in speeds
-                ),
-                None,
-                "≥ 0.95",
-                worst >= 0.95,
-                "own work per token: "
-                + "; ".join(
-                    f"{record['label']} {record['host_microseconds']:.0f} µs vs engine "
-                    f"{1e6 / record['bare_tokens_per_second']:.0f} µs"
-                    for _, _, record in speeds
-                ),
-            )
-        )
-    loaders = [record for record in wiki.values() if "loader_headroom" in record]
-    if loaders:
-        worst = min(record["loader_headroom"] for record in loaders)
-        rows.append(
-            row_type(
-                "storage",
-                "loader headroom per representation: target tokens/s the shard loader delivers "
-                "(read, decode, shuffle, collate) ÷ tokens/s a KD step consumes",
-                "; ".join(
-                    f"{record['label']} {record['loader_headroom']:,.0f}×" for record in loaders
-                ),
-                None,
-                "≥ 20",
-                worst >= 20,
-                "decoding runs in the training process between steps; "
-                + "; ".join(
-                    f"{record['label']} {record['loader_tokens_per_second']:,.0f} tok/s"
-                    for record in loaders
-                ),
-            )
-        )
     return rows
+
+
+def representation_training_rows(config, wiki: dict, reference_runs: list | None, row_type) -> list:
+    """The trained representations' held-out KL ÷ exact top-k's (median over its seeds)."""
+    large = config.large_k
+    trained = {name: record for name, record in wiki.items() if record.get("train_kl")}
+    if not (trained and reference_runs):
+        return []
+    reference = statistics.median(reference_runs)
+    ratios = [statistics.median(record["train_kl"]) / reference for record in trained.values()]
+    return [
+        row_type(
+            "storage",
+            f"training figure: KL(teacher ‖ student) on held-out windows after the same "
+            f"short KD run from each representation ÷ from exact top-{large}",
+            "; ".join(
+                f"{record['label']} " + "/".join(f"{kl:.4f}" for kl in record["train_kl"])
+                for record in trained.values()
+            ),
+            {
+                "median": statistics.median(ratios),
+                "min": min(min(r["train_kl"]) / reference for r in trained.values()),
+                "max": max(max(r["train_kl"]) / reference for r in trained.values()),
+                "repeats": len(trained),
+            },
+            "—",
+            None,
+            f"exact top-{large} ran with {len(reference_runs)} seeds (data order): its "
+            f"spread {min(reference_runs):.4f}–{max(reference_runs):.4f} is the noise floor",
+        )
+    ]
+
+
+def representation_speed_rows(table: dict, row_type) -> list:
+    """teacher-dump's speed ÷ bare vLLM scoring, per representation (WikiText)."""
+    speeds = [record for record in table.get("wiki", {}).values() if "speed_ratio" in record]
+    if not speeds:
+        return []
+    return [
+        row_type(
+            "storage",
+            "teacher-dump speed ÷ bare vLLM scoring with the same request, per "
+            "representation (WikiText; bare engine time measured, teacher-dump's own "
+            "work measured on replayed engine results)",
+            "; ".join(f"{record['label']} {record['speed_ratio']:.3f}" for record in speeds),
+            None,
+            "≥ 0.95",
+            min(record["speed_ratio"] for record in speeds) >= 0.95,
+            "own work per token: "
+            + "; ".join(
+                f"{record['label']} {record['host_microseconds']:.0f} µs vs engine "
+                f"{1e6 / record['bare_tokens_per_second']:.0f} µs"
+                for record in speeds
+            ),
+        )
+    ]
+
+
+def representation_loader_rows(wiki: dict, row_type) -> list:
+    """The shard loader's tokens/s ÷ a KD step's, per representation (WikiText)."""
+    loaders = [record for record in wiki.values() if "loader_headroom" in record]
+    if not loaders:
+        return []
+    return [
+        row_type(
+            "storage",
+            "loader headroom per representation: target tokens/s the shard loader delivers "
+            "(read, decode, shuffle, collate) ÷ tokens/s a KD step consumes",
+            "; ".join(f"{record['label']} {record['loader_headroom']:,.0f}×" for record in loaders),
+            None,
+            "≥ 20",
+            min(record["loader_headroom"] for record in loaders) >= 20,
+            "decoding runs in the training process between steps; "
+            + "; ".join(
+                f"{record['label']} {record['loader_tokens_per_second']:,.0f} tok/s"
+                for record in loaders
+            ),
+        )
+    ]
 
 
 def storage_table(config, table: dict) -> str:
