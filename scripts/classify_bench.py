@@ -110,41 +110,20 @@ def run(name: str, arguments: list, done: Path | None, log: list) -> None:
 
 
 def run_dataset(config: ClassifyBenchConfig, dataset: str, encoder: Path) -> dict:
+    """Teachers, the student, the dumps, every student run and kd-eval for one dataset."""
     out = Path(config.out) / dataset
-    models, shards, runs = out / "models", out / "shards", out / "runs"
-    folder = Path(config.data_dir) / {"sst2": "sst2_alps", "agnews": "agnews_alps"}[dataset]
-    split = "train" if dataset == "sst2" else "dev"
     sst2 = dataset == "sst2"
-    teacher_examples = config.teacher_examples if sst2 else config.agnews_teacher_examples
-    student_examples = config.student_examples if sst2 else config.agnews_student_examples
-    test_limit = [] if dataset == "sst2" else ["--limit", config.agnews_test_limit]
-    labels = {"sst2": "negative,positive", "agnews": "World,Sports,Business,Sci/Tech"}[dataset]
+    setup = {
+        "folder": Path(config.data_dir) / {"sst2": "sst2_alps", "agnews": "agnews_alps"}[dataset],
+        "split": "train" if sst2 else "dev",
+        "test_limit": [] if sst2 else ["--limit", config.agnews_test_limit],
+        "common": ["--micro-batch", config.micro_batch, "--max-length", config.max_length,
+                   "--no-progress"],
+    }  # fmt: skip
     log: list = []
-    data = ["--data", dataset, "--data-path", folder]
-    common = [
-        "--micro-batch", config.micro_batch, "--max-length", config.max_length, "--no-progress"
-    ]  # fmt: skip
-    run(
-        "student-train",
-        [*data, "--split", split, "--limit", teacher_examples, "--student", encoder,
-         "--loss", "ce", "--epochs", config.teacher_epochs, "--lr", config.teacher_lr,
-         "--out", runs / "teacher-a", *common],
-        runs / "teacher-a" / "final",
-        log,
-    )  # fmt: skip
-    teachers = {"teacher-a": runs / "teacher-a" / "final"}
-    if dataset == "sst2":
-        run(
-            "student-train",
-            [*data, "--split", split, "--limit", teacher_examples, "--student", encoder,
-             "--loss", "ce", "--epochs", config.teacher_epochs, "--lr", config.lora_lr,
-             "--lora-r", 16, "--lora-alpha", 16, "--rslora", "--lora-target", "query,key,value",
-             "--merge-lora", "--seed", 1, "--out", runs / "teacher-b", *common],
-            runs / "teacher-b" / "final",
-            log,
-        )  # fmt: skip
-        teachers["teacher-b"] = runs / "teacher-b" / "final"
-    student = models / f"student-{config.student_layers}-layers"
+    teachers = train_teachers(config, dataset, encoder, out, setup, log)
+    labels = {"sst2": "negative,positive", "agnews": "World,Sports,Business,Sci/Tech"}[dataset]
+    student = out / "models" / f"student-{config.student_layers}-layers"
     run(
         "student-train",
         ["init-student", "--teacher", encoder, "--layers", config.student_layers,
@@ -152,20 +131,79 @@ def run_dataset(config: ClassifyBenchConfig, dataset: str, encoder: Path) -> dic
         student,
         log,
     )  # fmt: skip
-    dump = ["--mode", "classify", *data, "--dtype", "float32", "--enforce-eager", "--no-progress"]
-    train_limit = ["--split", split, "--limit", student_examples]
+    dump_teachers(config, dataset, teachers, out / "shards", setup, log)
+    students = train_students(config, dataset, student, out, setup, "teacher-b" in teachers, log)
+    evaluated = {**teachers, "student-init": student, **students}
+    run(
+        "kd-eval",
+        ["--task", "cls", "--data", dataset, "--data-path", setup["folder"], "--split", "test",
+         *setup["test_limit"], "--teacher-shards", out / "shards" / "teacher-a-test",
+         "--classify-backend", config.eval_backend, "--dtype", "float32", "--no-progress",
+         "--out", out / "eval",
+         *[argument for name, path in evaluated.items() for argument in ("--model", f"{name}={path}")]],
+        None,
+        log,
+    )  # fmt: skip
+    report = json.loads((out / "eval" / "results.json").read_text())
+    return {"report": report, "commands": log, "table": summary_table(report)}
+
+
+def train_teachers(
+    config: ClassifyBenchConfig, dataset: str, encoder: Path, out: Path, setup: dict, log: list
+) -> dict[str, Path]:
+    """Teacher A (full fine-tuning on labels) and, on SST-2, teacher B (rsLoRA, merged)."""
+    runs = out / "runs"
+    examples = config.teacher_examples if dataset == "sst2" else config.agnews_teacher_examples
+    labelled = ["--data", dataset, "--data-path", setup["folder"], "--split", setup["split"],
+                "--limit", examples, "--student", encoder, "--loss", "ce",
+                "--epochs", config.teacher_epochs]  # fmt: skip
+    run(
+        "student-train",
+        [*labelled, "--lr", config.teacher_lr, "--out", runs / "teacher-a", *setup["common"]],
+        runs / "teacher-a" / "final",
+        log,
+    )  # fmt: skip
+    teachers = {"teacher-a": runs / "teacher-a" / "final"}
+    if dataset == "sst2":
+        run(
+            "student-train",
+            [*labelled, "--lr", config.lora_lr,
+             "--lora-r", 16, "--lora-alpha", 16, "--rslora", "--lora-target", "query,key,value",
+             "--merge-lora", "--seed", 1, "--out", runs / "teacher-b", *setup["common"]],
+            runs / "teacher-b" / "final",
+            log,
+        )  # fmt: skip
+        teachers["teacher-b"] = runs / "teacher-b" / "final"
+    return teachers
+
+
+def dump_teachers(
+    config: ClassifyBenchConfig,
+    dataset: str,
+    teachers: dict[str, Path],
+    shards: Path,
+    setup: dict,
+    log: list,
+) -> None:
+    """Teacher A on the students' rows (with its hidden states) and on the test split (for
+    kd-eval's KL and agreement); teacher B on the students' rows."""
+    examples = config.student_examples if dataset == "sst2" else config.agnews_student_examples
+    dump = ["--mode", "classify", "--data", dataset, "--data-path", setup["folder"],
+            "--dtype", "float32", "--enforce-eager", "--no-progress"]  # fmt: skip
+    train_limit = ["--split", setup["split"], "--limit", examples]
+    first_shard = "part-r00000-w00001-000000.parquet"
     run(
         "teacher-dump",
         [*dump, *train_limit, "--model", teachers["teacher-a"], "--hidden-layer", -1,
          "--out", shards / "teacher-a-train"],
-        shards / "teacher-a-train" / "part-r00000-w00001-000000.parquet",
+        shards / "teacher-a-train" / first_shard,
         log,
     )  # fmt: skip
     run(
         "teacher-dump",
-        [*dump, "--split", "test", *test_limit, "--model", teachers["teacher-a"],
+        [*dump, "--split", "test", *setup["test_limit"], "--model", teachers["teacher-a"],
          "--classify-backend", "transformers", "--out", shards / "teacher-a-test"],
-        shards / "teacher-a-test" / "part-r00000-w00001-000000.parquet",
+        shards / "teacher-a-test" / first_shard,
         log,
     )  # fmt: skip
     if "teacher-b" in teachers:
@@ -173,18 +211,32 @@ def run_dataset(config: ClassifyBenchConfig, dataset: str, encoder: Path) -> dic
             "teacher-dump",
             [*dump, *train_limit, "--model", teachers["teacher-b"],
              "--out", shards / "teacher-b-train"],
-            shards / "teacher-b-train" / "part-r00000-w00001-000000.parquet",
+            shards / "teacher-b-train" / first_shard,
             log,
         )  # fmt: skip
+
+
+def train_students(
+    config: ClassifyBenchConfig,
+    dataset: str,
+    student: Path,
+    out: Path,
+    setup: dict,
+    two_teachers: bool,
+    log: list,
+) -> dict[str, Path]:
+    """Every student from the same directory on the same rows of teacher A's dump: labels
+    only, KD, KD from both teachers, KD with the hidden-state loss."""
+    shards, runs = out / "shards", out / "runs"
     train = [
         "--shards", shards / "teacher-a-train", "--student", student,
-        "--epochs", config.student_epochs, "--lr", config.student_lr, *common,
+        "--epochs", config.student_epochs, "--lr", config.student_lr, *setup["common"],
     ]  # fmt: skip
     students = {
         "student-labels": ["--loss", "ce"],
         "student-kd": ["--loss", "fkl"],
     }
-    if "teacher-b" in teachers:
+    if two_teachers:
         students["student-kd-2-teachers"] = [
             "--loss", "fkl", "--more-shards", shards / "teacher-b-train"
         ]  # fmt: skip
@@ -199,19 +251,7 @@ def run_dataset(config: ClassifyBenchConfig, dataset: str, encoder: Path) -> dic
             runs / name / "final",
             log,
         )
-    evaluated = {**teachers, "student-init": student}
-    evaluated.update({name: runs / name / "final" for name in students})
-    run(
-        "kd-eval",
-        ["--task", "cls", "--data", dataset, "--data-path", folder, "--split", "test", *test_limit,
-         "--teacher-shards", shards / "teacher-a-test", "--classify-backend", config.eval_backend,
-         "--dtype", "float32", "--no-progress", "--out", out / "eval",
-         *[argument for name, path in evaluated.items() for argument in ("--model", f"{name}={path}")]],
-        None,
-        log,
-    )  # fmt: skip
-    report = json.loads((out / "eval" / "results.json").read_text())
-    return {"report": report, "commands": log, "table": summary_table(report)}
+    return {name: runs / name / "final" for name in students}
 
 
 def summary_table(report: dict) -> str:
