@@ -819,6 +819,83 @@ def storage_work(
     )  # fmt: skip
 
 
+def loss_memory_runs(config: BenchConfig, student: Path, work: Path) -> dict:
+    """Peak memory of the loss over `loss_positions` positions, chunked and unchunked."""
+    student_config = json.loads((student / "config.json").read_text())
+    memory: dict = {"vocabulary": student_config["vocab_size"], "chunked": [], "unchunked": []}
+    for repeat in range(config.repeats):
+        for kind, chunk in (("chunked", config.loss_chunk_tokens),
+                            ("unchunked", config.loss_positions)):  # fmt: skip
+            memory[kind].append(
+                measurement(
+                    "loss-memory",
+                    work / f"loss-{kind}-{repeat}.log",
+                    positions=config.loss_positions,
+                    vocabulary=student_config["vocab_size"],
+                    hidden_size=student_config["hidden_size"],
+                    chunk_tokens=chunk,
+                )
+            )
+    return memory
+
+
+def loader_runs(config: BenchConfig, shards: Path, work: Path) -> tuple[dict, int]:
+    """The shard loader on the dump copied to fill 1x and 10x datasets; its shuffle buffer."""
+    from student_train.config import TrainConfig
+
+    buffer_rows = config.loader_buffer_rows or TrainConfig.shuffle_buffer
+    rows_in_dump = json.loads((shards / "manifest.json").read_text())["totals"]["rows"]
+    # 1x holds two shuffle windows, so that its window is as full as the bigger dataset's.
+    copies = math.ceil(2 * buffer_rows / rows_in_dump)
+    datasets = {
+        "1x": replicate_dump(shards, copies, work / "loader-1x"),
+        "10x": replicate_dump(shards, copies * config.loader_copies, work / "loader-10x"),
+    }
+    loader: dict = {"1x": [], "10x": []}
+    for repeat in range(config.repeats):
+        for size, directory in datasets.items():
+            loader[size].append(
+                measurement(
+                    "loader",
+                    work / f"loader-{size}-{repeat}.log",
+                    shards=str(directory),
+                    micro_batch=config.micro_batch,
+                    buffer_rows=buffer_rows,
+                )
+            )
+    return loader, buffer_rows
+
+
+def write_report(
+    config: BenchConfig, raw: dict, groups: tuple, teacher: Path, student: Path, started: float
+) -> dict:
+    """results.json (rows and raw measurements), results.md (the table), storage.png."""
+    out = Path(config.out)
+    header = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": machine_description(),
+        "versions": package_versions(),
+        "minutes": (time.perf_counter() - started) / 60,
+        "config": asdict(config),
+        "teacher": str(teacher),
+        "student": str(student),
+    }
+    rows = table_rows(config, raw, groups)
+    report = {**header, "rows": [asdict(row) for row in rows], "measurements": raw}
+    table = markdown(rows, header)
+    if "storage" in groups:
+        bench_storage.plot(raw["storage_table"], out / "storage.png")
+        table += (
+            "\n\nStorage, per representation (figure: storage.png):\n\n"
+            + bench_storage.storage_table(config, raw["storage_table"])
+        )
+    atomic_write_text(out / "results.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "results.md", table + "\n")
+    click.echo(table)
+    click.echo(f"\nbench: {out / 'results.json'}, {out / 'results.md'}", err=True)
+    return report
+
+
 def run_bench(config: BenchConfig) -> dict:
     started = time.perf_counter()
     out = Path(config.out)
@@ -871,48 +948,10 @@ def run_bench(config: BenchConfig) -> dict:
         raw["training"] = train_runs(config, shards, student, work)
     if "training" in groups:
         stage("loss memory: chunked and unchunked")
-        student_config = json.loads((student / "config.json").read_text())
-        memory: dict = {"vocabulary": student_config["vocab_size"], "chunked": [], "unchunked": []}
-        for repeat in range(config.repeats):
-            for kind, chunk in (("chunked", config.loss_chunk_tokens),
-                                ("unchunked", config.loss_positions)):  # fmt: skip
-                memory[kind].append(
-                    measurement(
-                        "loss-memory",
-                        work / f"loss-{kind}-{repeat}.log",
-                        positions=config.loss_positions,
-                        vocabulary=student_config["vocab_size"],
-                        hidden_size=student_config["hidden_size"],
-                        chunk_tokens=chunk,
-                    )
-                )
-        raw["loss_memory"] = memory
+        raw["loss_memory"] = loss_memory_runs(config, student, work)
     if "loader" in groups:
         stage("loader: 1x and 10x datasets")
-        from student_train.config import TrainConfig
-
-        buffer_rows = config.loader_buffer_rows or TrainConfig.shuffle_buffer
-        rows_in_dump = json.loads((shards / "manifest.json").read_text())["totals"]["rows"]
-        # 1x holds two shuffle windows, so that its window is as full as the bigger dataset's.
-        copies = math.ceil(2 * buffer_rows / rows_in_dump)
-        datasets = {
-            "1x": replicate_dump(shards, copies, work / "loader-1x"),
-            "10x": replicate_dump(shards, copies * config.loader_copies, work / "loader-10x"),
-        }
-        loader: dict = {"1x": [], "10x": []}
-        for repeat in range(config.repeats):
-            for size, directory in datasets.items():
-                loader[size].append(
-                    measurement(
-                        "loader",
-                        work / f"loader-{size}-{repeat}.log",
-                        shards=str(directory),
-                        micro_batch=config.micro_batch,
-                        buffer_rows=buffer_rows,
-                    )
-                )
-        raw["loader"] = loader
-        raw["loader_buffer_rows"] = buffer_rows
+        raw["loader"], raw["loader_buffer_rows"] = loader_runs(config, shards, work)
     if "online" in groups:
         stage("offline vs online KD steps")
         raw["online"] = measurement(
@@ -936,29 +975,7 @@ def run_bench(config: BenchConfig) -> dict:
             ],
         }
 
-    header = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": machine_description(),
-        "versions": package_versions(),
-        "minutes": (time.perf_counter() - started) / 60,
-        "config": asdict(config),
-        "teacher": str(teacher),
-        "student": str(student),
-    }
-    rows = table_rows(config, raw, groups)
-    report = {**header, "rows": [asdict(row) for row in rows], "measurements": raw}
-    table = markdown(rows, header)
-    if "storage" in groups:
-        bench_storage.plot(raw["storage_table"], out / "storage.png")
-        table += (
-            "\n\nStorage, per representation (figure: storage.png):\n\n"
-            + bench_storage.storage_table(config, raw["storage_table"])
-        )
-    atomic_write_text(out / "results.json", json.dumps(report, indent=1))
-    atomic_write_text(out / "results.md", table + "\n")
-    click.echo(table)
-    click.echo(f"\nbench: {out / 'results.json'}, {out / 'results.md'}", err=True)
-    return report
+    return write_report(config, raw, groups, teacher, student, started)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

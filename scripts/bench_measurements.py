@@ -221,6 +221,98 @@ def bare_score(engine, sequences: list[list[int]], top_k: int) -> dict:
     return {"positions": positions, "seconds": time.perf_counter() - started}
 
 
+def variant_configs(
+    teacher: str,
+    text: str,
+    gsm8k: str | None,
+    work_path: Path,
+    chunk_tokens: int,
+    windows: int,
+    variants: list[dict],
+    gsm8k_prompts: int,
+    max_new_tokens: int,
+    max_model_len: int,
+    enforce_eager: bool,
+) -> dict:
+    """dataset -> variant name -> the teacher-dump config writing that variant's dump."""
+    from teacher_dump.config import DumpConfig
+
+    base = {
+        "model": teacher, "dtype": "float32", "max_model_len": max_model_len,
+        "enforce_eager": enforce_eager, "progress": False,
+    }  # fmt: skip
+    datasets = {
+        "wiki": {"data": "text", "data_path": text, "mode": "text", "chunk_tokens": chunk_tokens,
+                 "limit": windows},
+    }  # fmt: skip
+    if gsm8k:
+        datasets["gsm8k"] = {
+            "data": "gsm8k", "data_path": gsm8k, "mode": "generate", "limit": gsm8k_prompts,
+            "max_new_tokens": max_new_tokens, "temperature": 1.0,
+        }  # fmt: skip
+    return {
+        name: {
+            variant["name"]: DumpConfig(
+                **base, **settings, **variant["dump"], out=str(work_path / name / variant["name"])
+            )
+            for variant in variants
+        }
+        for name, settings in datasets.items()
+    }
+
+
+def measure_dataset(
+    engine,
+    name: str,
+    by_variant: dict,
+    widest: str,
+    work_path: Path,
+    work: Path,
+    sampled: bool,
+    repeats: int,
+    overhead: bool,
+    bare_windows: int,
+) -> tuple[dict, dict | None]:
+    """One dataset on a running engine: the widest variant's dump end to end (recorded; GSM8K
+    with `overhead` against bare LLM.generate, whose figures come back second), every variant
+    replayed on the recording, and (WikiText) vLLM's bare scoring at each variant's width."""
+    from teacher_dump.run import prepare, run_dump
+
+    end_to_end = f"end-to-end-{'draws' if sampled else 'top-k'}"
+    record_config = replace(by_variant[widest], out=str(work_path / name / end_to_end))
+    dump_figures = None
+    if name == "gsm8k" and overhead:
+        dump_figures, recording = measure_dump_overhead(
+            engine, record_config, repeats, work / "dump-overhead"
+        )
+        seconds = statistics.median(run["seconds"] for run in dump_figures["runs"]["teacher_dump"])
+    else:
+        recording = RecordingEngine(engine)
+        began = time.perf_counter()
+        run_dump(record_config, recording)
+        seconds = time.perf_counter() - began
+    dataset = {"end_to_end": {"variant": widest, "seconds": seconds}, "variants": {}}
+    for variant, config in by_variant.items():
+        runs = replay_dump(recording, config, repeats)
+        dataset["variants"][variant] = {
+            "directory": config.out, "engine_logprobs": config.engine_logprobs, "host": runs,
+        }  # fmt: skip
+    if name == "wiki":
+        sequences = [
+            [*request.prompt_ids.tolist(), *request.target_ids.tolist()]
+            for request in prepare(record_config).requests
+        ]
+        bare_score(engine, sequences[:4], 1)  # warm-up
+        widths = sorted({config.engine_logprobs for config in by_variant.values()})
+        dataset["bare"] = {
+            str(width): [
+                bare_score(engine, sequences[:bare_windows], width) for _ in range(repeats)
+            ]
+            for width in widths
+        }
+    return dataset, dump_figures
+
+
 def measure_engine(
     teacher: str,
     text: str,
@@ -249,32 +341,12 @@ def measure_engine(
     variant replayed likewise.
     Variant dumps go to WORK/storage/<dataset>/<variant name>."""
     from shared.engine import EngineSettings, TeacherEngine
-    from teacher_dump.config import DumpConfig
-    from teacher_dump.run import prepare, run_dump
 
     work_path = Path(work) / "storage"
-    base = {
-        "model": teacher, "dtype": "float32", "max_model_len": max_model_len,
-        "enforce_eager": enforce_eager, "progress": False,
-    }  # fmt: skip
-    datasets = {
-        "wiki": {"data": "text", "data_path": text, "mode": "text", "chunk_tokens": chunk_tokens,
-                 "limit": windows},
-    }  # fmt: skip
-    if gsm8k:
-        datasets["gsm8k"] = {
-            "data": "gsm8k", "data_path": gsm8k, "mode": "generate", "limit": gsm8k_prompts,
-            "max_new_tokens": max_new_tokens, "temperature": 1.0,
-        }  # fmt: skip
-    configs = {
-        name: {
-            variant["name"]: DumpConfig(
-                **base, **settings, **variant["dump"], out=str(work_path / name / variant["name"])
-            )
-            for variant in variants
-        }
-        for name, settings in datasets.items()
-    }
+    configs = variant_configs(
+        teacher, text, gsm8k, work_path, chunk_tokens, windows, variants, gsm8k_prompts,
+        max_new_tokens, max_model_len, enforce_eager,
+    )  # fmt: skip
     widest = max(variants, key=lambda variant: configs["wiki"][variant["name"]].engine_logprobs)
     started = time.perf_counter()
     engine = TeacherEngine(
@@ -288,47 +360,12 @@ def measure_engine(
     result: dict = {"engine_start_seconds": time.perf_counter() - started, "sampled": sampled}
     try:
         for name, by_variant in configs.items():
-            end_to_end = f"end-to-end-{'draws' if sampled else 'top-k'}"
-            record_config = replace(
-                by_variant[widest["name"]], out=str(work_path / name / end_to_end)
-            )
-            if name == "gsm8k" and overhead:
-                figures, recording = measure_dump_overhead(
-                    engine, record_config, repeats, Path(work) / "dump-overhead"
-                )
-                result["dump"] = figures
-                seconds = statistics.median(
-                    run["seconds"] for run in figures["runs"]["teacher_dump"]
-                )
-            else:
-                recording = RecordingEngine(engine)
-                began = time.perf_counter()
-                run_dump(record_config, recording)
-                seconds = time.perf_counter() - began
-            dataset = {
-                "end_to_end": {"variant": widest["name"], "seconds": seconds},
-                "variants": {},
-            }
-            for variant, config in by_variant.items():
-                runs = replay_dump(recording, config, repeats)
-                dataset["variants"][variant] = {
-                    "directory": config.out, "engine_logprobs": config.engine_logprobs,
-                    "host": runs,
-                }  # fmt: skip
-            if name == "wiki":
-                sequences = [
-                    [*request.prompt_ids.tolist(), *request.target_ids.tolist()]
-                    for request in prepare(record_config).requests
-                ]
-                bare_score(engine, sequences[:4], 1)  # warm-up
-                widths = sorted({config.engine_logprobs for config in by_variant.values()})
-                dataset["bare"] = {
-                    str(width): [
-                        bare_score(engine, sequences[:bare_windows], width) for _ in range(repeats)
-                    ]
-                    for width in widths
-                }
-            result[name] = dataset
+            result[name], dump_figures = measure_dataset(
+                engine, name, by_variant, widest["name"], work_path, Path(work), sampled,
+                repeats, overhead, bare_windows,
+            )  # fmt: skip
+            if dump_figures is not None:
+                result["dump"] = dump_figures
     finally:
         engine.close()
     return result
