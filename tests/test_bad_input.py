@@ -202,6 +202,10 @@ def test_config_errors(tmp_path):
         build_config(DumpConfig, config_file=None, flags=base, assignments=("top_k=many",))
     with pytest.raises(UserError, match="--rank must be in \\[0, 1\\]"):
         build_config(DumpConfig, config_file=None, flags={**base, "rank": 2, "world_size": 2})
+    with pytest.raises(UserError, match="--num-samples 4 at --temperature 0 .* --temperature 1"):
+        build_config(DumpConfig, config_file=None, flags={**base, "num_samples": 4})
+    sampled = {**base, "num_samples": 4, "temperature": 1.0}
+    assert build_config(DumpConfig, config_file=None, flags=sampled).num_samples == 4
     (tmp_path / "c.toml").write_text("top_k = 4\ntemperature = 0.5\n")
     config = build_config(
         DumpConfig,
