@@ -25,7 +25,7 @@ from pathlib import Path
 
 import click
 
-from scripts.pipeline import ensure_student, ensure_teacher, run_command
+from scripts.pipeline import ensure_student, ensure_teacher, evaluation_is_current, run_command
 from shared.config import build_config
 from shared.errors import UserError, exit_with
 
@@ -155,8 +155,7 @@ def run_demo(config: DemoConfig) -> dict:
         "student-kd": runs / "kd" / "final",
     }
     results_path = evaluation / "results.json"
-    newest_model = max((path / "config.json").stat().st_mtime for path in contenders.values())
-    if results_path.is_file() and results_path.stat().st_mtime > newest_model:
+    if evaluation_is_current(results_path, contenders):
         click.secho(f"\n[7/7] eval: {results_path} (up to date)", bold=True, err=True)
     else:
         run_stage(7, "eval: every model on the held-out text", "kd-eval",

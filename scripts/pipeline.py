@@ -7,6 +7,7 @@ preparation (converting the teacher, cutting a student) is reused when already d
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -22,6 +23,17 @@ MODULES = {
     "student-train": "student_train.cli",
     "kd-eval": "kd_eval.cli",
 }
+
+
+def evaluation_is_current(results: Path, models: dict[str, Path]) -> bool:
+    """Whether kd-eval's results.json already scores exactly these models, written after every
+    one of them was (a retrained model is newer than the results, so it is scored again)."""
+    if not results.is_file():
+        return False
+    if list(json.loads(results.read_text()).get("models", {})) != list(models):
+        return False
+    newest = max((Path(path) / "config.json").stat().st_mtime for path in models.values())
+    return results.stat().st_mtime > newest
 
 
 def command_line(name: str, arguments: list) -> str:

@@ -18,7 +18,8 @@ student cut from it (`student_layers` of its 30 layers):
 
 Outputs in `out`: results.json (every figure), results.md (the tables), curves.png. The gap
 closed is (SFT - KD) / (SFT - teacher) in held-out CE, and (SFT - KD) / SFT in KL (the
-teacher's KL to itself is 0), at equal steps. Finished stages are reused on a rerun.
+teacher's KL to itself is 0), at equal steps. Finished stages are reused on a rerun (an
+evaluation is redone only when a model is newer than its results).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Literal
 
 import click
 
-from scripts.pipeline import ensure_student, ensure_teacher, run_command
+from scripts.pipeline import ensure_student, ensure_teacher, evaluation_is_current, run_command
 from shared.config import build_config, check_choices
 from shared.errors import UserError, check_all, exit_with
 from shared.files import atomic_write_json, atomic_write_text
@@ -286,12 +287,15 @@ def run_lm(config: QualityConfig, teacher: Path, student: Path, out: Path) -> di
         "student-sft": out / "runs" / "sft-seed0" / "final",
         "student-kd": out / "runs" / "kd-seed0" / "final",
     }
-    run_command("lm: kd-eval of the teacher and the seed-0 students", "kd-eval",
-                ["--task", "lm", *[f"--model={key}={path}" for key, path in contenders.items()],
-                 "--data-path", heldout_text, "--limit", config.heldout_windows,
-                 "--chunk-tokens", config.chunk_tokens, "--teacher-shards", shards / "heldout",
-                 "--out", out / "eval" / "lm", "--no-progress", *engine_flags(config)],
-                show_output=False)  # fmt: skip
+    if evaluation_is_current(out / "eval" / "lm" / "results.json", contenders):
+        click.secho(f"\nlm: kd-eval: {out / 'eval' / 'lm'} (up to date)", bold=True, err=True)
+    else:
+        run_command("lm: kd-eval of the teacher and the seed-0 students", "kd-eval",
+                    ["--task", "lm", *[f"--model={key}={path}" for key, path in contenders.items()],
+                     "--data-path", heldout_text, "--limit", config.heldout_windows,
+                     "--chunk-tokens", config.chunk_tokens, "--teacher-shards", shards / "heldout",
+                     "--out", out / "eval" / "lm", "--no-progress", *engine_flags(config)],
+                    show_output=False)  # fmt: skip
     return {
         "teacher_ce": teacher_heldout_ce(shards / "heldout"),
         "runs": results,
@@ -326,11 +330,15 @@ def run_summ(config: QualityConfig, teacher: Path, student: Path, out: Path) -> 
                     ["--shards", shard_dir, *common, *settings, "--out", out / "runs" / name],
                     log=out / "runs" / f"{name}.log")  # fmt: skip
     models = {"teacher": teacher} | {name: out / "runs" / name / "final" for name in students}
-    run_command("summ: kd-eval ROUGE on the SciTLDR dev split", "kd-eval",
-                ["--task", "summ", *[f"--model={key}={path}" for key, path in models.items()],
-                 "--data-path", data, "--split", "dev", "--limit", config.summ_dev,
-                 "--max-new-tokens", config.summ_max_new_tokens, "--out", out / "eval" / "summ",
-                 "--no-progress", *engine_flags(config)], show_output=False)  # fmt: skip
+    if evaluation_is_current(out / "eval" / "summ" / "results.json", models):
+        click.secho(f"\nsumm: kd-eval: {out / 'eval' / 'summ'} (up to date)", bold=True, err=True)
+    else:
+        run_command("summ: kd-eval ROUGE on the SciTLDR dev split", "kd-eval",
+                    ["--task", "summ", *[f"--model={key}={path}" for key, path in models.items()],
+                     "--data-path", data, "--split", "dev", "--limit", config.summ_dev,
+                     "--max-new-tokens", config.summ_max_new_tokens,
+                     "--out", out / "eval" / "summ", "--no-progress", *engine_flags(config)],
+                    show_output=False)  # fmt: skip
     results = json.loads((out / "eval" / "summ" / "results.json").read_text())
     per_sample = {
         name: [

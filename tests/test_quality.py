@@ -98,3 +98,25 @@ def test_the_paired_rouge_difference_has_a_bootstrap_interval_near_the_normal_on
     assert figure["low"] == pytest.approx(differences.mean() - half_width, abs=0.002)
     assert figure["high"] == pytest.approx(differences.mean() + half_width, abs=0.002)
     assert figure["samples"] == 400
+
+
+def test_an_evaluation_is_reused_only_for_the_same_models_none_newer(tmp_path):
+    import json
+    import os
+
+    from scripts.pipeline import evaluation_is_current
+
+    models = {name: tmp_path / name for name in ("teacher", "student")}
+    for path in models.values():
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+        os.utime(path / "config.json", (1000, 1000))
+    results = tmp_path / "eval" / "results.json"
+    assert not evaluation_is_current(results, models)
+    results.parent.mkdir()
+    results.write_text(json.dumps({"models": {"teacher": {}, "student": {}}}))
+    os.utime(results, (2000, 2000))
+    assert evaluation_is_current(results, models)
+    assert not evaluation_is_current(results, {"teacher": models["teacher"]})
+    os.utime(models["student"] / "config.json", (3000, 3000))  # retrained after the evaluation
+    assert not evaluation_is_current(results, models)
