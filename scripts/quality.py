@@ -3,7 +3,7 @@
 Everything is a real command, printed as it runs. On SmolLM2-135M-Instruct (the teacher) and a
 student cut from it (`student_layers` of its 30 layers):
 
-1. lm      WikiText-2 (test split, every 10th article held out) in `chunk_tokens` windows. The
+1. lm      WikiText-2 (test split, every 10th article held out, natural spacing) in windows. The
            teacher scores the training and held-out windows once (text mode). From the same
            initialization, data, steps and schedule, students train with the KD recipe and with
            plain CE (SFT), for `seeds` data orders each, then one run per ablation. The trainer
@@ -13,8 +13,9 @@ student cut from it (`student_layers` of its 30 layers):
            top-1 agreement).
 2. summ    SciTLDR: the teacher writes a summary per training abstract (generate mode,
            greedy by default) and is scored on the references (score mode). Students:
-           sequence-level KD (CE on the teacher's summaries), logit KD on the same dump, and SFT on the references; kd-eval
-           --task summ scores them on the dev split (ROUGE).
+           sequence-level KD (CE on the teacher's summaries), logit KD on the same dump, and
+           SFT on the references; kd-eval --task summ scores them on the dev split (ROUGE,
+           with paired-bootstrap intervals of the ROUGE-2 differences).
 
 Outputs in `out`: results.json (every figure), results.md (the tables), curves.png. The gap
 closed is (SFT - KD) / (SFT - teacher) in held-out CE, and (SFT - KD) / SFT in KL (the
@@ -415,7 +416,8 @@ def markdown(results: dict, config: QualityConfig) -> str:
         lm = results["lm"]
         final = results["headline"]["final"]
         lines += [
-            f"Held-out WikiText-2 ({config.heldout_windows} windows of {config.chunk_tokens}), "
+            f"Held-out WikiText-2 ({config.heldout_windows} windows of {config.chunk_tokens}, "
+            f"{'natural' if config.natural_spacing else 'raw'} spacing), "
             f"student = {config.student_layers} of 30 layers, {config.steps} steps of "
             f"{config.micro_batch} windows, teacher CE {lm['teacher_ce']:.3f} nats.",
             "",
