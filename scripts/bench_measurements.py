@@ -120,6 +120,7 @@ def replay_dump(recording: RecordingEngine, config, repeats: int = 1) -> list[di
     from shared.storage import Folder
     from teacher_dump.run import (
         engine_results,
+        fingerprints_of,
         manifest_header,
         open_output,
         prepare,
@@ -132,7 +133,8 @@ def replay_dump(recording: RecordingEngine, config, repeats: int = 1) -> list[di
         shutil.rmtree(config.out, ignore_errors=True)
         began = time.perf_counter()
         prepared = prepare(config)
-        open_output(Folder(config.out), manifest_header(config, prepared), config)
+        header = manifest_header(config, prepared)
+        open_output(Folder(config.out), header, config, fingerprints_of(prepared))
         fixed = time.perf_counter() - began
         began = time.perf_counter()
         replayed = engine_results(config, replay, prepared.tokenizer, prepared.requests)

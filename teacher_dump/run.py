@@ -62,9 +62,25 @@ if TYPE_CHECKING:  # shared.engine imports vllm where it starts an engine
     from shared.engine import TeacherEngine
 
 
+MODE_FIELDS = {
+    "max_new_tokens": "generate",
+    "temperature": "generate",
+    "top_p": "generate",
+    "num_samples": "generate",
+    "chunk_tokens": "text",
+}
+"""Fields that shape the rows of one mode only. The other modes leave them out of their
+identity, so that another value (or a changed default) of, say, --temperature does not refuse
+the resume of a score or text dump, whose rows it cannot change."""
+
+
 def identity_of(config: DumpConfig) -> dict:
-    """The config fields that define what the dump contains (see LOCAL_FIELDS)."""
-    return {key: value for key, value in config_to_dict(config).items() if key not in LOCAL_FIELDS}
+    """The config fields that define what the dump contains (see LOCAL_FIELDS, MODE_FIELDS)."""
+    return {
+        key: value
+        for key, value in config_to_dict(config).items()
+        if key not in LOCAL_FIELDS and MODE_FIELDS.get(key, config.mode) == config.mode
+    }
 
 
 @dataclass(frozen=True)
@@ -157,18 +173,24 @@ def prepare(config: DumpConfig) -> PreparedDump:
     return PreparedDump(model, tokenizer, records, requests, skipped, use_template, context)
 
 
-def dump_identity(config: DumpConfig, prepared: PreparedDump) -> str:
-    """sha256 of what makes the dump what it is: its identity fields, weights, data, tokenizer."""
-    blob = json.dumps(
-        {
-            "config": identity_of(config),
-            "weights": prepared.model.weights_fingerprint,
-            "data": prepared.records.fingerprint,
-            "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-        },
-        sort_keys=True,
-    )
+def fingerprints_of(prepared: PreparedDump) -> dict:
+    """What the dump is made from besides its config: weights, data, tokenizer."""
+    return {
+        "weights": prepared.model.weights_fingerprint,
+        "data": prepared.records.fingerprint,
+        "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
+    }
+
+
+def identity_hash(fields: dict, fingerprints: dict) -> str:
+    """sha256 of what makes the dump what it is: its identity fields and fingerprints."""
+    blob = json.dumps({"config": fields, **fingerprints}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def dump_identity(config: DumpConfig, prepared: PreparedDump) -> str:
+    """The dump's identity: its mode's identity fields, weights, data and tokenizer."""
+    return identity_hash(identity_of(config), fingerprints_of(prepared))
 
 
 def teacher_section(config: DumpConfig, prepared: PreparedDump) -> dict:
@@ -274,8 +296,9 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
     return header
 
 
-def open_output(directory: Folder, header: dict, config: DumpConfig) -> None:
-    """Create the manifest, or check that the existing one was made with the same config."""
+def open_output(directory: Folder, header: dict, config: DumpConfig, fingerprints: dict) -> None:
+    """Create the manifest, or check that the existing one was made with the same config from
+    the same weights, data and tokenizer (`fingerprints`)."""
     directory.make()
     with directory.lock():
         path = directory.location_of(MANIFEST_NAME)
@@ -307,6 +330,10 @@ def open_output(directory: Folder, header: dict, config: DumpConfig) -> None:
                 for key in sorted(new)
                 if old.get(key) != new.get(key)
             ]
+            # Dumps written before MODE_FIELDS hashed every field: the same dump when that
+            # hash, over its recorded config and today's fingerprints, is the one it holds.
+            if not changed and existing.get("identity") == identity_hash(old, fingerprints):
+                return
             if not changed:
                 changed = ["the model weights, tokenizer or data files changed"]
             raise UserError(
@@ -389,7 +416,7 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     prepared = prepare(config)
     header = manifest_header(config, prepared)
     directory = Folder(config.out)
-    open_output(directory, header, config)
+    open_output(directory, header, config, fingerprints_of(prepared))
     with exclusive_writer(directory, config.rank, config.world_size):
         return dump_remaining(config, prepared, directory, engine, started)
 

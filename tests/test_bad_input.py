@@ -121,6 +121,39 @@ def test_rerun_with_a_different_config_is_refused(tiny_model, gsm8k_file, engine
     assert manifest["complete"]
 
 
+def test_a_field_of_another_mode_does_not_refuse_a_resume(tiny_model, text_file, engine, tmp_path):
+    import json
+
+    from teacher_dump.config import LOCAL_FIELDS
+    from teacher_dump.run import identity_hash, run_dump
+
+    out = tmp_path / "out"
+    text = dict(data="text", mode="text", chunk_tokens=64, limit=2)
+    first = run_dump(dump_config(tiny_model, text_file, out, temperature=1.0, **text), engine)
+    # --temperature cannot change a text dump's rows: another value resumes it
+    again = run_dump(dump_config(tiny_model, text_file, out, temperature=0.0, **text), engine)
+    assert again["complete"] and again["identity"] == first["identity"]
+    message = dump_error(dump_config(tiny_model, text_file, out, **{**text, "chunk_tokens": 32}))
+    assert "different config (chunk_tokens: 64 -> 32)" in message
+    # A dump written before identities left other modes' fields out (every field hashed, the
+    # files' fingerprints the same) still resumes; one whose files changed does not.
+    manifest = json.loads((out / "manifest.json").read_text())
+    fields = {key: value for key, value in manifest["config"].items() if key not in LOCAL_FIELDS}
+    fingerprints = {
+        "weights": manifest["teacher"]["weights_fingerprint"],
+        "data": manifest["data"]["fingerprint"],
+        "tokenizer": manifest["tokenizer"]["fingerprint"],
+    }
+    for recorded, resumes in ((fingerprints, True), ({**fingerprints, "data": "other"}, False)):
+        manifest["identity"] = identity_hash(fields, recorded)
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        config = dump_config(tiny_model, text_file, out, temperature=0.0, **text)
+        if resumes:
+            assert run_dump(config, engine)["complete"]
+        else:
+            assert "the model weights, tokenizer or data files changed" in dump_error(config)
+
+
 def test_k_above_a_reused_engines_cap(tiny_model, gsm8k_file, engine, tmp_path):
     message = dump_error(dump_config(tiny_model, gsm8k_file, tmp_path / "o", top_k=17), engine)
     assert "asks the engine for 17 logprobs per position, above its max_logprobs of 16" in message
