@@ -54,10 +54,15 @@ def assert_same_rows(got: dict[str, dict], want: dict[str, dict]) -> None:
             )  # fmt: skip
 
 
+CHUNKS = 96
+"""Enough chunks that the killed 1-actor run cannot finish between two polls for its first
+shard: with 12, a quiet machine wrote all of them within one 0.2 s poll."""
+
+
 def ray_options(**overrides) -> dict:
-    # Text mode on 12 chunks, 2 prompts per actor call: 6 batches over the 2 actors.
+    # Text mode, 2 prompts per actor call and per shard.
     options = dict(
-        data="text", mode="text", chunk_tokens=64, limit=12, rows_per_shard=2,
+        data="text", mode="text", chunk_tokens=64, limit=CHUNKS, rows_per_shard=2,
         executor="ray", ray_workers=2, max_in_flight=2,
     )  # fmt: skip
     options.update(overrides)
@@ -81,7 +86,7 @@ def test_a_killed_ray_dump_resumes_to_the_rows_of_the_single_process_dump(
     out = tmp_path / "ray"
     arguments = [
         "--model", str(tiny_model), "--data", "text", "--mode", "text",
-        "--data-path", str(text_file), "--chunk-tokens", "64", "--limit", "12",
+        "--data-path", str(text_file), "--chunk-tokens", "64", "--limit", str(CHUNKS),
         "--rows-per-shard", "2", "--store", "topk", "--top-k", "8", "--dtype", "float32",
         "--max-model-len", "512",
         "--enforce-eager", "--max-new-tokens", "12", "--out", str(out), "--no-progress",
@@ -96,15 +101,16 @@ def test_a_killed_ray_dump_resumes_to_the_rows_of_the_single_process_dump(
     try:
         while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
             assert process.poll() is None, "the dump ended before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.02)
     finally:
         # The whole session: the driver and the Ray cluster it started (its actors included).
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     partial = read_rows(out)
-    assert 0 < len(partial) < 12  # killed part-way
+    assert len(reference) == CHUNKS  # the text holds that many chunks
+    assert 0 < len(partial) < CHUNKS  # killed part-way
     manifest = run_dump(dump_config(tiny_model, text_file, out, **ray_options()))
-    assert manifest["complete"] and manifest["totals"]["rows"] == 12
+    assert manifest["complete"] and manifest["totals"]["rows"] == CHUNKS
     assert manifest["engine"]["version"] and manifest["teacher"]["dtype"] == "float32"
     assert_same_rows(read_rows(out), reference)
     assert validate(out) == []
