@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
+from schemas.errors import UserError
 from schemas.shard import (
     CLASSIFY_MODE,
     READABLE_VERSIONS,
@@ -20,7 +21,6 @@ from schemas.shard import (
     SCHEMA_VERSION,
     Storage,
 )
-from shared.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".parquet"
@@ -67,46 +67,37 @@ def inside_directory(directory: Path, name: str) -> Path:
     return resolved
 
 
-def read_manifest(directory) -> dict:
-    """Read and check a dump's manifest: present, JSON, our schema version, safe shard names.
+def missing_manifest_message(directory: object) -> str:
+    return (
+        f"{directory} has no {MANIFEST_NAME}: it is not a teacher-dump output "
+        "directory (run teacher-dump --out there first, or pass the right directory)"
+    )
 
-    `directory`: a local directory, or a shared.storage.Folder (object storage)."""
-    from shared.storage import as_folder
 
-    folder = as_folder(directory)
-    if folder.is_local:
-        path = manifest_path(folder.local)
-        if path.is_file():
-            path = inside_directory(folder.local, MANIFEST_NAME)
-        present = path.is_file()
-    else:
-        path = folder.location_of(MANIFEST_NAME)
-        present = folder.is_file(MANIFEST_NAME)
-    if not present:
-        raise UserError(
-            f"{directory} has no {MANIFEST_NAME}: it is not a teacher-dump output "
-            "directory (run teacher-dump --out there first, or pass the right directory)"
-        )
+def corrupt_manifest(where: object, why: str) -> UserError:
+    """The one message for a manifest that cannot be read (every reader and teacher-dump)."""
+    return UserError(
+        f"{where} {why}: the manifest is corrupt; rerun the same teacher-dump command to "
+        "rebuild it from the shards"
+    )
+
+
+def parse_manifest(text: str, where: str) -> dict:
+    """Check a manifest's text: JSON, an object, our schema version, a sound shard list.
+
+    `where` names the file in messages. Reading the file (a local directory or object
+    storage) is the reader's side: shared.shard_reader.read_manifest."""
     try:
-        text = (
-            path.read_text(encoding="utf-8") if folder.is_local else folder.read_text(MANIFEST_NAME)
-        )
         manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(
-            f"{path} is not valid JSON ({error}): the manifest is corrupt; rerun the same "
-            "teacher-dump command to rebuild it from the shards"
-        ) from None
+    except json.JSONDecodeError as error:
+        raise corrupt_manifest(where, f"is not valid JSON ({error})") from None
     if not isinstance(manifest, dict):
-        raise UserError(
-            f"{path} is not a JSON object: the manifest is corrupt; rerun the same "
-            "teacher-dump command to rebuild it from the shards"
-        )
-    check_schema_version(manifest.get("schema_version"), str(path))
+        raise corrupt_manifest(where, "is not a JSON object")
+    check_schema_version(manifest.get("schema_version"), where)
     problem = manifest_problem(manifest)
     if problem:
         raise UserError(
-            f"{path}: {problem}: refusing to read the dump; rerun the same teacher-dump command "
+            f"{where}: {problem}: refusing to read the dump; rerun the same teacher-dump command "
             "to rebuild the manifest from the shards"
         )
     return manifest

@@ -1,6 +1,6 @@
-"""The one exception type for bad input: its message is shown to the user as a single line.
+"""How bad input is reported: one exception type, its message shown to the user as a single line.
 
-Every message names the cause and the fix ("X is wrong: do Y"). The CLIs catch it, print
+UserError itself is defined in schemas.errors (the contract floor raises it too). Every message names the cause and the fix ("X is wrong: do Y"). The CLIs catch it, print
 `error: <message>` on stderr and exit with status 2; anything else is a bug and keeps its
 traceback.
 """
@@ -8,9 +8,9 @@ traceback.
 from collections.abc import Iterable
 from typing import NoReturn
 
+from schemas.errors import UserError
 
-class UserError(Exception):
-    """Bad input or an incompatible artefact; the message is one line naming cause and fix."""
+__all__ = ["UserError", "check_all", "exit_with", "one_line"]
 
 
 def one_line(error: BaseException, limit: int = 160) -> str:

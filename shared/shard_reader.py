@@ -29,10 +29,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.manifest import (
+    MANIFEST_NAME,
     classify_labels,
+    corrupt_manifest,
     inside_directory,
     is_classify,
-    read_manifest,
+    manifest_path,
+    missing_manifest_message,
+    parse_manifest,
     storage_of_manifest,
 )
 from schemas.shard import (
@@ -54,6 +58,31 @@ from shared.errors import UserError, one_line
 from shared.files import sha256_of_file
 from shared.shard_codec import decode_codebook, decode_distributions
 from shared.storage import Folder, as_folder
+
+
+def read_manifest(directory: Path | str | Folder) -> dict:
+    """Read and check a dump's manifest: present, JSON, our schema version, safe shard names.
+
+    `directory`: a local directory, or a shared.storage.Folder (object storage)."""
+    folder = as_folder(directory)
+    if folder.is_local:
+        path = manifest_path(folder.local)
+        if path.is_file():
+            path = inside_directory(folder.local, MANIFEST_NAME)
+        present = path.is_file()
+    else:
+        path = folder.location_of(MANIFEST_NAME)
+        present = folder.is_file(MANIFEST_NAME)
+    if not present:
+        raise UserError(missing_manifest_message(directory))
+    try:
+        text = (
+            path.read_text(encoding="utf-8") if folder.is_local else folder.read_text(MANIFEST_NAME)
+        )
+    except UnicodeDecodeError as error:
+        raise corrupt_manifest(path, f"is not valid JSON ({error})") from None
+    return parse_manifest(text, str(path))
+
 
 TRAINING_COLUMNS = (
     "sample_id",

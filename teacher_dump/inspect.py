@@ -17,10 +17,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import inside_directory, is_classify, read_manifest, storage_of_manifest
+from schemas.manifest import inside_directory, is_classify, storage_of_manifest
 from schemas.shard import V1_COLUMNS
 from shared.errors import UserError, one_line
-from shared.shard_reader import checked_columns, physical_columns, read_codebook, shard_columns
+from shared.shard_reader import (
+    checked_columns,
+    physical_columns,
+    read_codebook,
+    read_manifest,
+    shard_columns,
+)
 from shared.storage import Folder, as_folder
 from teacher_dump.shards import shards_on_disk
 

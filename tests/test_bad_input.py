@@ -171,7 +171,7 @@ def test_corrupt_shard_is_named_on_resume(tiny_model, gsm8k_file, engine, tmp_pa
 
 
 def test_schema_version_mismatch_and_unsafe_shard_names(tmp_path):
-    from schemas.manifest import read_manifest
+    from shared.shard_reader import read_manifest
 
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99, "shards": []}))
     with pytest.raises(

@@ -22,10 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import shared.shard_reader as shard_reader
-from schemas.manifest import read_manifest
 from schemas.shard import SCHEMA_V1
 from shared.errors import UserError
-from shared.shard_reader import checked_columns, open_dump
+from shared.shard_reader import checked_columns, open_dump, read_manifest
 from student_train.shard_stream import ShardStream
 from teacher_dump.inspect import summarize, validate
 from tests.synthetic_dumps import rewrite_shard, write_synthetic_dump, write_synthetic_dump_for
