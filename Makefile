@@ -48,7 +48,7 @@ format: setup
 
 # The whole pipeline on the built-in default (SmolLM2 teacher, Python docs); about 15 minutes on
 # 2 CPU cores. Artefacts go to demo/; rerunning reuses finished stages. DEMO_ARGS='--set steps=80'
-# changes a setting (see shared/demo.py).
+# changes a setting (see scripts/demo.py).
 demo: setup
 	$(BIN)/python -m scripts.demo $(DEMO_ARGS)
 
