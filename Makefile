@@ -48,7 +48,7 @@ format: setup
 
 # The whole pipeline on the built-in default (SmolLM2 teacher, Python docs); about 15 minutes on
 # 2 CPU cores. Artefacts go to demo/; rerunning reuses finished stages. DEMO_ARGS='--set steps=80'
-# changes a setting (see shared/demo.py).
+# changes a setting (see scripts/demo.py).
 demo: setup
 	$(BIN)/python -m scripts.demo $(DEMO_ARGS)
 
@@ -73,7 +73,7 @@ quality: setup
 classify-bench: setup
 	$(BIN)/python -m scripts.classify_bench $(CLASSIFY_ARGS)
 
-# What the README's Reliability section states, measured: 20 kill -9 trials of teacher-dump and
+# What docs/reliability.md states, measured: 20 kill -9 trials of teacher-dump and
 # 20 of student-train (resumed; nothing lost, duplicated or changed), a real full disk during a
 # shard and a checkpoint write, concurrent starts into one --out, single-bit flips of a real
 # shard, and the fuzzed reader at 200 corruptions of each kind. About 45 minutes on 2 CPU cores.

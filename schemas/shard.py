@@ -4,14 +4,14 @@
 One row per (prompt, completion). Per target position t (0 <= t < T) a row holds the target token,
 the teacher's log-probability of it, and the teacher's distribution at that position in one of
 the REPRESENTATIONS below. Everything is plain Parquet that polars, pyarrow, duckdb, pandas and
-`datasets` read without this package; README "Shard format" shows the numpy lines that decode
+`datasets` read without this package; docs/shard-format.md shows the numpy lines that decode
 each representation.
 
 Schema version 2 (written) stores the distribution as flat integer lists, one list per row
 (entries of all positions of the row laid end to end; `*_count` says how many belong to each
 position). Schema version 1 (still read) stored `topk_ids` / `topk_logprobs` as list<list<...>>.
 
-Conventions that readers must honour (part of the contract, see README "Shard format"):
+Conventions that readers must honour (part of the contract, see docs/shard-format.md):
 - Log-probabilities are natural-log and "raw" (temperature 1, before top-p/top-k filtering).
   `target_logprobs` (and v1 `topk_logprobs`) are rounded to multiples of LOGPROB_STEP.
 - Token ids are < the manifest's `tokenizer_size` (len(tokenizer)). Ids of the embedding's
@@ -294,7 +294,8 @@ CLASSIFY_CONVENTIONS = {
     "finish_reason": "'label' when the gold label is known, 'unlabelled' otherwise",
     HIDDEN_COLUMN: "optional: the teacher's pooled hidden state (float16), when the dump asked",
 }
-"""How a classify dump fills the shard columns (the README's "Classification shards")."""
+"""How a classify dump fills the shard columns (docs/classification.md, "Classification
+shards")."""
 
 
 def classify_schema(with_hidden: bool) -> pa.Schema:

@@ -255,8 +255,8 @@ def train_students(
 
 
 def summary_table(report: dict) -> str:
-    """The README table: every model's metrics, and the gap to the teacher each KD student
-    closed relative to the labels-only student."""
+    """The table of docs/classification.md: every model's metrics, and the gap to the teacher
+    each KD student closed relative to the labels-only student."""
     from kd_eval.report import markdown_table
 
     models = report["models"]

@@ -1,6 +1,6 @@
 """`make trials`: kill -9 trials, a full disk and concurrent starts, on tiny local models.
 
-What the README promises about crashes, checked by doing them:
+What docs/reliability.md promises about crashes, checked by doing them:
 1. teacher-dump trials: the real command is killed with SIGKILL (its whole process group: the CLI
    and vLLM's engine processes) at a seeded random moment, then the dump is resumed. After each:
    every sample id exactly once, `teacher-dump inspect --validate` passes, and every row equals

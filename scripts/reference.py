@@ -1,13 +1,13 @@
-"""The README's option tables, generated from the commands' config dataclasses.
+"""The option tables of docs/COMMAND.md, generated from the commands' config dataclasses.
 
 Each option is written once: a field of DumpConfig, TrainConfig or EvalConfig with its type, its
 default and the docstring under it. The CLIs derive their flags, choices and --help text from
-those fields (shared.config.config_flags); this script renders the same fields as the README's
-tables between `<!-- options: COMMAND -->` and `<!-- end options -->`. A test fails when the
-README is out of date.
+those fields (shared.config.config_flags); this script renders the same fields as the tables
+between `<!-- options: COMMAND -->` and `<!-- end options -->` in each command's page,
+docs/COMMAND.md. A test fails when a page is out of date.
 
-    python -m scripts.reference          # rewrite the tables in README.md
-    python -m scripts.reference --check  # exit 1 if README.md is out of date
+    python -m scripts.reference          # rewrite the tables in docs/*.md
+    python -m scripts.reference --check  # exit 1 if a page is out of date
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from student_train.config import TrainConfig
 from teacher_dump import cli as teacher_dump_cli
 from teacher_dump.config import DumpConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = {
     "teacher-dump": (DumpConfig, teacher_dump_cli.FLAGS, teacher_dump_cli.NEGATED),
     "student-train": (TrainConfig, student_train_cli.FLAGS, student_train_cli.NEGATED),
     "kd-eval": (EvalConfig, kd_eval_cli.FLAGS, kd_eval_cli.NEGATED),
 }
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PAGES = {command: DOCS / f"{command}.md" for command in COMMANDS}
+"""Each command's reference page, which holds its options table."""
 MARKERS = re.compile(r"(<!-- options: ([a-z-]+) -->\n)(.*?)(<!-- end options -->)", re.DOTALL)
 
 
@@ -62,27 +64,31 @@ def options_table(config_class: type, flags: tuple[str, ...], negated: dict[str,
     return "\n".join(rows) + "\n"
 
 
-def render(readme: str) -> str:
-    """The README with every options table regenerated."""
+def render(page: str) -> str:
+    """The page with every options table in it regenerated."""
 
     def table(match: re.Match) -> str:
         command = match.group(2)
         if command not in COMMANDS:
-            raise KeyError(f"README names an unknown command in {match.group(1).strip()}")
+            raise KeyError(f"a page names an unknown command in {match.group(1).strip()}")
         return match.group(1) + options_table(*COMMANDS[command]) + match.group(4)
 
-    return MARKERS.sub(table, readme)
+    return MARKERS.sub(table, page)
 
 
 def main() -> None:
-    text = README.read_text(encoding="utf-8")
-    rendered = render(text)
-    if "--check" in sys.argv[1:]:
-        if rendered != text:
-            print("README.md option tables are out of date: run python -m scripts.reference")
-            sys.exit(1)
-        return
-    README.write_text(rendered, encoding="utf-8")
+    stale = []
+    for path in PAGES.values():
+        text = path.read_text(encoding="utf-8")
+        rendered = render(text)
+        if rendered == text:
+            continue
+        stale.append(path.name)
+        if "--check" not in sys.argv[1:]:
+            path.write_text(rendered, encoding="utf-8")
+    if stale and "--check" in sys.argv[1:]:
+        print(f"stale option tables in {', '.join(stale)}: run python -m scripts.reference")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -211,7 +211,7 @@ def field_default(config_class: type, name: str) -> Any:
 
 
 def format_default(value: Any) -> str:
-    """How a default reads in --help and the README: [value], nothing when there is none."""
+    """How a default reads in --help and docs/'s option tables: [value], nothing for none."""
     if value is dataclasses.MISSING or value is None:
         return ""
     if isinstance(value, bool):

@@ -1,4 +1,4 @@
-"""`student-train`: the command line of the cheap half (see README for the reference).
+"""`student-train`: the command line of the cheap half (reference: docs/student-train.md).
 
 Runs alone or under `torchrun --nproc-per-node N -m student_train.cli ...` (or the
 `student-train` script path) unchanged.

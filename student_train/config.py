@@ -165,8 +165,8 @@ class TrainConfig:
     bf16: bool = False
     """bfloat16 autocast for the student's forward, LM head included (weights stay float32; the
     log-softmax and the losses run in float32 on the bf16 logits, so the student's
-    log-probabilities differ from float32 ones: README "Reliability"). Slow on CPUs without
-    native bf16."""
+    log-probabilities differ from float32 ones: docs/student-train.md, "--bf16 precision").
+    Slow on CPUs without native bf16."""
     lora_r: int = 0
     """LoRA rank: train a peft LoRA adapter instead of all weights (0: full fine-tuning)."""
     lora_alpha: float = 16.0

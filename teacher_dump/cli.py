@@ -1,4 +1,4 @@
-"""`teacher-dump`: the command line of the expensive half (see README for the reference)."""
+"""`teacher-dump`: the command line of the expensive half (reference: docs/teacher-dump.md)."""
 
 from __future__ import annotations
 

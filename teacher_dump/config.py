@@ -73,13 +73,13 @@ class DumpConfig:
     limit: int | None = None
     """Use only the first N prompts (text mode: the first N chunks)."""
     store: Representation = "adaptive"
-    """How the teacher's distribution at each target position is stored (README "Storage").
+    """How the teacher's distribution at each target position is stored (docs/storage.md).
     adaptive: per row, the fewest entries whose two fidelity figures together are no worse
     than exact top-k (--top-k; at most --k-max per position; about 3x smaller than topk at that
     fidelity); topk: exactly the --top-k most likely ids and their logprobs; sampled: --draws
     draws from the teacher's full distribution, stored as distinct ids with hit counts
     (RS-KD; student-train's forward KL on them is unbiased). Token modes only: --mode classify
-    stores every label exactly (README "Classification shards")."""
+    stores every label exactly (docs/classification.md, "Classification shards")."""
     top_k: int = 20
     """topk: ids stored per target position. adaptive: the exact top-k whose fidelity each row
     matches (--adaptive-rule parity)."""
@@ -109,7 +109,7 @@ class DumpConfig:
     temperature: float = 0.0
     """Generate mode: sampling temperature (0 = greedy, the default: sequence-level KD learns
     the teacher's mode, and on SciTLDR greedy summaries gave students 0.015-0.019 more ROUGE-2
-    than T = 1 samples; README "Does LM distillation pay off?"). Several --num-samples need
+    than T = 1 samples; docs/quality.md). Several --num-samples need
     T > 0. Stored logprobs are raw (T=1) anyway."""
     top_p: float = 1.0
     """Generate mode: nucleus sampling threshold."""

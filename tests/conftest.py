@@ -164,7 +164,7 @@ def eval_text_shards(tiny_model, engine, tmp_path_factory) -> Path:
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The fuzzed reader's figures (README, Reliability): corrupt dumps refused, by kind."""
+    """The fuzzed reader's figures (docs/reliability.md): corrupt dumps refused, by kind."""
     import sys
 
     fuzz = sys.modules.get("tests.test_reader_fuzz")  # only when this session ran it

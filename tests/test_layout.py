@@ -212,9 +212,12 @@ def test_the_packages_of_the_layout_are_the_installed_ones():
         assert (ROOT / package / "__init__.py").is_file()
 
 
-def test_the_readme_option_tables_are_generated_from_the_configs():
-    from scripts.reference import README, render
+def test_the_option_tables_in_docs_are_generated_from_the_configs():
+    from scripts.reference import PAGES, render
 
-    text = README.read_text(encoding="utf-8")
-    assert text.count("<!-- options: ") == 3
-    assert render(text) == text, "README option tables are stale: run python -m scripts.reference"
+    for command, path in PAGES.items():
+        text = path.read_text(encoding="utf-8")
+        assert text.count(f"<!-- options: {command} -->") == 1, f"{path.name} lost its table"
+        assert render(text) == text, (
+            f"{path.name}: stale options table, run python -m scripts.reference"
+        )

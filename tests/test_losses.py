@@ -57,8 +57,8 @@ def reference_kd(
     tail: str,
 ) -> torch.Tensor:
     """The KD loss written out densely in float64, one position at a time, from the definitions
-    in the README (independent of student_train.losses): a full-vocabulary softmax for the
-    student with the mass outside the teacher's ids summed explicitly; the teacher's tail
+    in docs/student-train.md (independent of student_train.losses): a full-vocabulary softmax
+    for the student with the mass outside the teacher's ids summed explicitly; the teacher's tail
     1 - sum(p), where a tail under 1e-3 (the stored logprobs' precision) is set to 1e-9 and the
     student's tail is then compared at no less than 1e-9; both sides raised to 1/T and
     renormalized; times T^2. Differentiable with respect to student_logits."""

@@ -48,7 +48,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 TRIED: dict[str, int] = {}
-"""Corruptions applied per kind in this session (the figures the README quotes)."""
+"""Corruptions applied per kind in this session (the figures docs/reliability.md quotes)."""
 
 
 @pytest.fixture(scope="module")

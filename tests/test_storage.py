@@ -2,7 +2,8 @@
 by the trainer's reader, checked against dense computations over the teacher's FULL
 distribution (synthetic teachers whose whole vocabulary is known), never against the codec
 itself. Also: v1 dumps still read, validate and train; `inspect --validate` and the trainer's
-reader refuse corrupt v2 shards; the README's numpy decoding is what the reader decodes."""
+reader refuse corrupt v2 shards; the numpy decoding in docs/shard-format.md is what the reader
+decodes."""
 
 from __future__ import annotations
 
@@ -402,12 +403,14 @@ def test_inspect_validate_and_the_reader_refuse_corrupt_v2_shards(tmp_path):
         open_dump(directory)
 
 
-def test_readme_numpy_decoding_equals_the_reader(tmp_path):
-    """README "Shard format" shows how to decode each representation with numpy in a few lines;
+def test_the_documented_numpy_decoding_equals_the_reader(tmp_path):
+    """docs/shard-format.md shows how to decode each representation with numpy in a few lines;
     run those lines on a real v2 shard and compare with what the trainer's reader hands out."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    snippet = re.search(r"<!-- decode-example -->\n```python\n(.*?)```", readme, re.DOTALL)
-    assert snippet, "README lost its numpy decoding example"
+    page = Path(__file__).resolve().parents[1] / "docs" / "shard-format.md"
+    snippet = re.search(
+        r"<!-- decode-example -->\n```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL
+    )
+    assert snippet, "docs/shard-format.md lost its numpy decoding example"
     full = teacher(90, seed=9)
     rows = synthetic_rows(full, [45, 45], k=ENGINE_K)
     for storage in (
@@ -426,7 +429,7 @@ def test_readme_numpy_decoding_equals_the_reader(tmp_path):
         write_v2_dump(directory, written, storage, vocabulary=VOCABULARY, fingerprint="f")
         path = sorted(directory.glob("part-*.parquet"))[0]
         namespace = {"path": str(path)}
-        exec(snippet.group(1), namespace)  # noqa: S102 - the README's own lines
+        exec(snippet.group(1), namespace)  # noqa: S102 - the documentation's own lines
         ids, logprobs, log_tail = read_back(directory)
         per_position = namespace["position"]
         for position in (0, 17, 89):
