@@ -1,15 +1,14 @@
 """The training loop of student-train: setup, one explicit loop, finish.
 
-    shards ──ShardStream──► micro-batches ──student decoder──► hidden states at target positions
-           ──chunked LM head + loss (SUM)──► ÷ target tokens of the whole step (all ranks)
+    shards ──ShardStream──► micro-batches ──family's collation──► batch ──family's forward + loss
+           (SUM)──► ÷ target tokens (or examples) of the whole step (all ranks)
            ──backward, sum gradients over ranks, clip, AdamW, warm-up + cosine──► checkpoint
 
-The teacher is never loaded: its signal is the top-k stored in the shards. `setup` builds a
+The teacher is never loaded: its signal is what the shards store. `setup` builds a
 `TrainingRun` (everything the loop reads and updates), `loop` trains it step by step, and
-`finish` publishes the student. What a step computes is the run's objective, chosen at setup
-(student_train/objectives.py): token KD for a causal LM on token dumps, or classification
-(α·CE(gold) + (1−α)·T²·KD over the labels, optionally + w·MSE of pooled hidden states) for a
-sequence classifier on class dumps or gold labels, divided by the step's examples.
+`finish` publishes the student. What a step computes is the objective of the student's family
+(student_train/families/: a causal LM on token dumps, a sequence classifier on class dumps or
+gold labels), chosen once at setup; the loop is the same for every family.
 """
 
 from __future__ import annotations
@@ -26,25 +25,14 @@ import torch
 
 from schemas.manifest import (
     check_dump_kind,
-    check_tokenizer_fingerprint,
     classify_labels,
-    is_classify,
     storage_of_manifest,
 )
 from schemas.shard import HIDDEN_COLUMN
-from shared.causal_lm import check_output_path, output_logits_function
 from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import atomic_write_json, directory_lock
-from shared.models import AUXILIARY_WEIGHTS
-from shared.shard_reader import (
-    CLASSIFY_COLUMNS,
-    LENGTH_COLUMNS,
-    TRAINING_COLUMNS,
-    Dump,
-    open_dump,
-)
-from shared.tokenizer import tokenizer_fingerprint
+from shared.shard_reader import LENGTH_COLUMNS, TRAINING_COLUMNS, Dump, open_dump
 from student_train.batches import BatchShape, take_micro_batch
 from student_train.checkpoints import (
     FINAL_DIRECTORY,
@@ -55,7 +43,7 @@ from student_train.checkpoints import (
     remove_temporaries,
     save_checkpoint,
 )
-from student_train.classify_data import combined_teacher_targets, labels_only_source
+from student_train.classify_data import labels_only_source
 from student_train.config import RESUMABLE_FIELDS, TrainConfig
 from student_train.distributed import (
     Distributed,
@@ -68,12 +56,8 @@ from student_train.distributed import (
     sum_across_ranks,
     sum_gradients,
 )
-from student_train.objectives import (
-    SUMS_WIDTH,
-    ClassificationObjective,
-    HiddenLoss,
-    LanguageModelObjective,
-)
+from student_train.families import family_of
+from student_train.family import SUMS_WIDTH, Objective, StudentFamily
 from student_train.reporting import (
     CURVE_NAME,
     METRICS_NAME,
@@ -90,12 +74,7 @@ from student_train.sharding import (
     shard_student,
     sharded_state,
 )
-from student_train.student import (
-    Student,
-    is_classification_student,
-    load_classification_student,
-    load_student,
-)
+from student_train.student import Student
 
 CONFIG_NAME = "train_config.json"
 UNLIMITED_LENGTH = 1 << 30
@@ -111,8 +90,8 @@ class TrainingRun:
     dump: Dump
     eval_dump: Dump | None
     student: Student
-    objective: LanguageModelObjective | ClassificationObjective
-    """What a step computes (token KD, or classification); see student_train/objectives.py."""
+    objective: Objective
+    """What a step computes: the objective of the student's family (student_train/family.py)."""
     read_group: object
     """Reads one row group for the stream (None: from the dump's shards)."""
     columns: tuple[str, ...]
@@ -174,7 +153,8 @@ def run_training(config: TrainConfig) -> dict:
 def train(config: TrainConfig, context: Distributed) -> dict:
     out = Path(config.out)
     torch.manual_seed(config.seed)
-    classification = is_classification_student(config.student)
+    family = family_of(config.student)
+    classification = family.reads_class_dumps
     read_group, follower = None, None
     if config.data is not None:
         dump, read_group = labels_only_source(config)
@@ -210,7 +190,7 @@ def train(config: TrainConfig, context: Distributed) -> dict:
                     f"--out {out}: another student-train is writing there; wait for it to "
                     "finish or choose another --out"
                 ) from None
-        run = setup(config, context, out, dump, eval_dump, read_group, follower)
+        run = setup(config, context, out, family, dump, eval_dump, read_group, follower)
         loop(run)
         return finish(run)
 
@@ -251,29 +231,25 @@ def setup(
     config: TrainConfig,
     context: Distributed,
     out: Path,
+    family: StudentFamily,
     dump: Dump,
     eval_dump: Dump | None,
     read_group=None,
     follower: DumpFollower | None = None,
 ) -> TrainingRun:
-    """Load the student, choose the objective, build the optimizer, schedule and stream, and
-    restore a checkpoint. With a `follower` (--follow) the dump is still being written."""
+    """Load the student through its family (which gives the objective), build the optimizer,
+    schedule and stream, and restore a checkpoint. With a `follower` (--follow) the dump is
+    still being written."""
     checkpoint, meta, state = existing_checkpoint(config, context, out)
-    if is_classify(dump.manifest):
-        student, objective, columns = setup_classification(
-            config, context, dump, eval_dump, checkpoint
-        )
-    else:
-        student, objective, columns = setup_language_model(
-            config, context, dump, eval_dump, checkpoint
-        )
+    loaded = family.setup(config, context, dump, eval_dump, checkpoint)
+    student, objective, columns = loaded.student, loaded.objective, loaded.columns
     batch_shape = BatchShape(
         rows=config.rows_per_micro_batch,
         batch_tokens=config.batch_tokens,
         max_length=config.max_length or student.context or UNLIMITED_LENGTH,
         teacher_top_k=config.teacher_top_k,
     )
-    sharded = shard_if_asked(config, context, dump, student, objective)
+    sharded = shard_if_asked(config, context, family, student, objective)
     parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
     parameters += [parameter for module in objective.modules for parameter in module.parameters()]
     total_steps = plan_steps(config, context, dump, batch_shape, read_group, follower)
@@ -321,15 +297,18 @@ def setup(
 
 
 def shard_if_asked(
-    config: TrainConfig, context: Distributed, dump: Dump, student: Student, objective
+    config: TrainConfig,
+    context: Distributed,
+    family: StudentFamily,
+    student: Student,
+    objective: Objective,
 ) -> ShardedStudent | None:
     """--parallel fsdp: the student sharded over the ranks (FSDP2); else None."""
     if config.parallel != "fsdp":
         return None
-    if is_classify(dump.manifest):
+    if not family.shardable:
         raise UserError(
-            "--parallel fsdp trains causal LM students on token dumps: use --parallel ddp for "
-            "a classifier"
+            f"--parallel fsdp does not shard a {family.name} student: use --parallel ddp"
         )
     return shard_student(student.model, objective, context)
 
@@ -351,100 +330,6 @@ def existing_checkpoint(
     if context.is_main:
         remove_temporaries(out)
     return checkpoint, meta, state
-
-
-def setup_language_model(
-    config: TrainConfig,
-    context: Distributed,
-    dump: Dump,
-    eval_dump: Dump | None,
-    checkpoint: Path | None,
-) -> tuple[Student, LanguageModelObjective, tuple[str, ...]]:
-    """The causal LM student, its objective and the columns it reads. Token ids only mean the
-    same tokens under the teacher's tokenizer: the student's fingerprint must match every dump."""
-    student = load_student(
-        config.student,
-        manifest=dump.manifest,
-        trust_remote_code=config.trust_remote_code,
-        lora=config.lora_options,
-        device=context.device,
-        weights_from=checkpoint,
-    )
-    if eval_dump is not None:
-        fingerprint = tokenizer_fingerprint(student.tokenizer)
-        check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
-    check_output_path(student.model, student.vocabulary, context.device)
-    objective = LanguageModelObjective(
-        output_logits_function(student.model, student.vocabulary),
-        config.loss_options(),
-        config.chunk_tokens,
-    )
-    return student, objective, TRAINING_COLUMNS
-
-
-def setup_classification(
-    config: TrainConfig,
-    context: Distributed,
-    dump: Dump,
-    eval_dump: Dump | None,
-    checkpoint: Path | None,
-) -> tuple[Student, ClassificationObjective, tuple[str, ...]]:
-    """The classifier student, its objective and the columns it reads. Class distributions are
-    tokenizer-free: the student tokenizes the texts itself, and no fingerprint is compared."""
-    labels = classify_labels(dump.manifest)
-    if eval_dump is not None and classify_labels(eval_dump.manifest) != labels:
-        raise UserError(
-            f"--eval-shards has labels {', '.join(classify_labels(eval_dump.manifest))} but the "
-            f"training data has {', '.join(labels)}: evaluate on a dump with the same labels"
-        )
-    if config.batch_tokens is not None:
-        raise UserError(
-            "--batch-tokens packs token rows; a classifier batches examples: use --micro-batch"
-        )
-    student = load_classification_student(
-        config.student,
-        labels=labels,
-        trust_remote_code=config.trust_remote_code,
-        lora=config.lora_options,
-        device=context.device,
-        weights_from=checkpoint,
-    )
-    options = config.loss_options(classification=True)
-    if options.loss != "ce" and config.data is None and dump.manifest["top_k"] != len(labels):
-        raise UserError(f"--shards {dump.directory}: k differs from the number of labels")
-    teacher_targets = None
-    if config.more_shards:
-        teacher_targets = combined_teacher_targets(
-            dump, config.more_shards, config.teacher_weights, config.allow_incomplete
-        )
-    columns = CLASSIFY_COLUMNS
-    hidden_loss = None
-    if config.hidden_weight > 0:
-        hidden = (dump.manifest.get("classify") or {}).get("hidden")
-        if not hidden or not hidden.get("width"):
-            raise UserError(
-                f"--hidden-weight needs the teacher's hidden states in the shards, and "
-                f"{dump.directory} has none: dump with teacher-dump --hidden-layer N"
-            )
-        student_width = student.model.config.hidden_size
-        torch.manual_seed(config.seed)
-        projection = torch.nn.Linear(student_width, int(hidden["width"])).to(context.device)
-        if checkpoint is not None:
-            from safetensors.torch import load_file
-
-            projection.load_state_dict(load_file(checkpoint / PROJECTION_NAME))
-        hidden_loss = HiddenLoss(
-            config.hidden_weight, projection, config.student_hidden_layer, hidden["pooling"]
-        )
-        columns = (*CLASSIFY_COLUMNS, HIDDEN_COLUMN)
-    objective = ClassificationObjective(
-        tokenizer=student.tokenizer,
-        max_length=config.max_length or student.context or 512,
-        loss_options=options,
-        teacher_targets=teacher_targets,
-        hidden_loss=hidden_loss,
-    )
-    return student, objective, columns
 
 
 def restore(
@@ -567,9 +452,7 @@ def finish(run: TrainingRun) -> dict:
         "steps": run.step,
         "total_steps": run.total_steps,
         "tokens": run.tokens_seen,
-        "unit": "examples"
-        if isinstance(run.objective, ClassificationObjective)
-        else "target tokens",
+        "unit": run.objective.unit,
         "train": run.last_train,
         "eval": run.last_eval,
         "stopped_early": run.stopped_early,
@@ -600,7 +483,7 @@ def accumulate_gradients(
     model: torch.nn.Module,
     micro_batches: list,
     *,
-    objective: LanguageModelObjective | ClassificationObjective,
+    objective: Objective,
     bf16: bool,
     context: Distributed,
     sharded: ShardedStudent | None = None,
@@ -857,24 +740,12 @@ def save_training_state(run: TrainingRun) -> None:
             training_state=state,
             meta=meta,
             keep=run.config.keep_checkpoints,
-            extra_weights=extra_weights(run),
+            extra_weights=run.objective.extra_weights(),
             write_sharded=write_sharded,
         )
     run.checkpoint = Path(broadcast_object(context, str(path) if path else None))
     run.saved_step = run.step
     barrier(context)
-
-
-PROJECTION_NAME = AUXILIARY_WEIGHTS[0]
-"""The learned projection of the hidden-state loss, saved beside the student's weights."""
-
-
-def extra_weights(run: TrainingRun) -> dict[str, dict[str, torch.Tensor]]:
-    """Trained modules besides the student, by file name (the hidden-state projection)."""
-    if getattr(run.objective, "hidden_loss", None) is None:
-        return {}
-    projection = run.objective.hidden_loss.projection
-    return {PROJECTION_NAME: {k: v.detach().cpu() for k, v in projection.state_dict().items()}}
 
 
 def publish_student(run: TrainingRun, summary: dict) -> Path:
