@@ -77,28 +77,13 @@ def train(config: TrainConfig, context: Distributed) -> dict:
     out = Path(config.out)
     torch.manual_seed(config.seed)
     family = family_of(config.student)
-    classification = family.reads_class_dumps
-    read_group, follower = None, None
-    if config.data is not None:
-        dump, read_group = labels_only_source(config)
-        check_dump_kind(dump.manifest, classify=classification, where=f"--data {config.data}")
-    elif config.follow:
-        follower = DumpFollower.open(
-            config.shards,
-            poll_seconds=config.follow_poll,
-            timeout_seconds=config.follow_timeout,
-            announce=context.is_main,
-        )
-        dump = follower.dump
-        check_dump_kind(dump.manifest, classify=classification, where=f"--shards {config.shards}")
-    else:
-        dump = open_dump(config.shards, allow_incomplete=config.allow_incomplete)
-        check_dump_kind(dump.manifest, classify=classification, where=f"--shards {config.shards}")
+    dump, read_group, follower = training_source(config, context)
+    where = f"--data {config.data}" if config.data is not None else f"--shards {config.shards}"
+    check_dump_kind(dump.manifest, classify=family.reads_class_dumps, where=where)
     eval_dump = open_dump(config.eval_shards, flag="--eval-shards") if config.eval_shards else None
     if eval_dump is not None:
-        check_dump_kind(
-            eval_dump.manifest, classify=classification, where=f"--eval-shards {config.eval_shards}"
-        )
+        where = f"--eval-shards {config.eval_shards}"
+        check_dump_kind(eval_dump.manifest, classify=family.reads_class_dumps, where=where)
     check_representations(config, dump, eval_dump)
     # One trainer at a time per output directory; a previous run is only continued with --resume.
     if context.is_main:
@@ -116,6 +101,25 @@ def train(config: TrainConfig, context: Distributed) -> dict:
         run = setup(config, context, out, family, dump, eval_dump, read_group, follower)
         loop(run)
         return finish(run)
+
+
+def training_source(
+    config: TrainConfig, context: Distributed
+) -> tuple[Dump, object, DumpFollower | None]:
+    """(the training dump, its row-group reader or None, a follower or None): gold labels
+    (--data), a dump still being written (--follow), or a finished dump."""
+    if config.data is not None:
+        dump, read_group = labels_only_source(config)
+        return dump, read_group, None
+    if config.follow:
+        follower = DumpFollower.open(
+            config.shards,
+            poll_seconds=config.follow_poll,
+            timeout_seconds=config.follow_timeout,
+            announce=context.is_main,
+        )
+        return follower.dump, None, follower
+    return open_dump(config.shards, allow_incomplete=config.allow_incomplete), None, None
 
 
 def check_representations(config: TrainConfig, dump: Dump, eval_dump: Dump | None) -> None:
