@@ -559,8 +559,7 @@ def measure_online(
     from shared.causal_lm import final_hidden_states, output_logits_function
     from student_train.config import TrainConfig
     from student_train.distributed import Distributed
-    from student_train.objectives import LanguageModelObjective
-    from student_train.student import load_student
+    from student_train.families.causal_lm import LanguageModelObjective, load_student
     from student_train.train import accumulate_gradients
 
     dump, batch = fixed_batch(shards, micro_batch)
@@ -621,7 +620,7 @@ def measure_loss_memory(
     """Peak RSS of one forward+backward of the KD loss over `positions` x `vocabulary` logits."""
     import torch
 
-    from student_train.losses import chunked_loss_sums
+    from student_train.losses import LossOptions, chunked_loss_sums
 
     torch.manual_seed(0)
     hidden = torch.randn(positions, hidden_size, requires_grad=True)
@@ -629,10 +628,10 @@ def measure_loss_memory(
     ids = torch.randint(0, vocabulary, (positions, 20))
     logprobs = torch.log_softmax(torch.randn(positions, 20), -1).sort(-1, descending=True).values
     baseline = peak_rss_megabytes()
+    options = LossOptions(loss="fkl", alpha=0.0, beta=0.5, temperature=1.0, tail="bucket")
     sums = chunked_loss_sums(
-        hidden, head, ids[:, 0], ids, logprobs, chunk_tokens=chunk_tokens,
-        loss="fkl", alpha=0.0, beta=0.5, temperature=1.0, tail="bucket",
-    )  # fmt: skip
+        hidden, head, ids[:, 0], ids, logprobs, options=options, chunk_tokens=chunk_tokens
+    )
     sums[0].backward()
     return {"peak_rss_mb": peak_rss_megabytes(), "baseline_rss_mb": baseline}
 

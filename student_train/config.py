@@ -12,7 +12,7 @@ from typing import Literal
 from shared.config import check_choices
 from shared.distributions import TailPolicy
 from shared.errors import check_all
-from student_train.losses import DEFAULT_BETA, Loss
+from student_train.losses import DEFAULT_BETA, Loss, LossOptions
 from student_train.student import LoraOptions
 
 RESUMABLE_FIELDS = frozenset(
@@ -42,18 +42,6 @@ CLASSIFICATION_DEFAULTS = {"alpha": 0.5, "temperature": 5.0}
 """--alpha and --temperature when not given: token KD on the teacher's distribution alone at
 T = 1; classification KD as in the classic recipe (Hinton et al.): 0.5 · CE(gold) +
 0.5 · T² · KL at T = 5 (class distributions of a confident teacher are near one-hot at T = 1)."""
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """The loss settings the training step passes to student_train.losses."""
-
-    loss: Loss
-    alpha: float
-    beta: float
-    """Resolved: the per-loss default when --beta is not given."""
-    temperature: float
-    tail: TailPolicy
 
 
 @dataclass(frozen=True)

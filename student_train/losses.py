@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -31,6 +32,22 @@ DEFAULT_BETA = {"jsd": 0.5, "skew-kl": 0.1}
 """Default β: JSD's mixture weight (GKD) and skew KL's skew (DistiLLM)."""
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss's hyper-parameters, resolved once from the config and passed whole to the loss
+    functions below (plain numbers and names: the math reads no config)."""
+
+    loss: Loss
+    alpha: float
+    """Weight of CE in total = α·CE + (1−α)·KD."""
+    beta: float
+    """JSD's mixture weight or skew KL's skew; resolved: the per-loss default when --beta is not
+    given."""
+    temperature: float
+    tail: TailPolicy
+    """How the teacher's mass outside its stored ids enters token KD (unused by classes)."""
+
+
 def loss_sums(
     logits: torch.Tensor,
     target_ids: torch.Tensor,
@@ -38,11 +55,7 @@ def loss_sums(
     topk_logprobs: torch.Tensor,
     topk_log_tail: torch.Tensor | None = None,
     *,
-    loss: Loss,
-    alpha: float,
-    beta: float,
-    temperature: float,
-    tail: TailPolicy,
+    options: LossOptions,
 ) -> torch.Tensor:
     """Summed training loss of one chunk: total = α·CE + (1-α)·KD (loss "ce": total = CE).
 
@@ -55,9 +68,11 @@ def loss_sums(
         logits: (N, V). target_ids: (N,) int, the tokens that carry loss (sequence KD target).
         topk_ids: (N, K) int. topk_logprobs: (N, K) float.
         topk_log_tail: optional (N,) the teacher's stored log tail mass (NaN: 1 - sum(p)).
+        options: the loss, α, β, T and tail policy.
     Returns:
         (3,) float32: [total, ce, kd] sums over the N positions (kd is 0 for loss "ce").
     """
+    loss, alpha, tail = options.loss, options.alpha, options.tail
     logits = logits.float()
     ce_trains = loss == "ce" or alpha > 0
     # One logsumexp over the vocabulary serves CE and the bucketed tail. When neither needs its
@@ -76,8 +91,8 @@ def loss_sums(
         topk_ids,
         topk_logprobs,
         divergence=loss,
-        beta=beta,
-        temperature=temperature,
+        beta=options.beta,
+        temperature=options.temperature,
         tail=tail,
         log_normalizer=log_normalizer,
         topk_log_tail=topk_log_tail,
@@ -93,12 +108,8 @@ def chunked_loss_sums(
     topk_logprobs: torch.Tensor,
     topk_log_tail: torch.Tensor | None = None,
     *,
+    options: LossOptions,
     chunk_tokens: int,
-    loss: Loss,
-    alpha: float,
-    beta: float,
-    temperature: float,
-    tail: TailPolicy,
 ) -> torch.Tensor:
     """loss_sums over hidden states, chunk by chunk, never holding all positions' logits
     (shared.causal_lm.chunked_head_sums: peak memory is one chunk of full-vocabulary logits).
@@ -111,9 +122,7 @@ def chunked_loss_sums(
     Returns:
         (3,) float32: [total, ce, kd] sums over the N positions.
     """
-    per_chunk = functools.partial(
-        loss_sums, loss=loss, alpha=alpha, beta=beta, temperature=temperature, tail=tail
-    )
+    per_chunk = functools.partial(loss_sums, options=options)
     if topk_log_tail is None:
         topk_log_tail = torch.full(target_ids.shape, math.nan, device=target_ids.device)
     return chunked_head_sums(
@@ -131,10 +140,7 @@ def classification_loss_sums(
     gold: torch.Tensor,
     teacher_logprobs: torch.Tensor | None,
     *,
-    loss: Loss,
-    alpha: float,
-    beta: float,
-    temperature: float,
+    options: LossOptions,
 ) -> torch.Tensor:
     """Summed classification loss: total = α·CE(gold) + (1−α)·T²·D(p_T ‖ q_T) (loss "ce":
     total = CE), over all L labels (a class distribution has no tail).
@@ -146,9 +152,11 @@ def classification_loss_sums(
         logits: (B, L) student logits. gold: (B,) int, NO_LABEL (-1) where the example has no
             gold label (it adds no CE). teacher_logprobs: (B, L) teacher log-probabilities in
             label order (T = 1), or None for labels only (then loss must be "ce").
+        options: the loss, α, β and T (a class distribution has no tail policy).
     Returns:
         (3,) float32: [total, ce, kd] sums over the B examples (kd is 0 for loss "ce").
     """
+    loss, alpha, temperature = options.loss, options.alpha, options.temperature
     logits = logits.float()
     log_q = torch.log_softmax(logits, dim=-1)
     labelled = gold >= 0
@@ -161,7 +169,9 @@ def classification_loss_sums(
     log_q_tempered = torch.log_softmax(logits / temperature, dim=-1)
     valid = torch.ones_like(log_p, dtype=torch.bool)
     kd = (
-        divergence_per_position(log_p, log_q_tempered, valid, divergence=loss, beta=beta).sum()
+        divergence_per_position(
+            log_p, log_q_tempered, valid, divergence=loss, beta=options.beta
+        ).sum()
         * temperature**2
     )
     if alpha == 0:

@@ -45,7 +45,7 @@ class ShardedStudent(torch.nn.Module):
         """This rank's last micro-batch with target tokens (see the module's docstring)."""
 
     def forward(self, batch, device: torch.device) -> torch.Tensor:
-        """(4,) loss sums of `batch` (see LanguageModelObjective.sums)."""
+        """(4,) loss sums of `batch` (the objective's sums: student_train/family.py)."""
         return self.objective.sums(self.model, batch, device)
 
     def batch_to_run(self, batch) -> tuple[object, float]:

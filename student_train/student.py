@@ -1,6 +1,7 @@
-"""The student model: loading it in float32 (optionally with a LoRA adapter) and proving it can
-read the shards (its tokenizer fingerprint must equal the teacher's). Its forward is split in
-two halves by shared.causal_lm, so the loss never builds (B, L, V) logits.
+"""What every student family shares: the loaded student (`Student`) and its LoRA adapter.
+
+Loading a particular kind of model, and its forward, live in its family
+(student_train/families/).
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from pathlib import Path
 
 import torch
 
-from schemas.manifest import check_tokenizer_fingerprint
 from shared.errors import UserError, one_line
-from shared.models import context_length, resolve_model
-from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -27,6 +25,10 @@ class LoraOptions:
     dropout: float = 0.0
     target: tuple[str, ...] = ("all-linear",)
     rslora: bool = False
+
+
+NO_LORA = LoraOptions()
+"""Train all of the student's weights."""
 
 
 @dataclass
@@ -43,128 +45,20 @@ class Student:
     """What --student named (path or hub id)."""
 
 
-def load_student(
-    reference: str,
-    *,
-    manifest: dict,
-    trust_remote_code: bool,
-    lora: LoraOptions = LoraOptions(),
-    device: torch.device | str = "cpu",
-    weights_from: Path | None = None,
-) -> Student:
-    """Load the student in float32, refusing one whose tokenizer differs from the teacher's.
+def with_lora(
+    model: torch.nn.Module, lora: LoraOptions, weights_from: Path | None, task_type: str
+) -> torch.nn.Module:
+    """`model` with a LoRA adapter when lora.r > 0 (its weights from the checkpoint directory
+    `weights_from`, to resume), else `model` itself. task_type: peft's (CAUSAL_LM, SEQ_CLS)."""
+    if lora.r == 0:
+        return model
+    model = add_lora(model, lora, task_type=task_type)
+    if weights_from is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
-    `weights_from`: a checkpoint directory whose weights (full model, or LoRA adapter) replace
-    the student's, to resume training."""
-    from transformers import AutoModelForCausalLM
-
-    resolved = resolve_model(reference, flag="--student", trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(resolved.directory, trust_remote_code=trust_remote_code)
-    check_tokenizer_fingerprint(manifest, tokenizer_fingerprint(tokenizer), "student")
-    vocabulary = len(tokenizer)
-    full_weights = weights_from if weights_from is not None and lora.r == 0 else None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(full_weights or resolved.directory),
-            dtype=torch.float32,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        )
-    except (OSError, ValueError) as error:
-        reason = one_line(error)
-        raise UserError(
-            f"--student {reference}: cannot load a causal LM ({reason}): pass a "
-            "Hugging Face causal-LM directory"
-        ) from None
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows < vocabulary:
-        raise UserError(
-            f"--student {reference}: its LM head has {rows} rows but its tokenizer {vocabulary} "
-            "tokens: resize the student's embeddings to the tokenizer first"
-        )
-    model.config.use_cache = False
-    if lora.r > 0:
-        model = add_lora(model, lora)
-        if weights_from is not None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(model, load_file(Path(weights_from) / ADAPTER_WEIGHTS))
-    model.to(device)
-    return Student(
-        model=model,
-        tokenizer=tokenizer,
-        vocabulary=vocabulary,
-        context=context_length(resolved.config),
-        is_lora=lora.r > 0,
-        reference=reference,
-    )
-
-
-def is_classification_student(reference: str) -> bool:
-    """Whether --student is a sequence classifier or a bare encoder (it then trains on class
-    distributions), rather than a causal LM (token distributions)."""
-    from shared.classification import is_causal_lm, is_encoder_body, is_sequence_classifier
-
-    config = resolve_model(reference, flag="--student").config
-    if is_causal_lm(config):
-        return False
-    return is_sequence_classifier(config) or is_encoder_body(config)
-
-
-def load_classification_student(
-    reference: str,
-    *,
-    labels: list[str],
-    trust_remote_code: bool,
-    lora: LoraOptions = LoraOptions(),
-    device: torch.device | str = "cpu",
-    weights_from: Path | None = None,
-) -> Student:
-    """A sequence classifier with one output per label (in the dump's label order), float32. A
-    bare encoder gets a new head; a classifier must already have these labels in this order.
-    Its own tokenizer reads the texts (class distributions do not depend on a tokenizer)."""
-    from shared.classification import (
-        align_labels,
-        is_sequence_classifier,
-        load_classifier,
-        model_labels,
-    )
-
-    resolved = resolve_model(reference, flag="--student")
-    tokenizer = load_tokenizer(resolved.directory, trust_remote_code=trust_remote_code)
-    if is_sequence_classifier(resolved.config):
-        names = align_labels(model_labels(resolved.config), labels, f"--student {reference}")
-        if names != list(labels):
-            raise UserError(
-                f"--student {reference} orders its labels {', '.join(names)} but the data "
-                f"orders them {', '.join(labels)}: use a student with the same label order, or "
-                "its bare encoder (it gets a new head)"
-            )
-    full_weights = weights_from if weights_from is not None and lora.r == 0 else None
-    model = load_classifier(
-        full_weights or resolved.directory,
-        labels=labels,
-        trust_remote_code=trust_remote_code,
-        who="--student",
-    )
-    model.train()
-    if lora.r > 0:
-        model = add_lora(model, lora, task_type="SEQ_CLS")
-        if weights_from is not None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(model, load_file(Path(weights_from) / ADAPTER_WEIGHTS))
-    model.to(device)
-    return Student(
-        model=model,
-        tokenizer=tokenizer,
-        vocabulary=len(labels),
-        context=context_length(resolved.config),
-        is_lora=lora.r > 0,
-        reference=reference,
-    )
+        set_peft_model_state_dict(model, load_file(Path(weights_from) / ADAPTER_WEIGHTS))
+    return model
 
 
 def add_lora(model, lora: LoraOptions, task_type: str = "CAUSAL_LM"):

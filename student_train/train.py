@@ -1,79 +1,47 @@
 """The training loop of student-train: setup, one explicit loop, finish.
 
-    shards ──ShardStream──► micro-batches ──student decoder──► hidden states at target positions
-           ──chunked LM head + loss (SUM)──► ÷ target tokens of the whole step (all ranks)
+    shards ──ShardStream──► micro-batches ──family's collation──► batch ──family's forward + loss
+           (SUM)──► ÷ target tokens (or examples) of the whole step (all ranks)
            ──backward, sum gradients over ranks, clip, AdamW, warm-up + cosine──► checkpoint
 
-The teacher is never loaded: its signal is the top-k stored in the shards. `setup` builds a
+The teacher is never loaded: its signal is what the shards store. `setup` builds a
 `TrainingRun` (everything the loop reads and updates), `loop` trains it step by step, and
-`finish` publishes the student. What a step computes is the run's objective, chosen at setup
-(student_train/objectives.py): token KD for a causal LM on token dumps, or classification
-(α·CE(gold) + (1−α)·T²·KD over the labels, optionally + w·MSE of pooled hidden states) for a
-sequence classifier on class dumps or gold labels, divided by the step's examples.
+`finish` publishes the student. What a step computes is the objective of the student's family
+(student_train/families/: a causal LM on token dumps, a sequence classifier on class dumps or
+gold labels), chosen once at setup; the loop is the same for every family.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from schemas.manifest import (
-    check_dump_kind,
-    check_tokenizer_fingerprint,
-    classify_labels,
-    is_classify,
-    storage_of_manifest,
-)
+from schemas.manifest import check_dump_kind, classify_labels, storage_of_manifest
 from schemas.shard import HIDDEN_COLUMN
-from shared.causal_lm import check_output_path, output_logits_function
 from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import atomic_write_json, directory_lock
-from shared.models import AUXILIARY_WEIGHTS
-from shared.shard_reader import (
-    CLASSIFY_COLUMNS,
-    LENGTH_COLUMNS,
-    TRAINING_COLUMNS,
-    Dump,
-    open_dump,
-)
-from shared.tokenizer import tokenizer_fingerprint
+from shared.shard_reader import Dump, open_dump
 from student_train.batches import BatchShape, take_micro_batch
-from student_train.checkpoints import (
-    FINAL_DIRECTORY,
-    latest_checkpoint,
-    publish_final,
-    publish_merged,
-    read_checkpoint,
-    remove_temporaries,
-    save_checkpoint,
-)
-from student_train.classify_data import combined_teacher_targets, labels_only_source
-from student_train.config import RESUMABLE_FIELDS, TrainConfig
+from student_train.classify_data import labels_only_source
+from student_train.config import TrainConfig
 from student_train.distributed import (
     Distributed,
     barrier,
-    broadcast_object,
-    gather_objects,
-    max_across_ranks,
     start_distributed,
     stop_distributed,
     sum_across_ranks,
     sum_gradients,
 )
-from student_train.objectives import (
-    SUMS_WIDTH,
-    ClassificationObjective,
-    HiddenLoss,
-    LanguageModelObjective,
-)
+from student_train.families import family_of
+from student_train.family import SUMS_WIDTH, Objective, StudentFamily
+from student_train.planning import make_optimizer, plan_steps, training_stream
 from student_train.reporting import (
     CURVE_NAME,
     METRICS_NAME,
@@ -82,84 +50,18 @@ from student_train.reporting import (
     truncate_metrics,
 )
 from student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
-from student_train.sharding import (
-    ShardedStudent,
-    full_model_copy,
-    load_sharded,
-    save_sharded,
-    shard_student,
-    sharded_state,
-)
-from student_train.student import (
-    Student,
-    is_classification_student,
-    load_classification_student,
-    load_student,
+from student_train.sharding import ShardedStudent, shard_student
+from student_train.student import Student
+from student_train.training_run import TrainingRun
+from student_train.training_state import (
+    existing_checkpoint,
+    publish_student,
+    restore,
+    save_training_state,
 )
 
 CONFIG_NAME = "train_config.json"
 UNLIMITED_LENGTH = 1 << 30
-
-
-@dataclass
-class TrainingRun:
-    """Everything the loop reads and updates; built by `setup`, advanced by `loop`."""
-
-    config: TrainConfig
-    context: Distributed
-    out: Path
-    dump: Dump
-    eval_dump: Dump | None
-    student: Student
-    objective: LanguageModelObjective | ClassificationObjective
-    """What a step computes (token KD, or classification); see student_train/objectives.py."""
-    read_group: object
-    """Reads one row group for the stream (None: from the dump's shards)."""
-    columns: tuple[str, ...]
-    """The shard columns the objective reads."""
-    batch_shape: BatchShape
-    parameters: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    stream: ShardStream
-    total_steps: int
-    progress: object
-    sharded: ShardedStudent | None = None
-    """The FSDP2 root around the student (--parallel fsdp), else None."""
-    step: int = 0
-    tokens_seen: int = 0
-    checkpoint: Path | None = None
-    """The newest checkpoint written or resumed from."""
-    saved_step: int | None = None
-    """The step of `checkpoint` (None: nothing saved in this run or the one it resumes)."""
-    last_train: dict = field(default_factory=dict)
-    last_eval: dict | None = None
-    stopped_early: bool = False
-    training_seconds: float = 0.0
-    tokens_at_start: int = 0
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.out / METRICS_NAME
-
-    def log(self, values: dict) -> None:
-        if self.context.is_main:
-            append_metrics(self.metrics_path, values)
-
-
-def learning_rate_multiplier(
-    step: int, *, warmup_steps: int, total_steps: int, min_ratio: float
-) -> float:
-    """LR / peak LR for optimizer step `step` (0-based): linear warm-up, then cosine to
-    min_ratio at the last step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps - 1))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def warmup_steps_of(warmup: float, total_steps: int) -> int:
-    return round(warmup * total_steps) if warmup < 1 else int(warmup)
 
 
 def run_training(config: TrainConfig) -> dict:
@@ -174,28 +76,14 @@ def run_training(config: TrainConfig) -> dict:
 def train(config: TrainConfig, context: Distributed) -> dict:
     out = Path(config.out)
     torch.manual_seed(config.seed)
-    classification = is_classification_student(config.student)
-    read_group, follower = None, None
-    if config.data is not None:
-        dump, read_group = labels_only_source(config)
-        check_dump_kind(dump.manifest, classify=classification, where=f"--data {config.data}")
-    elif config.follow:
-        follower = DumpFollower.open(
-            config.shards,
-            poll_seconds=config.follow_poll,
-            timeout_seconds=config.follow_timeout,
-            announce=context.is_main,
-        )
-        dump = follower.dump
-        check_dump_kind(dump.manifest, classify=classification, where=f"--shards {config.shards}")
-    else:
-        dump = open_dump(config.shards, allow_incomplete=config.allow_incomplete)
-        check_dump_kind(dump.manifest, classify=classification, where=f"--shards {config.shards}")
+    family = family_of(config.student)
+    dump, read_group, follower = training_source(config, context)
+    where = f"--data {config.data}" if config.data is not None else f"--shards {config.shards}"
+    check_dump_kind(dump.manifest, classify=family.reads_class_dumps, where=where)
     eval_dump = open_dump(config.eval_shards, flag="--eval-shards") if config.eval_shards else None
     if eval_dump is not None:
-        check_dump_kind(
-            eval_dump.manifest, classify=classification, where=f"--eval-shards {config.eval_shards}"
-        )
+        where = f"--eval-shards {config.eval_shards}"
+        check_dump_kind(eval_dump.manifest, classify=family.reads_class_dumps, where=where)
     check_representations(config, dump, eval_dump)
     # One trainer at a time per output directory; a previous run is only continued with --resume.
     if context.is_main:
@@ -210,9 +98,28 @@ def train(config: TrainConfig, context: Distributed) -> dict:
                     f"--out {out}: another student-train is writing there; wait for it to "
                     "finish or choose another --out"
                 ) from None
-        run = setup(config, context, out, dump, eval_dump, read_group, follower)
+        run = setup(config, context, out, family, dump, eval_dump, read_group, follower)
         loop(run)
         return finish(run)
+
+
+def training_source(
+    config: TrainConfig, context: Distributed
+) -> tuple[Dump, object, DumpFollower | None]:
+    """(the training dump, its row-group reader or None, a follower or None): gold labels
+    (--data), a dump still being written (--follow), or a finished dump."""
+    if config.data is not None:
+        dump, read_group = labels_only_source(config)
+        return dump, read_group, None
+    if config.follow:
+        follower = DumpFollower.open(
+            config.shards,
+            poll_seconds=config.follow_poll,
+            timeout_seconds=config.follow_timeout,
+            announce=context.is_main,
+        )
+        return follower.dump, None, follower
+    return open_dump(config.shards, allow_incomplete=config.allow_incomplete), None, None
 
 
 def check_representations(config: TrainConfig, dump: Dump, eval_dump: Dump | None) -> None:
@@ -251,29 +158,25 @@ def setup(
     config: TrainConfig,
     context: Distributed,
     out: Path,
+    family: StudentFamily,
     dump: Dump,
     eval_dump: Dump | None,
     read_group=None,
     follower: DumpFollower | None = None,
 ) -> TrainingRun:
-    """Load the student, choose the objective, build the optimizer, schedule and stream, and
-    restore a checkpoint. With a `follower` (--follow) the dump is still being written."""
+    """Load the student through its family (which gives the objective), build the optimizer,
+    schedule and stream, and restore a checkpoint. With a `follower` (--follow) the dump is
+    still being written."""
     checkpoint, meta, state = existing_checkpoint(config, context, out)
-    if is_classify(dump.manifest):
-        student, objective, columns = setup_classification(
-            config, context, dump, eval_dump, checkpoint
-        )
-    else:
-        student, objective, columns = setup_language_model(
-            config, context, dump, eval_dump, checkpoint
-        )
+    loaded = family.setup(config, context, dump, eval_dump, checkpoint)
+    student, objective, columns = loaded.student, loaded.objective, loaded.columns
     batch_shape = BatchShape(
         rows=config.rows_per_micro_batch,
         batch_tokens=config.batch_tokens,
         max_length=config.max_length or student.context or UNLIMITED_LENGTH,
         teacher_top_k=config.teacher_top_k,
     )
-    sharded = shard_if_asked(config, context, dump, student, objective)
+    sharded = shard_if_asked(config, context, family, student, objective)
     parameters = [parameter for parameter in student.model.parameters() if parameter.requires_grad]
     parameters += [parameter for module in objective.modules for parameter in module.parameters()]
     total_steps = plan_steps(config, context, dump, batch_shape, read_group, follower)
@@ -321,176 +224,20 @@ def setup(
 
 
 def shard_if_asked(
-    config: TrainConfig, context: Distributed, dump: Dump, student: Student, objective
+    config: TrainConfig,
+    context: Distributed,
+    family: StudentFamily,
+    student: Student,
+    objective: Objective,
 ) -> ShardedStudent | None:
     """--parallel fsdp: the student sharded over the ranks (FSDP2); else None."""
     if config.parallel != "fsdp":
         return None
-    if is_classify(dump.manifest):
+    if not family.shardable:
         raise UserError(
-            "--parallel fsdp trains causal LM students on token dumps: use --parallel ddp for "
-            "a classifier"
+            f"--parallel fsdp does not shard a {family.name} student: use --parallel ddp"
         )
     return shard_student(student.model, objective, context)
-
-
-def existing_checkpoint(
-    config: TrainConfig, context: Distributed, out: Path
-) -> tuple[Path | None, dict | None, dict | None]:
-    """(checkpoint, meta, training state) to resume from, or Nones for a fresh start; a run
-    already in --out is only continued with --resume, and only with a compatible config."""
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is not None and not config.resume:
-        raise UserError(
-            f"--out {out} already holds a training run (checkpoint {checkpoint.name}): pass "
-            "--resume to continue it, or choose another --out"
-        )
-    meta, state = read_checkpoint(checkpoint) if checkpoint is not None else (None, None)
-    if meta is not None:
-        check_resumable(config, meta, context)
-    if context.is_main:
-        remove_temporaries(out)
-    return checkpoint, meta, state
-
-
-def setup_language_model(
-    config: TrainConfig,
-    context: Distributed,
-    dump: Dump,
-    eval_dump: Dump | None,
-    checkpoint: Path | None,
-) -> tuple[Student, LanguageModelObjective, tuple[str, ...]]:
-    """The causal LM student, its objective and the columns it reads. Token ids only mean the
-    same tokens under the teacher's tokenizer: the student's fingerprint must match every dump."""
-    student = load_student(
-        config.student,
-        manifest=dump.manifest,
-        trust_remote_code=config.trust_remote_code,
-        lora=config.lora_options,
-        device=context.device,
-        weights_from=checkpoint,
-    )
-    if eval_dump is not None:
-        fingerprint = tokenizer_fingerprint(student.tokenizer)
-        check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
-    check_output_path(student.model, student.vocabulary, context.device)
-    objective = LanguageModelObjective(
-        output_logits_function(student.model, student.vocabulary),
-        config.loss_options(),
-        config.chunk_tokens,
-    )
-    return student, objective, TRAINING_COLUMNS
-
-
-def setup_classification(
-    config: TrainConfig,
-    context: Distributed,
-    dump: Dump,
-    eval_dump: Dump | None,
-    checkpoint: Path | None,
-) -> tuple[Student, ClassificationObjective, tuple[str, ...]]:
-    """The classifier student, its objective and the columns it reads. Class distributions are
-    tokenizer-free: the student tokenizes the texts itself, and no fingerprint is compared."""
-    labels = classify_labels(dump.manifest)
-    if eval_dump is not None and classify_labels(eval_dump.manifest) != labels:
-        raise UserError(
-            f"--eval-shards has labels {', '.join(classify_labels(eval_dump.manifest))} but the "
-            f"training data has {', '.join(labels)}: evaluate on a dump with the same labels"
-        )
-    if config.batch_tokens is not None:
-        raise UserError(
-            "--batch-tokens packs token rows; a classifier batches examples: use --micro-batch"
-        )
-    student = load_classification_student(
-        config.student,
-        labels=labels,
-        trust_remote_code=config.trust_remote_code,
-        lora=config.lora_options,
-        device=context.device,
-        weights_from=checkpoint,
-    )
-    options = config.loss_options(classification=True)
-    if options.loss != "ce" and config.data is None and dump.manifest["top_k"] != len(labels):
-        raise UserError(f"--shards {dump.directory}: k differs from the number of labels")
-    teacher_targets = None
-    if config.more_shards:
-        teacher_targets = combined_teacher_targets(
-            dump, config.more_shards, config.teacher_weights, config.allow_incomplete
-        )
-    columns = CLASSIFY_COLUMNS
-    hidden_loss = None
-    if config.hidden_weight > 0:
-        hidden = (dump.manifest.get("classify") or {}).get("hidden")
-        if not hidden or not hidden.get("width"):
-            raise UserError(
-                f"--hidden-weight needs the teacher's hidden states in the shards, and "
-                f"{dump.directory} has none: dump with teacher-dump --hidden-layer N"
-            )
-        student_width = student.model.config.hidden_size
-        torch.manual_seed(config.seed)
-        projection = torch.nn.Linear(student_width, int(hidden["width"])).to(context.device)
-        if checkpoint is not None:
-            from safetensors.torch import load_file
-
-            projection.load_state_dict(load_file(checkpoint / PROJECTION_NAME))
-        hidden_loss = HiddenLoss(
-            config.hidden_weight, projection, config.student_hidden_layer, hidden["pooling"]
-        )
-        columns = (*CLASSIFY_COLUMNS, HIDDEN_COLUMN)
-    objective = ClassificationObjective(
-        tokenizer=student.tokenizer,
-        max_length=config.max_length or student.context or 512,
-        loss_options=options,
-        teacher_targets=teacher_targets,
-        hidden_loss=hidden_loss,
-    )
-    return student, objective, columns
-
-
-def restore(
-    meta: dict,
-    state: dict,
-    optimizer,
-    scheduler,
-    context: Distributed,
-    sharded: ShardedStudent | None = None,
-    checkpoint: Path | None = None,
-) -> tuple[int, int, StreamPosition]:
-    """Load a checkpoint's optimizer (a sharded student's, with its weights, from the
-    checkpoint's shards), schedule and this rank's RNG state; (step, tokens seen, this rank's
-    loader position)."""
-    if sharded is not None:
-        load_sharded(sharded, optimizer, checkpoint)
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"][context.rank])
-    if context.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"][context.rank], context.device)
-    position = StreamPosition.from_dict(meta["loader_positions"][context.rank])
-    return meta["step"], meta["tokens_seen"], position
-
-
-def make_optimizer(
-    config: TrainConfig, parameters: list[torch.nn.Parameter], total_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW (weight decay on matrices only) with linear warm-up and cosine decay."""
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in parameters if p.ndim >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-        betas=(config.adam_beta1, config.adam_beta2),
-    )
-    warmup_steps = warmup_steps_of(config.warmup, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: learning_rate_multiplier(
-            step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=config.min_lr_ratio
-        ),
-    )
-    return optimizer, scheduler
 
 
 def loop(run: TrainingRun) -> None:
@@ -567,9 +314,7 @@ def finish(run: TrainingRun) -> dict:
         "steps": run.step,
         "total_steps": run.total_steps,
         "tokens": run.tokens_seen,
-        "unit": "examples"
-        if isinstance(run.objective, ClassificationObjective)
-        else "target tokens",
+        "unit": run.objective.unit,
         "train": run.last_train,
         "eval": run.last_eval,
         "stopped_early": run.stopped_early,
@@ -600,7 +345,7 @@ def accumulate_gradients(
     model: torch.nn.Module,
     micro_batches: list,
     *,
-    objective: LanguageModelObjective | ClassificationObjective,
+    objective: Objective,
     bf16: bool,
     context: Distributed,
     sharded: ShardedStudent | None = None,
@@ -676,95 +421,6 @@ def step_metrics(
     }
 
 
-def check_resumable(config: TrainConfig, meta: dict, context: Distributed) -> None:
-    """Refuse to resume with a different training setup (what would silently change results)."""
-    saved = meta["config"]
-    current = config_to_dict(config)
-    changed = sorted(
-        key for key in current if key not in RESUMABLE_FIELDS and saved.get(key) != current[key]
-    )
-    if changed:
-        details = ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
-        raise UserError(
-            f"--resume: the checkpoint was trained with a different config ({details}): "
-            "use the original settings, or a new --out for a new run"
-        )
-    if meta["world_size"] != context.world_size:
-        raise UserError(
-            f"--resume: the checkpoint was written by {meta['world_size']} rank(s), this run has "
-            f"{context.world_size}: resume with torchrun --nproc-per-node {meta['world_size']}"
-        )
-
-
-def training_stream(
-    dump: Dump,
-    config: TrainConfig,
-    context: Distributed,
-    *,
-    position: StreamPosition | None = None,
-    columns: tuple[str, ...] = TRAINING_COLUMNS,
-    read_group=None,
-    follower: DumpFollower | None = None,
-) -> ShardStream:
-    """This rank's shuffled stream over the training dump (ends after --epochs, if given;
-    follows the dump as it is written with a `follower`)."""
-    return ShardStream(
-        dump,
-        rank=context.rank,
-        world_size=context.world_size,
-        seed=config.seed,
-        shuffle=True,
-        buffer_rows=config.shuffle_buffer,
-        epochs=int(config.epochs) if config.epochs is not None else None,
-        position=position or StreamPosition(),
-        columns=columns,
-        read_group=read_group,
-        # Planning reads only the row lengths and trains on nothing: hashing every shard then
-        # would read the whole dump at start-up. Training verifies each shard when it opens it.
-        verify=columns != LENGTH_COLUMNS,
-        follower=follower,
-    )
-
-
-def plan_steps(
-    config: TrainConfig,
-    context: Distributed,
-    dump: Dump,
-    batch_shape: BatchShape,
-    read_group=None,
-    follower: DumpFollower | None = None,
-) -> int:
-    """The run's optimizer steps: --max-steps, or what --epochs passes take (counted on the
-    row lengths, or for a dump still being written planned from its expected rows)."""
-    if config.max_steps:
-        return config.max_steps
-    if follower is not None:
-        return followed_steps(dump.manifest, config, context)
-    return count_steps(dump, config, context, batch_shape, read_group)
-
-
-def followed_steps(manifest: dict, config: TrainConfig, context: Distributed) -> int:
-    """Optimizer steps that --epochs passes over a dump still being written take, from the
-    manifest's expected row count: with a fixed --micro-batch every micro-batch but a rank's
-    last takes exactly that many rows, and rank 0 gets ceil(rows / world size) rows of each
-    epoch (the same count count_steps finds on the finished dump)."""
-    rows = int(manifest.get("data", {}).get("expected_rows") or 0)
-    per_rank = int(config.epochs) * math.ceil(rows / context.world_size)
-    return max(1, math.ceil(per_rank / (config.rows_per_micro_batch * config.grad_accum)))
-
-
-def count_steps(
-    dump: Dump, config: TrainConfig, context: Distributed, batch_shape: BatchShape, read_group=None
-) -> int:
-    """Optimizer steps that --epochs passes take: the same packing as training, run over the
-    row lengths only (no top-k decoding), the maximum over ranks."""
-    stream = training_stream(dump, config, context, columns=LENGTH_COLUMNS, read_group=read_group)
-    steps = 0
-    while any([take_micro_batch(stream, batch_shape) for _ in range(config.grad_accum)]):
-        steps += 1
-    return max(1, max_across_ranks(context, steps))
-
-
 def evaluate(run: TrainingRun) -> dict:
     """CE, KL(teacher || student) and top-1 agreement on held-out shards (ranks share them)."""
     config, context = run.config, run.context
@@ -797,97 +453,6 @@ def evaluate(run: TrainingRun) -> dict:
 
     sums = run.objective.evaluation_sums(run.student.model, batches(), context.device, config.bf16)
     return run.objective.evaluation_metrics(sum_across_ranks(context, sums))
-
-
-def save_training_state(run: TrainingRun) -> None:
-    """Checkpoint the current step (rank 0 writes; every rank contributes its RNG state and
-    loader position); updates run.checkpoint and run.saved_step."""
-    context = run.context
-    rng_states = gather_objects(context, torch.get_rng_state())
-    cuda_states = (
-        gather_objects(context, torch.cuda.get_rng_state(context.device))
-        if context.device.type == "cuda"
-        else []
-    )
-    positions = gather_objects(context, run.stream.position.to_dict())
-    model, write_sharded = run.student.model, None
-    if run.sharded is not None:
-        # Collective: every rank takes part in gathering the full weights and in writing its
-        # shards into the directory rank 0 assembles (its name is sent to the others).
-        model = full_model_copy(run.sharded, context.is_main)
-        shards = sharded_state(run.sharded, run.optimizer)
-
-        def write_sharded(directory: Path) -> None:
-            broadcast_object(context, str(directory))
-            save_sharded(shards, directory)
-
-        if not context.is_main:
-            save_sharded(shards, Path(broadcast_object(context, None)))
-    path = None
-    if context.is_main:
-        meta = {
-            "step": run.step,
-            "tokens_seen": run.tokens_seen,
-            "world_size": context.world_size,
-            "loader_positions": positions,
-            "config": config_to_dict(run.config),
-            "shards": {
-                "directory": str(run.dump.directory),
-                "identity": run.dump.manifest.get("identity"),
-                "tokenizer": run.dump.manifest["tokenizer"]["fingerprint"],
-            },
-            "student": run.student.reference,
-            "lora": run.student.is_lora,
-            "train": run.last_train,
-            "eval": run.last_eval,
-            "torch": torch.__version__,
-        }
-        state = {
-            "scheduler": run.scheduler.state_dict(),
-            "rng": rng_states,
-            "cuda_rng": cuda_states,
-        }
-        if run.sharded is None:  # a sharded optimizer is in the checkpoint's shards
-            state["optimizer"] = run.optimizer.state_dict()
-        path = save_checkpoint(
-            run.out,
-            run.step,
-            model=model,
-            tokenizer=run.student.tokenizer,
-            training_state=state,
-            meta=meta,
-            keep=run.config.keep_checkpoints,
-            extra_weights=extra_weights(run),
-            write_sharded=write_sharded,
-        )
-    run.checkpoint = Path(broadcast_object(context, str(path) if path else None))
-    run.saved_step = run.step
-    barrier(context)
-
-
-PROJECTION_NAME = AUXILIARY_WEIGHTS[0]
-"""The learned projection of the hidden-state loss, saved beside the student's weights."""
-
-
-def extra_weights(run: TrainingRun) -> dict[str, dict[str, torch.Tensor]]:
-    """Trained modules besides the student, by file name (the hidden-state projection)."""
-    if getattr(run.objective, "hidden_loss", None) is None:
-        return {}
-    projection = run.objective.hidden_loss.projection
-    return {PROJECTION_NAME: {k: v.detach().cpu() for k, v in projection.state_dict().items()}}
-
-
-def publish_student(run: TrainingRun, summary: dict) -> Path:
-    """OUT/final/: the trained student, ready for transformers, vLLM and kd-eval."""
-    student, checkpoint = run.student, run.checkpoint
-    description = {"student": student.reference, "config": config_to_dict(run.config), **summary}
-    existing = run.out / FINAL_DIRECTORY / "training.json"
-    if existing.is_file() and json.loads(existing.read_text()).get("checkpoint") == str(checkpoint):
-        return existing.parent  # a rerun of a finished run: final/ is already this checkpoint
-    if student.is_lora and run.config.merge_lora:
-        merged = student.model.merge_and_unload()
-        return publish_merged(run.out, merged, student.tokenizer, checkpoint, description)
-    return publish_final(run.out, checkpoint, description)
 
 
 def run_description(config: TrainConfig, dump: Dump, student: Student, total_steps: int) -> dict:

@@ -230,25 +230,28 @@ def reference_kd_loss(logits, gold, teacher, alpha, temperature):
 
 @pytest.mark.parametrize(("alpha", "temperature"), [(0.5, 5.0), (0.0, 1.0), (0.3, 2.0)])
 def test_classification_kd_loss_equals_an_independent_reference(alpha, temperature):
-    from student_train.losses import classification_loss_sums
+    from student_train.losses import LossOptions, classification_loss_sums
+
+    def options(loss: str, alpha: float, temperature: float) -> LossOptions:
+        return LossOptions(loss, alpha=alpha, beta=0.0, temperature=temperature, tail="bucket")
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 4, generator=generator, dtype=torch.float64).requires_grad_()
     teacher = torch.log_softmax(torch.randn(5, 4, generator=generator) * 3, -1)
     gold = torch.tensor([0, 3, -1, 2, 1])  # one example without a gold label
     sums = classification_loss_sums(
-        logits, gold, teacher, loss="fkl", alpha=alpha, beta=0.0, temperature=temperature
+        logits, gold, teacher, options=options("fkl", alpha, temperature)
     )
     expected = reference_kd_loss(logits.detach(), gold, teacher, alpha, temperature)
     assert sums[0].item() == pytest.approx(expected, rel=1e-5)
     sums[0].backward()
     assert logits.grad.abs().sum() > 0  # the teacher's signal reaches the student
     same = classification_loss_sums(
-        teacher.clone(), gold, teacher, loss="fkl", alpha=0.0, beta=0.0, temperature=temperature
+        teacher.clone(), gold, teacher, options=options("fkl", 0.0, temperature)
     )
     assert same[2].item() == pytest.approx(0.0, abs=1e-5)
     reverse = classification_loss_sums(
-        logits.detach(), gold, teacher, loss="rkl", alpha=0.0, beta=0.0, temperature=1.0
+        logits.detach(), gold, teacher, options=options("rkl", 0.0, 1.0)
     )
     p, q = teacher.exp(), torch.softmax(logits.detach().float(), -1)
     assert reverse[2].item() == pytest.approx((q * (q.log() - p.log())).sum().item(), rel=1e-4)

@@ -22,7 +22,7 @@ from shared.distributions import (
 )
 from shared.fidelity import fidelity_sums
 from shared.shard_reader import TrainingRow
-from student_train.losses import LOSSES, chunked_loss_sums
+from student_train.losses import LOSSES, LossOptions, chunked_loss_sums
 
 KD_LOSSES = [loss for loss in LOSSES if loss != "ce"]
 TAILS = ["renormalize", "bucket"]
@@ -387,8 +387,8 @@ def test_chunked_loss_equals_a_dense_unchunked_float64_computation(loss):
             targets,
             ids,
             logprobs,
+            options=LossOptions(**options),
             chunk_tokens=chunk,
-            **options,
         )
         sums[0].backward()
         assert sums[0].item() == pytest.approx(expected.item(), rel=1e-5), chunk
@@ -451,9 +451,8 @@ def step_gradient(model, rows: list[TrainingRow], micro_batches: int, loss: str)
     """The gradient the real training step (student_train.train.accumulate_gradients) leaves for
     `rows` split into `micro_batches` equal micro-batches, flattened over all parameters."""
     from shared.causal_lm import output_logits_function
-    from student_train.config import LossOptions
     from student_train.distributed import Distributed
-    from student_train.objectives import LanguageModelObjective
+    from student_train.families.causal_lm import LanguageModelObjective
     from student_train.train import accumulate_gradients
 
     model.zero_grad()

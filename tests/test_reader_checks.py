@@ -505,7 +505,7 @@ def init_student_error(teacher: Path, out: Path) -> None:
 def test_remote_code_runs_only_with_trust_remote_code(model_with_custom_code, gsm8k_file, tmp_path):
     from kd_eval.evaluation import EvalConfig, run_evaluation
     from shared.models import resolve_model
-    from student_train.student import load_student
+    from student_train.families.causal_lm import load_student
     from teacher_dump.run import prepare
     from tests.conftest import dump_config
 

@@ -264,7 +264,7 @@ def stored_draws(full: np.ndarray, draws: int, replicates: int):
 def trainer_gradients(student_logits: torch.Tensor, ids, logprobs, log_tail) -> np.ndarray:
     """(positions, V) gradient of the trainer's forward-KL loss (bucket tail, T = 1) of each
     position w.r.t. the student's logits."""
-    from student_train.losses import loss_sums
+    from student_train.losses import LossOptions, loss_sums
 
     logits = student_logits.expand(len(ids), -1).clone().requires_grad_(True)
     sums = loss_sums(
@@ -273,7 +273,7 @@ def trainer_gradients(student_logits: torch.Tensor, ids, logprobs, log_tail) -> 
         torch.from_numpy(ids).long(),
         torch.from_numpy(logprobs),
         torch.from_numpy(log_tail),
-        loss="fkl", alpha=0.0, beta=0.0, temperature=1.0, tail="bucket",
+        options=LossOptions(loss="fkl", alpha=0.0, beta=0.0, temperature=1.0, tail="bucket"),
     )  # fmt: skip
     sums[0].backward()
     return logits.grad.double().numpy()
