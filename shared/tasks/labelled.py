@@ -93,17 +93,19 @@ def labelled_task(
     labels: tuple[str, ...],
     file_names: tuple[str, ...] = ("{split}.tsv", "{split}.jsonl", "{split}.parquet"),
     columns: tuple[str, ...] | None = None,
+    score: Callable[..., Scores] | None = None,
+    metrics: tuple[MetricColumn, ...] = ACCURACY_AND_MACRO_F1,
 ) -> Task:
     """A classification task over a table with a text column and a `label` column, scored by
-    accuracy and macro-F1."""
+    accuracy and macro-F1 unless it brings its own `score` (and the `metrics` it shows)."""
     return Task(
         name=name,
         kind="classify",
         hub=hub,
         to_example=classification_example(text_column, labels),
         file_names=file_names,
-        score=classification_score(labels),
-        metrics=ACCURACY_AND_MACRO_F1,
+        score=score or classification_score(labels),
+        metrics=metrics,
         labels=labels,
         columns=columns,
     )
