@@ -44,7 +44,7 @@ def main(config_file, assignments, models, renamed_task, **flags) -> None:
     if renamed_task is not None:
         name = RENAMED.get(renamed_task, renamed_task)
         exit_with(
-            UserError(f"kd-eval takes the task as --data, as teacher-dump does: --data {name}")
+            UserError(f"kd-eval takes the task as --data (as teacher-dump does): use --data {name}")
         )
     if models:
         flags["models"] = tuple(models)

@@ -292,7 +292,10 @@ def test_bad_input_is_one_line(tiny_model, tmp_path):
     good.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
     cases = [
         (("--data", "translation", "--model", f"a={tiny_model}"), "unknown --data 'translation'"),
-        (("--data", "lm", "--model", f"a={tiny_model}"), "--data lm is called --data text"),
+        (
+            ("--data", "lm", "--model", f"a={tiny_model}"),
+            "--data lm is not a task name: use --data text",
+        ),
         (("--task", "lm", "--model", f"a={tiny_model}"), "takes the task as --data"),
         (
             ("--data", "gsm8k", "--model", f"a={tmp_path / 'missing'}", "--data-path", str(good)),

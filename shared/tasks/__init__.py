@@ -40,8 +40,8 @@ BUILT_IN: tuple[Task, ...] = (gsm8k.TASK, summ.TASK, text.TASK, sst2.TASK, agnew
 """Every built-in task, in the order help texts list them."""
 TASKS: dict[str, Task] = {task.name: task for task in BUILT_IN}
 
-RENAMED = {"lm": "text", "cls": "sst2, agnews or a labelled file"}
-"""Task names other commands once used, with the name every command takes instead."""
+RENAMED = {"lm": "text", "cls": "sst2 or agnews (or a file with text and label columns)"}
+"""Old kd-eval task names, with what every command takes instead."""
 
 
 def column_task(prompt_column: str, target_column: str | None) -> Task:
@@ -68,7 +68,7 @@ def resolve_task(data: str, prompt_column: str | None, target_column: str | None
             return column_task(prompt_column, target_column)
         return TASKS[data]
     if data in RENAMED and not Path(data).exists():
-        raise UserError(f"--data {data} is called --data {RENAMED[data]} in every command")
+        raise UserError(f"--data {data} is not a task name: use --data {RENAMED[data]}")
     if Path(data).suffix.lower() in TABLE_SUFFIXES or Path(data).exists():
         if prompt_column is None:
             raise UserError(
