@@ -41,7 +41,7 @@ from shared.tokenizer import (
 )
 
 LM_TOP_K = 5
-"""lm: the top-k each position is scored with (acc@5 needs 5)."""
+"""text: the top-k each position is scored with (acc@5 needs 5)."""
 FIDELITY_BATCH_ROWS = 8
 """Rows of --teacher-shards per forward pass when measuring fidelity (file order)."""
 

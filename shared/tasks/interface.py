@@ -15,12 +15,15 @@ from typing import Any, Literal
 from shared.errors import UserError
 
 TaskKind = Literal["generate", "text", "classify"]
-"""How a model is run on a task, which fixes what `score` receives:
-- generate: one greedy answer per prompt; predictions are the answer strings.
+"""How a model is run on a task, which fixes what `score(predictions, inputs)` receives:
+- generate: one greedy answer per prompt; predictions are the answer strings, inputs the
+  Examples.
 - text: teacher-forced scoring of raw-text windows; predictions are per-window
-  language_model_sums arrays (shared/scoring.py).
+  language_model_sums arrays (shared/scoring.py), inputs the windows' token ids.
 - classify: one distribution over the task's labels per example; predictions are an (N, L)
-  array of log-probabilities in the task's label order."""
+  array of log-probabilities in the task's label order, inputs the Examples.
+A task of a new kind (multiple choice scored by option likelihood) adds its kind here and its
+runner to kd-eval; a task of an existing kind is only its own module."""
 
 Scores = tuple[dict, list[dict]]
 """(metrics over the whole set, one record per sample for the predictions file)."""
@@ -74,9 +77,9 @@ class Task:
     """Converts a raw record (and its index) into an Example; raises UserError on bad records."""
     file_names: tuple[str, ...]
     """Candidate file names for a split when --data-path is a directory ('{split}' is filled)."""
-    score: Callable[[Sequence[Any], Sequence[Example]], Scores] | None = None
-    """(predictions of the task's kind, the Examples they answer) -> Scores; None for a task
-    only teacher-dump reads (a table mapped with --prompt-column)."""
+    score: Callable[[Sequence[Any], Sequence[Any]], Scores] | None = None
+    """(predictions, inputs), as the task's kind defines them -> Scores; None for a task only
+    teacher-dump reads (a table mapped with --prompt-column)."""
     metrics: tuple[MetricColumn, ...] = ()
     """The metrics kd-eval's table shows, in order (the first charted ones become panels)."""
     labels: tuple[str, ...] | None = None
