@@ -103,3 +103,62 @@ def test_examples_carry_the_mapping_of_each_task():
         1, "Stocks fell.", ("Business",)
     )
     assert TASKS["text"].to_example({"text": "x"}, 0).references == ("x",)
+
+
+def test_kd_eval_runs_a_task_it_has_never_seen_from_the_task_value_alone(
+    tiny_model, tmp_path, monkeypatch
+):
+    """Open QA scored by exact match against aliases (TriviaQA-shaped), declared here as one Task
+    value: kd-eval runs it by its kind and reports its metric with no change of its own."""
+    import json
+    from types import SimpleNamespace
+
+    from kd_eval.config import EvalConfig
+    from kd_eval.evaluation import run_evaluation
+    from kd_eval.report import markdown_table
+    from shared.tasks.interface import HubSource, MetricColumn, Task
+    from shared.tokenizer import load_tokenizer
+
+    def to_example(row: dict, index: int) -> Example:
+        return Example(index, row["question"], tuple(row["aliases"]))
+
+    def score(predictions, examples):
+        hits = [
+            prediction.strip().lower() in {alias.lower() for alias in example.references}
+            for prediction, example in zip(predictions, examples, strict=True)
+        ]
+        records = [{"sample_id": str(i), "hit": hit} for i, hit in enumerate(hits)]
+        return {"exact_match": sum(hits) / len(hits)}, records
+
+    metric = MetricColumn("exact_match", "EM", "{:.2f}", "exact match")
+    task = Task("qa", "generate", HubSource("", None), to_example, (), score, (metric,))
+    monkeypatch.setitem(TASKS, "qa", task)
+    data = tmp_path / "qa.jsonl"
+    rows = [
+        {"question": "Capital of France?", "aliases": ["Paris", "City of Light"]},
+        {"question": "Two plus two?", "aliases": ["four", "4"]},
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = load_tokenizer(tiny_model)
+    answers = {0: " Paris", 1: " five"}
+
+    class ScriptedEngine:
+        """Answers as scripted (kd-eval's engine door, without vLLM)."""
+
+        def generate(self, requests, **settings):
+            for index, _, _ in requests:
+                ids = tokenizer.encode(answers[index], add_special_tokens=False)
+                yield index, [SimpleNamespace(token_ids=np.asarray(ids))]
+
+    config = EvalConfig(
+        data="qa",
+        models=(f"m={tiny_model}",),
+        data_path=str(data),
+        max_model_len=512,
+        progress=False,
+    )
+    report = run_evaluation(config, engines={"m": ScriptedEngine()})
+    result = report["models"]["m"]
+    assert result["metrics"] == {"exact_match": 0.5, "samples": 2}
+    assert [record["hit"] for record in result["predictions"]] == [True, False]
+    assert markdown_table(report).splitlines()[0].startswith("| model | params | EM | ms/sample")
