@@ -1,9 +1,9 @@
-"""kd-eval --task cls: sequence classifiers side by side on labelled texts.
+"""kd-eval on a classification task: sequence classifiers side by side on labelled texts.
 
 Every model reads the same texts (each tokenized by its own tokenizer, truncated to its own
 context) through the same engine door (shared.engine.ClassifierEngine, same backend choice and
 batching), its class probabilities are put in the data's label order (by label name), and it is
-scored with the same metrics (shared.scoring.classification_metrics). With --teacher-shards (a
+scored by the task's own `score` (shared/tasks/). With --teacher-shards (a
 classify dump of the same data) each model's distribution is also compared with the teacher's.
 """
 
@@ -17,79 +17,66 @@ import numpy as np
 
 from kd_eval.config import EvalConfig
 from schemas.manifest import check_dump_kind, classify_labels
-from shared.classification import align_labels, gold_index, label_order, model_labels
+from shared.classification import align_labels, label_order, model_labels
 from shared.errors import UserError
 from shared.models import ResolvedModel, context_length
-from shared.scoring import classification_metrics
 from shared.tasks import TASKS, classification_example, load_records, resolve_task
+from shared.tasks.interface import Example, HubSource, Task
+from shared.tasks.labelled import gold_labels, labelled_task
 
 
 @dataclass(frozen=True)
 class ClassificationInputs:
     """What every classifier is given and scored against."""
 
-    texts: tuple[str, ...]
-    gold: np.ndarray
-    """(N,) int gold label index (in `labels`)."""
-    labels: tuple[str, ...] | None
-    """The data's label names (None for a file: the first model's names are used)."""
-    references: tuple[str, ...]
-    """(N,) the gold label as written."""
+    examples: tuple[Example, ...]
+    """The labelled texts (prompt: the text, references: the gold label as written)."""
+    task: Task | None
+    """The task whose `score` rates the classifiers (None for a file until its labels, the
+    first model's, are known: with_labels)."""
     source: str
     fingerprint: str
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return tuple(example.prompt for example in self.examples)
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        """The data's label names, in the order scores and distributions use."""
+        return None if self.task is None else self.task.labels
 
 
 def load_classification_inputs(config: EvalConfig) -> ClassificationInputs:
     data_path = Path(config.data_path) if config.data_path else None
     if config.data in TASKS:
         task = TASKS[config.data]
-        if not task.is_classification:
-            raise UserError(
-                f"kd-eval --task cls --data {config.data}: not a classification task; use "
-                "sst2, agnews or a file with text and label columns"
-            )
         records = load_records(task, config.data, data_path, config.split)
         examples = [
             task.to_example(row, index) for index, row in enumerate(records.rows[: config.limit])
         ]
-        labels = task.labels
     else:
-        task = resolve_task(config.data, "text", "label")
-        records = load_records(task, config.data, data_path, config.split)
+        task = None
+        records = load_records(
+            resolve_task(config.data, "text", "label"), config.data, data_path, config.split
+        )
         rows = records.rows[: config.limit]
         names = tuple(sorted({str(row.get("label", "")).strip() for row in rows} - {""}))
         examples = [classification_example("text", names)(row, i) for i, row in enumerate(rows)]
-        labels = None
     missing = [example.index for example in examples if not example.references]
     if missing:
         raise UserError(
             f"record {missing[0]} of {records.source} has no label, which scoring needs: pass "
             "labelled data"
         )
-    references = tuple(example.references[0] for example in examples)
-    gold = (
-        np.asarray([gold_index((reference,), labels, i) for i, reference in enumerate(references)])
-        if labels is not None
-        else np.zeros(0, dtype=np.int64)
-    )
-    return ClassificationInputs(
-        texts=tuple(example.prompt for example in examples),
-        gold=gold,
-        labels=labels,
-        references=references,
-        source=records.source,
-        fingerprint=records.fingerprint,
-    )
+    return ClassificationInputs(tuple(examples), task, records.source, records.fingerprint)
 
 
 def with_labels(inputs: ClassificationInputs, labels: list[str]) -> ClassificationInputs:
     """A file's inputs once the label names are known (the first model's)."""
-    gold = np.asarray(
-        [gold_index((reference,), labels, i) for i, reference in enumerate(inputs.references)]
-    )
-    return ClassificationInputs(
-        inputs.texts, gold, tuple(labels), inputs.references, inputs.source, inputs.fingerprint
-    )
+    task = labelled_task("file", HubSource("", None), "text", tuple(labels))
+    gold_labels(inputs.examples, task.labels)  # refuses a label the models do not have
+    return ClassificationInputs(inputs.examples, task, inputs.source, inputs.fingerprint)
 
 
 def run_classifier(
@@ -140,9 +127,8 @@ def run_classifier(
             engine.close()
     in_data_order = np.empty_like(log_probabilities)
     in_data_order[:, order] = log_probabilities
-    predicted = in_data_order.argmax(axis=1)
-    metrics = classification_metrics(predicted, inputs.gold, len(inputs.labels))
-    samples = len(inputs.texts)
+    metrics, predictions = inputs.task.score(in_data_order, inputs.examples)
+    samples = len(inputs.examples)
     return {
         "metrics": {**metrics, "samples": samples},
         "cost": {
@@ -152,20 +138,7 @@ def run_classifier(
         },
         "backend": {"name": engine.backend, "reason": engine.fallback_reason},
         "log_probabilities": in_data_order,
-        "predictions": [
-            {
-                "sample_id": str(index),
-                "text": inputs.texts[index],
-                "reference": inputs.labels[int(inputs.gold[index])],
-                "prediction": inputs.labels[int(predicted[index])],
-                "correct": bool(predicted[index] == inputs.gold[index]),
-                "probabilities": {
-                    label: round(float(np.exp(in_data_order[index, position])), 6)
-                    for position, label in enumerate(inputs.labels)
-                },
-            }
-            for index in range(samples)
-        ],
+        "predictions": predictions,
     }
 
 

@@ -10,11 +10,12 @@ from kd_eval.config import EvalConfig
 from shared.config import build_config, config_flags, config_options
 from shared.errors import UserError, exit_with
 from shared.files import disk_full_exit
+from shared.tasks import RENAMED
 
 FLAGS = (
-    "task", "data_path", "split", "limit", "teacher_shards", "max_new_tokens", "chunk_tokens",
+    "data", "data_path", "split", "limit", "teacher_shards", "max_new_tokens", "chunk_tokens",
     "out", "dtype", "max_model_len", "enforce_eager", "chat_template", "trust_remote_code",
-    "progress", "data", "classify_backend",
+    "progress", "classify_backend",
 )  # fmt: skip
 """The EvalConfig fields that have a flag (plus --model); any field can be set with --set."""
 NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
@@ -30,14 +31,21 @@ NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
     FLAGS,
     negated=NEGATED,
 )
+@click.option("--task", "renamed_task", hidden=True)
 @config_options
-def main(config_file, assignments, models, **flags) -> None:
+def main(config_file, assignments, models, renamed_task, **flags) -> None:
     """Evaluate models on a task with identical prompts and decoding; print a table.
 
     \b
-    kd-eval --task gsm8k|summ|lm|cls --model NAME=PATH [--model NAME=PATH ...] [--data-path P]
-            [--split S] [--limit N] [--teacher-shards DIR] [--max-new-tokens N] [--out DIR]
+    kd-eval --data gsm8k|summ|text|sst2|agnews|FILE --model NAME=PATH [--model NAME=PATH ...]
+            [--data-path P] [--split S] [--limit N] [--teacher-shards DIR] [--max-new-tokens N]
+            [--out DIR]
     """
+    if renamed_task is not None:
+        name = RENAMED.get(renamed_task, renamed_task)
+        exit_with(
+            UserError(f"kd-eval takes the task as --data (as teacher-dump does): use --data {name}")
+        )
     if models:
         flags["models"] = tuple(models)
     try:

@@ -5,45 +5,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from shared.config import check_choices
 from shared.engine import ClassifierBackend, EngineDtype
 from shared.errors import UserError, check_all
 
-EvalTask = Literal["gsm8k", "summ", "lm", "cls"]
-
 
 @dataclass(frozen=True)
 class EvalConfig:
-    task: EvalTask
-    """The task. gsm8k: greedy answers, the final number must equal the reference's
-    (accuracy); summ: greedy one-sentence summaries, ROUGE-1/2/L F1 and corpus BLEU; lm:
-    perplexity and next-token acc@1/5 over raw-text windows; cls: sequence classifiers on
-    labelled texts (--data), accuracy and macro-F1."""
+    data: str
+    """The task, by the name teacher-dump takes (its module in shared/tasks/ says how models are
+    run and scored). gsm8k: greedy answers, the final number must equal the reference's
+    (accuracy); summ: greedy one-sentence summaries, ROUGE-1/2/L F1 and corpus BLEU; text:
+    perplexity and next-token acc@1/5 over raw-text windows; sst2, agnews, or a
+    .jsonl/.tsv/... file with `text` and `label` columns (labels: the models' own names):
+    sequence classifiers, accuracy and macro-F1."""
     models: tuple[str, ...]
     """NAME=PATH pairs (PATH: a local model directory with safetensors, or a hub id)."""
-    data: str | None = None
-    """cls: the labelled texts: sst2, agnews, or a .jsonl/.tsv/... file with `text` and
-    `label` columns (labels: the models' own names)."""
     data_path: str | None = None
     """Local data file or directory (else the task's hub dataset, which needs network)."""
     split: str = "test"
     """Split to read (the file name stem when --data-path is a directory)."""
     limit: int | None = None
-    """Evaluate on the first N examples (lm: N chunks)."""
+    """Evaluate on the first N examples (text: N chunks)."""
     teacher_shards: str | None = None
     """A teacher-dump directory: adds KL(teacher ‖ model) on the teacher's top-k (tail
     bucketed) and top-1 agreement per model, as student-train reports them; a model whose
-    tokenizer differs from the teacher's gets n/a. cls: a classify dump of the same data gives
+    tokenizer differs from the teacher's gets n/a. Classification: a classify dump of the same data gives
     KL(teacher ‖ model) over the labels (T = 1) and agreement with the teacher's label, for every
     model (class distributions need no shared tokenizer)."""
     fidelity_limit: int | None = None
     """Use at most this many rows of --teacher-shards."""
     max_new_tokens: int = 256
-    """gsm8k/summ: the longest generated answer."""
+    """Generated answers (gsm8k, summ): the longest one."""
     chunk_tokens: int = 512
-    """lm: tokens per scored window."""
+    """text: tokens per scored window."""
     chat_template: bool = True
     """Render prompts with each model's chat template when it has one (as teacher-dump does)."""
     out: str | None = None
@@ -61,10 +57,10 @@ class EvalConfig:
     max_in_flight: int = 256
     """Requests handed to each engine at once."""
     classify_backend: ClassifierBackend = "auto"
-    """cls: who runs the classifiers. auto: vLLM's pooling runner where it supports the model
+    """Classification: who runs the classifiers. auto: vLLM's pooling runner where it supports the model
     here, else transformers (recorded per model); pass one to force the same for every model."""
     batch_size: int = 32
-    """cls with transformers: texts per forward pass (the same for every model)."""
+    """Classification with transformers: texts per forward pass (the same for every model)."""
     seed: int = 0
     """Engine seed (decoding is greedy, so results do not depend on it)."""
     progress: bool = True
@@ -72,11 +68,6 @@ class EvalConfig:
 
     def __post_init__(self):
         check_choices(self)
-        if self.task == "cls" and self.data is None:
-            raise UserError(
-                "kd-eval --task cls needs --data: sst2, agnews, or a file with text and label "
-                "columns"
-            )
         if not self.models:
             raise UserError("pass at least one --model NAME=PATH")
         names = [parse_model(text)[0] for text in self.models]

@@ -1,15 +1,17 @@
 """kd-eval: every model on the same prompts with the same decoding, side by side.
 
 For each `--model NAME=PATH`, in order: build the vLLM engine (shared/engine.py, the same wrapper
-teacher-dump uses, with the same settings for every model), run the task (greedy generation for
-gsm8k/summ, teacher-forced scoring for lm), score it with shared/scoring.py, close the engine;
+teacher-dump uses, with the same settings for every model), run the task as its kind says (greedy
+generation, or teacher-forced scoring of raw text), score it with the task's own `score`
+(shared/tasks/), close the engine;
 then, with --teacher-shards, load the model in transformers and measure its fidelity to the
 teacher on those shards (student_train/fidelity.py, the numbers student-train reports).
-Prompts come from shared/tasks.py and are rendered by shared/tokenizer.py, as in teacher-dump.
+Prompts come from shared/tasks/ and are rendered by shared/tokenizer.py, as in teacher-dump.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -26,15 +28,9 @@ from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.models import AUXILIARY_WEIGHTS, ResolvedModel, context_length, resolve_model
 from shared.records import LoadedRecords
-from shared.scoring import (
-    bleu_score,
-    final_number,
-    gsm8k_correct,
-    language_model_metrics,
-    language_model_sums,
-    rouge_per_sample,
-)
-from shared.tasks import TASKS, examples_from_records, load_records
+from shared.scoring import language_model_sums
+from shared.tasks import TASKS, examples_from_records, load_records, resolve_task
+from shared.tasks.interface import Example, Task
 from shared.tokenizer import (
     chunk_text,
     has_chat_template,
@@ -45,34 +41,41 @@ from shared.tokenizer import (
 )
 
 LM_TOP_K = 5
-"""lm: the top-k each position is scored with (acc@5 needs 5)."""
+"""text: the top-k each position is scored with (acc@5 needs 5)."""
 FIDELITY_BATCH_ROWS = 8
 """Rows of --teacher-shards per forward pass when measuring fidelity (file order)."""
 
 
 @dataclass(frozen=True)
 class TaskInputs:
-    """What every model is given: prompt texts with references (gsm8k/summ) or raw texts (lm)."""
+    """What every model is given: the task's Examples (generate) or raw texts (text)."""
 
-    prompts: tuple[str, ...]
-    references: tuple[tuple[str, ...], ...]
+    examples: tuple[Example, ...]
     texts: tuple[str, ...]
     source: str
     fingerprint: str
 
 
-def load_task_inputs(config: EvalConfig) -> TaskInputs:
+def task_kind(data: str) -> str:
+    """The kind of the task --data names: a built-in task's, or classify for a file (labelled
+    texts); a renamed or unknown name is refused."""
+    if data in TASKS:
+        return TASKS[data].kind
+    resolve_task(data, "text", "label")
+    return "classify"
+
+
+def load_task_inputs(config: EvalConfig, task: Task) -> TaskInputs:
     """Read the task's data once; every model then sees exactly these inputs."""
-    task = TASKS["text" if config.task == "lm" else config.task]
     data_path = Path(config.data_path) if config.data_path else None
     records: LoadedRecords = load_records(task, task.name, data_path, config.split)
     if not records.rows:
         raise UserError(
-            f"the {config.task} data at {records.source} is empty: pass a file with records"
+            f"the {task.name} data at {records.source} is empty: pass a file with records"
         )
-    if config.task == "lm":
+    if task.kind == "text":
         texts = tuple(str(row.get("text", "")) for row in records.rows)
-        return TaskInputs((), (), texts, records.source, records.fingerprint)
+        return TaskInputs((), texts, records.source, records.fingerprint)
     examples = examples_from_records(task, records, config.limit)
     for example in examples:
         if not example.prompt.strip():
@@ -82,15 +85,9 @@ def load_task_inputs(config: EvalConfig) -> TaskInputs:
         if not example.references:
             raise UserError(
                 f"record {example.index} of {records.source} has no reference answer, which "
-                f"{config.task} scoring needs: pass data with references"
+                f"{task.name} scoring needs: pass data with references"
             )
-    return TaskInputs(
-        prompts=tuple(example.prompt for example in examples),
-        references=tuple(example.references for example in examples),
-        texts=(),
-        source=records.source,
-        fingerprint=records.fingerprint,
-    )
+    return TaskInputs(tuple(examples), (), records.source, records.fingerprint)
 
 
 def _sha256_of_arrays(arrays) -> str:
@@ -133,7 +130,12 @@ def engine_settings(config: EvalConfig, directory: Path, max_logprobs: int):
 
 
 def evaluate_model(
-    config: EvalConfig, resolved: ResolvedModel, tokenizer, inputs: TaskInputs, engine=None
+    config: EvalConfig,
+    task: Task,
+    resolved: ResolvedModel,
+    tokenizer,
+    inputs: TaskInputs,
+    engine=None,
 ) -> dict:
     """One model: task metrics, cost and (with --teacher-shards) fidelity."""
     result: dict = {
@@ -147,10 +149,8 @@ def evaluate_model(
 
         engine = TeacherEngine(engine_settings(config, resolved.directory, LM_TOP_K))
     try:
-        if config.task == "lm":
-            result.update(run_language_model(config, engine, tokenizer, inputs))
-        else:
-            result.update(run_generation(config, engine, tokenizer, inputs, resolved.directory))
+        run = RUNNERS[task.kind]
+        result.update(run(config, task, engine, tokenizer, inputs, resolved.directory))
     finally:
         if owns_engine:
             engine.close()
@@ -160,13 +160,13 @@ def evaluate_model(
 
 
 def run_generation(
-    config: EvalConfig, engine, tokenizer, inputs: TaskInputs, directory: Path
+    config: EvalConfig, task: Task, engine, tokenizer, inputs: TaskInputs, directory: Path
 ) -> dict:
-    """Greedy answers to every prompt, scored; cost measured over the whole batch."""
+    """Greedy answers to every prompt, scored by the task; cost measured over the whole batch."""
     use_template = config.chat_template and has_chat_template(tokenizer)
     prompt_ids = [
-        render_prompt(tokenizer, prompt, use_chat_template=use_template)
-        for prompt in inputs.prompts
+        render_prompt(tokenizer, example.prompt, use_chat_template=use_template)
+        for example in inputs.examples
     ]
     check_prompts_fit(prompt_ids, engine_context(config, directory), config, directory)
     stop_ids = stop_token_ids(tokenizer, directory)
@@ -191,7 +191,7 @@ def run_generation(
         for index in range(len(prompt_ids))
     ]
     generated = int(sum(len(answers[index]) for index in answers))
-    metrics, predictions = score_answers(config.task, texts, inputs.references)
+    metrics, predictions = task.score(texts, inputs.examples)
     return {
         "metrics": {**metrics, "samples": len(texts)},
         "cost": {
@@ -204,47 +204,6 @@ def run_generation(
         "chat_template": use_template,
         "predictions": predictions,
     }
-
-
-def score_answers(
-    task: str, texts: list[str], references: list[list[str]]
-) -> tuple[dict, list[dict]]:
-    """(metrics, one prediction record per answer): GSM8K final-answer accuracy, or ROUGE-1/2/L
-    and BLEU against the references."""
-    if task == "gsm8k":
-        correct = [
-            gsm8k_correct(text, sample_references[0])
-            for text, sample_references in zip(texts, references, strict=True)
-        ]
-        metrics = {"accuracy": float(np.mean(correct)), "correct": int(sum(correct))}
-        predictions = [
-            {
-                "sample_id": str(index),
-                "reference": references[index][0],
-                "prediction": text,
-                "extracted_answer": final_number(text),
-                "expected_answer": final_number(references[index][0]),
-                "correct": bool(correct[index]),
-            }
-            for index, text in enumerate(texts)
-        ]
-    else:
-        per_sample = rouge_per_sample(texts, references)
-        metrics = {
-            name: float(np.mean([sample[name] for sample in per_sample])) if per_sample else 0.0
-            for name in ("rouge1", "rouge2", "rougeL")
-        }
-        metrics["bleu"] = bleu_score(texts, references)
-        predictions = [
-            {
-                "sample_id": str(index),
-                "references": list(references[index]),
-                "prediction": text,
-                **per_sample[index],
-            }
-            for index, text in enumerate(texts)
-        ]
-    return metrics, predictions
 
 
 def check_prompts_fit(
@@ -271,12 +230,14 @@ def engine_context(config: EvalConfig, directory: Path) -> int:
     return context_length(json.loads((directory / "config.json").read_text())) or 1 << 30
 
 
-def run_language_model(config: EvalConfig, engine, tokenizer, inputs: TaskInputs) -> dict:
-    """Perplexity and next-token accuracy over the text's windows (teacher-forced)."""
+def run_language_model(
+    config: EvalConfig, task: Task, engine, tokenizer, inputs: TaskInputs, directory: Path
+) -> dict:
+    """Every window of the text teacher-forced, scored by the task (perplexity, next-token
+    accuracy)."""
     chunks = chunk_text(
         list(inputs.texts), tokenizer, chunk_tokens=config.chunk_tokens, limit=config.limit
     )
-    sums = np.zeros(4, dtype=np.float64)
     per_window: dict[int, np.ndarray] = {}
     started = time.perf_counter()
     for index, scored in engine.score(
@@ -288,23 +249,8 @@ def run_language_model(config: EvalConfig, engine, tokenizer, inputs: TaskInputs
         per_window[index] = language_model_sums(
             target_ids, scored.position_logprobs[:, 0], scored.position_ids[:, 1:]
         )
-        sums += per_window[index]
     seconds = time.perf_counter() - started
-    metrics = language_model_metrics(sums)
-    predictions = []
-    for index in range(len(chunks)):
-        window = language_model_metrics(per_window[index])
-        predictions.append(
-            {
-                "sample_id": str(index),
-                "first_tokens": chunks[index][:8].tolist(),
-                "tokens": window["tokens"],
-                "nll": float(per_window[index][0] / max(window["tokens"], 1)),
-                "perplexity": window["perplexity"],
-                "acc@1": window["acc@1"],
-                "acc@5": window["acc@5"],
-            }
-        )
+    metrics, predictions = task.score([per_window[index] for index in range(len(chunks))], chunks)
     return {
         "metrics": {**metrics, "samples": len(chunks)},
         "cost": {
@@ -360,13 +306,27 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
     }
 
 
+RUNNERS = {"generate": run_generation, "text": run_language_model}
+"""How kd-eval runs a model on a task of each kind (classify: run_classification_evaluation)."""
+
+
+def task_section(task: Task, name: str | None = None) -> dict:
+    """What results.json says of the task: its name, kind and the metrics its table shows."""
+    return {
+        "task": name or task.name,
+        "kind": task.kind,
+        "metric_columns": [dataclasses.asdict(column) for column in task.metrics],
+    }
+
+
 def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
     """Evaluate every model; write results.json, the chart and predictions when --out is given.
 
     `engines` maps a model NAME to an already running TeacherEngine to reuse (tests)."""
-    if config.task == "cls":
+    if task_kind(config.data) == "classify":
         return run_classification_evaluation(config, engines)
-    inputs = load_task_inputs(config)
+    task = TASKS[config.data]
+    inputs = load_task_inputs(config, task)
     # Every model and tokenizer is checked before the first engine starts: bad input fails in
     # seconds, not after minutes of evaluating the models before it.
     models = []
@@ -379,20 +339,20 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
     results = {}
     for name, resolved, tokenizer in models:
         if config.progress:
-            print(f"kd-eval: {name} ({resolved.reference}) on {config.task}...", file=sys.stderr)
+            print(f"kd-eval: {name} ({resolved.reference}) on {task.name}...", file=sys.stderr)
         engine = (engines or {}).get(name)
-        results[name] = evaluate_model(config, resolved, tokenizer, inputs, engine)
+        results[name] = evaluate_model(config, task, resolved, tokenizer, inputs, engine)
     report = {
-        "task": config.task,
+        **task_section(task),
         "settings": {
             "config": config_to_dict(config),
             "data": {
                 "source": inputs.source,
                 "fingerprint": inputs.fingerprint,
-                "samples": len(inputs.prompts) or None,
+                "samples": len(inputs.examples) or None,
             },
             "decoding": {"temperature": 0.0, "max_new_tokens": config.max_new_tokens}
-            if config.task != "lm"
+            if task.kind != "text"
             else {"teacher_forced": True, "chunk_tokens": config.chunk_tokens},
         },
         "models": results,
@@ -403,7 +363,7 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
 
 
 def run_classification_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
-    """kd-eval --task cls: every classifier on the same texts (kd_eval/classification.py)."""
+    """A classification task: every classifier on the same texts (kd_eval/classification.py)."""
     from kd_eval.classification import (
         classification_fidelity,
         load_classification_inputs,
@@ -421,7 +381,7 @@ def run_classification_evaluation(config: EvalConfig, engines: dict | None = Non
             architecture = ", ".join(resolved.config.get("architectures") or ["unknown"])
             raise UserError(
                 f"--model {name}={reference} is a {architecture}, not a sequence classifier: "
-                "kd-eval --task cls needs *ForSequenceClassification models (give a bare "
+                f"kd-eval --data {config.data} needs *ForSequenceClassification models (give a bare "
                 "encoder a head with student-train init-student --labels)"
             )
         tokenizer = load_tokenizer(resolved.directory, trust_remote_code=config.trust_remote_code)
@@ -432,7 +392,7 @@ def run_classification_evaluation(config: EvalConfig, engines: dict | None = Non
     results = {}
     for name, resolved, tokenizer in models:
         if config.progress:
-            print(f"kd-eval: {name} ({resolved.reference}) on cls...", file=sys.stderr)
+            print(f"kd-eval: {name} ({resolved.reference}) on {config.data}...", file=sys.stderr)
         result = run_classifier(
             config, name, resolved, tokenizer, inputs, (engines or {}).get(name)
         )
@@ -446,7 +406,7 @@ def run_classification_evaluation(config: EvalConfig, engines: dict | None = Non
             result["fidelity"] = classification_fidelity(teacher, log_probabilities)
         results[name] = result
     report = {
-        "task": "cls",
+        **task_section(inputs.task, name=config.data),
         "settings": {
             "config": config_to_dict(config),
             "data": {

@@ -1,6 +1,7 @@
 """What kd-eval leaves for people to read: the markdown table, results.json, the chart and one
 predictions file per model (one JSON line per sample: its id, the reference, what the model
-produced, what was extracted from it and the sample's score)."""
+produced, what was extracted from it and the sample's score). The table's and the chart's metrics
+are the task's (report["metric_columns"], from shared/tasks/), so a new task needs nothing here."""
 
 from __future__ import annotations
 
@@ -9,35 +10,6 @@ import math
 from pathlib import Path
 
 from shared.files import atomic_write, atomic_write_json, atomic_write_text
-
-METRIC_COLUMNS = {
-    "gsm8k": [("accuracy", "accuracy", "{:.3f}")],
-    "summ": [
-        ("rouge1", "ROUGE-1", "{:.4f}"),
-        ("rouge2", "ROUGE-2", "{:.4f}"),
-        ("rougeL", "ROUGE-L", "{:.4f}"),
-        ("bleu", "BLEU", "{:.2f}"),
-    ],
-    "lm": [
-        ("perplexity", "perplexity", "{:.2f}"),
-        ("acc@1", "acc@1", "{:.3f}"),
-        ("acc@5", "acc@5", "{:.3f}"),
-    ],
-    "cls": [("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}")],
-}
-"""Per task: (metric key, column label, format) of the table."""
-
-CHART_PANELS = {
-    "gsm8k": [("metrics", "accuracy", "GSM8K accuracy")],
-    "summ": [("metrics", "rougeL", "ROUGE-L F1"), ("metrics", "bleu", "BLEU")],
-    "lm": [
-        ("metrics", "perplexity", "perplexity (lower is better)"),
-        ("metrics", "acc@1", "next-token acc@1"),
-    ],
-    "cls": [("metrics", "accuracy", "accuracy"), ("metrics", "macro_f1", "macro-F1")],
-}
-"""Per task: the panels of the chart, (section of a result, key, title). Fidelity (KL to the
-teacher, top-1 agreement) and ms/sample are added for every task when measured."""
 
 LOG_SCALE_SPAN = 10.0
 """A panel whose positive values span more than this factor is drawn on a log scale, so that a
@@ -50,25 +22,27 @@ PANELS_PER_ROW = 3
 
 def markdown_table(report: dict) -> str:
     """One row per model: params, the task's metrics, fidelity and cost."""
-    task = report["task"]
-    metric_columns = METRIC_COLUMNS[task]
+    metric_columns = report["metric_columns"]
+    per_sample = report["kind"] == "classify"
     fidelity = any("fidelity" in result for result in report["models"].values())
-    header = ["model", "params"] + [label for _, label, _ in metric_columns]
+    header = ["model", "params"] + [column["label"] for column in metric_columns]
     if fidelity:
         header += ["KL to teacher", "top-1 agreement"]
-    header += ["ms/sample", "samples/s" if task == "cls" else "tok/s"]
+    header += ["ms/sample", "samples/s" if per_sample else "tok/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in report["models"].items():
         millions = result["parameters"] / 1e6
         row = [name, f"{millions:.1f}M" if millions >= 10 else f"{millions:.2f}M"]
-        row += [form.format(result["metrics"][key]) for key, _, form in metric_columns]
+        row += [
+            column["format"].format(result["metrics"][column["key"]]) for column in metric_columns
+        ]
         if fidelity:
             values = result.get("fidelity") or {}
             if "kl" in values:
                 row += [f"{values['kl']:.4f}", f"{values['top1_agreement']:.3f}"]
             else:
                 row += ["n/a", "n/a"]
-        speed = "samples_per_second" if task == "cls" else "tokens_per_second"
+        speed = "samples_per_second" if per_sample else "tokens_per_second"
         row += [f"{result['cost']['ms_per_sample']:.2f}", f"{result['cost'][speed]:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -90,9 +64,14 @@ def write_outputs(out: Path, report: dict) -> None:
 
 
 def chart_panels(report: dict) -> list[tuple[str, list[float], bool]]:
-    """(title, one value per model (nan where absent), log scale?) for each panel."""
+    """(title, one value per model (nan where absent), log scale?) for each panel: the task's
+    charted metrics, then fidelity (when measured) and ms/sample."""
     models = list(report["models"].values())
-    panels = list(CHART_PANELS[report["task"]])
+    panels = [
+        ("metrics", column["key"], column["chart_title"])
+        for column in report["metric_columns"]
+        if column["chart_title"]
+    ]
     if any("kl" in (result.get("fidelity") or {}) for result in models):
         panels += [
             ("fidelity", "kl", "KL(teacher ‖ model)"),

@@ -13,7 +13,7 @@ printed as it runs:
 5. students     student-train from teacher A's dump, same init, same rows in the same order,
                 same steps: labels only (--loss ce), KD (α = 0.5, T = 5, forward KL), and on
                 SST-2 KD from A and B averaged, and KD + hidden-state MSE
-6. eval         kd-eval --task cls on the held-out test split: every model, same texts, same
+6. eval         kd-eval --data DATASET on the held-out test split: every model, same texts, same
                 backend and batching
 The teachers see more labelled examples than the students (the usual setting: the teacher is
 trained once on all labelled data, students are distilled on a transfer set); the labels-only
@@ -136,7 +136,7 @@ def run_dataset(config: ClassifyBenchConfig, dataset: str, encoder: Path) -> dic
     evaluated = {**teachers, "student-init": student, **students}
     run(
         "kd-eval",
-        ["--task", "cls", "--data", dataset, "--data-path", setup["folder"], "--split", "test",
+        ["--data", dataset, "--data-path", setup["folder"], "--split", "test",
          *setup["test_limit"], "--teacher-shards", out / "shards" / "teacher-a-test",
          "--classify-backend", config.eval_backend, "--dtype", "float32", "--no-progress",
          "--out", out / "eval",

@@ -14,7 +14,7 @@ student cut from it (`student_layers` of its 30 layers):
 2. summ    SciTLDR: the teacher writes a summary per training abstract (generate mode,
            greedy by default) and is scored on the references (score mode). Students:
            sequence-level KD (CE on the teacher's summaries), logit KD on the same dump, and
-           SFT on the references; kd-eval --task summ scores them on the dev split (ROUGE,
+           SFT on the references; kd-eval --data summ scores them on the dev split (ROUGE,
            with paired-bootstrap intervals of the ROUGE-2 differences).
 
 Outputs in `out`: results.json (every figure), results.md (the tables), curves.png. The gap
@@ -40,6 +40,7 @@ from scripts.pipeline import ensure_student, ensure_teacher, evaluation_is_curre
 from shared.config import build_config, check_choices
 from shared.errors import UserError, check_all, exit_with
 from shared.files import atomic_write_json, atomic_write_text
+from shared.loss_names import Divergence, TailPolicy
 from shared.model_preparation import LayerChoice
 
 HELD_OUT_EVERY = 10
@@ -84,13 +85,13 @@ class QualityConfig:
     """Peak learning rate of every run (warm-up then cosine, as student-train does)."""
     seeds: int = 2
     """Data orders of the headline pair (KD recipe and SFT), for the run-to-run spread."""
-    loss: Literal["fkl", "rkl", "jsd", "skew-kl", "tvd"] = "fkl"
+    loss: Divergence = "fkl"
     """The KD recipe's divergence."""
     alpha: float = 0.5
     """The KD recipe's CE weight (alpha * CE + (1 - alpha) * KD)."""
     temperature: float = 1.0
     """The KD recipe's temperature."""
-    tail: Literal["bucket", "renormalize"] = "bucket"
+    tail: TailPolicy = "bucket"
     """The KD recipe's tail policy."""
     ablations: tuple[str, ...] = (
         "alpha=0",
@@ -292,7 +293,7 @@ def run_lm(config: QualityConfig, teacher: Path, student: Path, out: Path) -> di
         click.secho(f"\nlm: kd-eval: {out / 'eval' / 'lm'} (up to date)", bold=True, err=True)
     else:
         run_command("lm: kd-eval of the teacher and the seed-0 students", "kd-eval",
-                    ["--task", "lm", *[f"--model={key}={path}" for key, path in contenders.items()],
+                    ["--data", "text", *[f"--model={key}={path}" for key, path in contenders.items()],
                      "--data-path", heldout_text, "--limit", config.heldout_windows,
                      "--chunk-tokens", config.chunk_tokens, "--teacher-shards", shards / "heldout",
                      "--out", out / "eval" / "lm", "--no-progress", *engine_flags(config)],
@@ -335,7 +336,7 @@ def run_summ(config: QualityConfig, teacher: Path, student: Path, out: Path) -> 
         click.secho(f"\nsumm: kd-eval: {out / 'eval' / 'summ'} (up to date)", bold=True, err=True)
     else:
         run_command("summ: kd-eval ROUGE on the SciTLDR dev split", "kd-eval",
-                    ["--task", "summ", *[f"--model={key}={path}" for key, path in models.items()],
+                    ["--data", "summ", *[f"--model={key}={path}" for key, path in models.items()],
                      "--data-path", data, "--split", "dev", "--limit", config.summ_dev,
                      "--max-new-tokens", config.summ_max_new_tokens,
                      "--out", out / "eval" / "summ", "--no-progress", *engine_flags(config)],

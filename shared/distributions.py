@@ -23,17 +23,10 @@ are multiplied by T^2 so gradient magnitudes stay comparable across temperatures
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import torch
 
-TailPolicy = Literal["bucket", "renormalize"]
-"""bucket: the teacher mass outside its top-k is one extra outcome; renormalize: compare on the
-k ids only."""
-TAIL_POLICIES: tuple[str, ...] = get_args(TailPolicy)
-Divergence = Literal["fkl", "rkl", "jsd", "skew-kl", "tvd"]
-"""fkl KL(p||q), rkl KL(q||p), jsd generalized JSD(beta) as in GKD, skew-kl KL(p || beta p +
-(1 - beta) q) as in DistiLLM, tvd total variation."""
+from shared.loss_names import Divergence, TailPolicy
 
 TAIL_NOISE = 1e-3
 """Bucket policy, tails derived as 1 - sum(p) (schema v1): below this they count as empty.

@@ -450,7 +450,7 @@ this machine, otherwise transformers; vllm / transformers: that one only."""
 
 @dataclass(frozen=True)
 class ClassifierSettings:
-    """How to run a sequence classifier (teacher-dump --mode classify, kd-eval --task cls)."""
+    """How to run a sequence classifier (teacher-dump --mode classify, kd-eval on a classification task)."""
 
     model: str
     """Local model directory (a *ForSequenceClassification checkpoint)."""

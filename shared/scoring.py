@@ -1,61 +1,19 @@
-"""Task metrics, written once: pure functions of model outputs and references.
+"""Metric functions that several tasks share: pure functions of model outputs and references.
 
-kd-eval scores every model with these, so teacher, baseline and distilled students are measured
-by the same code:
-- gsm8k: the final number of an answer ('#### n', else the last number), exact match.
-- summ: ROUGE-1/2/L F1 (rouge-score, Porter stemming, best over the references) and corpus BLEU
+Each task's `score` (shared/tasks/) is built from these, so teacher, baseline and distilled
+students are measured by the same code:
+- ROUGE-1/2/L F1 (rouge-score, Porter stemming, best over the references) and corpus BLEU
   (sacrebleu, all references).
-- lm: perplexity, next-token accuracy @1 and @5, from the per-position logprobs and top-k.
-- cls: accuracy and macro-F1 of predicted labels.
+- perplexity, next-token accuracy @1 and @5, from the per-position logprobs and top-k.
+- accuracy and macro-F1 of predicted labels.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
 
 import numpy as np
-
-_MARKED_ANSWER = re.compile(r"####\s*(-?\$?\s*-?[\d,]*\.?\d+)")
-_NUMBER = re.compile(r"-?\$?\s*-?\d[\d,]*(?:\.\d+)?|-?\$?\s*-?\.\d+")
-
-
-def normalize_number(text: str) -> str | None:
-    """Canonical form of a number as written in an answer: '$1,000.50' -> '1000.5', '7.0' -> '7'.
-
-    Returns None when `text` is not a number.
-    """
-    cleaned = text.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def final_number(answer: str) -> str | None:
-    """The answer's final number: after the last '#### ', else the last number in the text."""
-    marked = _MARKED_ANSWER.findall(answer)
-    if marked:
-        return normalize_number(marked[-1])
-    numbers = _NUMBER.findall(answer)
-    for candidate in reversed(numbers):
-        value = normalize_number(candidate)
-        if value is not None:
-            return value
-    return None
-
-
-def gsm8k_correct(prediction: str, reference: str) -> bool:
-    """Exact match of the final numbers (a prediction without a number is wrong)."""
-    predicted = final_number(prediction)
-    return predicted is not None and predicted == final_number(reference)
 
 
 def rouge_per_sample(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[dict]:

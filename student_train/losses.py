@@ -18,16 +18,13 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
 from shared.causal_lm import chunked_head_sums
 from shared.distributions import TailPolicy, divergence_per_position, topk_divergence_sum
+from shared.loss_names import LOSSES, Loss  # noqa: F401 - LOSSES: importable beside the losses
 
-Loss = Literal["ce", "fkl", "rkl", "jsd", "skew-kl", "tvd"]
-"""ce: cross-entropy on the target tokens only; the rest are logit-KD divergences."""
-LOSSES: tuple[str, ...] = get_args(Loss)
 DEFAULT_BETA = {"jsd": 0.5, "skew-kl": 0.1}
 """Default β: JSD's mixture weight (GKD) and skew KL's skew (DistiLLM)."""
 

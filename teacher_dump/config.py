@@ -49,8 +49,9 @@ class DumpConfig:
     data: str
     """Data: a built-in task or a local file. gsm8k: question → worked answer ending `#### n`;
     summ: document → one-sentence summary (SciTLDR rows {source, target} or plain {document,
-    summary}); text: raw text; or a local .jsonl/.json/.parquet/.csv/.tsv file used with
-    --prompt-column (and --target-column)."""
+    summary}); text: raw text; sst2, agnews: labelled texts (--mode classify); or a local
+    .jsonl/.json/.parquet/.csv/.tsv file used with --prompt-column (and --target-column). The
+    same names as kd-eval's --data (shared/tasks/)."""
     out: str
     """Output directory for shards and manifest.json (created; reruns resume it)."""
     mode: Mode = "generate"

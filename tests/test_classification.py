@@ -1,7 +1,7 @@
 """Classification KD end to end on tiny real models: classify dumps against a plain transformers
 forward (transformers and vLLM's pooling runner, and an LLM verbalizer), the KD loss against a
 formula written here, multi-teacher averaging, the hidden-state loss with a width projection,
-resume, LoRA, init-student for encoders, kd-eval --task cls, and bad input."""
+resume, LoRA, init-student for encoders, kd-eval on a classification task, and bad input."""
 
 from __future__ import annotations
 
@@ -409,7 +409,6 @@ def test_kd_eval_cls_table_predictions_fidelity_and_chart(
     test_dump = tmp_path / "test-dump"
     classify_dump(tiny_classifier, sst2_like, test_dump, split="test")
     config = EvalConfig(
-        task="cls",
         data="sst2",
         data_path=str(sst2_like),
         models=(f"teacher={tiny_classifier}", f"other={second_classifier}"),
@@ -454,7 +453,10 @@ def test_macro_f1_and_accuracy_by_hand():
 
 
 def test_a_chart_panel_spanning_decades_is_drawn_on_a_log_scale():
+    import dataclasses
+
     from kd_eval.report import chart_panels
+    from shared.tasks import TASKS
 
     def model(perplexity, kl):
         return {
@@ -464,7 +466,9 @@ def test_a_chart_panel_spanning_decades_is_drawn_on_a_log_scale():
         }
 
     report = {
-        "task": "lm",
+        "task": "text",
+        "kind": "text",
+        "metric_columns": [dataclasses.asdict(column) for column in TASKS["text"].metrics],
         "models": {"teacher": model(15.4, 0.0), "init": model(4e6, 11.2), "kd": model(522, 3.3)},
     }
     panels = {title: (values, log) for title, values, log in chart_panels(report)}

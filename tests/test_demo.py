@@ -116,7 +116,7 @@ def test_reduced_demo_runs_every_stage_and_reuses_them(tiny_model, tmp_path):
         "student-train init-student",
         "teacher-dump --model",
         "student-train --shards",
-        "kd-eval --task lm",
+        "kd-eval --data text",
     ):
         assert f"$ {command}" in first.stderr
     results = json.loads((out / "eval" / "results.json").read_text())

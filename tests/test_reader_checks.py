@@ -518,7 +518,7 @@ def test_remote_code_runs_only_with_trust_remote_code(model_with_custom_code, gs
         ),
         "kd-eval": lambda: run_evaluation(
             EvalConfig(
-                task="gsm8k", models=(f"m={directory}",), data_path=str(gsm8k_file), split="train"
+                data="gsm8k", models=(f"m={directory}",), data_path=str(gsm8k_file), split="train"
             )
         ),
         "init-student": lambda: init_student_error(directory, tmp_path / "student"),
