@@ -31,21 +31,27 @@ NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}
     FLAGS,
     negated=NEGATED,
 )
-@click.option("--task", "renamed_task", hidden=True)
+@click.option(
+    "--task",
+    "task",
+    metavar="NAME",
+    help="The same as --data: the task (one name per task in every command).",
+)
 @config_options
-def main(config_file, assignments, models, renamed_task, **flags) -> None:
+def main(config_file, assignments, models, task, **flags) -> None:
     """Evaluate models on a task with identical prompts and decoding; print a table.
 
     \b
-    kd-eval --data gsm8k|summ|text|sst2|agnews|FILE --model NAME=PATH [--model NAME=PATH ...]
+    kd-eval --task gsm8k|summ|text|sst2|agnews|FILE --model NAME=PATH [--model NAME=PATH ...]
             [--data-path P] [--split S] [--limit N] [--teacher-shards DIR] [--max-new-tokens N]
             [--out DIR]
     """
-    if renamed_task is not None:
-        name = RENAMED.get(renamed_task, renamed_task)
-        exit_with(
-            UserError(f"kd-eval takes the task as --data (as teacher-dump does): use --data {name}")
-        )
+    if task is not None:
+        if task in RENAMED:
+            exit_with(UserError(f"--task {task} is not a task name: use --task {RENAMED[task]}"))
+        if flags.get("data") not in (None, task):
+            exit_with(UserError(f"--task {task} and --data {flags['data']} disagree: pass one"))
+        flags["data"] = task
     if models:
         flags["models"] = tuple(models)
     try:

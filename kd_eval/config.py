@@ -14,7 +14,7 @@ from shared.errors import UserError, check_all
 @dataclass(frozen=True)
 class EvalConfig:
     data: str
-    """The task, by the name teacher-dump takes (its module in shared/tasks/ says how models are
+    """The task (`--data` or `--task`), by the name teacher-dump takes (its module in shared/tasks/ says how models are
     run and scored). gsm8k: greedy answers, the final number must equal the reference's
     (accuracy); summ: greedy one-sentence summaries, ROUGE-1/2/L F1 and corpus BLEU; text:
     perplexity and next-token acc@1/5 over raw-text windows; sst2, agnews, or a

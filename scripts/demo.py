@@ -9,7 +9,7 @@ Stages, each a command a user can rerun by hand (they are printed as they run):
 4. dump      teacher-dump --mode text on the training text, and on the held-out text
 5. kd        student-train with logit KD (forward KL on the teacher's top-k)
 6. sft       student-train with plain CE on the same text (the baseline)
-7. eval      kd-eval --data text: teacher, untrained, SFT and KD students on the held-out text
+7. eval      kd-eval --task text: teacher, untrained, SFT and KD students on the held-out text
 Rerunning reuses finished stages: model directories are kept, dumps resume (a complete one
 starts no engine), training resumes from its checkpoints, and the evaluation is redone only when
 a model is newer than its results.
@@ -159,7 +159,7 @@ def run_demo(config: DemoConfig) -> dict:
         click.secho(f"\n[7/7] eval: {results_path} (up to date)", bold=True, err=True)
     else:
         run_stage(7, "eval: every model on the held-out text", "kd-eval",
-                  ["--data", "text", *[f"--model={name}={path}" for name, path in contenders.items()],
+                  ["--task", "text", *[f"--model={name}={path}" for name, path in contenders.items()],
                    "--data-path", held_out_text, "--limit", config.heldout_windows, "--chunk-tokens",
                    config.chunk_tokens, "--teacher-shards", shards / "heldout", "--out", evaluation,
                    *engine, "--no-progress"], show_output=False)  # fmt: skip

@@ -296,7 +296,11 @@ def test_bad_input_is_one_line(tiny_model, tmp_path):
             ("--data", "lm", "--model", f"a={tiny_model}"),
             "--data lm is not a task name: use --data text",
         ),
-        (("--task", "lm", "--model", f"a={tiny_model}"), "takes the task as --data"),
+        (
+            ("--task", "lm", "--model", f"a={tiny_model}"),
+            "--task lm is not a task name: use --task text",
+        ),
+        (("--task", "summ", "--data", "gsm8k", "--model", f"a={tiny_model}"), "disagree: pass one"),
         (
             ("--data", "gsm8k", "--model", f"a={tmp_path / 'missing'}", "--data-path", str(good)),
             "no such directory",
