@@ -325,8 +325,11 @@ def run_students(config, workspace: Workspace, encoder: Path, run) -> None:
     dump(config, workspace, run, "teacher-test", teacher, workspace.file("test"),
          ["--classify-backend", "transformers"])  # fmt: skip
     hidden = ["--hidden-layer", -1] if config.hidden_row else []
+    # A dump with hidden states is another dump: turning hidden_row on later never finds a
+    # finished dump without them.
+    suffix = "-hidden" if config.hidden_row else ""
     for gold in config.gold_labels:
-        shards = dump(config, workspace, run, f"teacher-transfer-{gold}", teacher,
+        shards = dump(config, workspace, run, f"teacher-transfer-{gold}{suffix}", teacher,
                       workspace.file(f"transfer-{gold}"), hidden)  # fmt: skip
         pseudo = workspace.file(f"pseudo-{gold}")
         write_pseudo_labels(workspace, shards, gold, pseudo)
