@@ -105,7 +105,8 @@ class ClassifyBenchConfig:
     """Extra teacher sizes (labelled rows) trained and evaluated only, for the accuracy/time
     table; the students always use the `<dataset>_teacher` one."""
     seeds: tuple[int, ...] = (0, 1, 2)
-    """student-train --seed of every student row (data order, head and projection init)."""
+    """student-train --seed of every student row (data order, dropout, the hidden projection's
+    init; the weights start from the one init-student directory)."""
     student_layers: int = 3
     """Encoder layers the student keeps (evenly spaced)."""
     max_length: int = 128
@@ -154,7 +155,8 @@ class ClassifyBenchConfig:
 @dataclass
 class Runner:
     """Runs kd-shards commands as subprocesses, skipping finished ones, and keeps their times
-    (one `timings.json` per dataset, so a reused stage keeps the time it took)."""
+    (one `timings.json` per dataset, so a reused stage keeps the time it took). Training runs
+    pass --resume (a fresh start in an empty --out), so an interrupted one continues."""
 
     dry_run: bool
     timings_path: Path
@@ -244,7 +246,7 @@ def run_teachers(config: ClassifyBenchConfig, workspace: Workspace, encoder: Pat
         run(f"teacher-{size}", "student-train",
             [*workspace.data(workspace.file(f"teacher-{size}"), "student-train"),
              "--student", encoder, "--loss", "ce", "--epochs", config.teacher_epochs,
-             "--lr", config.teacher_lr, "--out", final.parent, *workspace.common],
+             "--lr", config.teacher_lr, "--out", final.parent, "--resume", *workspace.common],
             final)  # fmt: skip
         evaluate(config, workspace, run, f"teacher-{size}", final, with_fidelity=False)
     return (
@@ -308,9 +310,20 @@ def train_students(config, workspace: Workspace, run, student: Path, rows: dict,
             run(name, "student-train",
                 [*arguments, "--student", student, "--max-steps", steps,
                  "--lr", config.student_lr, "--seed", seed, "--out", final.parent,
-                 *workspace.common],
+                 "--resume", *workspace.common],
                 final)  # fmt: skip
             evaluate(config, workspace, run, name, final)
+
+
+def pseudo_and_kd_rows(config, workspace: Workspace, shards: Path, gold: int, prefix: str):
+    """The two rows a teacher's transfer dump gives: hard pseudo-labels (its argmax on the M,
+    written to a labelled file) and KD on its soft targets."""
+    pseudo = workspace.file(f"{prefix}pseudo-{gold}")
+    write_pseudo_labels(workspace, shards, gold, pseudo)
+    return {
+        f"{prefix}pseudo": [*workspace.data(pseudo, "student-train"), "--loss", "ce"],
+        f"{prefix}kd": kd_arguments(config, shards),
+    }
 
 
 def kd_arguments(config, shards: Path) -> list:
@@ -331,13 +344,10 @@ def run_students(config, workspace: Workspace, encoder: Path, run) -> None:
     for gold in config.gold_labels:
         shards = dump(config, workspace, run, f"teacher-transfer-{gold}{suffix}", teacher,
                       workspace.file(f"transfer-{gold}"), hidden)  # fmt: skip
-        pseudo = workspace.file(f"pseudo-{gold}")
-        write_pseudo_labels(workspace, shards, gold, pseudo)
         rows = {
             "labels": [*workspace.data(workspace.file(f"gold-{gold}"), "student-train"),
                        "--loss", "ce"],
-            "pseudo": [*workspace.data(pseudo, "student-train"), "--loss", "ce"],
-            "kd": kd_arguments(config, shards),
+            **pseudo_and_kd_rows(config, workspace, shards, gold, prefix=""),
         }  # fmt: skip
         if config.hidden_row:
             rows["kd-hidden"] = [*kd_arguments(config, shards),
@@ -389,12 +399,7 @@ def run_llm(config, workspace: Workspace, encoder: Path, run) -> None:
     for gold in config.gold_labels:
         shards = dump(config, workspace, run, f"llm-transfer-{gold}", model,
                       workspace.file(f"transfer-{gold}"), verbalizer)  # fmt: skip
-        pseudo = workspace.file(f"llm-pseudo-{gold}")
-        write_pseudo_labels(workspace, shards, gold, pseudo)
-        rows = {
-            "llm-pseudo": [*workspace.data(pseudo, "student-train"), "--loss", "ce"],
-            "llm-kd": kd_arguments(config, shards),
-        }
+        rows = pseudo_and_kd_rows(config, workspace, shards, gold, prefix="llm-")
         train_students(config, workspace, run, student, rows, gold)
 
 
