@@ -41,22 +41,31 @@ def dump_correctness(shards: Path) -> np.ndarray:
     return np.asarray([int(row.topk_ids[0][0]) == int(row.target_ids[0]) for row in rows])
 
 
-def summarize_dataset(teacher: np.ndarray | None, students: dict, resamples: int) -> dict:
+def summarize_dataset(
+    teacher: np.ndarray | None, students: dict, resamples: int, llm_teacher: float | None = None
+) -> dict:
     """Rows and paired comparisons of one dataset.
 
     teacher: (n,) the students' teacher's correctness, or None; students: (row, N) ->
-    {seed: (n,) correctness}. Per row: accuracy mean ± spread over seeds and the gap to the
-    teacher it closes relative to the labels row of the same N; per comparison: the paired
+    {seed: (n,) correctness}; llm_teacher: the LLM teacher's accuracy (the llm- rows' teacher).
+    Per row: accuracy mean ± spread over seeds and the gap to its teacher it closes relative
+    to the labels row of the same N; per comparison: the paired
     bootstrap of the seed-averaged accuracy difference and McNemar per seed pair."""
     teacher_accuracy = float(np.mean(teacher)) if teacher is not None else None
     rows = []
-    for (row, gold), by_seed in sorted(students.items(), key=lambda item: (item[0][1], item[0][0])):
+
+    def order(item):
+        (row, gold), _ = item
+        return gold, STUDENT_ROWS.index(row) if row in STUDENT_ROWS else len(STUDENT_ROWS), row
+
+    for (row, gold), by_seed in sorted(students.items(), key=order):
         summary = mean_and_spread(np.mean(correct) for correct in by_seed.values())
         baseline = students.get(("labels", gold))
         closed = None
-        if teacher_accuracy is not None and baseline is not None:
+        reference = llm_teacher if row.startswith("llm-") else teacher_accuracy
+        if reference is not None and baseline is not None:
             base = float(np.mean([np.mean(c) for c in baseline.values()]))
-            closed = gap_closed(summary["mean"], base, teacher_accuracy)
+            closed = gap_closed(summary["mean"], base, reference)
         rows.append({"row": row, "gold": gold, "seeds": sorted(by_seed), "accuracy": summary,
                      "per_seed": {str(s): float(np.mean(c)) for s, c in by_seed.items()},
                      "gap_closed": closed})  # fmt: skip
@@ -101,13 +110,18 @@ def collect_dataset(config, dataset: str) -> dict:
                     by_seed[seed] = read_correctness(path)
             if by_seed:
                 students[(row, gold)] = by_seed
-    summary = summarize_dataset(
-        read_correctness(teacher) if teacher else None, students, config.bootstrap_resamples
-    )
-    llm = out / "shards" / "llm-test"
+    llm, llm_summary = out / "shards" / "llm-test", {}
     if (llm / "manifest.json").exists():
         correct = dump_correctness(llm)
-        summary["llm_teacher"] = {"accuracy": float(np.mean(correct)), "samples": int(correct.size)}
+        llm_summary = {"accuracy": float(np.mean(correct)), "samples": int(correct.size)}
+    summary = summarize_dataset(
+        read_correctness(teacher) if teacher else None,
+        students,
+        config.bootstrap_resamples,
+        llm_summary.get("accuracy"),
+    )
+    if llm_summary:
+        summary["llm_teacher"] = llm_summary
     return {**summary, "teachers": teachers, "timings": timings}
 
 
@@ -140,11 +154,13 @@ def markdown(results: dict) -> str:
                       f"{llm['accuracy']:.4f} ({llm['samples']} texts)"]  # fmt: skip
         lines += ["", "| row | N | seeds | accuracy mean ± std | min–max | gap closed |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
+        if summary["teacher_accuracy"] is not None:
+            lines.append(f"| teacher | — | — | {summary['teacher_accuracy']:.4f} | — | 1 |")
         for row in summary["rows"]:
             a, closed = row["accuracy"], row["gap_closed"]
             lines.append(f"| {row['row']} | {row['gold']} | {','.join(map(str, row['seeds']))} | "
                          f"{a['mean']:.4f} ± {a['std']:.4f} | {a['min']:.4f}–{a['max']:.4f} | "
-                         f"{'—' if closed is None else f'{closed:.2f}'} |")  # fmt: skip
+                         f"{'—' if closed is None or closed != closed else f'{closed:.2f}'} |")  # fmt: skip
         lines += ["", "| comparison | N | Δ accuracy | 95% paired bootstrap | McNemar per seed "
                   "(b / c, p) |", "|---|---|---|---|---|"]  # fmt: skip
         for c in summary["comparisons"]:
