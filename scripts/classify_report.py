@@ -176,7 +176,9 @@ def markdown(results: dict) -> str:
 
 def plot_accuracy_vs_labels(path: Path, results: dict) -> None:
     """One panel per dataset: each student row's accuracy (mean, min–max bar over seeds)
-    against N, the teacher as a dashed line."""
+    against N (rows spread a little sideways so that their bars do not hide each other), the
+    teachers against the labelled rows they were fine-tuned on, the students' teacher also as
+    a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,15 +187,19 @@ def plot_accuracy_vs_labels(path: Path, results: dict) -> None:
     datasets = results["datasets"]
     figure, axes = plt.subplots(1, max(len(datasets), 1), figsize=(5 * max(len(datasets), 1), 4))
     for axis, (dataset, summary) in zip(np.atleast_1d(axes), datasets.items(), strict=False):
-        for row in STUDENT_ROWS:
+        for position, row in enumerate(STUDENT_ROWS):
             points = [r for r in summary["rows"] if r["row"] == row]
             if not points:
                 continue
-            x = [p["gold"] for p in points]
+            x = [p["gold"] * 1.04 ** (position - 2) for p in points]
             y = [p["accuracy"]["mean"] for p in points]
             error = [[p["accuracy"]["mean"] - p["accuracy"]["min"] for p in points],
                      [p["accuracy"]["max"] - p["accuracy"]["mean"] for p in points]]  # fmt: skip
             axis.errorbar(x, y, yerr=error, marker="o", capsize=3, label=row)
+        if summary["teachers"]:
+            axis.plot([t["rows"] for t in summary["teachers"]],
+                      [t["accuracy"] for t in summary["teachers"]],
+                      marker="s", color="black", label="teacher (6 layers) vs its labels")  # fmt: skip
         if summary["teacher_accuracy"] is not None:
             axis.axhline(
                 summary["teacher_accuracy"], linestyle="--", color="black", label="teacher"
@@ -201,7 +207,7 @@ def plot_accuracy_vs_labels(path: Path, results: dict) -> None:
         if "llm_teacher" in summary:
             axis.axhline(summary["llm_teacher"]["accuracy"], linestyle=":", color="grey",
                          label="LLM teacher")  # fmt: skip
-        axis.set(title=dataset, xlabel="gold labels N", ylabel="test accuracy")
+        axis.set(title=dataset, xlabel="labelled rows (students: gold labels N)", ylabel="test accuracy")
         axis.set_xscale("log")
         axis.legend(fontsize=7)
     figure.tight_layout()
