@@ -100,7 +100,8 @@ class ClassifyBenchConfig:
     """Seed of the one shuffle of a dataset without a published test split (PhraseBank)."""
     gold_labels: tuple[int, ...] = (500,)
     """The values of N (gold labels the students see); several give the accuracy-vs-labels
-    curve. Each N gets its own transfer dump and student rows."""
+    curve. Each N gets its own transfer dump and student rows. The largest one sizes the gold
+    block of the cut, so choose it before the first run (a later change is refused)."""
     teacher_sweep: tuple[int, ...] = ()
     """Extra teacher sizes (labelled rows) trained and evaluated only, for the accuracy/time
     table; the students always use the `<dataset>_teacher` one."""
@@ -223,6 +224,7 @@ def prepare_workspace(config: ClassifyBenchConfig, dataset: str) -> Workspace:
     common = ("--micro-batch", config.micro_batch, "--max-length", config.max_length,
               "--no-progress")  # fmt: skip
     workspace = Workspace(spec, Path(config.out) / dataset, cut, common)
+    check_cut(workspace.out / "cut.json", sizes_of(config, dataset), config.split_seed)
     everything = len(cut.teacher) + len(cut.gold) + len(cut.unlabelled) + len(cut.test)
     for size in teacher_sizes(config, dataset):
         write_rows(workspace.file(f"teacher-{size}"), cut.teacher[:size], spec.text_column, size)
@@ -232,6 +234,25 @@ def prepare_workspace(config: ClassifyBenchConfig, dataset: str) -> Workspace:
         write_rows(workspace.file(f"transfer-{gold}"), rows, spec.text_column, gold)
     write_rows(workspace.file("test"), cut.test, spec.text_column, everything)
     return workspace
+
+
+def check_cut(path: Path, sizes: Sizes, split_seed: int) -> None:
+    """Record the cut on the first run and refuse a later run whose cut moves rows: finished
+    stages are reused by name, so they must have been made from the same rows. A larger
+    teacher only extends the last block, so the teacher size is not part of the record."""
+    cut = {"unlabelled": sizes.unlabelled, "gold_block": sizes.gold, "test": sizes.test,
+           "split_seed": split_seed}  # fmt: skip
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != cut:
+            raise UserError(
+                f"{path.parent} was cut as {previous}, this run asks {cut} (M, the largest of "
+                "gold_labels, the test size or the split seed changed): use another --set out= "
+                "or delete that folder"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cut) + "\n", encoding="utf-8")
 
 
 def teacher_sizes(config: ClassifyBenchConfig, dataset: str) -> list[int]:

@@ -205,3 +205,7 @@ def test_dry_run_plans_every_row_from_one_init_for_the_same_steps(tmp_path):
     transfer = (tmp_path / "out" / "sst2" / "data" / "transfer-10.jsonl").read_text().splitlines()
     assert len(transfer) == 40
     assert [json.loads(line)["label"] != "" for line in transfer] == [True] * 10 + [False] * 30
+    # Finished stages are reused by name: a rerun whose cut moves rows is refused.
+    moved = [item for a in arguments for item in ("--set", a)] + ["--set", "gold_labels=8"]
+    refused = CliRunner().invoke(main, moved)
+    assert refused.exit_code != 0 and "was cut as" in refused.output
