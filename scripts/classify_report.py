@@ -207,7 +207,9 @@ def plot_accuracy_vs_labels(path: Path, results: dict) -> None:
         if "llm_teacher" in summary:
             axis.axhline(summary["llm_teacher"]["accuracy"], linestyle=":", color="grey",
                          label="LLM teacher")  # fmt: skip
-        axis.set(title=dataset, xlabel="labelled rows (students: gold labels N)", ylabel="test accuracy")
+        axis.set(
+            title=dataset, xlabel="labelled rows (students: gold labels N)", ylabel="test accuracy"
+        )
         axis.set_xscale("log")
         axis.legend(fontsize=7)
     figure.tight_layout()
