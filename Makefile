@@ -72,19 +72,19 @@ quality: setup
 # the others; each rewrites classify-bench/results.json, results.md, accuracy-vs-labels.png.
 # CLASSIFY_ARGS='--set datasets=sst2' runs one dataset (any field of ClassifyBenchConfig).
 # classify-teacher: the MiniLM-L6 teachers and their test accuracy (one-time, reused; about
-# 25 min for the three datasets on 2 quiet CPU cores).
+# 15 min for the three datasets on 2 CPU cores, estimated from measured throughputs).
 classify-teacher: setup
 	$(BIN)/python -m scripts.classify_bench --set part=teacher $(CLASSIFY_ARGS)
 
 # classify-bench: the teacher if missing, its dumps, then labels-only, pseudo-labels and KD
 # students (three seeds each, same init and steps), evaluated with paired tests. Estimated
-# 4 to 5 hours on 2 quiet CPU cores after classify-teacher (see the docs' budget table).
+# about 3 hours on 2 CPU cores after classify-teacher (see the docs' budget table).
 classify-bench: setup
 	$(BIN)/python -m scripts.classify_bench --set part=students $(CLASSIFY_ARGS)
 
 # classify-llm: an LLM teacher through the verbalizer (SmolLM2-135M-Instruct by default,
 # --set llm_teacher=DIR for a bigger one): its own accuracy, then it labels the same transfer
-# set for the same student (pseudo-labels and KD, three seeds). Estimated 3 to 4 hours.
+# set for the same student (pseudo-labels and KD, three seeds). Estimated about 2.5 hours.
 classify-llm: setup
 	$(BIN)/python -m scripts.classify_bench --set part=llm $(CLASSIFY_ARGS)
 
