@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint format demo bench quality classify-bench trials clean
+.PHONY: setup test lint format demo bench quality classify-teacher classify-bench classify-llm trials clean
 
 setup: $(STAMP)
 
@@ -67,11 +67,26 @@ bench: setup
 quality: setup
 	$(BIN)/python -m scripts.quality $(QUALITY_ARGS)
 
-# Classification KD on SST-2 and AG News from ../shared/data (MiniLM-L6 teachers, a 3-layer
-# student; labels-only vs KD vs two teachers vs KD + hidden states): 46 minutes measured on 2 busy CPU
-# cores. Writes classify-bench/; CLASSIFY_ARGS='--set datasets=sst2' runs one dataset.
+# Classification KD with a transfer set (docs/classification-transfer.md), on SST-2, AG News and
+# Financial PhraseBank from ../shared/data. Three parts, each reusing every finished stage of
+# the others; each rewrites classify-bench/results.json, results.md, accuracy-vs-labels.png.
+# CLASSIFY_ARGS='--set datasets=sst2' runs one dataset (any field of ClassifyBenchConfig).
+# classify-teacher: the MiniLM-L6 teachers and their test accuracy (one-time, reused; about
+# 15 min for the three datasets on 2 CPU cores, estimated from measured throughputs).
+classify-teacher: setup
+	$(BIN)/python -m scripts.classify_bench --set part=teacher $(CLASSIFY_ARGS)
+
+# classify-bench: the teacher if missing, its dumps, then labels-only, pseudo-labels and KD
+# students (three seeds each, same init and steps), evaluated with paired tests. Estimated
+# about 3 hours on 2 CPU cores after classify-teacher (see the docs' budget table).
 classify-bench: setup
-	$(BIN)/python -m scripts.classify_bench $(CLASSIFY_ARGS)
+	$(BIN)/python -m scripts.classify_bench --set part=students $(CLASSIFY_ARGS)
+
+# classify-llm: an LLM teacher through the verbalizer (SmolLM2-135M-Instruct by default,
+# --set llm_teacher=DIR for a bigger one): its own accuracy, then it labels the same transfer
+# set for the same student (pseudo-labels and KD, three seeds). Estimated about 2.5 hours.
+classify-llm: setup
+	$(BIN)/python -m scripts.classify_bench --set part=llm $(CLASSIFY_ARGS)
 
 # What docs/reliability.md states, measured: 20 kill -9 trials of teacher-dump and
 # 20 of student-train (resumed; nothing lost, duplicated or changed), a real full disk during a
