@@ -48,9 +48,11 @@ RUN_HINT = "run it on a CUDA machine after pip install -e '.[vllm]' (or --device
 ALIGNMENT_BOUNDS = {
     # bfloat16 has an 8-bit mantissa: vLLM's fused kernels and transformers' eager ops round in
     # different places, so logits differ by ~1e-2 relative; near-ties swap the top-1 and the far
-    # tail of a 49k vocabulary moves by tenths of a nat. A broken pipeline (wrong row, position
-    # shift, wrong tokenizer) gives agreement near chance and mean errors of nats.
-    "bfloat16": {"top1_agreement": 0.95, "mean_abs": 0.1, "max_abs": 2.0},
+    # tail moves by tenths of a nat. For scale: transformers' own bfloat16 forward of the random
+    # Llama against its float32 one (CPU, one 13-token sentence) agreed on 12 of 13 top-1s, mean
+    # |delta| 0.086 at the top-20. A broken pipeline (wrong row, position shift, tokenizer) gives
+    # agreement near chance and mean errors of nats.
+    "bfloat16": {"top1_agreement": 0.9, "mean_abs": 0.15, "max_abs": 3.0},
     # float32 differs only by summation order and the storage grid (2^-10 nats).
     "float32": {"top1_agreement": 0.99, "mean_abs": 0.005, "max_abs": 0.1},
 }
@@ -173,11 +175,12 @@ def build_random_teacher(directory: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
-        # Wider than the default init, so that the distributions are peaked enough for top-1
-        # agreement between engines to be decided by the model, not by ties.
-        for parameter in model.parameters():
+        # Wider than the default init, and a wider head still (logits of std ~5), so that the
+        # distributions are peaked enough for top-1 agreement between engines to be decided by
+        # the model, not by near-ties (the default init gives an almost flat distribution).
+        for name, parameter in model.named_parameters():
             if parameter.dim() > 1:
-                parameter.normal_(0.0, 0.08)
+                parameter.normal_(0.0, 0.3 if name.startswith("lm_head") else 0.08)
     temporary = directory.with_name(directory.name + ".partial")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
