@@ -273,6 +273,7 @@ def run_engine_stage(spec: dict) -> dict:
             sequences = sequences or dumped_sequences(train.out)
             bare = bare_score(engine, sequences, train.engine_logprobs)
             bares.append({"tokens": bare["positions"], "seconds": bare["seconds"]})
+        shutil.rmtree(held_out.out, ignore_errors=True)
         began = time.perf_counter()
         run_dump(held_out, engine)
         result["heldout_dump_seconds"] = time.perf_counter() - began
