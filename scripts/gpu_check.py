@@ -94,6 +94,10 @@ class GpuCheckConfig:
     """Peak learning rate of the KD run."""
     max_model_len: int = 1024
     """vLLM context for every engine (the windows are short)."""
+    gpu_memory_utilization: float = 0.4
+    """Share of GPU memory each vLLM engine may take (cuda only). Below vLLM's 0.9 so that
+    kd-eval's second engine starts even if the first one's memory is not all returned yet;
+    a 135M teacher needs a small fraction of it."""
     enforce_eager: bool = True
     """Skip vLLM compilation and CUDA graphs: a faster start for a short run (steady-state
     tokens/s would be higher with graphs)."""
@@ -256,8 +260,8 @@ def run_engine_stage(spec: dict) -> dict:
         EngineSettings(
             model=spec["teacher"], dtype=spec["dtype"], max_model_len=spec["max_model_len"],
             max_logprobs=train.engine_logprobs, sampled_logprobs=False, tensor_parallel_size=1,
-            gpu_memory_utilization=None, seed=0, enforce_eager=spec["enforce_eager"],
-            trust_remote_code=False,
+            gpu_memory_utilization=spec["gpu_memory_utilization"], seed=0,
+            enforce_eager=spec["enforce_eager"], trust_remote_code=False,
         )
     )  # fmt: skip
     result = {"engine_start_seconds": time.perf_counter() - started, "engine_dtype": engine.dtype}
@@ -487,6 +491,8 @@ def kd_stage(config: GpuCheckConfig, teacher: Path, work: dict, results: dict) -
     evaluation = work["out"] / "eval"
     engine = ["--dtype", config.dtype, "--max-model-len", config.max_model_len]
     engine += ["--enforce-eager"] if config.enforce_eager else []
+    if config.device == "cuda":
+        engine += ["--set", f"gpu_memory_utilization={config.gpu_memory_utilization}"]
     run_command("[5/6] kd: kd-eval --task lm, teacher and student", "kd-eval",
                 ["--task", "lm", f"--model=teacher={teacher}", f"--model=student-kd={run / 'final'}",
                  "--data-path", work["heldout_text"], "--limit", config.heldout_windows,
@@ -525,6 +531,9 @@ def run_check(config: GpuCheckConfig) -> dict:
         "chunk_tokens": config.chunk_tokens, "windows": config.windows,
         "heldout_windows": config.heldout_windows, "max_model_len": config.max_model_len,
         "enforce_eager": config.enforce_eager, "speed_repeats": config.speed_repeats,
+        "gpu_memory_utilization": (
+            config.gpu_memory_utilization if config.device == "cuda" else None
+        ),
         "train_text": str(train_text), "heldout_text": str(work["heldout_text"]),
         "train_out": str(work["train_dump"]), "heldout_out": str(work["heldout_dump"]),
         "result": str(out / "engine-result.json"),
