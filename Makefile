@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint format demo bench quality classify-teacher classify-bench classify-llm trials clean
+.PHONY: setup test lint format demo bench quality classify-teacher classify-bench classify-llm trials gpu-check clean
 
 setup: $(STAMP)
 
@@ -97,6 +97,17 @@ classify-llm: setup
 trials: setup
 	$(BIN)/python -m scripts.kill_trials $(TRIALS_ARGS)
 	KD_SHARDS_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_reader_fuzz.py
+
+# The GPU check, offline, meant to take < 8 min on one GPU (not yet run on one; docs/gpu-check.md):
+# a bfloat16 dump of SmolLM2 (or GPU_CHECK_ARGS='--teacher DIR', or a random Llama when neither is
+# there), its alignment against a transformers forward, the dump-speed ratio against bare vLLM, a
+# short KD run and kd-eval; one table, and results.json in gpu-check/. It runs with the
+# environment's Python (PYTHON_GPU), not the CPU venv of `make setup`: pip install -e '.[vllm]' on
+# the CUDA machine first. Without a GPU or vLLM it says so and exits 0.
+# GPU_CHECK_ARGS='--device cpu --set windows=8' is a float32 dry run on vLLM's CPU build.
+PYTHON_GPU ?= python3
+gpu-check:
+	$(PYTHON_GPU) -m scripts.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
