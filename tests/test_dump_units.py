@@ -105,24 +105,26 @@ def test_sample_seeds_are_stable_and_distinct():
 
 def test_written_shard_follows_the_schema_and_its_manifest_entry(tmp_path):
     from shared.files import sha256_of_file
-    from teacher_dump.rows import make_row
+    from teacher_dump.requests import DumpRequest
+    from teacher_dump.rows import ScoredTarget, make_row
     from teacher_dump.shards import describe_shard, write_shard
 
     rows = [
         make_row(
-            sample_id=f"{index}-0",
-            source_index=index,
-            completion_index=0,
-            prompt_ids=np.array([1, 2]),
-            target_ids=np.array([3, 4, 5]),
-            position_ids=np.array([[3, 3, 60], [4, 9, 4], [5, 70, 5]]),
-            position_logprobs=np.log(np.array([[0.5, 0.5, 0.2], [0.1, 0.6, 0.1], [0.3, 0.4, 0.3]])),
+            DumpRequest(index, np.array([1, 2]), None, prompt_text="p", references=("r",)),
+            ScoredTarget(
+                sample_id=f"{index}-0",
+                completion_index=0,
+                target_ids=np.array([3, 4, 5]),
+                position_ids=np.array([[3, 3, 60], [4, 9, 4], [5, 70, 5]]),
+                position_logprobs=np.log(
+                    np.array([[0.5, 0.5, 0.2], [0.1, 0.6, 0.1], [0.3, 0.4, 0.3]])
+                ),
+                finish_reason="stop",
+                target_text="t",
+            ),
             tokenizer_size=50,
             storage=Storage("topk", top_k=2),
-            finish_reason="stop",
-            prompt_text="p",
-            target_text="t",
-            references=("r",),
         )
         for index in range(3)
     ]
