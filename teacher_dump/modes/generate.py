@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from shared.tasks import Task, examples_from_records
+from shared.records import LoadedRecords
+from shared.tasks import Task
 from teacher_dump.config import DumpConfig
 from teacher_dump.modes import tokens
 from teacher_dump.modes.interface import ModeRequests, TeacherInputs
-from teacher_dump.requests import DumpRequest, check_lengths, prompt_requests, sample_seed
+from teacher_dump.requests import DumpRequest, sample_seed
 from teacher_dump.rows import ScoredTarget, ShardRow, first_invalid_position, make_row
 
 NAME = "generate"
@@ -19,26 +20,15 @@ record_engine = tokens.record_engine
 storage = tokens.storage
 
 
-def requests(config: DumpConfig, task: Task, records, inputs: TeacherInputs) -> ModeRequests:
-    rendered = prompt_requests(
-        examples_from_records(task, records, config.limit),
-        inputs.tokenizer,
-        use_chat_template=inputs.use_template,
-        stop_ids=inputs.stop_ids,
-        with_targets=False,
-    )
-    kept, skipped = check_lengths(
-        rendered,
-        context=inputs.context,
-        new_tokens=config.max_new_tokens,
-        skip_too_long=config.skip_too_long,
-    )
-    return ModeRequests(kept, skipped)
+check_task = tokens.check_prompted_task
 
 
-def check_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -> None:
-    tokens.check_vocabulary(config, inputs)
-    tokens.refuse_raw_text_and_classes(config, task)
+def requests(
+    config: DumpConfig, task: Task, records: LoadedRecords, inputs: TeacherInputs
+) -> ModeRequests:
+    return tokens.prompted_requests(
+        config, task, records, inputs, with_targets=False, new_tokens=config.max_new_tokens
+    )
 
 
 def manifest_entries(config: DumpConfig, inputs: TeacherInputs, planned: ModeRequests) -> dict:

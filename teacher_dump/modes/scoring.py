@@ -1,11 +1,15 @@
 """Teacher forcing, shared by the score and text modes: each request's prompt + target in one
-prefill; the row is the target with the teacher's distribution at each of its positions."""
+prefill; the row is the target with the teacher's distribution at each of its positions. The
+modes differ in their requests (and the finish reason their rows carry) only."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
+from teacher_dump.config import DumpConfig
 from teacher_dump.modes import tokens
+from teacher_dump.modes.interface import ModeRequests, TeacherInputs
 from teacher_dump.requests import DumpRequest
 from teacher_dump.rows import ScoredTarget, ShardRow, make_row
 
@@ -33,3 +37,18 @@ def forced_rows(
             target_text=tokenizer.decode(request.target_ids.tolist(), skip_special_tokens=True),
         )
         yield request, [make_row(request, target, len(tokenizer), storage)]
+
+
+def manifest_entries(config: DumpConfig, inputs: TeacherInputs, planned: ModeRequests) -> dict:
+    return tokens.manifest_entries(config, inputs, sampling=None)
+
+
+def rows_per_prompt(config: DumpConfig) -> int:
+    return 1
+
+
+def start(
+    config: DumpConfig, inputs: TeacherInputs, engine, *, finish_reason: str
+) -> tokens.TokenTeacher:
+    """A TokenTeacher whose rows carry `finish_reason`."""
+    return tokens.start(config, inputs, engine, partial(forced_rows, finish_reason=finish_reason))

@@ -3,20 +3,20 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from shared.errors import UserError
+from shared.records import LoadedRecords
 from shared.tasks import Task, examples_from_records
 from teacher_dump.config import DumpConfig
-from teacher_dump.modes import tokens
+from teacher_dump.modes import scoring, tokens
 from teacher_dump.modes.interface import ModeRequests, TeacherInputs
-from teacher_dump.modes.scoring import forced_rows
 from teacher_dump.requests import check_lengths, text_requests
 
 NAME = "text"
 OWN_FIELDS = frozenset({"chunk_tokens"})
-record_engine = tokens.record_engine
+manifest_entries = scoring.manifest_entries
+rows_per_prompt = scoring.rows_per_prompt
 storage = tokens.storage
+record_engine = tokens.record_engine
 
 
 def check_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -> None:
@@ -27,7 +27,9 @@ def check_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -> None:
         )
 
 
-def requests(config: DumpConfig, task: Task, records, inputs: TeacherInputs) -> ModeRequests:
+def requests(
+    config: DumpConfig, task: Task, records: LoadedRecords, inputs: TeacherInputs
+) -> ModeRequests:
     examples = examples_from_records(task, records, None)
     chunks = text_requests(
         [example.prompt or example.references[0] for example in examples],
@@ -42,13 +44,5 @@ def requests(config: DumpConfig, task: Task, records, inputs: TeacherInputs) -> 
     return ModeRequests(kept, skipped)
 
 
-def manifest_entries(config: DumpConfig, inputs: TeacherInputs, planned: ModeRequests) -> dict:
-    return tokens.manifest_entries(config, inputs, sampling=None)
-
-
-def rows_per_prompt(config: DumpConfig) -> int:
-    return 1
-
-
 def start(config: DumpConfig, inputs: TeacherInputs, plan: object, engine=None):
-    return tokens.start(config, inputs, engine, partial(forced_rows, finish_reason="text"))
+    return scoring.start(config, inputs, engine, finish_reason="text")

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from schemas.shard import LOGPROB_STEP, SCHEMA_VERSION, Storage
 from shared.errors import UserError
 from shared.models import ResolvedModel
-from shared.tasks import Task
+from shared.records import LoadedRecords
+from shared.tasks import Task, examples_from_records
 from teacher_dump.config import DumpConfig
-from teacher_dump.modes.interface import TeacherInputs
-from teacher_dump.requests import DumpRequest
+from teacher_dump.modes.interface import ModeRequests, TeacherInputs
+from teacher_dump.requests import DumpRequest, check_lengths, prompt_requests
 from teacher_dump.rows import ShardRow
 
 
@@ -26,12 +27,37 @@ def check_vocabulary(config: DumpConfig, inputs: TeacherInputs) -> None:
         )
 
 
-def refuse_raw_text_and_classes(config: DumpConfig, task: Task) -> None:
+def check_prompted_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -> None:
     """The prompted modes (generate, score) need prompts, not raw text or labelled texts."""
+    check_vocabulary(config, inputs)
     if task.name == "text":
         raise UserError("--data text holds raw text without prompts: use --mode text with it")
     if task.is_classification:
         raise UserError(f"--data {config.data} is a classification task: use --mode classify")
+
+
+def prompted_requests(
+    config: DumpConfig,
+    task: Task,
+    records: LoadedRecords,
+    inputs: TeacherInputs,
+    *,
+    with_targets: bool,
+    new_tokens: int,
+) -> ModeRequests:
+    """The prompted modes' requests: each example's prompt (`with_targets`: and its reference
+    as the target), checked to fit the context with the `new_tokens` the engine adds."""
+    rendered = prompt_requests(
+        examples_from_records(task, records, config.limit),
+        inputs.tokenizer,
+        use_chat_template=inputs.use_template,
+        stop_ids=inputs.stop_ids,
+        with_targets=with_targets,
+    )
+    kept, skipped = check_lengths(
+        rendered, context=inputs.context, new_tokens=new_tokens, skip_too_long=config.skip_too_long
+    )
+    return ModeRequests(kept, skipped)
 
 
 def manifest_entries(config: DumpConfig, inputs: TeacherInputs, sampling: dict | None) -> dict:
