@@ -41,7 +41,7 @@ class TeacherWorker:
     maps a batch of prompts to the Arrow table of their rows
     (teacher_dump.shards.rows_to_transfer_table) plus ENGINE_COLUMN."""
 
-    def __init__(self, config_values: dict, model_directory: str):
+    def __init__(self, config_values: dict, model_directory: str, plan: object):
         values = {
             key: tuple(value) if isinstance(value, list) else value
             for key, value in config_values.items()
@@ -49,7 +49,7 @@ class TeacherWorker:
         # The driver resolved the model already: actors load that directory.
         self.config = replace(DumpConfig(**values), model=model_directory, revision=None)
         inputs = resolve_teacher(self.config)
-        self.teacher = MODES[self.config.mode].start(self.config, inputs, plan=None)
+        self.teacher = MODES[self.config.mode].start(self.config, inputs, plan)
         self.description = json.dumps(self.teacher.description())
 
     def __call__(self, batch: dict[str, np.ndarray]):
@@ -91,12 +91,14 @@ def request_item(request: DumpRequest) -> dict:
 def ray_results(
     config: DumpConfig,
     model_directory: Path,
+    plan: object,
     todo: list[DumpRequest],
     *,
     on_engine: Callable[[dict], None],
 ) -> Iterator[tuple[DumpRequest, list[ShardRow]]]:
     """Each prompt of `todo` with its rows, as the actors return them (in no fixed order);
-    `on_engine(description)` is called once, with the first engine's description."""
+    `plan`: the mode's (ModeRequests.plan), sent to every actor; `on_engine(description)` is
+    called once, with the first engine's description."""
     import ray
 
     started_here = not ray.is_initialized()
@@ -117,6 +119,7 @@ def ray_results(
             fn_constructor_kwargs={
                 "config_values": config_to_dict(config),
                 "model_directory": str(model_directory),
+                "plan": plan,
             },
             # No more engines than batches: an actor still starting its engine when the dump
             # ends has been seen to outlive the local cluster's shutdown.

@@ -286,6 +286,7 @@ def dump_on_ray(
     results = ray_results(
         config,
         prepared.model.directory,
+        prepared.planned.plan,
         todo,
         on_engine=lambda description: update_manifest(
             directory, lambda manifest: mode.record_engine(manifest, description)

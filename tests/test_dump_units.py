@@ -146,3 +146,40 @@ def test_written_shard_follows_the_schema_and_its_manifest_entry(tmp_path):
     # the tail: everything but the stored ids, on the 2^-6 grid of -ln(mass)
     assert first["kd_tail"] == [round(-np.log(1 - p) * 64) for p in (0.5, 0.7, 0.3)]
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_every_mode_holds_the_whole_interface_and_the_run_names_none():
+    """Each --mode value is one module of teacher_dump/modes/ with every TeacherMode member;
+    the run and the Ray executor drive them without naming any (and without importing each
+    other)."""
+    import ast
+    import typing
+    from pathlib import Path
+
+    from teacher_dump.config import Mode
+    from teacher_dump.modes import MODES
+    from teacher_dump.modes.interface import TeacherMode
+
+    assert sorted(MODES) == sorted(typing.get_args(Mode))
+    members = set(TeacherMode.__annotations__) | {
+        name for name in vars(TeacherMode) if not name.startswith("_")
+    }
+    assert {"NAME", "OWN_FIELDS", "start", "requests", "check_task"} <= members
+    for name, mode in MODES.items():
+        missing = sorted(member for member in members if not hasattr(mode, member))
+        assert not missing, f"mode {name} lacks {missing}"
+        assert name == mode.NAME
+    root = Path(__file__).resolve().parents[1] / "teacher_dump"
+    imports = {}
+    for module in ("run.py", "ray_dump.py"):
+        tree = ast.parse((root / module).read_text())
+        literals = {
+            node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        }
+        assert not literals & set(MODES), f"{module} names a mode"
+        imports[module] = {
+            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        }
+    assert "teacher_dump.run" not in imports["ray_dump.py"]
