@@ -88,7 +88,7 @@ def run_classifier(
     engine=None,
 ) -> dict:
     """One classifier: predictions, accuracy, macro-F1 and cost (whole request stream)."""
-    from shared.engine import ClassifierEngine, ClassifierSettings
+    from shared.engine import ClassifierEngine, classifier_settings
 
     names = align_labels(model_labels(resolved.config), inputs.labels, f"--model {name}")
     # Output j of the model is data label order[j]: put every model in the data's order.
@@ -101,16 +101,8 @@ def run_classifier(
     owns_engine = engine is None
     if owns_engine:
         engine = ClassifierEngine(
-            ClassifierSettings(
-                model=str(resolved.directory),
-                dtype=config.dtype,
-                max_model_len=context,
-                gpu_memory_utilization=config.gpu_memory_utilization,
-                seed=config.seed,
-                enforce_eager=config.enforce_eager,
-                trust_remote_code=config.trust_remote_code,
-                backend=config.classify_backend,
-                batch_size=config.batch_size,
+            classifier_settings(
+                config, resolved.directory, max_model_len=context, batch_size=config.batch_size
             )
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

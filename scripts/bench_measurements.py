@@ -118,8 +118,8 @@ def replay_dump(recording: RecordingEngine, config, repeats: int = 1) -> list[di
     import shutil
 
     from shared.storage import Folder
+    from teacher_dump.modes import MODES
     from teacher_dump.run import (
-        engine_results,
         fingerprints_of,
         manifest_header,
         open_output,
@@ -137,7 +137,8 @@ def replay_dump(recording: RecordingEngine, config, repeats: int = 1) -> list[di
         open_output(Folder(config.out), header, config, fingerprints_of(prepared))
         fixed = time.perf_counter() - began
         began = time.perf_counter()
-        replayed = engine_results(config, replay, prepared.tokenizer, prepared.requests)
+        teacher = MODES[config.mode].start(config, prepared.inputs, prepared.planned.plan, replay)
+        replayed = teacher.rows(prepared.requests)
         tokens = write_results(
             config, replayed, total=len(prepared.requests), todo=len(prepared.requests),
             directory=Folder(config.out), vocabulary=len(prepared.tokenizer),

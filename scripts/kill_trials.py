@@ -839,7 +839,8 @@ def build_models(models: Path) -> tuple[Path, Path]:
 def run_trials(config: TrialsConfig) -> dict:
     """Every trial of `config`; returns the results (also written to OUT/)."""
     from teacher_dump.config import DumpConfig
-    from teacher_dump.run import build_engine, prepare
+    from teacher_dump.modes.tokens import build_engine
+    from teacher_dump.run import prepare
 
     out = Path(config.out)
     work = out / "work"
@@ -869,7 +870,11 @@ def run_trials(config: TrialsConfig) -> dict:
     trials: list[Trial] = []
     if config.dump_trials:
         dump_config = build_config(DumpConfig, config_file=dump_file, flags={"out": str(work)})
-        engine = build_engine(dump_config, prepare(dump_config).model)
+        engine = build_engine(
+            dump_config,
+            prepare(dump_config).model,
+            sampled_logprobs=dump_config.store == "sampled",
+        )
         try:
             for index in range(config.dump_trials):
                 trial = dump_trial(

@@ -52,8 +52,13 @@ def is_encoder_body(config: dict) -> bool:
 
 
 def model_labels(config: dict) -> list[str]:
-    """A classifier's label names in output order (id2label), or [] when it names none."""
-    id2label = config.get("id2label") or {}
+    """A classifier's label names in output order, as transformers reads them from its
+    config.json: id2label, or without it num_labels unnamed labels LABEL_i (2 when that is not
+    stated either: transformers 5 saves a model with the default two labels without both);
+    [] when id2label's keys are not label indices."""
+    id2label = config.get("id2label")
+    if id2label is None:
+        return [f"LABEL_{index}" for index in range(int(config.get("num_labels") or 2))]
     try:
         return [str(id2label[key]) for key in sorted(id2label, key=int)]
     except (ValueError, TypeError):

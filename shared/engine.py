@@ -474,6 +474,33 @@ class ClassifierSettings:
     """Texts per transformers forward pass (vLLM batches by itself)."""
 
 
+def classifier_settings(
+    options,
+    model_directory,
+    *,
+    max_model_len: int | None,
+    hidden_layer: int | None = None,
+    pooling: str = "cls",
+    batch_size: int = 32,
+) -> ClassifierSettings:
+    """The ClassifierSettings of a command's config (`options`: teacher-dump's or kd-eval's,
+    whose dtype, gpu_memory_utilization, seed, enforce_eager, trust_remote_code and
+    classify_backend mean the same in both) for the model in `model_directory`."""
+    return ClassifierSettings(
+        model=str(model_directory),
+        dtype=options.dtype,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        seed=options.seed,
+        enforce_eager=options.enforce_eager,
+        trust_remote_code=options.trust_remote_code,
+        backend=options.classify_backend,
+        hidden_layer=hidden_layer,
+        pooling=pooling,
+        batch_size=batch_size,
+    )
+
+
 @dataclass(frozen=True)
 class ClassifiedBatch:
     """Class log-probabilities (and pooled hidden states) of a batch of inputs."""

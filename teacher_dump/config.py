@@ -37,7 +37,7 @@ LOCAL_FIELDS = frozenset(
     }
 )
 """Fields that only say how this process works, not what the dump contains: a rerun may change
-them. Every other field that applies to the dump's mode (teacher_dump.run.MODE_FIELDS) is part
+them. Every other field that applies to the dump's mode (TeacherMode.OWN_FIELDS) is part
 of the dump's identity, and a rerun into the same --out with a different value is refused."""
 
 

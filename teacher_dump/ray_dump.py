@@ -19,45 +19,41 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from shared.config import config_to_dict
 from teacher_dump.config import DumpConfig
+from teacher_dump.modes import MODES
+from teacher_dump.modes.interface import resolve_teacher
 from teacher_dump.requests import DumpRequest
 from teacher_dump.rows import ShardRow, rows_from_table
+from teacher_dump.shards import rows_to_transfer_table
 
 ENGINE_COLUMN = "engine"
 """An extra column of each batch the actors return: their engine's description (JSON)."""
 
 
 class TeacherWorker:
-    """A Ray Data actor: one vLLM engine; maps a batch of prompts to the Arrow table of their
-    rows (teacher_dump.shards.rows_to_transfer_table) plus ENGINE_COLUMN."""
+    """A Ray Data actor: the mode's Teacher (teacher_dump.modes.interface) on one vLLM engine;
+    maps a batch of prompts to the Arrow table of their rows
+    (teacher_dump.shards.rows_to_transfer_table) plus ENGINE_COLUMN."""
 
-    def __init__(self, config_values: dict, model_directory: str):
-        from shared.models import resolve_model
-        from shared.tokenizer import load_tokenizer
-        from teacher_dump.run import build_engine, engine_description
-
+    def __init__(self, config_values: dict, model_directory: str, plan: object):
         values = {
             key: tuple(value) if isinstance(value, list) else value
             for key, value in config_values.items()
         }
-        self.config = DumpConfig(**values)
-        model = resolve_model(model_directory, trust_remote_code=self.config.trust_remote_code)
-        self.tokenizer = load_tokenizer(
-            model.directory, trust_remote_code=self.config.trust_remote_code
-        )
-        self.engine = build_engine(self.config, model)
-        self.description = json.dumps(engine_description(self.engine))
+        # The driver resolved the model already: actors load that directory.
+        self.config = replace(DumpConfig(**values), model=model_directory, revision=None)
+        inputs = resolve_teacher(self.config)
+        self.teacher = MODES[self.config.mode].start(self.config, inputs, plan)
+        self.description = json.dumps(self.teacher.description())
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
-
-        from teacher_dump.run import engine_results
-        from teacher_dump.shards import rows_to_transfer_table
 
         requests = [
             DumpRequest(
@@ -65,7 +61,7 @@ class TeacherWorker:
                 prompt_ids=np.asarray(batch["prompt_ids"][index], dtype=np.int32),
                 target_ids=(
                     np.asarray(batch["target_ids"][index], dtype=np.int32)
-                    if self.config.mode != "generate"
+                    if batch["has_target"][index]
                     else None
                 ),
                 prompt_text=str(batch["prompt_text"][index]),
@@ -73,11 +69,7 @@ class TeacherWorker:
             )
             for index in range(len(batch["source_index"]))
         ]
-        rows = [
-            row
-            for _, prompt_rows in engine_results(self.config, self.engine, self.tokenizer, requests)
-            for row in prompt_rows
-        ]
+        rows = [row for _, prompt_rows in self.teacher.rows(requests) for row in prompt_rows]
         # Stage 1 of the encoding only: the writer's shard decides the shard-level coding.
         table = rows_to_transfer_table(rows)
         return table.append_column(ENGINE_COLUMN, pa.array([self.description] * len(rows)))
@@ -90,6 +82,7 @@ def request_item(request: DumpRequest) -> dict:
         "source_index": request.source_index,
         "prompt_ids": request.prompt_ids.tolist(),
         "target_ids": target,
+        "has_target": request.target_ids is not None,
         "prompt_text": request.prompt_text,
         "references": list(request.references),
     }
@@ -98,12 +91,14 @@ def request_item(request: DumpRequest) -> dict:
 def ray_results(
     config: DumpConfig,
     model_directory: Path,
+    plan: object,
     todo: list[DumpRequest],
     *,
     on_engine: Callable[[dict], None],
 ) -> Iterator[tuple[DumpRequest, list[ShardRow]]]:
     """Each prompt of `todo` with its rows, as the actors return them (in no fixed order);
-    `on_engine(description)` is called once, with the first engine's description."""
+    `plan`: the mode's (ModeRequests.plan), sent to every actor; `on_engine(description)` is
+    called once, with the first engine's description."""
     import ray
 
     started_here = not ray.is_initialized()
@@ -124,6 +119,7 @@ def ray_results(
             fn_constructor_kwargs={
                 "config_values": config_to_dict(config),
                 "model_directory": str(model_directory),
+                "plan": plan,
             },
             # No more engines than batches: an actor still starting its engine when the dump
             # ends has been seen to outlive the local cluster's shutdown.

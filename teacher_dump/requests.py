@@ -41,11 +41,12 @@ def prompt_requests(
     examples: list[Example],
     tokenizer,
     *,
-    mode: str,
     use_chat_template: bool,
     stop_ids: list[int],
+    with_targets: bool,
 ) -> list[DumpRequest]:
-    """Render each example's prompt (and, in score mode, its first reference as the target)."""
+    """Render each example's prompt (and, `with_targets`, its first reference as the target the
+    teacher is forced on)."""
     requests = []
     for example in examples:
         if not example.prompt.strip():
@@ -54,7 +55,7 @@ def prompt_requests(
             )
         prompt_ids = render_prompt(tokenizer, example.prompt, use_chat_template=use_chat_template)
         target_ids = None
-        if mode == "score":
+        if with_targets:
             if not example.references or not example.references[0].strip():
                 raise UserError(
                     f"record {example.index} has no reference answer, which score mode teacher-forces: "
@@ -107,24 +108,25 @@ def check_lengths(
     requests: list[DumpRequest],
     *,
     context: int,
-    max_new_tokens: int,
-    mode: str,
+    new_tokens: int,
     skip_too_long: bool,
 ) -> tuple[list[DumpRequest], int]:
-    """Drop or refuse requests that do not fit the context. Returns (kept, skipped count)."""
+    """Drop or refuse requests that do not fit the context with the `new_tokens` the engine
+    adds after them (a completion's most, or scoring's one throw-away token). Returns (kept,
+    skipped count)."""
 
     def needed(request: DumpRequest) -> int:
-        extra = max_new_tokens if mode == "generate" else len(request.target_ids)
-        # Scoring generates one throw-away token after the sequence.
-        return len(request.prompt_ids) + extra + (1 if mode != "generate" else 0)
+        target = 0 if request.target_ids is None else len(request.target_ids)
+        return len(request.prompt_ids) + target + new_tokens
 
     too_long = [request for request in requests if needed(request) > context]
     if too_long and not skip_too_long:
         first = too_long[0]
         what = (
-            f"{len(first.prompt_ids)} prompt + {max_new_tokens} new tokens"
-            if mode == "generate"
-            else f"{len(first.prompt_ids)} prompt + {len(first.target_ids)} target tokens + 1"
+            f"{len(first.prompt_ids)} prompt + {new_tokens} new tokens"
+            if first.target_ids is None
+            else f"{len(first.prompt_ids)} prompt + {len(first.target_ids)} target tokens + "
+            f"{new_tokens}"
         )
         raise UserError(
             f"{len(too_long)} prompt(s) do not fit the model's context of {context} tokens "

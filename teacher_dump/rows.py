@@ -14,6 +14,7 @@ import numpy as np
 from schemas.shard import NO_LABEL, PAD_ID, Storage, round_logprobs
 from shared.errors import UserError
 from teacher_dump.encoding import RowEntries, encode_row
+from teacher_dump.requests import DumpRequest
 
 
 @dataclass(frozen=True)
@@ -81,47 +82,53 @@ def check_finite(logprobs: np.ndarray, sample_id: str) -> None:
         )
 
 
-def make_row(
-    *,
-    sample_id: str,
-    source_index: int,
-    completion_index: int,
-    prompt_ids: np.ndarray,
-    target_ids: np.ndarray,
-    position_ids: np.ndarray,
-    position_logprobs: np.ndarray,
-    tokenizer_size: int,
-    storage: Storage,
-    finish_reason: str,
-    prompt_text: str,
-    target_text: str,
-    references: tuple[str, ...],
-) -> ShardRow:
-    """Build a row from the engine's (T, K+1) arrays for the target positions.
+@dataclass(frozen=True)
+class ScoredTarget:
+    """One target sequence of a request and the engine's (T, K+1) arrays for its positions.
 
     Column 0 of the position arrays is the target token itself (vLLM's layout), columns 1..K
     the top-K in rank order (sampled storage: K draws from the full distribution).
     """
-    if not np.array_equal(position_ids[:, 0], target_ids):
+
+    sample_id: str
+    completion_index: int
+    """Which of the request's completions (0 for a teacher-forced target)."""
+    target_ids: np.ndarray
+    """(T,) the target tokens."""
+    position_ids: np.ndarray
+    """(T, K+1) ids at each target position."""
+    position_logprobs: np.ndarray
+    """(T, K+1) their logprobs."""
+    finish_reason: str
+    target_text: str
+
+
+def make_row(
+    request: DumpRequest, target: ScoredTarget, tokenizer_size: int, storage: Storage
+) -> ShardRow:
+    """Build the row of `request`'s `target`: ids >= tokenizer_size left out, the distributions
+    encoded as `storage` says (stage 1 of teacher_dump.encoding)."""
+    sample_id, target_ids = target.sample_id, target.target_ids
+    if not np.array_equal(target.position_ids[:, 0], target_ids):
         raise RuntimeError(f"engine logprobs are misaligned with the targets of sample {sample_id}")
-    check_finite(position_logprobs, sample_id)
+    check_finite(target.position_logprobs, sample_id)
     topk_ids, topk_logprobs, dropped = drop_padding_ids(
-        np.ascontiguousarray(position_ids[:, 1:]),
-        np.ascontiguousarray(position_logprobs[:, 1:]),
+        np.ascontiguousarray(target.position_ids[:, 1:]),
+        np.ascontiguousarray(target.position_logprobs[:, 1:]),
         tokenizer_size,
     )
     return ShardRow(
         sample_id=sample_id,
-        source_index=source_index,
-        completion_index=completion_index,
-        prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
+        source_index=request.source_index,
+        completion_index=target.completion_index,
+        prompt_ids=np.asarray(request.prompt_ids, dtype=np.int32),
         target_ids=np.asarray(target_ids, dtype=np.int32),
-        target_logprobs=round_logprobs(position_logprobs[:, 0]),
+        target_logprobs=round_logprobs(target.position_logprobs[:, 0]),
         entries=encode_row(topk_ids, topk_logprobs, storage, tokenizer_size),
-        finish_reason=finish_reason,
-        prompt_text=prompt_text,
-        target_text=target_text,
-        references=references,
+        finish_reason=target.finish_reason,
+        prompt_text=request.prompt_text,
+        target_text=target.target_text,
+        references=request.references,
         padded_topk_entries=dropped,
     )
 

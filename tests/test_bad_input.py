@@ -199,25 +199,25 @@ def test_tokenizer_mismatch_names_both_fingerprints():
 
 def test_nan_or_inf_teacher_logprobs_are_refused():
     from schemas.shard import Storage
-    from teacher_dump.rows import make_row
+    from teacher_dump.requests import DumpRequest
+    from teacher_dump.rows import ScoredTarget, make_row
 
     logprobs = np.full((2, 3), -1.0, dtype=np.float32)
     logprobs[1, 2] = np.nan
     with pytest.raises(UserError, match="NaN/inf logprobs for sample 7-0"):
         make_row(
-            sample_id="7-0",
-            source_index=7,
-            completion_index=0,
-            prompt_ids=np.array([1]),
-            target_ids=np.array([4, 5]),
-            position_ids=np.array([[4, 4, 9], [5, 5, 9]]),
-            position_logprobs=logprobs,
+            DumpRequest(7, np.array([1]), None, prompt_text="", references=()),
+            ScoredTarget(
+                sample_id="7-0",
+                completion_index=0,
+                target_ids=np.array([4, 5]),
+                position_ids=np.array([[4, 4, 9], [5, 5, 9]]),
+                position_logprobs=logprobs,
+                finish_reason="stop",
+                target_text="",
+            ),
             tokenizer_size=100,
             storage=Storage("topk", top_k=2),
-            finish_reason="stop",
-            prompt_text="",
-            target_text="",
-            references=(),
         )
 
 

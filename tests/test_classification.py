@@ -536,3 +536,39 @@ def test_unlabelled_texts_from_a_file_are_dumped_and_distilled(
     )
     assert summary["train"]["ce"] == 0.0 and math.isfinite(summary["train"]["kd"])
     assert summary["train"]["kd"] > 0
+
+
+@pytest.mark.parametrize("saved_labels", ["default two", "num_labels only"])
+def test_a_classifier_config_without_id2label_has_the_labels_transformers_gives_it(
+    saved_labels, tiny_classifier, sst2_like, tmp_path
+):
+    """transformers 5 saves a classifier with the default two labels without id2label; an
+    older config may state only num_labels. Both load in transformers with that many labels."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from shared.classification import model_labels
+    from teacher_dump.run import prepare
+
+    directory = tmp_path / "teacher"
+    shutil.copytree(tiny_classifier, directory)
+    config = json.loads((directory / "config.json").read_text())
+    for key in ("id2label", "label2id", "num_labels"):
+        config.pop(key, None)
+    if saved_labels == "num_labels only":
+        config["num_labels"] = 3
+    (directory / "config.json").write_text(json.dumps(config))
+    loaded = AutoConfig.from_pretrained(directory).id2label
+    expected = [loaded[index] for index in range(len(loaded))]
+    assert model_labels(config) == expected
+    assert len(expected) == (2 if saved_labels == "default two" else 3)
+    settings = dump_config(
+        directory, sst2_like, tmp_path / "out", data="sst2", mode="classify", split="train"
+    )
+    if saved_labels == "default two":
+        # Unnamed outputs take the task's label names, in order.
+        assert prepare(settings).planned.plan.labels == ["negative", "positive"]
+    else:
+        with pytest.raises(UserError, match="has 3 output labels"):
+            prepare(settings)

@@ -105,24 +105,26 @@ def test_sample_seeds_are_stable_and_distinct():
 
 def test_written_shard_follows_the_schema_and_its_manifest_entry(tmp_path):
     from shared.files import sha256_of_file
-    from teacher_dump.rows import make_row
+    from teacher_dump.requests import DumpRequest
+    from teacher_dump.rows import ScoredTarget, make_row
     from teacher_dump.shards import describe_shard, write_shard
 
     rows = [
         make_row(
-            sample_id=f"{index}-0",
-            source_index=index,
-            completion_index=0,
-            prompt_ids=np.array([1, 2]),
-            target_ids=np.array([3, 4, 5]),
-            position_ids=np.array([[3, 3, 60], [4, 9, 4], [5, 70, 5]]),
-            position_logprobs=np.log(np.array([[0.5, 0.5, 0.2], [0.1, 0.6, 0.1], [0.3, 0.4, 0.3]])),
+            DumpRequest(index, np.array([1, 2]), None, prompt_text="p", references=("r",)),
+            ScoredTarget(
+                sample_id=f"{index}-0",
+                completion_index=0,
+                target_ids=np.array([3, 4, 5]),
+                position_ids=np.array([[3, 3, 60], [4, 9, 4], [5, 70, 5]]),
+                position_logprobs=np.log(
+                    np.array([[0.5, 0.5, 0.2], [0.1, 0.6, 0.1], [0.3, 0.4, 0.3]])
+                ),
+                finish_reason="stop",
+                target_text="t",
+            ),
             tokenizer_size=50,
             storage=Storage("topk", top_k=2),
-            finish_reason="stop",
-            prompt_text="p",
-            target_text="t",
-            references=("r",),
         )
         for index in range(3)
     ]
@@ -144,3 +146,40 @@ def test_written_shard_follows_the_schema_and_its_manifest_entry(tmp_path):
     # the tail: everything but the stored ids, on the 2^-6 grid of -ln(mass)
     assert first["kd_tail"] == [round(-np.log(1 - p) * 64) for p in (0.5, 0.7, 0.3)]
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_every_mode_holds_the_whole_interface_and_the_run_names_none():
+    """Each --mode value is one module of teacher_dump/modes/ with every TeacherMode member;
+    the run and the Ray executor drive them without naming any (and without importing each
+    other)."""
+    import ast
+    import typing
+    from pathlib import Path
+
+    from teacher_dump.config import Mode
+    from teacher_dump.modes import MODES
+    from teacher_dump.modes.interface import TeacherMode
+
+    assert sorted(MODES) == sorted(typing.get_args(Mode))
+    members = set(TeacherMode.__annotations__) | {
+        name for name in vars(TeacherMode) if not name.startswith("_")
+    }
+    assert {"NAME", "OWN_FIELDS", "start", "requests", "check_task"} <= members
+    for name, mode in MODES.items():
+        missing = sorted(member for member in members if not hasattr(mode, member))
+        assert not missing, f"mode {name} lacks {missing}"
+        assert name == mode.NAME
+    root = Path(__file__).resolve().parents[1] / "teacher_dump"
+    imports = {}
+    for module in ("run.py", "ray_dump.py"):
+        tree = ast.parse((root / module).read_text())
+        literals = {
+            node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        }
+        assert not literals & set(MODES), f"{module} names a mode"
+        imports[module] = {
+            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        }
+    assert "teacher_dump.run" not in imports["ray_dump.py"]

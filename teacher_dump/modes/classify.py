@@ -7,19 +7,17 @@ Two kinds of teacher:
 - a causal LM used as a verbalizer (--label-words): for each label word, the prompt followed
   by the word is teacher-forced (shared.engine.TeacherEngine.score) and the word's tokens'
   logprobs are summed; the class distribution is those probabilities renormalized over the words.
-Both write one row per example in the layout of schemas.shard.CLASSIFY_CONVENTIONS.
+Both give one row per example in the layout of schemas.shard.CLASSIFY_CONVENTIONS.
 """
 
 from __future__ import annotations
 
-import sys
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
-from schemas.shard import CLASSIFY_CONVENTIONS, NO_LABEL
+from schemas.shard import CLASSIFY_CONVENTIONS, CLASSIFY_SCHEMA_VERSION, LOGPROB_STEP, NO_LABEL
 from shared.classification import (
     align_labels,
     gold_index,
@@ -28,14 +26,19 @@ from shared.classification import (
     log_softmax_rows,
     model_labels,
 )
+from shared.engine import classifier_settings
 from shared.errors import UserError
 from shared.models import ResolvedModel
-from shared.tasks import Example
+from shared.tasks import Example, Task, examples_from_records
 from shared.tokenizer import render_prompt
 from teacher_dump.config import DumpConfig
+from teacher_dump.modes.interface import ModeRequests, TeacherInputs
+from teacher_dump.modes.tokens import build_engine
 from teacher_dump.requests import DumpRequest
-from teacher_dump.rows import make_classification_row
-from teacher_dump.shards import ShardWriter
+from teacher_dump.rows import ShardRow, make_classification_row
+
+NAME = "classify"
+OWN_FIELDS = frozenset()
 
 
 @dataclass(frozen=True)
@@ -180,18 +183,13 @@ def manifest_section(config: DumpConfig, plan: ClassificationPlan) -> dict:
 
 
 def build_classifier_engine(config: DumpConfig, model: ResolvedModel, context: int):
-    from shared.engine import ClassifierEngine, ClassifierSettings
+    from shared.engine import ClassifierEngine
 
     return ClassifierEngine(
-        ClassifierSettings(
-            model=str(model.directory),
-            dtype=config.dtype,
+        classifier_settings(
+            config,
+            model.directory,
             max_model_len=context,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            seed=config.seed,
-            enforce_eager=config.enforce_eager,
-            trust_remote_code=config.trust_remote_code,
-            backend=config.classify_backend,
             hidden_layer=config.hidden_layer,
             pooling=config.hidden_pooling,
         )
@@ -214,58 +212,6 @@ def engine_record(engine, plan: ClassificationPlan) -> tuple[dict, dict]:
         },
         {"backend": backend, "backend_reason": reason},
     )
-
-
-def dump_classification(
-    config: DumpConfig,
-    engine,
-    plan: ClassificationPlan,
-    todo: list[DumpRequest],
-    *,
-    total: int,
-    writer: ShardWriter,
-) -> dict:
-    """Stream the examples through the teacher into shards. Returns statistics for the manifest:
-    {"rows", "hidden_width", "label_word_mass" (verbalizer: sum over rows)}."""
-    progress = tqdm(
-        total=total,
-        initial=total - len(todo),
-        unit="text",
-        desc=f"teacher-dump classify r{config.rank}/{config.world_size}",
-        disable=not config.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    statistics = {"rows": 0, "hidden_width": None, "label_word_mass": 0.0}
-    started = time.perf_counter()
-    try:
-        for request, log_probabilities, hidden, word_mass in classified(config, engine, plan, todo):
-            if hidden is not None:
-                statistics["hidden_width"] = int(hidden.shape[0])
-            writer.add_prompt_rows(
-                [
-                    make_classification_row(
-                        source_index=request.source_index,
-                        log_probabilities=log_probabilities,
-                        gold=int(request.target_ids[0]),
-                        text=request.prompt_text,
-                        labels=plan.labels,
-                        hidden=hidden,
-                    )
-                ]
-            )
-            statistics["rows"] += 1
-            progress.update(1)
-            progress.set_postfix_str(
-                f"{statistics['rows'] / max(time.perf_counter() - started, 1e-9):,.1f} texts/s",
-                refresh=False,
-            )
-            if word_mass is not None:
-                statistics["label_word_mass"] += word_mass
-        writer.flush()
-    finally:
-        progress.close()
-    return statistics
 
 
 def classified(config: DumpConfig, engine, plan: ClassificationPlan, todo: list[DumpRequest]):
@@ -309,3 +255,122 @@ def verbalized(config: DumpConfig, engine, plan: ClassificationPlan, todo: list[
             word_scores = scores.pop(position)
             mass = float(np.exp(word_scores).sum())
             yield todo[position], log_softmax_rows(word_scores[None, :])[0], None, mass
+
+
+def check_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -> None:
+    if task.name == "text":
+        raise UserError("--data text holds raw text without prompts: use --mode text with it")
+    if not (task.is_classification or task.name == "columns"):
+        raise UserError(
+            f"--mode classify needs labelled texts: use --data sst2 or agnews, or a file with "
+            f"--prompt-column (the text) and --target-column (the label), not {config.data}"
+        )
+
+
+def requests(config: DumpConfig, task: Task, records, inputs: TeacherInputs) -> ModeRequests:
+    rendered, plan = classification_requests(
+        config,
+        inputs.model,
+        inputs.tokenizer,
+        examples_from_records(task, records, config.limit),
+        task.labels,
+        context=inputs.context,
+        use_template=inputs.use_template,
+    )
+    return ModeRequests(rendered, 0, plan)
+
+
+def manifest_entries(config: DumpConfig, inputs: TeacherInputs, planned: ModeRequests) -> dict:
+    """Classify dumps keep schema v1's exact all-label layout (schemas.shard)."""
+    return {
+        "schema_version": CLASSIFY_SCHEMA_VERSION,
+        "top_k": len(planned.plan.labels),
+        "logprobs": {
+            "mode": "raw_logprobs",
+            "meaning": "natural-log probabilities over all labels (temperature 1)",
+            "rounding_step": LOGPROB_STEP,
+        },
+        "sampling": None,
+        "classify": manifest_section(config, planned.plan),
+    }
+
+
+def rows_per_prompt(config: DumpConfig) -> int:
+    return 1
+
+
+def storage(config: DumpConfig, vocabulary: int) -> None:
+    """Classify rows keep every label exactly (schema v1's layout)."""
+    return None
+
+
+def start(config: DumpConfig, inputs: TeacherInputs, plan: ClassificationPlan, engine=None):
+    """The classifier (or, for a verbalizer, the causal LM) teacher, or `engine` reused."""
+    if engine is not None:
+        return ClassifyTeacher(config, plan, engine, owns_engine=False)
+    if plan.teacher_kind == "classifier":
+        built = build_classifier_engine(config, inputs.model, inputs.context)
+    else:
+        # A verbalizer needs the exact logprobs of its label words, never draws.
+        built = build_engine(config, inputs.model, sampled_logprobs=False)
+    return ClassifyTeacher(config, plan, built, owns_engine=True)
+
+
+def record_engine(manifest: dict, description: dict) -> None:
+    manifest["engine"] = description["engine"]
+    manifest["teacher"]["dtype"] = description["dtype"]
+    manifest["classify"].update(description["classify"])
+
+
+class ClassifyTeacher:
+    """Classify mode's Teacher (teacher_dump.modes.interface): one row per example, and the
+    figures the manifest keeps about them (hidden width, the label words' mass)."""
+
+    def __init__(self, config: DumpConfig, plan: ClassificationPlan, engine, owns_engine: bool):
+        self.config, self.plan, self.engine, self.owns_engine = config, plan, engine, owns_engine
+        self.rows_done, self.hidden_width, self.label_word_mass = 0, None, 0.0
+
+    def description(self) -> dict:
+        entry, updates = engine_record(self.engine, self.plan)
+        return {"engine": entry, "classify": updates, "dtype": self.engine.dtype}
+
+    def rows(self, todo: list[DumpRequest]) -> Iterator[tuple[DumpRequest, list[ShardRow]]]:
+        for request, log_probabilities, hidden, word_mass in classified(
+            self.config, self.engine, self.plan, todo
+        ):
+            if hidden is not None:
+                self.hidden_width = int(hidden.shape[0])
+            if word_mass is not None:
+                self.label_word_mass += word_mass
+            self.rows_done += 1
+            row = make_classification_row(
+                source_index=request.source_index,
+                log_probabilities=log_probabilities,
+                gold=int(request.target_ids[0]),
+                text=request.prompt_text,
+                labels=self.plan.labels,
+                hidden=hidden,
+            )
+            yield request, [row]
+
+    def record_rows(self, manifest: dict) -> None:
+        """The hidden-state width and the verbalizer's label-word mass (a resumed dump adds its
+        rows to the running sums of the earlier runs)."""
+        section = manifest["classify"]
+        if section.get("hidden") is not None and self.hidden_width is not None:
+            section["hidden"]["width"] = self.hidden_width
+        if self.plan.teacher_kind == "verbalizer":
+            verbalizer = section["verbalizer"]
+            verbalizer["label_word_mass_sum"] = (
+                verbalizer.get("label_word_mass_sum", 0.0) + self.label_word_mass
+            )
+            verbalizer["label_word_mass_rows"] = (
+                verbalizer.get("label_word_mass_rows", 0) + self.rows_done
+            )
+            verbalizer["mean_label_word_mass"] = verbalizer["label_word_mass_sum"] / max(
+                verbalizer["label_word_mass_rows"], 1
+            )
+
+    def close(self) -> None:
+        if self.owns_engine:
+            self.engine.close()

@@ -1,0 +1,212 @@
+"""What the token modes (generate, score, text) share: the checks of --top-k against the
+teacher, the manifest entries of a token dump, the vLLM engine and its record, and the
+Teacher that streams requests through it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from schemas.shard import LOGPROB_STEP, SCHEMA_VERSION, Storage
+from shared.errors import UserError
+from shared.models import ResolvedModel
+from shared.records import LoadedRecords
+from shared.tasks import Task, examples_from_records
+from teacher_dump.config import DumpConfig
+from teacher_dump.modes.interface import ModeRequests, TeacherInputs
+from teacher_dump.requests import DumpRequest, check_lengths, prompt_requests
+from teacher_dump.rows import ShardRow
+
+
+def check_vocabulary(config: DumpConfig, inputs: TeacherInputs) -> None:
+    """Exact top-k storage cannot hold more ids than the teacher has tokens."""
+    if config.store != "sampled" and config.top_k > len(inputs.tokenizer):
+        raise UserError(
+            f"--top-k {config.top_k} is above the vocabulary size {len(inputs.tokenizer)}: lower it"
+        )
+
+
+def check_prompted_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -> None:
+    """The prompted modes (generate, score) need prompts, not raw text or labelled texts."""
+    check_vocabulary(config, inputs)
+    if task.name == "text":
+        raise UserError("--data text holds raw text without prompts: use --mode text with it")
+    if task.is_classification:
+        raise UserError(f"--data {config.data} is a classification task: use --mode classify")
+
+
+def prompted_requests(
+    config: DumpConfig,
+    task: Task,
+    records: LoadedRecords,
+    inputs: TeacherInputs,
+    *,
+    with_targets: bool,
+    new_tokens: int,
+) -> ModeRequests:
+    """The prompted modes' requests: each example's prompt (`with_targets`: and its reference
+    as the target), checked to fit the context with the `new_tokens` the engine adds."""
+    rendered = prompt_requests(
+        examples_from_records(task, records, config.limit),
+        inputs.tokenizer,
+        use_chat_template=inputs.use_template,
+        stop_ids=inputs.stop_ids,
+        with_targets=with_targets,
+    )
+    kept, skipped = check_lengths(
+        rendered, context=inputs.context, new_tokens=new_tokens, skip_too_long=config.skip_too_long
+    )
+    return ModeRequests(kept, skipped)
+
+
+def manifest_entries(config: DumpConfig, inputs: TeacherInputs, sampling: dict | None) -> dict:
+    """A token dump's manifest entries (teacher_dump.modes.interface.TeacherMode)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        # The most entries a position holds: the draws (sampled), else the top-k.
+        "top_k": config.draws if config.store == "sampled" else config.top_k,
+        "logprobs": {
+            "mode": "raw_logprobs",
+            "meaning": "natural-log probabilities of the raw logits (temperature 1, no top-p/top-k)",
+            "engine_logprobs": config.engine_logprobs,
+            "drawn": config.store == "sampled",
+            "target_rounding_step": LOGPROB_STEP,
+            "padding_ids": "ids >= tokenizer.size are never stored; their mass is part of the tail",
+        },
+        "sampling": sampling,
+        "storage": storage(config, len(inputs.tokenizer)).to_dict(),
+    }
+
+
+def storage(config: DumpConfig, vocabulary: int) -> Storage:
+    return config.storage(vocabulary)
+
+
+def build_engine(config: DumpConfig, model: ResolvedModel, *, sampled_logprobs: bool):
+    """The vLLM engine of a dump (`sampled_logprobs`: --store sampled's draws)."""
+    from shared.engine import EngineSettings, TeacherEngine
+
+    return TeacherEngine(
+        EngineSettings(
+            model=str(model.directory),
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            max_logprobs=config.engine_logprobs,
+            sampled_logprobs=sampled_logprobs,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            seed=config.seed,
+            enforce_eager=config.enforce_eager,
+            trust_remote_code=config.trust_remote_code,
+        )
+    )
+
+
+def check_engine_fits(config: DumpConfig, engine) -> None:
+    """A reused engine must give what --store asks of it."""
+    if engine.settings.max_logprobs < config.engine_logprobs:
+        raise UserError(
+            f"--store {config.store} asks the engine for {config.engine_logprobs} logprobs "
+            f"per position, above its max_logprobs of {engine.settings.max_logprobs}: build "
+            "the engine with max_logprobs >= that"
+        )
+    wanted = config.store == "sampled"
+    if engine.settings.sampled_logprobs != wanted:
+        raise UserError(
+            f"--store {config.store} needs an engine with sampled_logprobs={wanted}, this "
+            f"one has {engine.settings.sampled_logprobs}: build one for this --store"
+        )
+
+
+def engine_description(engine) -> dict:
+    """What actually ran, as the manifest records it (known only once the engine is built)."""
+    return {
+        "dtype": engine.dtype,
+        "requested_dtype": engine.settings.dtype,
+        "version": engine.vllm_version,
+        "platform": engine.platform,
+        "arguments": {
+            key: value for key, value in engine.engine_arguments.items() if key != "model"
+        },
+        # --store sampled: how kd-shards' vLLM plugin reached the model runner.
+        "draws": (
+            None
+            if not engine.settings.sampled_logprobs
+            else "kd-shards vLLM plugin patched in this process (entry point not installed; "
+            "vLLM ran in-process)"
+            if getattr(engine, "draws_in_process", False)
+            else "kd-shards vLLM plugin loaded by vLLM through its entry point"
+        ),
+    }
+
+
+def record_engine(manifest: dict, engine: dict) -> None:
+    """Note what actually ran: vLLM's version and platform, its arguments, and the dtype the
+    weights were run in. A float32 checkpoint run in lower precision gets a warning: its
+    logprobs differ from the model's."""
+    if manifest["teacher"]["checkpoint_dtype"] == "float32" and engine["dtype"] != "float32":
+        print(
+            f"warning: the teacher's weights are float32 but vLLM runs them in {engine['dtype']} "
+            f"(--dtype {engine['requested_dtype']}): stored logprobs can differ from a float32 "
+            "forward by ~0.1 nats and near-tied ids can swap; pass --dtype float32 for exact values",
+            file=sys.stderr,
+        )
+    manifest["teacher"]["dtype"] = engine["dtype"]
+    manifest["engine"] = {
+        "name": "vllm",
+        "version": engine["version"],
+        "platform": engine["platform"],
+        "arguments": engine["arguments"],
+    }
+    if engine.get("draws"):
+        manifest["engine"]["draws"] = engine["draws"]
+
+
+RowStream = Callable[
+    ["TokenTeacher", list[DumpRequest]], Iterator[tuple[DumpRequest, list[ShardRow]]]
+]
+"""A token mode's engine call and row conversion: its requests through `teacher.engine`."""
+
+
+@dataclass
+class TokenTeacher:
+    """A token mode's Teacher (teacher_dump.modes.interface): one vLLM engine and the mode's
+    RowStream over it."""
+
+    config: DumpConfig
+    engine: object
+    tokenizer: object
+    owns_engine: bool
+    stream: RowStream
+
+    def description(self) -> dict:
+        return engine_description(self.engine)
+
+    def rows(self, todo: list[DumpRequest]) -> Iterator[tuple[DumpRequest, list[ShardRow]]]:
+        return self.stream(self, todo)
+
+    def record_rows(self, manifest: dict) -> None:
+        """Token rows teach the manifest nothing beyond their shards."""
+
+    def close(self) -> None:
+        if self.owns_engine:
+            self.engine.close()
+
+
+def start(config: DumpConfig, inputs: TeacherInputs, engine, stream: RowStream) -> TokenTeacher:
+    """A TokenTeacher on `engine` (checked to fit --store) or on one started here."""
+    if engine is not None:
+        check_engine_fits(config, engine)
+        return TokenTeacher(config, engine, inputs.tokenizer, False, stream)
+    built = build_engine(config, inputs.model, sampled_logprobs=config.store == "sampled")
+    return TokenTeacher(config, built, inputs.tokenizer, True, stream)
+
+
+def closing(stream):
+    """Yield from an engine stream; on an error part-way (or an early close), close it so that
+    the engine drops the requests still in flight."""
+    try:
+        yield from stream
+    finally:
+        stream.close()
