@@ -88,14 +88,31 @@ def module_name(root: Path, path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def imported_project_modules(path: Path, modules: set[str]) -> set[str]:
+    """The project modules `path` imports: `from package import name` is an edge to the module
+    package.name where that is a module (Python then runs package/__init__.py first anyway,
+    as for any submodule), else to the package."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(without_namespace(alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            module = without_namespace(node.module)
+            for alias in node.names:
+                submodule = f"{module}.{alias.name}"
+                names.add(submodule if submodule in modules else module)
+    return names & modules
+
+
 def import_cycles(root: Path) -> list[list[str]]:
     """Groups of project modules that import each other, directly or through others, counting
     imports inside functions too (strongly connected components of more than one module)."""
     paths = {
         module_name(root, path): path for package in FLOORS for path in sources_under(root, package)
     }
+    modules = set(paths)
     graph = {
-        module: sorted(name for name in imported_modules(path) if name in paths and name != module)
+        module: sorted(imported_project_modules(path, modules) - {module})
         for module, path in paths.items()
     }
     return strongly_connected(graph)
@@ -166,6 +183,16 @@ def test_the_cycle_check_finds_a_cycle_through_a_lazy_import(tmp_path):
         "def f():\n    from teacher_dump import run\n"
     )
     (tmp_path / "teacher_dump" / "alone.py").write_text("import teacher_dump.rows\n")
+    # A package that imports its modules, whose modules import their siblings through it:
+    # not a cycle (each module depends on its siblings, not on the package's other modules).
+    (tmp_path / "teacher_dump" / "modes").mkdir()
+    (tmp_path / "teacher_dump" / "modes" / "__init__.py").write_text(
+        "from teacher_dump.modes import generate, tokens\n"
+    )
+    (tmp_path / "teacher_dump" / "modes" / "generate.py").write_text(
+        "from teacher_dump.modes import tokens\n"
+    )
+    (tmp_path / "teacher_dump" / "modes" / "tokens.py").write_text("import numpy\n")
     assert import_cycles(tmp_path) == [
         ["teacher_dump.ray", "teacher_dump.rows", "teacher_dump.run"]
     ]
