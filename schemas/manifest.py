@@ -23,6 +23,13 @@ from schemas.shard import (
 from shared.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
+# The one fix for a manifest that cannot be used, given by the readers and by teacher-dump alike:
+# teacher-dump rebuilds a missing manifest from the shards on disk, but refuses to overwrite one
+# it cannot read (it may belong to another dump).
+CORRUPT_MANIFEST_FIX = (
+    "the manifest is corrupt; delete it and rerun the same teacher-dump command (it rebuilds "
+    "the manifest from the shards)"
+)
 SHARD_SUFFIX = ".parquet"
 
 
@@ -93,22 +100,13 @@ def read_manifest(directory) -> dict:
         )
         manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(
-            f"{path} is not valid JSON ({error}): the manifest is corrupt; rerun the same "
-            "teacher-dump command to rebuild it from the shards"
-        ) from None
+        raise UserError(f"{path} is not valid JSON ({error}): {CORRUPT_MANIFEST_FIX}") from None
     if not isinstance(manifest, dict):
-        raise UserError(
-            f"{path} is not a JSON object: the manifest is corrupt; rerun the same "
-            "teacher-dump command to rebuild it from the shards"
-        )
+        raise UserError(f"{path} is not a JSON object: {CORRUPT_MANIFEST_FIX}")
     check_schema_version(manifest.get("schema_version"), str(path))
     problem = manifest_problem(manifest)
     if problem:
-        raise UserError(
-            f"{path}: {problem}: refusing to read the dump; rerun the same teacher-dump command "
-            "to rebuild the manifest from the shards"
-        )
+        raise UserError(f"{path}: {problem}: refusing to read the dump; {CORRUPT_MANIFEST_FIX}")
     return manifest
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from schemas.manifest import MANIFEST_NAME
+from schemas.manifest import CORRUPT_MANIFEST_FIX, MANIFEST_NAME
 from schemas.shard import CLASSIFY_SCHEMA_VERSION, LOGPROB_STEP, SCHEMA_VERSION, Storage
 from shared.config import config_to_dict
 from shared.errors import UserError
@@ -307,10 +307,10 @@ def open_output(directory: Folder, header: dict, config: DumpConfig, fingerprint
             return
         try:
             existing = json.loads(directory.read_text(MANIFEST_NAME))
-        except json.JSONDecodeError:
-            raise UserError(
-                f"{path} is corrupt: delete it and rerun (it is rebuilt from the shards)"
-            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            existing = None
+        if not isinstance(existing, dict):
+            raise UserError(f"{path} is not a JSON object: {CORRUPT_MANIFEST_FIX}")
         if existing.get("schema_version") != header["schema_version"]:
             raise UserError(
                 f"{directory} holds a dump with schema version {existing.get('schema_version')}, "
