@@ -146,6 +146,7 @@ class Storage:
         return (
             f"adaptive: {rule}, at most {self.k_max} entries, sqrt levels S={self.value_scale}, "
             f"{'shard codebook' if self.codebook else 'no codebook'}, exact tail"
+            f"{', top-1 first' if self.top_first else ''}"
         )
 
 

@@ -296,3 +296,20 @@ def test_a_deleted_manifest_is_rebuilt_by_the_rerun(tiny_model, gsm8k_file, engi
     assert run_dump(config, engine)["complete"]
     after = read_manifest(tmp_path / "out")
     assert after["shards"] == before["shards"] and after["totals"] == before["totals"]
+
+
+def test_an_adaptive_dump_stored_without_top_1_first_is_not_resumed(
+    tiny_model, text_file, tmp_path
+):
+    from teacher_dump.run import manifest_header, prepare
+
+    out = tmp_path / "out"
+    text = dict(data="text", mode="text", chunk_tokens=64, limit=2, store="adaptive")
+    config = dump_config(tiny_model, text_file, out, **text)
+    header = manifest_header(config, prepare(config))
+    del header["storage"]["top_first"]  # as the manifest of an adaptive dump written before it
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps(header))
+    message = dump_error(config)  # refused before any engine starts
+    assert "holds shards stored as adaptive" in message and "top-1 first" in message
+    assert "use a new --out directory" in message
