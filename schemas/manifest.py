@@ -23,6 +23,13 @@ from schemas.shard import (
 )
 
 MANIFEST_NAME = "manifest.json"
+# The one fix for a manifest that cannot be used, given by the readers and by teacher-dump alike:
+# teacher-dump rebuilds a missing manifest from the shards on disk, but refuses to overwrite one
+# it cannot read (it may belong to another dump).
+CORRUPT_MANIFEST_FIX = (
+    "the manifest is corrupt; delete it and rerun the same teacher-dump command (it rebuilds "
+    "the manifest from the shards)"
+)
 SHARD_SUFFIX = ".parquet"
 
 
@@ -76,10 +83,7 @@ def missing_manifest_message(directory: object) -> str:
 
 def corrupt_manifest(where: object, why: str) -> UserError:
     """The one message for a manifest that cannot be read (every reader and teacher-dump)."""
-    return UserError(
-        f"{where} {why}: the manifest is corrupt; rerun the same teacher-dump command to "
-        "rebuild it from the shards"
-    )
+    return UserError(f"{where} {why}: {CORRUPT_MANIFEST_FIX}")
 
 
 def parse_manifest(text: str, where: str) -> dict:
@@ -96,10 +100,7 @@ def parse_manifest(text: str, where: str) -> dict:
     check_schema_version(manifest.get("schema_version"), where)
     problem = manifest_problem(manifest)
     if problem:
-        raise UserError(
-            f"{where}: {problem}: refusing to read the dump; rerun the same teacher-dump command "
-            "to rebuild the manifest from the shards"
-        )
+        raise UserError(f"{where}: {problem}: refusing to read the dump; {CORRUPT_MANIFEST_FIX}")
     return manifest
 
 

@@ -101,6 +101,11 @@ class Storage:
     codebook_dtype: str = "<u2"
     """adaptive with a codebook: numpy dtype of the footer table (<u2 when the vocabulary fits
     16 bits, else <u4)."""
+    top_first: bool = True
+    """adaptive: each position's first kd_id_gaps entry is the teacher's most likely id (its
+    code, absolute), the other entries follow in ascending order as gaps starting from 0; so the
+    exact top-1 decodes first even among entries of equal level. False in adaptive records
+    written without this field: every entry ascending, the top-1 not identifiable among ties."""
     draws: int = 0
     """sampled: draws per position (the divisor of the weights)."""
     zstd_level: int = 3
@@ -118,7 +123,10 @@ class Storage:
     @classmethod
     def from_dict(cls, values: dict) -> Storage:
         names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in names})
+        known = {key: value for key, value in values.items() if key in names}
+        if known.get("representation") == "adaptive":  # a record without the flag: ascending
+            known.setdefault("top_first", False)
+        return cls(**known)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -138,12 +146,13 @@ class Storage:
         return (
             f"adaptive: {rule}, at most {self.k_max} entries, sqrt levels S={self.value_scale}, "
             f"{'shard codebook' if self.codebook else 'no codebook'}, exact tail"
+            f"{', top-1 first' if self.top_first else ''}"
         )
 
 
 USED_PARAMETERS = {
     "topk": ("top_k",),
-    "adaptive": ("top_k", "k_max", "rule", "value_scale", "codebook"),
+    "adaptive": ("top_k", "k_max", "rule", "value_scale", "codebook", "top_first"),
     "sampled": ("draws",),
 }
 """The Storage fields each representation uses (besides zstd_level)."""
@@ -166,8 +175,9 @@ COLUMNS: dict[str, str] = {
     "kd_count": "Per target position, the number of entries stored for it (T values).",
     "kd_ids": "topk: the entries' token ids, each position's in rank order (most likely first).",
     "kd_drops": "topk: L_0, L_1 - L_0, ... per position, L_i = round(-logprob_i / 2^-10) >= 0.",
-    "kd_id_gaps": "adaptive: each position's ids (codes with a codebook) in ascending order as "
-    "gaps: the first is the id itself, then differences to the previous id.",
+    "kd_id_gaps": "adaptive: each position's ids (codes with a codebook): with top_first, the "
+    "most likely id itself, then the others in ascending order as gaps (the first of them the id "
+    "itself, then differences to the previous id); without, all of them that way.",
     "kd_levels": "adaptive: round(S * sqrt(p)) of each entry, in the same order as kd_id_gaps.",
     "kd_tail": "Per position, round(-ln(mass outside the stored ids) / 2^-6); 65535 = none.",
     # schema v2: sampled

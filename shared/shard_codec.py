@@ -139,25 +139,48 @@ def decode_distributions(
     if (counts > storage.k_max).any():
         return f"a position stores more than k_max={storage.k_max} entries"
     gaps, levels = columns["kd_id_gaps"], columns["kd_levels"]
-    first = np.zeros(len(gaps), dtype=bool)
-    first[segment_offsets(counts)[:-1][counts > 0]] = True
-    if (gaps < 0).any() or (gaps[~first] == 0).any():
+    # Segments of ascending gaps: each position's entries, or with top_first its first entry
+    # (the exact top-1) and then the others.
+    segments = (
+        np.stack([np.minimum(counts, 1), counts - 1], axis=1).ravel()
+        if storage.top_first
+        else counts
+    )
+    starts = np.zeros(len(gaps), dtype=bool)
+    starts[segment_offsets(segments)[:-1][segments > 0]] = True
+    if (gaps < 0).any() or (gaps[~starts] == 0).any():
         return "kd_id_gaps are not strictly ascending within a position"
     if ((levels < 0) | (levels > storage.value_scale)).any():
         return f"kd_levels outside [0, {storage.value_scale}]"
-    codes = segmented_cumsum(gaps, counts)
+    codes = segmented_cumsum(gaps, segments)
+    if storage.top_first and _top_repeated(codes, counts):
+        return "kd_id_gaps repeat a position's first id among its others"
     if codebook is not None:
         if len(codes) and codes.max() >= len(codebook):
             return f"a code is outside the shard's codebook of {len(codebook)} ids"
         codes = codebook[codes]
     logprobs = sqrt_levels_to_logprobs(levels, storage.value_scale)
     # Highest level first, equal levels by token id: a row decodes the same whatever shard (and
-    # so codebook, whose code order is the shard's id frequency) it was written into.
+    # so codebook, whose code order is the shard's id frequency) it was written into. With
+    # top_first the stored first entry (the exact top-1, an id too) leads regardless.
     spread = int(codes.max(initial=0)) + 1
-    order_key = (storage.value_scale - levels.astype(np.int64)) * spread + codes
+    order_key = (storage.value_scale - levels.astype(np.int64)) * spread + codes + 1
+    if storage.top_first:
+        order_key[segment_offsets(counts)[:-1][counts > 0]] = 0
     width = int(counts.max(initial=1))
     ids, logprobs = rank_padded(counts, codes, logprobs, order_key, width)
     return DecodedPositions(ids, logprobs, log_tail)
+
+
+def _top_repeated(codes: np.ndarray, counts: np.ndarray) -> bool:
+    """Whether any position's first code (counts (N,), codes (E,)) recurs among its others."""
+    position = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    first = np.repeat(codes[segment_offsets(counts)[:-1]], counts) if len(codes) else codes
+    return (
+        bool(((codes == first)[1:] & (position[1:] == position[:-1])).any())
+        if len(codes)
+        else False
+    )
 
 
 def _decode_sampled(counts: np.ndarray, columns: dict[str, np.ndarray]) -> DecodedPositions | str:

@@ -297,22 +297,28 @@ def shard_codebook(ids: list[np.ndarray], vocabulary: int) -> np.ndarray:
 
 
 def gaps_sorted_by_code(
-    counts: np.ndarray, codes: np.ndarray, values: np.ndarray
+    counts: np.ndarray, codes: np.ndarray, values: np.ndarray, *, top_first: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sort each position's entries by code; (E,) gaps (first = the code) and the values in
-    that order.
+    that order. With top_first, each position's first entry (the most likely, in rank order)
+    stays first as its code, and only the others are sorted and gap-coded (their first gap is
+    the code itself).
 
     Args:
         counts: (T,). codes: (E,) distinct within a position. values: (E,) carried along.
     """
     position = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    order = np.lexsort((codes, position))
+    offsets = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    first = np.zeros(len(codes), dtype=bool)
+    first[offsets[counts > 0]] = True
+    rest = ~first if top_first else np.ones(len(codes), dtype=bool)
+    order = np.lexsort((codes, rest, position))
     codes, values = codes[order].astype(np.int64), values[order]
     gaps = np.diff(codes, prepend=0)
-    first = np.zeros(len(codes), dtype=bool)
-    offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    first[offsets[counts > 0]] = True
-    gaps = np.where(first, codes, gaps)
+    starts = first.copy()
+    if top_first:  # the sorted part starts one entry later
+        starts[(offsets + 1)[counts > 1]] = True
+    gaps = np.where(starts, codes, gaps)
     return gaps.astype(np.int32), values
 
 
@@ -352,7 +358,9 @@ def shard_columns(
     gaps, levels = [], []
     for row in rows:
         codes = row.ids if id_to_code is None else id_to_code[row.ids]
-        row_gaps, row_levels = gaps_sorted_by_code(row.counts, codes, row.values)
+        row_gaps, row_levels = gaps_sorted_by_code(
+            row.counts, codes, row.values, top_first=storage.top_first
+        )
         gaps.append(row_gaps)
         levels.append(row_levels)
     return {"kd_count": counts, "kd_id_gaps": gaps, "kd_levels": levels, "kd_tail": tails}, footer

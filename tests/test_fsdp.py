@@ -7,9 +7,6 @@ with an uninterrupted FSDP2 run, bit for bit.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,23 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from student_train.reporting import read_metrics
+from tests.conftest import torchrun_student_train
 from tests.synthetic_dumps import write_synthetic_dump_for
 
-REPO = Path(__file__).resolve().parent.parent
-ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 RELATIVE_TOLERANCE = 1e-4
 """FSDP2 reduce-scatters and gathers in another order than DDP's all-reduce: float32 sums
 differ in their last bits, and 6 AdamW steps carry that forward (measured: 1.1e-7)."""
-
-
-def torchrun(*arguments: str) -> subprocess.CompletedProcess:
-    command = [
-        str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2",
-        "-m", "student_train.cli", *arguments, "--no-progress",
-    ]  # fmt: skip
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env=ENVIRONMENT, cwd=REPO
-    )
 
 
 def steps(out: Path) -> list[dict]:
@@ -62,7 +48,7 @@ def test_fsdp_gives_the_ddp_loss_trajectory_and_sees_each_sample_once(
     runs = {}
     for parallel in ("ddp", "fsdp"):
         out = tmp_path / parallel
-        result = torchrun(
+        result = torchrun_student_train(
             *common(shards, student_model, out), "--epochs", "1", "--parallel", parallel
         )
         assert result.returncode == 0, result.stderr[-3000:]
@@ -99,12 +85,14 @@ def test_fsdp_gives_the_ddp_loss_trajectory_and_sees_each_sample_once(
 def test_fsdp_resume_is_exact(shards, student_model, tmp_path):
     uninterrupted, stopped = tmp_path / "uninterrupted", tmp_path / "stopped"
     arguments = ("--max-steps", "6", "--parallel", "fsdp", "--grad-accum", "2")
-    result = torchrun(*common(shards, student_model, uninterrupted), *arguments)
+    result = torchrun_student_train(*common(shards, student_model, uninterrupted), *arguments)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = torchrun(*common(shards, student_model, stopped), *arguments, "--stop-at-step", "3")
+    result = torchrun_student_train(
+        *common(shards, student_model, stopped), *arguments, "--stop-at-step", "3"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(steps(stopped)) == 3 and not (stopped / "final").exists()
-    result = torchrun(*common(shards, student_model, stopped), *arguments, "--resume")
+    result = torchrun_student_train(*common(shards, student_model, stopped), *arguments, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(line["step"], line["loss"]) for line in steps(stopped)] == [
         (line["step"], line["loss"]) for line in steps(uninterrupted)

@@ -29,6 +29,7 @@ from student_train.train import run_training
 from teacher_dump.inspect import summarize, validate
 from teacher_dump.run import run_dump
 from tests.conftest import REPO, cli_command, dump_config
+from tests.conftest import train_config as shared_train_config
 
 pytestmark = pytest.mark.engine  # the dumps come from the real engine
 
@@ -66,19 +67,8 @@ def text_dump(tiny_model, text_file, out, **overrides):
 
 
 def train_config(shards: str, student, out, **overrides) -> TrainConfig:
-    values = dict(
-        shards=shards,
-        student=str(student),
-        out=str(out),
-        max_steps=4,
-        lr=3e-3,
-        micro_batch=3,
-        shuffle_buffer=6,
-        chunk_tokens=50,
-        progress=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    values = dict(max_steps=4, micro_batch=3, shuffle_buffer=6)
+    return shared_train_config(shards, student, out, **{**values, **overrides})
 
 
 def losses(out) -> list[float]:

@@ -197,13 +197,14 @@ def test_adaptive_mass_rule_respects_its_target_and_cap_on_every_position(tmp_pa
     assert (np.diff(np.where(ids >= 0, logprobs, -1e30), axis=1) <= 0).all()
 
 
-def test_an_adaptive_row_decodes_the_same_whatever_shard_it_was_written_into(tmp_path):
+@pytest.mark.parametrize("top_first", [True, False])  # False: adaptive v2 shards written before
+def test_an_adaptive_row_decodes_the_same_whatever_shard_it_was_written_into(tmp_path, top_first):
     # The codebook numbers ids by their frequency in the shard, and quantized levels tie often:
     # the order of equal values must come from the token ids, not from the shard's codes (a
     # killed and resumed dump groups rows into other shards than an uninterrupted one).
     full = teacher(240, seed=9)
     rows = synthetic_rows(full, [20] * 12, k=ENGINE_K)
-    storage = Storage("adaptive", top_k=8, k_max=24, codebook=True)
+    storage = Storage("adaptive", top_k=8, k_max=24, codebook=True, top_first=top_first)
     write_v2_dump(tmp_path / "a", rows, storage, vocabulary=VOCABULARY, fingerprint="f")
     write_v2_dump(
         tmp_path / "b", rows[::-1], storage, vocabulary=VOCABULARY, fingerprint="f",
@@ -214,12 +215,29 @@ def test_an_adaptive_row_decodes_the_same_whatever_shard_it_was_written_into(tmp
     for ids, logprobs in zip(first[0], first[1], strict=True):
         kept = ids >= 0
         ties += len(logprobs[kept]) - len(np.unique(logprobs[kept]))
-        # equal values come in ascending id order
-        for value in np.unique(logprobs[kept]):
-            assert (np.diff(ids[kept][logprobs[kept] == value]) > 0).all()
+        # equal values come in ascending id order (after the exact top-1, with top_first)
+        after = kept & (np.arange(len(ids)) >= int(top_first))
+        for value in np.unique(logprobs[after]):
+            assert (np.diff(ids[after][logprobs[after] == value]) > 0).all()
     assert ties > 100  # the case this test is about occurs
     for one, other in zip(first, second, strict=True):
         np.testing.assert_array_equal(one, other)
+
+
+@pytest.mark.parametrize("codebook", [True, False])
+def test_an_adaptive_row_stores_the_teachers_top_1_first_among_equal_levels(tmp_path, codebook):
+    full = teacher(240, seed=9)
+    storage = Storage("adaptive", top_k=8, k_max=24, codebook=codebook)
+    write_v2_dump(
+        tmp_path, synthetic_rows(full, [20] * 12, k=ENGINE_K), storage,
+        vocabulary=VOCABULARY, fingerprint="f",
+    )  # fmt: skip
+    ids, logprobs, _ = read_back(tmp_path)
+    tied = logprobs[:, 1] == logprobs[:, 0]
+    assert tied.sum() >= 10  # the top level is shared at these positions
+    np.testing.assert_array_equal(ids[:, 0], full.argmax(axis=1))
+    # a storage record written before the flag existed decodes the old way
+    assert not Storage.from_dict({"representation": "adaptive", "top_k": 8, "k_max": 24}).top_first
 
 
 def test_adaptive_parity_rule_matches_exact_top_k_on_both_figures_per_row(tmp_path):
@@ -328,7 +346,7 @@ def test_inspect_validate_and_the_reader_refuse_corrupt_v2_shards(tmp_path):
     pristine = directory / "pristine.bin"
     shard = sorted(directory.glob("part-*.parquet"))[0]
     pristine.write_bytes(shard.read_bytes())
-    assert pq.read_table(shard)["kd_count"][0].as_py()[0] >= 2  # entry 1 is position 0's 2nd
+    assert pq.read_table(shard)["kd_count"][0].as_py()[0] >= 3  # entries 1, 2: position 0's
 
     def rewrite(change_column=None, drop_codebook=False):
         """Rewrite the shard with one column changed, keeping it checksummed in the manifest
@@ -372,7 +390,11 @@ def test_inspect_validate_and_the_reader_refuse_corrupt_v2_shards(tmp_path):
         return values
 
     def repeated_id(values):
-        values[1] = 0
+        values[2] = 0  # entries 1 and 2: position 0's others, ascending
+        return values
+
+    def top_id_again(values):
+        values[1] = values[0]
         return values
 
     def one_more_entry(values):
@@ -382,6 +404,7 @@ def test_inspect_validate_and_the_reader_refuse_corrupt_v2_shards(tmp_path):
     cases = [
         (("kd_id_gaps", negative_gap), False, "kd_id_gaps are not strictly ascending"),
         (("kd_id_gaps", repeated_id), False, "kd_id_gaps are not strictly ascending"),
+        (("kd_id_gaps", top_id_again), False, "kd_id_gaps repeat a position's first id"),
         (("kd_levels", level_above_scale), False, "kd_levels outside [0, 24]"),
         (("kd_id_gaps", id_beyond_vocabulary), False, "outside the shard's codebook"),
         (("kd_count", one_more_entry), False, "holds a different number of entries than kd_count"),
@@ -414,7 +437,7 @@ def test_the_documented_numpy_decoding_equals_the_reader(tmp_path):
     full = teacher(90, seed=9)
     rows = synthetic_rows(full, [45, 45], k=ENGINE_K)
     for storage in (
-        Storage("adaptive", top_k=8, k_max=24, codebook=True),
+        Storage("adaptive", top_k=8, k_max=24, codebook=True, top_first=False),
         Storage("topk", top_k=12),
         Storage("sampled", top_k=0, draws=16),
     ):

@@ -19,6 +19,8 @@ from shared.errors import UserError
 from student_train.config import TrainConfig
 from student_train.reporting import read_metrics
 from student_train.train import run_training
+from tests.conftest import torchrun_student_train
+from tests.conftest import train_config as shared_train_config
 
 pytestmark = pytest.mark.engine  # the shards come from the real engine
 
@@ -26,20 +28,8 @@ ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def train_config(shards: Path, student: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(
-        shards=str(shards),
-        student=str(student),
-        out=str(out),
-        max_steps=8,
-        lr=3e-3,
-        micro_batch=2,
-        grad_accum=2,
-        shuffle_buffer=10,
-        chunk_tokens=50,
-        progress=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    values = dict(max_steps=8, micro_batch=2, grad_accum=2, shuffle_buffer=10)
+    return shared_train_config(shards, student, out, **{**values, **overrides})
 
 
 def student_train(*arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -146,37 +136,11 @@ def test_torchrun_two_processes_see_each_sample_once_per_epoch(
     text_shards, student_model, tmp_path
 ):
     out = tmp_path / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "student_train.cli",
-            "--shards",
-            str(text_shards),
-            "--student",
-            str(student_model),
-            "--out",
-            str(out),
-            "--epochs",
-            "1",
-            "--micro-batch",
-            "3",
-            "--lr",
-            "1e-3",
-            "--no-progress",
-            "--set",
-            "log_samples=true",
-            "--set",
-            "shuffle_buffer=10",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENVIRONMENT,
-    )
+    result = torchrun_student_train(
+        "--shards", str(text_shards), "--student", str(student_model), "--out", str(out),
+        "--epochs", "1", "--micro-batch", "3", "--lr", "1e-3",
+        "--set", "log_samples=true", "--set", "shuffle_buffer=10", timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     seen = {}
     for rank in (0, 1):
