@@ -268,7 +268,7 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
 def test_a_corrupt_manifest_gets_one_fix_from_readers_and_teacher_dump(
     tiny_model, gsm8k_file, tmp_path
 ):
-    from schemas.manifest import read_manifest
+    from shared.shard_reader import read_manifest
 
     out = tmp_path / "out"
     out.mkdir()
@@ -286,7 +286,7 @@ def test_a_corrupt_manifest_gets_one_fix_from_readers_and_teacher_dump(
 
 
 def test_a_deleted_manifest_is_rebuilt_by_the_rerun(tiny_model, gsm8k_file, engine, tmp_path):
-    from schemas.manifest import read_manifest
+    from shared.shard_reader import read_manifest
     from teacher_dump.run import run_dump
 
     config = dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=2)
