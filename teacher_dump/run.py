@@ -394,7 +394,8 @@ def write_results(
                 rows = filtered_rows(completion_filter, request, rows, data_rows, outcomes)
             sequence = writer.sequence
             writer.add_prompt_rows(rows)
-            if writer.sequence != sequence:  # a shard was written: its prompts' outcomes too
+            if completion_filter is not None and writer.sequence != sequence:
+                # A shard was written: record the outcomes of the prompts judged before it.
                 outcomes = record_outcomes(directory, outcomes)
             tokens += sum(len(row.target_ids) for row in rows)
             progress.update(1)
