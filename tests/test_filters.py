@@ -176,7 +176,7 @@ def filtered_config(tiny_model, data: Path, out: Path, **overrides):
 def test_a_filtered_dump_keeps_the_passing_samples_and_lists_the_rest(
     tiny_model, engine, filtered_data, tmp_path
 ):
-    from teacher_dump.inspect import validate
+    from teacher_dump.inspect import format_summary, summarize, validate
     from teacher_dump.run import run_dump
 
     data, plain, kept = filtered_data
@@ -193,6 +193,11 @@ def test_a_filtered_dump_keeps_the_passing_samples_and_lists_the_rest(
     assert (section["prompts_done"], section["generated"], section["kept"]) == (6, 12, len(kept))
     assert manifest["complete"] and manifest["data"]["expected_rows"] == len(kept)
     assert validate(tmp_path / "filtered") == []
+    summary = format_summary(tmp_path / "filtered", summarize(tmp_path / "filtered"))
+    assert (
+        f"filter          column (column expect): {len(kept)} of 12 samples kept over 6 "
+        f"prompts; {len(section['none_kept'])} with none kept, 0 kept their best" in summary
+    )
 
     best = run_dump(filtered_config(tiny_model, data, tmp_path / "best", keep_best_of=True), engine)
     best_rows = shard_rows(tmp_path / "best")
@@ -249,3 +254,7 @@ def test_a_resumed_filtered_dump_keeps_what_an_uninterrupted_one_keeps(
     judged.clear()
     run.run_dump(filtered_config(tiny_model, data, out), engine)
     assert judged == []  # a finished dump, prompts with nothing kept included, is not resampled
+    # The filter is part of the dump's identity: another rule into the same --out is refused
+    # (before any engine: none is passed).
+    with pytest.raises(UserError, match="filter_column: 'expect' -> 'question'"):
+        run.run_dump(filtered_config(tiny_model, data, out, filter_column="question"))
