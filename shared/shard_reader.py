@@ -231,7 +231,7 @@ def open_dump(
         totals = manifest.get("totals", {})
         raise UserError(
             f"{flag} {directory}: the dump is incomplete ({totals.get('rows', 0)} of "
-            f"{manifest.get('data', {}).get('expected_rows', '?')} rows): rerun its teacher-dump "
+            f"{manifest.get('data', {}).get('expected_rows') or '?'} rows): rerun its teacher-dump "
             "command to finish it, or pass --set allow_incomplete=true to train on what is there"
         )
     entries = publication_order(manifest["shards"]) if follow else manifest["shards"]

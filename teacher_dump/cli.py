@@ -15,6 +15,7 @@ from teacher_dump.config import DumpConfig
 FLAGS = (
     "model", "data", "out", "mode", "data_path", "split", "prompt_column", "target_column",
     "store", "top_k", "k_max", "adaptive_rule", "mass_target", "draws", "max_new_tokens", "temperature", "top_p", "num_samples", "seed", "limit",
+    "filter", "filter_threshold", "filter_column", "keep_best_of",
     "chunk_tokens", "rows_per_shard", "rank", "world_size", "tensor_parallel_size",
     "max_model_len", "dtype", "chat_template", "skip_too_long", "trust_remote_code",
     "enforce_eager", "progress", "classify_backend", "hidden_layer", "hidden_pooling",

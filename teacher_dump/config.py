@@ -10,6 +10,7 @@ from shared.classification import Pooling
 from shared.config import check_choices
 from shared.engine import ClassifierBackend, EngineDtype
 from shared.errors import check_all
+from teacher_dump.filters import FilterName
 
 Executor = Literal["local", "ray"]
 """Who drives the engines: this process (one engine), or a Ray Data pipeline (several)."""
@@ -116,6 +117,18 @@ class DumpConfig:
     """Generate mode: nucleus sampling threshold."""
     num_samples: int = 1
     """Generate mode: completions sampled per prompt."""
+    filter: FilterName = "none"
+    """Generate mode: which completions reach the shards (docs/teacher-dump.md, "Filtering").
+    answer-match: those whose final answer equals the reference's (GSM8K's extraction;
+    rejection sampling); rouge-l: ROUGE-L F1 against the references at least
+    --filter-threshold; column: those containing the row's --filter-column value; none: all."""
+    filter_threshold: float | None = None
+    """--filter rouge-l: the least ROUGE-L F1 (in [0, 1]) a kept completion has."""
+    filter_column: str | None = None
+    """--filter column: the data column whose value a kept completion contains."""
+    keep_best_of: bool = False
+    """With --filter: a prompt none of whose completions passes keeps its best-scoring one
+    (else it gives no rows; either way the manifest lists it)."""
     seed: int = 0
     """Sampling seed; each prompt gets its own seed derived from it, so results do not depend on
     batching, ranks or resumes."""
@@ -204,6 +217,26 @@ class DumpConfig:
                 self.num_samples == 1 or self.temperature > 0,
                 f"--num-samples {self.num_samples} at --temperature 0 (greedy, the default) "
                 "gives identical completions: pass --temperature 1 (or another T > 0)",
+            ),
+            (
+                self.filter == "none" or self.mode == "generate",
+                f"--filter {self.filter} needs --mode generate",
+            ),
+            (
+                (self.filter == "rouge-l") == (self.filter_threshold is not None),
+                "--filter-threshold goes with --filter rouge-l (and only with it): pass both",
+            ),
+            (
+                self.filter_threshold is None or 0 <= self.filter_threshold <= 1,
+                "--filter-threshold must be in [0, 1]",
+            ),
+            (
+                (self.filter == "column") == (self.filter_column is not None),
+                "--filter-column goes with --filter column (and only with it): pass both",
+            ),
+            (
+                not self.keep_best_of or self.filter != "none",
+                "--keep-best-of needs a --filter",
             ),
             (self.chunk_tokens >= 2, "--chunk-tokens must be at least 2"),
             (self.limit is None or self.limit >= 1, "--limit must be at least 1"),

@@ -134,7 +134,7 @@ def format_summary(directory: Path, summary: dict) -> str:
         f"storage         {stored} ({manifest['logprobs']['mode']})",
         f"parameters      {json.dumps(storage.to_dict() if storage else {'top_k': manifest['top_k']})}",
         f"data            {data['task']} from {data['source']} ({data['prompts']} prompts, {data['skipped_too_long']} skipped as too long)",
-        f"rows            {totals['rows']:,} of {data['expected_rows']:,} expected ({'complete' if manifest['complete'] else 'INCOMPLETE: rerun the same command to finish'})",
+        f"rows            {totals['rows']:,} of {expected_rows(manifest)} expected ({'complete' if manifest['complete'] else 'INCOMPLETE: rerun the same command to finish'})",
         f"shards          {totals['shards']}",
         f"target tokens   {totals['target_tokens']:,}",
         f"bytes           {totals['bytes']:,} ({summary['bytes_per_token']:.1f} B per target token: "
@@ -161,10 +161,32 @@ def format_summary(directory: Path, summary: dict) -> str:
         lines.append(
             f"UNREADABLE      {', '.join(summary['unreadable'])} (run inspect --validate for details)"
         )
+    if manifest.get("filter"):
+        lines.append(filter_line(manifest["filter"]))
     padded = sum(entry.get("padded_topk_entries", 0) for entry in manifest["shards"])
     if padded:
         lines.append(f"padding ids     {padded:,} top-k entries were padding-row ids, stored as -1")
     return "\n".join(lines)
+
+
+def expected_rows(manifest: dict) -> str:
+    """The rows the dump will hold ("?" for a filtered dump until it is complete)."""
+    expected = manifest["data"]["expected_rows"]
+    return "?" if expected is None else f"{expected:,}"
+
+
+def filter_line(section: dict) -> str:
+    """inspect's line on a filtered dump (teacher_dump.filters)."""
+    rule = section["filter"] + (
+        f" >= {section['threshold']}" if section.get("threshold") is not None else ""
+    )
+    if section.get("column"):
+        rule += f" (column {section['column']})"
+    return (
+        f"filter          {rule}: {section['kept']:,} of {section['generated']:,} samples kept "
+        f"over {section['prompts_done']:,} prompts; {len(section['none_kept'])} with none kept, "
+        f"{len(section['best_kept'])} kept their best (--keep-best-of)"
+    )
 
 
 def validate(directory: Path | Folder) -> list[str]:

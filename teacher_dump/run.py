@@ -31,6 +31,7 @@ from shared.storage import Folder
 from shared.tasks import load_records, resolve_task
 from shared.tokenizer import tokenizer_fingerprint
 from teacher_dump.config import LOCAL_FIELDS, DumpConfig
+from teacher_dump.filters import CompletionFilter, check_filter_data, select_rows
 from teacher_dump.modes import MODES
 from teacher_dump.modes.interface import ModeRequests, TeacherInputs, resolve_teacher
 from teacher_dump.ray_dump import ray_results
@@ -88,7 +89,40 @@ def prepare(config: DumpConfig) -> PreparedDump:
     mode.check_task(config, task, inputs)
     data_path = Path(config.data_path) if config.data_path else None
     records = load_records(task, config.data, data_path, config.split)
-    return PreparedDump(inputs, records, mode.requests(config, task, records, inputs))
+    planned = mode.requests(config, task, records, inputs)
+    completion_filter = filter_of(config)
+    if completion_filter is not None:
+        check_filter_data(completion_filter, planned.requests, records.rows)
+    return PreparedDump(inputs, records, planned)
+
+
+def filter_of(config: DumpConfig) -> CompletionFilter | None:
+    """The dump's completion filter (teacher_dump.filters), None without --filter."""
+    if config.filter == "none":
+        return None
+    return CompletionFilter(
+        name=config.filter,
+        threshold=1.0 if config.filter_threshold is None else config.filter_threshold,
+        column=config.filter_column,
+        keep_best_of=config.keep_best_of,
+    )
+
+
+def filter_section(config: DumpConfig) -> dict:
+    """The manifest's `filter` before any prompt is dumped (teacher_dump.shards keeps its
+    counts in step with the shards)."""
+    return {
+        "filter": config.filter,
+        "threshold": config.filter_threshold,
+        "column": config.filter_column,
+        "keep_best_of": config.keep_best_of,
+        "samples_per_prompt": config.num_samples,
+        "prompts_done": 0,
+        "generated": 0,
+        "kept": 0,
+        "none_kept": [],
+        "best_kept": [],
+    }
 
 
 def fingerprints_of(prepared: PreparedDump) -> dict:
@@ -158,7 +192,10 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
             "split": config.split,
             "prompts": len(prepared.requests),
             "skipped_too_long": prepared.planned.skipped,
-            "expected_rows": len(prepared.requests) * mode.rows_per_prompt(config),
+            # A filtered dump's rows are known once it is complete (teacher_dump.shards).
+            "expected_rows": None
+            if config.filter != "none"
+            else len(prepared.requests) * mode.rows_per_prompt(config),
         },
         "config": config_to_dict(config),
         "shards": [],
@@ -166,6 +203,8 @@ def manifest_header(config: DumpConfig, prepared: PreparedDump) -> dict:
         "complete": False,
     }
     header.update(mode.manifest_entries(config, prepared.inputs, prepared.planned))
+    if config.filter != "none":
+        header["filter"] = filter_section(config)
     return header
 
 
@@ -251,7 +290,7 @@ def dump_remaining(
     the rank's writer lock); returns the final manifest."""
     if directory.is_local:  # object stores have no temporaries
         remove_stale_temporaries(directory.local)
-    done = done_source_indices(directory)
+    done = done_source_indices(directory) | judged_without_rows(directory)
     mine = [
         request
         for request in prepared.requests
@@ -284,7 +323,7 @@ def dump_on_engine(
         update_manifest(directory, lambda manifest: mode.record_engine(manifest, description))
         tokens = write_results(
             config, teacher.rows(todo), total=total, todo=len(todo), directory=directory,
-            vocabulary=len(prepared.tokenizer),
+            vocabulary=len(prepared.tokenizer), data_rows=prepared.records.rows,
         )  # fmt: skip
     finally:
         teacher.close()
@@ -310,7 +349,7 @@ def dump_on_ray(
     )
     return write_results(
         config, results, total=total, todo=len(todo), directory=directory,
-        vocabulary=len(prepared.tokenizer),
+        vocabulary=len(prepared.tokenizer), data_rows=prepared.records.rows,
     )  # fmt: skip
 
 
@@ -338,10 +377,12 @@ def write_results(
     todo: int,
     directory: Folder,
     vocabulary: int,
+    data_rows: list[dict] | None = None,
 ) -> int:
     """Write each prompt's rows into this rank's shards as they come; returns target tokens
     written. `total`: this rank's prompts, `todo`: those not yet dumped (for the progress);
-    `vocabulary`: the tokenizer's size (the shard codebook's range)."""
+    `vocabulary`: the tokenizer's size (the shard codebook's range); `data_rows`: the data's
+    records (what --filter column reads)."""
     storage = MODES[config.mode].storage(config, vocabulary)
     writer = ShardWriter(
         directory,
@@ -362,19 +403,67 @@ def write_results(
     )
     tokens = 0
     started = time.perf_counter()
+    completion_filter, outcomes = filter_of(config), {"none_kept": [], "best_kept": []}
     try:
-        for _, rows in results:
+        for request, rows in results:
+            if completion_filter is not None:
+                rows = filtered_rows(completion_filter, request, rows, data_rows, outcomes)
+            sequence = writer.sequence
             writer.add_prompt_rows(rows)
+            if completion_filter is not None and writer.sequence != sequence:
+                # A shard was written: record the outcomes of the prompts judged before it.
+                outcomes = record_outcomes(directory, outcomes)
             tokens += sum(len(row.target_ids) for row in rows)
             progress.update(1)
             progress.set_postfix_str(
                 f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f} tok/s", refresh=False
             )
         writer.flush()
+        if completion_filter is not None:
+            record_outcomes(directory, outcomes)
     finally:
         results.close()
         progress.close()
     return tokens
+
+
+def filtered_rows(
+    completion_filter: CompletionFilter,
+    request: DumpRequest,
+    rows: list[ShardRow],
+    data_rows: list[dict] | None,
+    outcomes: dict[str, list[int]],
+) -> list[ShardRow]:
+    """The rows of one prompt that --filter keeps; a prompt with none kept (or kept only by
+    --keep-best-of) is added to `outcomes` under its Outcome."""
+    record = data_rows[request.source_index] if data_rows is not None else {}
+    scores = [completion_filter.score(row.target_text, request.references, record) for row in rows]
+    kept, outcome = select_rows(
+        rows, scores, completion_filter.threshold, completion_filter.keep_best_of
+    )
+    if outcome != "kept":
+        outcomes[outcome].append(request.source_index)
+    return kept
+
+
+def record_outcomes(directory: Folder, outcomes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Add the prompts of `outcomes` to the manifest's filter lists and refresh its counts
+    (every prompt before them is in a written shard); returns empty outcomes."""
+
+    def add(manifest: dict) -> None:
+        for key, indices in outcomes.items():
+            manifest["filter"][key] = sorted(set(manifest["filter"][key]) | set(indices))
+
+    update_manifest(directory, add)
+    refresh_manifest(directory, [])
+    return {key: [] for key in outcomes}
+
+
+def judged_without_rows(directory: Folder) -> set[int]:
+    """Prompts a filtered dump judged and gave no rows (its manifest's none_kept): a resume does
+    not generate them again (their seeds would give the same samples)."""
+    manifest = json.loads(directory.read_text(MANIFEST_NAME))
+    return set(manifest.get("filter", {}).get("none_kept", []))
 
 
 def print_summary(
@@ -387,10 +476,11 @@ def print_summary(
 ) -> None:
     totals = manifest["totals"]
     bytes_per_token = totals["bytes"] / max(totals["target_tokens"], 1)
+    expected = manifest["data"]["expected_rows"]
     state = (
         "complete"
         if manifest["complete"]
-        else f"{totals['rows']}/{manifest['data']['expected_rows']} rows so far"
+        else f"{totals['rows']}/{'?' if expected is None else expected} rows so far"
     )
     print(
         f"teacher-dump: rank {config.rank}/{config.world_size} dumped {prompts} prompts, {tokens:,} target "

@@ -336,10 +336,26 @@ def refresh_manifest(directory: Path | Folder, new_entries: list[dict]) -> dict:
             shards.append(entry)
         manifest["shards"] = number_publications(shards, published)
         manifest["totals"] = totals(shards)
-        manifest["complete"] = manifest["totals"]["rows"] == manifest["data"]["expected_rows"]
+        if "filter" in manifest:
+            count_filtered(manifest, folder)
+        else:
+            manifest["complete"] = manifest["totals"]["rows"] == manifest["data"]["expected_rows"]
         manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
         folder.write_json(MANIFEST_NAME, manifest)
         return manifest
+
+
+def count_filtered(manifest: dict, folder: Folder) -> None:
+    """A filtered dump's counts (teacher_dump.filters), in place: the prompts done are those
+    with rows in a shard or listed in none_kept; each generated samples_per_prompt samples and
+    kept its rows. Complete once every prompt is done, and then expected_rows is the rows kept."""
+    section = manifest["filter"]
+    done = done_source_indices(folder) | set(section["none_kept"])
+    section["prompts_done"] = len(done)
+    section["generated"] = len(done) * section["samples_per_prompt"]
+    section["kept"] = manifest["totals"]["rows"]
+    manifest["complete"] = len(done) == manifest["data"]["prompts"]
+    manifest["data"]["expected_rows"] = manifest["totals"]["rows"] if manifest["complete"] else None
 
 
 def number_publications(shards: list[dict], published: dict[str, int | None]) -> list[dict]:

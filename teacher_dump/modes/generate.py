@@ -15,7 +15,18 @@ from teacher_dump.requests import DumpRequest, sample_seed
 from teacher_dump.rows import ScoredTarget, ShardRow, first_invalid_position, make_row
 
 NAME = "generate"
-OWN_FIELDS = frozenset({"max_new_tokens", "temperature", "top_p", "num_samples"})
+OWN_FIELDS = frozenset(
+    {
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "num_samples",
+        "filter",
+        "filter_threshold",
+        "filter_column",
+        "keep_best_of",
+    }
+)
 record_engine = tokens.record_engine
 storage = tokens.storage
 
