@@ -115,7 +115,7 @@ def test_reduced_demo_runs_every_stage_and_reuses_them(tiny_model, tmp_path):
         "student-train init-student",
         "teacher-dump --model",
         "student-train --shards",
-        "kd-eval --data text",
+        "kd-eval --task text",
     ):
         assert f"$ {command}" in first.stderr
     results = json.loads((out / "eval" / "results.json").read_text())

@@ -438,10 +438,11 @@ def test_the_documented_numpy_decoding_equals_the_reader(tmp_path):
     rows = synthetic_rows(full, [45, 45], k=ENGINE_K)
     for storage in (
         Storage("adaptive", top_k=8, k_max=24, codebook=True, top_first=False),
+        Storage("adaptive", top_k=8, k_max=24, codebook=True, top_first=True),
         Storage("topk", top_k=12),
         Storage("sampled", top_k=0, draws=16),
     ):
-        directory = tmp_path / storage.representation
+        directory = tmp_path / f"{storage.representation}-{storage.top_first}"
         written = rows
         if storage.representation == "sampled":  # the "engine" hands 16 draws per position
             rng = np.random.default_rng(10)
