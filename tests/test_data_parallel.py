@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shared.errors import UserError
 from teacher_dump import data_parallel
 from teacher_dump.config import DumpConfig
 from teacher_dump.inspect import validate
+from teacher_dump.requests import DumpRequest
 from teacher_dump.run import identity_of, run_dump
 from tests.conftest import dump_config
 from tests.dump_comparison import assert_same_rows, read_rows
@@ -48,6 +51,13 @@ def watch_children(monkeypatch) -> list[int]:
         lambda children: (pids.extend(c.pid for c in children), stop(children)),
     )
     return pids
+
+
+def remove_logs(message: str) -> None:
+    """The children's logs are kept after a failure, for the user: the error names them."""
+    logs = Path(message.split("(its log: ")[1].split(")")[0]).parent
+    assert logs.is_dir()
+    shutil.rmtree(logs)
 
 
 def assert_all_gone(pids: list[int]) -> None:
@@ -111,10 +121,7 @@ def test_a_child_that_cannot_start_its_engine_fails_the_dump_naming_its_rank(
     assert "gpu_memory_utilization" in message
     assert_all_gone(children)
     assert shard_paths(tmp_path / "out") == []
-    # The children's logs are kept for the user; the error names them.
-    logs = Path(message.split("(its log: ")[1].split(")")[0]).parent
-    assert logs.is_dir()
-    shutil.rmtree(logs)
+    remove_logs(message)
 
 
 def test_more_engines_than_visible_gpus_are_refused(monkeypatch, tmp_path):
@@ -164,3 +171,32 @@ def test_data_parallel_size_is_not_part_of_the_identity_and_needs_a_local_token_
         DumpConfig(**base, data_parallel_size=2, mode="classify")
     with pytest.raises(UserError, match="at least 1"):
         DumpConfig(**base, data_parallel_size=0)
+
+
+class DiesOnArrival:
+    """A plan whose unpickling ends the child at once (a crash before it can say a word)."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_child_that_dies_without_a_word_fails_the_dump_naming_its_rank(monkeypatch, tmp_path):
+    children = watch_children(monkeypatch)
+    monkeypatch.setattr(data_parallel, "visible_gpus", lambda: [])
+    config = DumpConfig(
+        model="m", data="gsm8k", out=str(tmp_path), data_parallel_size=2, max_in_flight=1
+    )
+    todo = [
+        DumpRequest(index, np.array([1, 2], dtype=np.int32), None, "prompt", ())
+        for index in range(3)
+    ]
+    results = data_parallel.data_parallel_results(
+        config, tmp_path, DiesOnArrival(), todo, on_engine=lambda description: None
+    )
+    with pytest.raises(UserError) as caught:
+        next(results)
+    assert re.fullmatch(
+        r"data-parallel rank [01] failed: it exited without a message .*", str(caught.value)
+    )
+    assert_all_gone(children)
+    remove_logs(str(caught.value))
