@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -37,6 +38,9 @@ from teacher_dump.rows import ShardRow
 
 POLL_SECONDS = 1.0
 """How often a waiting process looks whether the other side is still alive."""
+
+CLOSE_SECONDS = 30.0
+"""How long the children may take to close their engines once every row is in."""
 
 CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
@@ -244,8 +248,11 @@ def data_parallel_results(
                 pending -= 1
                 for source_index, rows in rows_of(payload).items():
                     yield by_index[source_index], rows
+        # Every row is in: the children close their engines, or are killed after a while (one
+        # still starting its engine would only close it).
+        deadline = time.monotonic() + CLOSE_SECONDS
         for child in children:
-            child.join(timeout=120)
+            child.join(timeout=max(deadline - time.monotonic(), 0))
         failed = False
     finally:
         stop(children)
