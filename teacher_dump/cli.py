@@ -19,7 +19,7 @@ FLAGS = (
     "chunk_tokens", "rows_per_shard", "rank", "world_size", "tensor_parallel_size",
     "max_model_len", "dtype", "chat_template", "skip_too_long", "trust_remote_code",
     "enforce_eager", "progress", "classify_backend", "hidden_layer", "hidden_pooling",
-    "label_words", "verbalizer_prompt", "executor", "ray_workers",
+    "label_words", "verbalizer_prompt", "executor", "ray_workers", "data_parallel_size",
 )  # fmt: skip
 """The DumpConfig fields that have a flag; every field can be set with --set or --config."""
 NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}

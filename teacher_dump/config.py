@@ -35,6 +35,7 @@ LOCAL_FIELDS = frozenset(
         "executor",
         "ray_workers",
         "ray_address",
+        "data_parallel_size",
     }
 )
 """Fields that only say how this process works, not what the dump contains: a rerun may change
@@ -196,6 +197,11 @@ class DumpConfig:
     local one started for this run (one CPU per worker)."""
     progress: bool = True
     """Show the progress bar on stderr."""
+    data_parallel_size: int = 1
+    """--executor local: vLLM engines on this node, one child process each (of
+    --tensor-parallel-size GPUs, or its share of the CPU cores), fed batches of --max-in-flight
+    prompts; this process writes the same shards and manifest as with one engine (generate,
+    score and text modes)."""
 
     def __post_init__(self):
         check_choices(self)
@@ -269,6 +275,17 @@ class DumpConfig:
             (
                 "{text}" in self.verbalizer_prompt,
                 "--verbalizer-prompt must contain {text} where the example's text goes",
+            ),
+            (self.data_parallel_size >= 1, "--data-parallel-size must be at least 1"),
+            (
+                self.data_parallel_size == 1 or self.executor == "local",
+                "--data-parallel-size runs engines without Ray: with --executor ray use "
+                "--ray-workers for the number of engines",
+            ),
+            (
+                self.data_parallel_size == 1 or self.mode != "classify",
+                "--data-parallel-size runs token dumps (generate, score, text): use "
+                "--data-parallel-size 1 for --mode classify",
             ),
         ]
         check_all(checks)

@@ -31,6 +31,7 @@ from shared.storage import Folder
 from shared.tasks import load_records, resolve_task
 from shared.tokenizer import tokenizer_fingerprint
 from teacher_dump.config import LOCAL_FIELDS, DumpConfig
+from teacher_dump.data_parallel import data_parallel_results, rank_environments
 from teacher_dump.filters import CompletionFilter, check_filter_data, select_rows
 from teacher_dump.modes import MODES
 from teacher_dump.modes.interface import ModeRequests, TeacherInputs, resolve_teacher
@@ -275,6 +276,8 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     `engine` may be an already-built engine for the same model (tests reuse one).
     """
     started = time.perf_counter()
+    if config.data_parallel_size > 1:
+        rank_environments(config)  # refuses more engines than devices before anything starts
     prepared = prepare(config)
     header = manifest_header(config, prepared)
     directory = Folder(config.out)
@@ -301,7 +304,13 @@ def dump_remaining(
     written_tokens, dump_seconds = 0, 0.0
     if todo:
         dump_started = time.perf_counter()
-        dump = dump_on_ray if config.executor == "ray" else dump_on_engine
+        dump = (
+            dump_on_ray
+            if config.executor == "ray"
+            else dump_data_parallel
+            if config.data_parallel_size > 1
+            else dump_on_engine
+        )
         written_tokens = dump(config, prepared, directory, engine, todo, total=len(mine))
         dump_seconds = time.perf_counter() - dump_started
     manifest = refresh_manifest(directory, [])
@@ -337,8 +346,25 @@ def dump_on_ray(
     """--executor ray: `todo` through Ray's actors (each runs the mode's Teacher) into this
     process's shards; returns the target tokens written. (`engine` is unused: every actor
     starts its own.)"""
+    return dump_on_engines(ray_results, config, prepared, directory, todo, total=total)
+
+
+def dump_data_parallel(
+    config: DumpConfig, prepared: PreparedDump, directory: Folder, engine, todo, *, total: int
+) -> int:
+    """--data-parallel-size N: `todo` through N child processes (each runs the mode's Teacher
+    on its own engine) into this process's shards; returns the target tokens written.
+    (`engine` is unused: every child starts its own.)"""
+    return dump_on_engines(data_parallel_results, config, prepared, directory, todo, total=total)
+
+
+def dump_on_engines(
+    results_of, config: DumpConfig, prepared: PreparedDump, directory: Folder, todo, *, total: int
+) -> int:
+    """`todo` through an executor of several engines (`results_of`: ray_results or
+    data_parallel_results) into this process's shards; returns the target tokens written."""
     mode = MODES[config.mode]
-    results = ray_results(
+    results = results_of(
         config,
         prepared.model.directory,
         prepared.planned.plan,
