@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_eval.config import EvalConfig
-from schemas.manifest import check_dump_kind, classify_labels
-from shared.classification import align_labels, label_order, model_labels
-from shared.errors import UserError
-from shared.models import ResolvedModel, context_length
-from shared.tasks import TASKS, classification_example, load_records, resolve_task
-from shared.tasks.interface import Example, HubSource, Task
-from shared.tasks.labelled import gold_labels, labelled_task
+from kd_shards.kd_eval.config import EvalConfig
+from kd_shards.schemas.manifest import check_dump_kind, classify_labels
+from kd_shards.shared.classification import align_labels, label_order, model_labels
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.models import ResolvedModel, context_length
+from kd_shards.shared.tasks import TASKS, classification_example, load_records, resolve_task
+from kd_shards.shared.tasks.interface import Example, HubSource, Task
+from kd_shards.shared.tasks.labelled import gold_labels, labelled_task
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def run_classifier(
     engine=None,
 ) -> dict:
     """One classifier: predictions, accuracy, macro-F1 and cost (whole request stream)."""
-    from shared.engine import ClassifierEngine, classifier_settings
+    from kd_shards.shared.engine import ClassifierEngine, classifier_settings
 
     names = align_labels(model_labels(resolved.config), inputs.labels, f"--model {name}")
     # Output j of the model is data label order[j]: put every model in the data's order.
@@ -137,7 +137,7 @@ def run_classifier(
 def teacher_log_probabilities(config: EvalConfig, inputs: ClassificationInputs) -> np.ndarray:
     """(N, L) the --teacher-shards classify dump's distributions in the data's label order,
     by sample id, refusing a dump of other data or labels."""
-    from shared.shard_reader import CLASSIFY_COLUMNS, iterate_rows, open_dump
+    from kd_shards.shared.shard_reader import CLASSIFY_COLUMNS, iterate_rows, open_dump
 
     dump = open_dump(config.teacher_shards, flag="--teacher-shards")
     where = f"--teacher-shards {config.teacher_shards}"

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from kd_eval.config import EvalConfig
-from shared.config import build_config, config_flags, config_options
-from shared.errors import UserError, exit_with
-from shared.files import disk_full_exit
-from shared.tasks import RENAMED
+from kd_shards.kd_eval.config import EvalConfig
+from kd_shards.shared.config import build_config, config_flags, config_options
+from kd_shards.shared.errors import UserError, exit_with
+from kd_shards.shared.files import disk_full_exit
+from kd_shards.shared.tasks import RENAMED
 
 FLAGS = (
     "data", "data_path", "split", "limit", "teacher_shards", "max_new_tokens", "chunk_tokens",
@@ -57,8 +57,8 @@ def main(config_file, assignments, models, task, **flags) -> None:
     try:
         from transformers.utils import logging as transformers_logging
 
-        from kd_eval.evaluation import run_evaluation
-        from kd_eval.report import markdown_table
+        from kd_shards.kd_eval.evaluation import run_evaluation
+        from kd_shards.kd_eval.report import markdown_table
 
         transformers_logging.disable_progress_bar()
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import check_choices
-from shared.engine import ClassifierBackend, EngineDtype
-from shared.errors import UserError, check_all
+from kd_shards.shared.config import check_choices
+from kd_shards.shared.engine import ClassifierBackend, EngineDtype
+from kd_shards.shared.errors import UserError, check_all
 
 
 @dataclass(frozen=True)

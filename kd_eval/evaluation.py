@@ -22,16 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_eval.config import EvalConfig, parse_model
-from kd_eval.report import write_outputs
-from shared.config import config_to_dict
-from shared.errors import UserError
-from shared.models import AUXILIARY_WEIGHTS, ResolvedModel, context_length, resolve_model
-from shared.records import LoadedRecords
-from shared.scoring import language_model_sums
-from shared.tasks import TASKS, examples_from_records, load_records, resolve_task
-from shared.tasks.interface import Example, Task
-from shared.tokenizer import (
+from kd_shards.kd_eval.config import EvalConfig, parse_model
+from kd_shards.kd_eval.report import write_outputs
+from kd_shards.shared.config import config_to_dict
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.models import AUXILIARY_WEIGHTS, ResolvedModel, context_length, resolve_model
+from kd_shards.shared.records import LoadedRecords
+from kd_shards.shared.scoring import language_model_sums
+from kd_shards.shared.tasks import TASKS, examples_from_records, load_records, resolve_task
+from kd_shards.shared.tasks.interface import Example, Task
+from kd_shards.shared.tokenizer import (
     chunk_text,
     has_chat_template,
     load_tokenizer,
@@ -113,7 +113,7 @@ def count_parameters(directory: Path) -> int:
 
 
 def engine_settings(config: EvalConfig, directory: Path, max_logprobs: int):
-    from shared.engine import EngineSettings
+    from kd_shards.shared.engine import EngineSettings
 
     return EngineSettings(
         model=str(directory),
@@ -145,7 +145,7 @@ def evaluate_model(
     }
     owns_engine = engine is None
     if owns_engine:
-        from shared.engine import TeacherEngine
+        from kd_shards.shared.engine import TeacherEngine
 
         engine = TeacherEngine(engine_settings(config, resolved.directory, LM_TOP_K))
     try:
@@ -269,10 +269,10 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from schemas.manifest import storage_of_manifest
-    from shared.causal_lm import output_logits_function
-    from shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
-    from shared.shard_reader import iterate_rows, open_dump
+    from kd_shards.schemas.manifest import storage_of_manifest
+    from kd_shards.shared.causal_lm import output_logits_function
+    from kd_shards.shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
+    from kd_shards.shared.shard_reader import iterate_rows, open_dump
 
     dump = open_dump(config.teacher_shards, flag="--teacher-shards")
     if tokenizer_fingerprint(tokenizer) != dump.manifest["tokenizer"]["fingerprint"]:
@@ -364,14 +364,14 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
 
 def run_classification_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
     """A classification task: every classifier on the same texts (kd_eval/classification.py)."""
-    from kd_eval.classification import (
+    from kd_shards.kd_eval.classification import (
         classification_fidelity,
         load_classification_inputs,
         run_classifier,
         teacher_log_probabilities,
         with_labels,
     )
-    from shared.classification import is_sequence_classifier, model_labels
+    from kd_shards.shared.classification import is_sequence_classifier, model_labels
 
     inputs = load_classification_inputs(config)
     models = []

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from shared.files import atomic_write, atomic_write_json, atomic_write_text
+from kd_shards.shared.files import atomic_write, atomic_write_json, atomic_write_text
 
 LOG_SCALE_SPAN = 10.0
 """A panel whose positive values span more than this factor is drawn on a log scale, so that a

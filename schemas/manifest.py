@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from schemas.errors import UserError
-from schemas.shard import (
+from kd_shards.schemas.errors import UserError
+from kd_shards.schemas.shard import (
     CLASSIFY_MODE,
     READABLE_VERSIONS,
     REPRESENTATIONS,

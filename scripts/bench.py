@@ -39,10 +39,10 @@ from pathlib import Path
 
 import click
 
+from kd_shards.shared.config import build_config
+from kd_shards.shared.errors import UserError, check_all, exit_with
+from kd_shards.shared.files import atomic_write_text
 from scripts import bench_storage
-from shared.config import build_config
-from shared.errors import UserError, check_all, exit_with
-from shared.files import atomic_write_text
 
 GROUPS = ("storage", "dump", "training", "loader", "online", "scale")
 ENGINE_GROUPS = ("storage", "dump", "training", "loader", "online")
@@ -227,7 +227,7 @@ def prepare_models(config: BenchConfig, models: Path) -> tuple[Path, Path]:
             )
         click.echo(f"bench: converting the teacher from {config.teacher_package}", err=True)
         code, _ = run_process(
-            command_module("teacher_dump.cli", "convert-gguf", "--package", config.teacher_package,
+            command_module("kd_shards.teacher_dump.cli", "convert-gguf", "--package", config.teacher_package,
                            "--out", teacher),
             models / "convert.log",
         )  # fmt: skip
@@ -247,7 +247,7 @@ def prepare_models(config: BenchConfig, models: Path) -> tuple[Path, Path]:
                 f"--set student={student}: no config.json there; pass a model directory"
             )
         code, _ = run_process(
-            command_module("student_train.cli", "init-student", "--teacher", teacher,
+            command_module("kd_shards.student_train.cli", "init-student", "--teacher", teacher,
                            "--layers", config.student_layers, "--out", student),
             models / "init-student.log",
         )  # fmt: skip
@@ -284,7 +284,7 @@ def train_runs(config: BenchConfig, shards: Path, student: Path, work: Path) -> 
         for kind in order:
             out = work / f"train-{kind}-{repeat}"
             command = command_module(
-                "student_train.cli", "--shards", shards, "--student", student, "--out", out,
+                "kd_shards.student_train.cli", "--shards", shards, "--student", student, "--out", out,
                 "--max-steps", config.train_steps + 1, "--micro-batch", config.micro_batch,
                 "--loss", "fkl" if kind == "kd" else "ce", "--warmup", 0, "--no-progress",
             )  # fmt: skip
@@ -520,7 +520,7 @@ def text_dump_command(config: BenchConfig, teacher: Path, text: Path, out: Path,
                       *extra) -> list[str]:  # fmt: skip
     """teacher-dump in text mode over `windows` windows of the benchmark text (k = small_k)."""
     return command_module(
-        "teacher_dump.cli", "--model", teacher, "--data", "text", "--mode", "text",
+        "kd_shards.teacher_dump.cli", "--model", teacher, "--data", "text", "--mode", "text",
         "--data-path", text, "--chunk-tokens", config.chunk_tokens, "--limit", windows,
         "--top-k", config.small_k, "--dtype", "float32", "--max-model-len", config.max_model_len,
         "--out", out, "--no-progress", *(["--enforce-eager"] if config.enforce_eager else []),
@@ -566,7 +566,7 @@ def follow_lag_run(config: BenchConfig, teacher: Path, student: Path, text: Path
     )  # fmt: skip
     train = subprocess.Popen(
         command_module(
-            "student_train.cli", "--shards", shards, "--student", student, "--out", out,
+            "kd_shards.student_train.cli", "--shards", shards, "--student", student, "--out", out,
             "--follow", "--epochs", 1, "--micro-batch", rows, "--no-progress",
             "--set", f"shuffle_buffer={rows}", "--set", "follow_poll=0.1",
             "--set", "log_samples=true",
@@ -776,7 +776,7 @@ def storage_work(
         for seed in range(seeds):
             out = work / "storage-train" / f"{name}-seed{seed}"
             command = command_module(
-                "student_train.cli", "--shards", datasets["wiki"][name], "--student", student,
+                "kd_shards.student_train.cli", "--shards", datasets["wiki"][name], "--student", student,
                 "--out", out, "--max-steps", config.storage_train_steps,
                 "--micro-batch", config.micro_batch, "--lr", config.storage_lr, "--loss", "fkl",
                 "--warmup", 0.1, "--seed", seed, "--no-progress",
@@ -798,7 +798,7 @@ def storage_work(
         chunk_tokens=config.chunk_tokens, skip=config.windows, windows=config.eval_windows,
     )  # fmt: skip
     stage("loader per representation")
-    from student_train.config import TrainConfig
+    from kd_shards.student_train.config import TrainConfig
 
     buffer_rows = config.loader_buffer_rows or TrainConfig.shuffle_buffer
     loader = {}
@@ -841,7 +841,7 @@ def loss_memory_runs(config: BenchConfig, student: Path, work: Path) -> dict:
 
 def loader_runs(config: BenchConfig, shards: Path, work: Path) -> tuple[dict, int]:
     """The shard loader on the dump copied to fill 1x and 10x datasets; its shuffle buffer."""
-    from student_train.config import TrainConfig
+    from kd_shards.student_train.config import TrainConfig
 
     buffer_rows = config.loader_buffer_rows or TrainConfig.shuffle_buffer
     rows_in_dump = json.loads((shards / "manifest.json").read_text())["totals"]["rows"]

@@ -84,7 +84,7 @@ class ReplayEngine:
         self.dtype = recording.dtype
 
     def generate(self, prompts, *, top_k, **options):
-        from shared.engine import Completion, positions_to_arrays
+        from kd_shards.shared.engine import Completion, positions_to_arrays
 
         assert top_k == self.top_k
         for request, _, _ in prompts:
@@ -101,7 +101,7 @@ class ReplayEngine:
             yield request, completions
 
     def score(self, sequences, *, top_k, **options):
-        from shared.engine import ScoredSequence, positions_to_arrays
+        from kd_shards.shared.engine import ScoredSequence, positions_to_arrays
 
         assert top_k == self.top_k
         for request, _ in sequences:
@@ -117,9 +117,9 @@ def replay_dump(recording: RecordingEngine, config, repeats: int = 1) -> list[di
     manifest). The last repeat's dump stays in config.out."""
     import shutil
 
-    from shared.storage import Folder
-    from teacher_dump.modes import MODES
-    from teacher_dump.run import (
+    from kd_shards.shared.storage import Folder
+    from kd_shards.teacher_dump.modes import MODES
+    from kd_shards.teacher_dump.run import (
         fingerprints_of,
         manifest_header,
         open_output,
@@ -153,7 +153,7 @@ def column_bytes(directory: Path) -> dict[str, int]:
     """Compressed bytes of each top-level column over every shard of a dump (Parquet footers)."""
     import pyarrow.parquet as pq
 
-    from teacher_dump.inspect import column_bytes as shard_column_bytes
+    from kd_shards.teacher_dump.inspect import column_bytes as shard_column_bytes
 
     manifest = json.loads((Path(directory) / "manifest.json").read_text())
     totals: dict[str, int] = {}
@@ -167,7 +167,7 @@ def column_bytes(directory: Path) -> dict[str, int]:
 def bare_generate(engine, requests, *, top_k, temperature, max_new_tokens, seed, style) -> dict:
     """vLLM's own `LLM.generate` over the same prompts and per-prompt seeds as teacher-dump
     (see TeacherEngine.generate_batch for the styles)."""
-    from teacher_dump.requests import sample_seed
+    from kd_shards.teacher_dump.requests import sample_seed
 
     started = time.perf_counter()
     tokens = engine.generate_batch(
@@ -185,7 +185,7 @@ def measure_dump_overhead(engine, config, repeats: int, out: Path) -> tuple[dict
     """teacher-dump end to end (engine already started) against bare LLM.generate loops on the
     same prompts with the same logprobs request; each repeat runs every variant, in a rotated
     order so drift hits all alike. Returns the figures and the last teacher-dump recording."""
-    from teacher_dump.run import prepare, run_dump
+    from kd_shards.teacher_dump.run import prepare, run_dump
 
     requests = prepare(config).requests
     options = {
@@ -238,7 +238,7 @@ def variant_configs(
     enforce_eager: bool,
 ) -> dict:
     """dataset -> variant name -> the teacher-dump config writing that variant's dump."""
-    from teacher_dump.config import DumpConfig
+    from kd_shards.teacher_dump.config import DumpConfig
 
     base = {
         "model": teacher, "dtype": "float32", "max_model_len": max_model_len,
@@ -279,7 +279,7 @@ def measure_dataset(
     """One dataset on a running engine: the widest variant's dump end to end (recorded; GSM8K
     with `overhead` against bare LLM.generate, whose figures come back second), every variant
     replayed on the recording, and (WikiText) vLLM's bare scoring at each variant's width."""
-    from teacher_dump.run import prepare, run_dump
+    from kd_shards.teacher_dump.run import prepare, run_dump
 
     end_to_end = f"end-to-end-{'draws' if sampled else 'top-k'}"
     record_config = replace(by_variant[widest], out=str(work_path / name / end_to_end))
@@ -343,7 +343,7 @@ def measure_engine(
     request (with `overhead`, the dump-overhead runs against bare LLM.generate), then each
     variant replayed likewise.
     Variant dumps go to WORK/storage/<dataset>/<variant name>."""
-    from shared.engine import EngineSettings, TeacherEngine
+    from kd_shards.shared.engine import EngineSettings, TeacherEngine
 
     work_path = Path(work) / "storage"
     configs = variant_configs(
@@ -444,8 +444,8 @@ def measure_fidelity(teacher: str, datasets: dict[str, dict[str, str]]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from schemas.manifest import storage_of_manifest
-    from shared.shard_reader import iterate_rows, open_dump
+    from kd_shards.schemas.manifest import storage_of_manifest
+    from kd_shards.shared.shard_reader import iterate_rows, open_dump
 
     model = AutoModelForCausalLM.from_pretrained(
         teacher, dtype=torch.float32, use_safetensors=True
@@ -493,8 +493,8 @@ def measure_full_kl(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from teacher_dump.config import DumpConfig
-    from teacher_dump.run import prepare
+    from kd_shards.teacher_dump.config import DumpConfig
+    from kd_shards.teacher_dump.run import prepare
 
     config = DumpConfig(
         model=teacher, data="text", data_path=text, mode="text", out="unused",
@@ -531,10 +531,10 @@ def measure_full_kl(
 
 def fixed_batch(shards: str, micro_batch: int):
     """The first `micro_batch` rows of a dump (file order) as one Batch."""
-    from shared.collation import collate
-    from shared.shard_reader import open_dump
-    from student_train.batches import BatchShape, take_micro_batch
-    from student_train.shard_stream import ShardStream
+    from kd_shards.shared.collation import collate
+    from kd_shards.shared.shard_reader import open_dump
+    from kd_shards.student_train.batches import BatchShape, take_micro_batch
+    from kd_shards.student_train.shard_stream import ShardStream
 
     dump = open_dump(shards)
     stream = ShardStream(dump, seed=0, shuffle=False)
@@ -557,11 +557,11 @@ def measure_online(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shared.causal_lm import final_hidden_states, output_logits_function
-    from student_train.config import TrainConfig
-    from student_train.distributed import Distributed
-    from student_train.families.causal_lm import LanguageModelObjective, load_student
-    from student_train.train import accumulate_gradients
+    from kd_shards.shared.causal_lm import final_hidden_states, output_logits_function
+    from kd_shards.student_train.config import TrainConfig
+    from kd_shards.student_train.distributed import Distributed
+    from kd_shards.student_train.families.causal_lm import LanguageModelObjective, load_student
+    from kd_shards.student_train.train import accumulate_gradients
 
     dump, batch = fixed_batch(shards, micro_batch)
     student_model = load_student(student, manifest=dump.manifest, trust_remote_code=False)
@@ -621,7 +621,7 @@ def measure_loss_memory(
     """Peak RSS of one forward+backward of the KD loss over `positions` x `vocabulary` logits."""
     import torch
 
-    from student_train.losses import LossOptions, chunked_loss_sums
+    from kd_shards.student_train.losses import LossOptions, chunked_loss_sums
 
     torch.manual_seed(0)
     hidden = torch.randn(positions, hidden_size, requires_grad=True)
@@ -642,10 +642,10 @@ def measure_loader(shards: str, micro_batch: int, buffer_rows: int) -> dict:
     the process's peak RSS, with the trainer's shuffle window."""
     import torch  # noqa: F401  (the trainer's process has it loaded: same baseline RSS)
 
-    from shared.collation import collate
-    from shared.shard_reader import open_dump
-    from student_train.batches import BatchShape, take_micro_batch
-    from student_train.shard_stream import ShardStream
+    from kd_shards.shared.collation import collate
+    from kd_shards.shared.shard_reader import open_dump
+    from kd_shards.student_train.batches import BatchShape, take_micro_batch
+    from kd_shards.student_train.shard_stream import ShardStream
 
     dump = open_dump(shards)
     baseline = peak_rss_megabytes()

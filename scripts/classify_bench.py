@@ -40,6 +40,8 @@ from pathlib import Path
 
 import click
 
+from kd_shards.shared.config import build_config
+from kd_shards.shared.errors import UserError, exit_with
 from scripts.classify_transfer import (
     DATASETS,
     Cut,
@@ -50,13 +52,11 @@ from scripts.classify_transfer import (
     transfer_rows,
     write_rows,
 )
-from shared.config import build_config
-from shared.errors import UserError, exit_with
 
 MODULES = {
-    "teacher-dump": "teacher_dump.cli",
-    "student-train": "student_train.cli",
-    "kd-eval": "kd_eval.cli",
+    "teacher-dump": "kd_shards.teacher_dump.cli",
+    "student-train": "kd_shards.student_train.cli",
+    "kd-eval": "kd_shards.kd_eval.cli",
 }
 PARTS = ("teacher", "students", "llm", "report")
 
@@ -305,9 +305,9 @@ def dump(config, workspace: Workspace, run, name: str, model: Path, data: Path, 
 
 def write_pseudo_labels(workspace: Workspace, shards: Path, gold: int, path: Path) -> None:
     """The self-training file: N gold rows + the teacher's argmax on the M (from its dump)."""
-    from schemas.manifest import classify_labels
-    from shared.shard_reader import open_dump
-    from student_train.classify_data import teacher_distributions
+    from kd_shards.schemas.manifest import classify_labels
+    from kd_shards.shared.shard_reader import open_dump
+    from kd_shards.student_train.classify_data import teacher_distributions
 
     if path.exists() or not (shards / "manifest.json").exists():
         return
@@ -428,8 +428,8 @@ def run_llm(config, workspace: Workspace, encoder: Path, run) -> None:
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE")
 def main(assignments) -> None:
     """Run one part of the classification benchmark (see the module docstring)."""
+    from kd_shards.shared.model_preparation import find_package_data_directory
     from scripts.classify_report import write_report
-    from shared.model_preparation import find_package_data_directory
 
     try:
         config = build_config(

@@ -35,7 +35,7 @@ def read_correctness(predictions: Path) -> np.ndarray:
 def dump_correctness(shards: Path) -> np.ndarray:
     """(n,) bool: whether a classify dump's most likely label is the row's gold label, in
     sample-id order (the LLM teacher's own test accuracy, read from its dump)."""
-    from shared.shard_reader import iterate_rows, open_dump
+    from kd_shards.shared.shard_reader import iterate_rows, open_dump
 
     rows = sorted(iterate_rows(open_dump(shards, flag="--shards")), key=lambda r: int(r.sample_id))
     return np.asarray([int(row.topk_ids[0][0]) == int(row.target_ids[0]) for row in rows])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import UserError
+from kd_shards.shared.errors import UserError
 
 LabelledText = tuple[str, str]
 """(text, label name)."""

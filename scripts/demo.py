@@ -25,9 +25,9 @@ from pathlib import Path
 
 import click
 
+from kd_shards.shared.config import build_config
+from kd_shards.shared.errors import UserError, exit_with
 from scripts.pipeline import ensure_student, ensure_teacher, evaluation_is_current, run_command
-from shared.config import build_config
-from shared.errors import UserError, exit_with
 
 HELD_OUT_EVERY = 10
 
@@ -193,7 +193,7 @@ def check_claims(report: dict) -> list[tuple[str, bool, str]]:
 
 
 def print_report(report: dict, verdicts: list, out: Path, seconds: float) -> None:
-    from kd_eval.report import markdown_table
+    from kd_shards.kd_eval.report import markdown_table
 
     click.echo("\n" + markdown_table(report))
     click.echo("")

@@ -40,8 +40,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from shared.config import build_config
-from shared.errors import UserError, exit_with
+from kd_shards.shared.config import build_config
+from kd_shards.shared.errors import UserError, exit_with
 
 RUN_HINT = "run it on a CUDA machine after pip install -e '.[vllm]' (or --device cpu for a dry run)"
 
@@ -225,7 +225,7 @@ def choose_teacher(config: GpuCheckConfig, models: Path) -> tuple[Path, str, boo
 
 
 def dump_config(spec: dict, text: str, windows: int, out: str):
-    from teacher_dump.config import DumpConfig
+    from kd_shards.teacher_dump.config import DumpConfig
 
     return DumpConfig(
         model=spec["teacher"], data="text", data_path=text, mode="text", store="topk",
@@ -237,7 +237,7 @@ def dump_config(spec: dict, text: str, windows: int, out: str):
 
 def dumped_sequences(directory: str) -> list[list[int]]:
     """Every row's prompt + target ids, in file order (what the engine was asked to score)."""
-    from shared.shard_reader import iterate_rows, open_dump
+    from kd_shards.shared.shard_reader import iterate_rows, open_dump
 
     return [
         [*row.prompt_ids.tolist(), *row.target_ids.tolist()]
@@ -248,10 +248,10 @@ def dumped_sequences(directory: str) -> list[list[int]]:
 def run_engine_stage(spec: dict) -> dict:
     """The dumps (training windows, timed `speed_repeats` times; held-out windows once) and
     vLLM's bare scoring loop on the dumped windows, all on one engine."""
-    from schemas.manifest import totals
+    from kd_shards.schemas.manifest import totals
+    from kd_shards.shared.engine import EngineSettings, TeacherEngine
+    from kd_shards.teacher_dump.run import run_dump
     from scripts.bench_measurements import bare_score
-    from shared.engine import EngineSettings, TeacherEngine
-    from teacher_dump.run import run_dump
 
     train = dump_config(spec, spec["train_text"], spec["windows"], spec["train_out"])
     held_out = dump_config(spec, spec["heldout_text"], spec["heldout_windows"], spec["heldout_out"])
@@ -364,7 +364,7 @@ def measure_alignment(teacher: Path, dump: str, dtype: str, device: str) -> dict
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shared.shard_reader import iterate_rows, open_dump
+    from kd_shards.shared.shard_reader import iterate_rows, open_dump
 
     model = AutoModelForCausalLM.from_pretrained(
         str(teacher), dtype=getattr(torch, dtype), use_safetensors=True

@@ -38,9 +38,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from shared.config import build_config, config_options
-from shared.errors import UserError, check_all, exit_with
-from shared.files import atomic_write_text
+from kd_shards.shared.config import build_config, config_options
+from kd_shards.shared.errors import UserError, check_all, exit_with
+from kd_shards.shared.files import atomic_write_text
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ENVIRONMENT = {
@@ -150,13 +150,13 @@ def write_config(path: Path, values: dict) -> Path:
 
 def dump_command(settings_file: Path, out: Path) -> list[str]:
     return [
-        sys.executable, "-m", "teacher_dump.cli", "--config", str(settings_file), "--out", str(out),
+        sys.executable, "-m", "kd_shards.teacher_dump.cli", "--config", str(settings_file), "--out", str(out),
     ]  # fmt: skip
 
 
 def train_command(settings_file: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "student_train.cli", "--config", str(settings_file),
+        sys.executable, "-m", "kd_shards.student_train.cli", "--config", str(settings_file),
         "--out", str(out), *extra,
     ]  # fmt: skip
 
@@ -175,8 +175,8 @@ def dump_rows(directory: Path) -> tuple[dict[str, dict], list[str]]:
     compared between dumps whose shards hold different rows."""
     import pyarrow.parquet as pq
 
-    from schemas.shard import PAD_ID
-    from shared.shard_reader import iterate_rows, open_dump
+    from kd_shards.schemas.shard import PAD_ID
+    from kd_shards.shared.shard_reader import iterate_rows, open_dump
 
     rows: dict[str, dict] = {}
     duplicates = []
@@ -217,8 +217,8 @@ def dump_state(directory: Path) -> dict:
 
 def train_state(out: Path) -> dict:
     """What a killed training run left: complete checkpoints, temporaries, metrics lines."""
-    from student_train.checkpoints import complete_checkpoints
-    from student_train.reporting import read_metrics
+    from kd_shards.student_train.checkpoints import complete_checkpoints
+    from kd_shards.student_train.reporting import read_metrics
 
     checkpoints = Path(out) / "checkpoints"
     temporaries = list(checkpoints.glob(".tmp-*")) if checkpoints.is_dir() else []
@@ -234,7 +234,7 @@ def training_result(out: Path) -> tuple[list[tuple[int, float]], dict]:
     """(step losses from metrics.jsonl, final weights) of a finished run."""
     from safetensors.torch import load_file
 
-    from student_train.reporting import read_metrics
+    from kd_shards.student_train.reporting import read_metrics
 
     losses = [
         (line["step"], line["loss"])
@@ -255,7 +255,14 @@ def same_weights(first: dict, second: dict) -> bool:
 def validate_command(directory: Path) -> tuple[int, str]:
     """`teacher-dump inspect DIR --validate`: (exit status, its last line)."""
     result = subprocess.run(
-        [sys.executable, "-m", "teacher_dump.cli", "inspect", str(directory), "--validate"],
+        [
+            sys.executable,
+            "-m",
+            "kd_shards.teacher_dump.cli",
+            "inspect",
+            str(directory),
+            "--validate",
+        ],
         capture_output=True,
         text=True,
         env=ENVIRONMENT,
@@ -444,8 +451,8 @@ def dump_trial(
 ) -> Trial:
     """Kill a teacher-dump run at a seeded moment, resume it (in this process, with `engine`: the
     same code as rerunning the command, without a second engine start), check the dump."""
-    from teacher_dump.config import DumpConfig
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.config import DumpConfig
+    from kd_shards.teacher_dump.run import run_dump
 
     trial = Trial("dump", index)
     out = work / f"dump-{index:03d}"
@@ -621,9 +628,9 @@ def left_dump_problems(out: Path) -> list[str]:
     shard that the manifest does not list yet (the disk filled up while the manifest was being
     rewritten after the shard's rename) is whole; the rerun lists it, so it is not a problem
     here once it passes every check on its own."""
-    from shared.storage import as_folder
-    from teacher_dump.inspect import validate, validate_shard
-    from teacher_dump.shards import describe_shard
+    from kd_shards.shared.storage import as_folder
+    from kd_shards.teacher_dump.inspect import validate, validate_shard
+    from kd_shards.teacher_dump.shards import describe_shard
 
     manifest = json.loads((out / "manifest.json").read_text())
     problems = []
@@ -768,8 +775,8 @@ def bit_flip_census(dump: Path, work: Path, trainer_checks: int = 20) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from shared.shard_reader import checked_columns, open_dump
-    from student_train.shard_stream import ShardStream
+    from kd_shards.shared.shard_reader import checked_columns, open_dump
+    from kd_shards.student_train.shard_stream import ShardStream
 
     manifest = json.loads((dump / "manifest.json").read_text())
     name = manifest["shards"][0]["name"]
@@ -824,7 +831,7 @@ def bit_flip_census(dump: Path, work: Path, trainer_checks: int = 20) -> dict:
 def build_models(models: Path) -> tuple[Path, Path]:
     """The tiny teacher and student of the test suite (a BPE tokenizer trained on the Python
     docs, 2-layer Llamas whose embedding is padded past the tokenizer), built once."""
-    from tests.tiny_models import build_tiny_llama  # test assets, also used by these trials
+    from scripts.tiny_models import build_tiny_llama  # test assets, also used by these trials
 
     teacher, student = models / "teacher", models / "student"
     if not (teacher / "config.json").is_file():
@@ -838,9 +845,9 @@ def build_models(models: Path) -> tuple[Path, Path]:
 
 def run_trials(config: TrialsConfig) -> dict:
     """Every trial of `config`; returns the results (also written to OUT/)."""
-    from teacher_dump.config import DumpConfig
-    from teacher_dump.modes.tokens import build_engine
-    from teacher_dump.run import prepare
+    from kd_shards.teacher_dump.config import DumpConfig
+    from kd_shards.teacher_dump.modes.tokens import build_engine
+    from kd_shards.teacher_dump.run import prepare
 
     out = Path(config.out)
     work = out / "work"

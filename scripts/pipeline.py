@@ -16,12 +16,12 @@ from pathlib import Path
 
 import click
 
-from shared.errors import UserError
+from kd_shards.shared.errors import UserError
 
 MODULES = {
-    "teacher-dump": "teacher_dump.cli",
-    "student-train": "student_train.cli",
-    "kd-eval": "kd_eval.cli",
+    "teacher-dump": "kd_shards.teacher_dump.cli",
+    "student-train": "kd_shards.student_train.cli",
+    "kd-eval": "kd_shards.kd_eval.cli",
 }
 
 

@@ -36,12 +36,12 @@ from typing import Literal
 
 import click
 
+from kd_shards.shared.config import build_config, check_choices
+from kd_shards.shared.errors import UserError, check_all, exit_with
+from kd_shards.shared.files import atomic_write_json, atomic_write_text
+from kd_shards.shared.loss_names import Divergence, TailPolicy
+from kd_shards.shared.model_preparation import LayerChoice
 from scripts.pipeline import ensure_student, ensure_teacher, evaluation_is_current, run_command
-from shared.config import build_config, check_choices
-from shared.errors import UserError, check_all, exit_with
-from shared.files import atomic_write_json, atomic_write_text
-from shared.loss_names import Divergence, TailPolicy
-from shared.model_preparation import LayerChoice
 
 HELD_OUT_EVERY = 10
 """Every 10th WikiText-2 article (in file order) is held out."""

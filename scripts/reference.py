@@ -18,13 +18,13 @@ import sys
 import typing
 from pathlib import Path
 
-from kd_eval import cli as kd_eval_cli
-from kd_eval.config import EvalConfig
-from shared.config import field_default, field_docs, format_default, literal_choices
-from student_train import cli as student_train_cli
-from student_train.config import TrainConfig
-from teacher_dump import cli as teacher_dump_cli
-from teacher_dump.config import DumpConfig
+from kd_shards.kd_eval import cli as kd_eval_cli
+from kd_shards.kd_eval.config import EvalConfig
+from kd_shards.shared.config import field_default, field_docs, format_default, literal_choices
+from kd_shards.student_train import cli as student_train_cli
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.teacher_dump import cli as teacher_dump_cli
+from kd_shards.teacher_dump.config import DumpConfig
 
 COMMANDS = {
     "teacher-dump": (DumpConfig, teacher_dump_cli.FLAGS, teacher_dump_cli.NEGATED),

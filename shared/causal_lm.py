@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from shared.errors import UserError
+from kd_shards.shared.errors import UserError
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:

@@ -17,8 +17,8 @@ from typing import Literal
 
 import numpy as np
 
-from schemas.shard import NO_LABEL
-from shared.errors import UserError, one_line
+from kd_shards.schemas.shard import NO_LABEL
+from kd_shards.shared.errors import UserError, one_line
 
 Pooling = Literal["cls", "mean"]
 """How a sequence of hidden states becomes one vector: the first token's ([CLS]) or the mean

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from schemas.shard import PAD_ID
-from shared.shard_reader import TrainingRow
+from kd_shards.schemas.shard import PAD_ID
+from kd_shards.shared.shard_reader import TrainingRow
 
 
 @dataclass(frozen=True)

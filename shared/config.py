@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from shared.errors import UserError
+from kd_shards.shared.errors import UserError
 
 ConfigT = TypeVar("ConfigT")
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from shared.loss_names import Divergence, TailPolicy
+from kd_shards.shared.loss_names import Divergence, TailPolicy
 
 TAIL_NOISE = 1e-3
 """Bucket policy, tails derived as 1 - sum(p) (schema v1): below this they count as empty.

@@ -33,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from shared.errors import UserError, one_line
+from kd_shards.shared.errors import UserError, one_line
 
 LOGPROBS_MODE = "raw_logprobs"
 
@@ -45,7 +45,7 @@ SAMPLED_LOGPROBS_FLAG = "KD_SHARDS_SAMPLED_LOGPROBS"
 """Environment variable that switches the plugin on in the engine's processes ("1")."""
 PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "kd_shards_sampled_logprobs"
-PLUGIN_TARGET = "shared.engine:register_sampled_logprobs"
+PLUGIN_TARGET = "kd_shards.shared.engine:register_sampled_logprobs"
 
 ENVIRONMENT_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"}
 """Set (unless the user set them) just before vLLM is imported. vLLM's defaults suit a dedicated
@@ -646,7 +646,7 @@ class ClassifierEngine:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
-        from shared.classification import pool
+        from kd_shards.shared.classification import pool
 
         longest = max(len(token_ids) for token_ids in ids)
         input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)

@@ -8,7 +8,7 @@ traceback.
 from collections.abc import Iterable
 from typing import NoReturn
 
-from schemas.errors import UserError
+from kd_shards.schemas.errors import UserError
 
 __all__ = ["UserError", "check_all", "exit_with", "one_line"]
 

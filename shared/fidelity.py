@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from shared.causal_lm import chunked_head_sums, final_hidden_states
-from shared.collation import collate
-from shared.distributions import topk_divergence_sum
-from shared.shard_reader import TrainingRow
+from kd_shards.shared.causal_lm import chunked_head_sums, final_hidden_states
+from kd_shards.shared.collation import collate
+from kd_shards.shared.distributions import topk_divergence_sum
+from kd_shards.shared.shard_reader import TrainingRow
 
 
 def fidelity_sums(

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from shared.errors import UserError, one_line
+from kd_shards.shared.errors import UserError, one_line
 
 TEMP_PREFIX = ".tmp-"
 """Temporary files start with this; leftovers from a killed process are safe to delete."""

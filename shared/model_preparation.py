@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from shared.errors import UserError, one_line
-from shared.files import atomic_directory
+from kd_shards.shared.errors import UserError, one_line
+from kd_shards.shared.files import atomic_directory
 
 
 def find_package_gguf(package: str) -> Path:
@@ -142,8 +142,8 @@ def derive_student(
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from shared.classification import encoder_layers, is_causal_lm, is_sequence_classifier
-    from shared.tokenizer import load_tokenizer
+    from kd_shards.shared.classification import encoder_layers, is_causal_lm, is_sequence_classifier
+    from kd_shards.shared.tokenizer import load_tokenizer
 
     teacher, out = Path(teacher), Path(out)
     if out.exists():

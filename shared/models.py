@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import UserError, one_line
+from kd_shards.shared.errors import UserError, one_line
 
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
 AUXILIARY_WEIGHTS = ("hidden_projection.safetensors",)

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import UserError, one_line
-from shared.files import sha256_of_file
+from kd_shards.shared.errors import UserError, one_line
+from kd_shards.shared.files import sha256_of_file
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 TEXT_SUFFIXES = (".txt", ".raw", ".md")

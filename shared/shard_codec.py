@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.shard import LOGPROB_STEP, PAD_ID, TAIL_EMPTY, TAIL_STEP, Storage
+from kd_shards.schemas.shard import LOGPROB_STEP, PAD_ID, TAIL_EMPTY, TAIL_STEP, Storage
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import (
+from kd_shards.schemas.manifest import (
     MANIFEST_NAME,
     classify_labels,
     corrupt_manifest,
@@ -39,7 +39,7 @@ from schemas.manifest import (
     parse_manifest,
     storage_of_manifest,
 )
-from schemas.shard import (
+from kd_shards.schemas.shard import (
     CODEBOOK_KEY,
     HIDDEN_COLUMN,
     NO_LABEL,
@@ -54,10 +54,10 @@ from schemas.shard import (
     schema_version_of,
     storage_of,
 )
-from shared.errors import UserError, one_line
-from shared.files import sha256_of_file
-from shared.shard_codec import decode_codebook, decode_distributions
-from shared.storage import Folder, as_folder
+from kd_shards.shared.errors import UserError, one_line
+from kd_shards.shared.files import sha256_of_file
+from kd_shards.shared.shard_codec import decode_codebook, decode_distributions
+from kd_shards.shared.storage import Folder, as_folder
 
 
 def read_manifest(directory: Path | str | Folder) -> dict:

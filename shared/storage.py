@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from shared.errors import UserError, one_line
-from shared.files import atomic_write, directory_lock, sha256_of_file
+from kd_shards.shared.errors import UserError, one_line
+from kd_shards.shared.files import atomic_write, directory_lock, sha256_of_file
 
 
 def is_url(location: str | Path) -> bool:

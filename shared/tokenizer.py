@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.errors import UserError, one_line
+from kd_shards.shared.errors import UserError, one_line
 
 
 def load_tokenizer(model_dir: Path | str, *, trust_remote_code: bool = False):

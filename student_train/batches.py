@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.collation import fit_row, keep_top_entries
-from shared.shard_reader import TrainingRow
-from student_train.shard_stream import ShardStream
+from kd_shards.shared.collation import fit_row, keep_top_entries
+from kd_shards.shared.shard_reader import TrainingRow
+from kd_shards.student_train.shard_stream import ShardStream
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from shared.errors import UserError, one_line
-from shared.files import (
+from kd_shards.shared.errors import UserError, one_line
+from kd_shards.shared.files import (
     TEMP_PREFIX,
     atomic_directory,
     atomic_write_json,

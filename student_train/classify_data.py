@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.manifest import check_dump_kind, classify_labels
-from schemas.shard import CLASSIFY_MODE, NO_LABEL
-from shared.classification import gold_index, label_order
-from shared.errors import UserError
-from shared.shard_reader import Dump, RowGroup, TrainingRow, iterate_rows, open_dump
-from shared.tasks import TASKS, classification_example, load_records, resolve_task
+from kd_shards.schemas.manifest import check_dump_kind, classify_labels
+from kd_shards.schemas.shard import CLASSIFY_MODE, NO_LABEL
+from kd_shards.shared.classification import gold_index, label_order
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import Dump, RowGroup, TrainingRow, iterate_rows, open_dump
+from kd_shards.shared.tasks import TASKS, classification_example, load_records, resolve_task
 
 GROUP_ROWS = 256
 """Rows per in-memory group of a --data dataset (the unit the stream shuffles and resumes by,

@@ -12,11 +12,11 @@ from typing import get_args
 
 import click
 
-from shared.config import build_config, config_flags, config_options
-from shared.errors import UserError, exit_with
-from shared.files import disk_full_exit
-from shared.model_preparation import LayerChoice
-from student_train.config import TrainConfig
+from kd_shards.shared.config import build_config, config_flags, config_options
+from kd_shards.shared.errors import UserError, exit_with
+from kd_shards.shared.files import disk_full_exit
+from kd_shards.shared.model_preparation import LayerChoice
+from kd_shards.student_train.config import TrainConfig
 
 FLAGS = (
     "shards", "eval_shards", "student", "out", "loss", "alpha", "beta", "temperature", "tail",
@@ -54,7 +54,7 @@ def main(context, config_file, assignments, **flags) -> None:
         )
         from transformers.utils import logging as transformers_logging
 
-        from student_train.train import run_training
+        from kd_shards.student_train.train import run_training
 
         # Our own bar shows progress; transformers' per-load/save bars would only add noise.
         transformers_logging.disable_progress_bar()
@@ -119,8 +119,8 @@ def init_student(
     teacher: str, layers: int, keep: str, out: Path, labels: str, trust_remote_code: bool
 ) -> None:
     """Make a student from a teacher by keeping some of its layers (DistilBERT-style init)."""
-    from shared.model_preparation import derive_student
-    from shared.models import resolve_model
+    from kd_shards.shared.model_preparation import derive_student
+    from kd_shards.shared.models import resolve_model
 
     try:
         directory = resolve_model(

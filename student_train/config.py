@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.config import check_choices
-from shared.distributions import TailPolicy
-from shared.errors import check_all
-from student_train.losses import DEFAULT_BETA, Loss, LossOptions
-from student_train.student import LoraOptions
+from kd_shards.shared.config import check_choices
+from kd_shards.shared.distributions import TailPolicy
+from kd_shards.shared.errors import check_all
+from kd_shards.student_train.losses import DEFAULT_BETA, Loss, LossOptions
+from kd_shards.student_train.student import LoraOptions
 
 RESUMABLE_FIELDS = frozenset(
     {

@@ -18,10 +18,10 @@ from typing import Protocol
 
 import torch
 
-from shared.shard_reader import Dump, TrainingRow
-from student_train.config import TrainConfig
-from student_train.distributed import Distributed
-from student_train.student import Student
+from kd_shards.shared.shard_reader import Dump, TrainingRow
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.distributed import Distributed
+from kd_shards.student_train.student import Student
 
 SUMS_WIDTH = 4
 """A batch's loss sums: [total, ce, kd, hidden] (hidden: a family's representation loss, 0 when

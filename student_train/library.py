@@ -17,15 +17,15 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from schemas.manifest import check_tokenizer_fingerprint, is_classify
-from shared.causal_lm import final_hidden_states, output_logits_function
-from shared.collation import Batch, collate
-from shared.errors import UserError
-from shared.shard_reader import TRAINING_COLUMNS, Dump, open_dump
-from shared.tokenizer import tokenizer_fingerprint
-from student_train.batches import BatchShape, take_micro_batch
-from student_train.losses import LossOptions, chunked_loss_sums, loss_sums
-from student_train.shard_stream import ShardStream, StreamPosition
+from kd_shards.schemas.manifest import check_tokenizer_fingerprint, is_classify
+from kd_shards.shared.causal_lm import final_hidden_states, output_logits_function
+from kd_shards.shared.collation import Batch, collate
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import TRAINING_COLUMNS, Dump, open_dump
+from kd_shards.shared.tokenizer import tokenizer_fingerprint
+from kd_shards.student_train.batches import BatchShape, take_micro_batch
+from kd_shards.student_train.losses import LossOptions, chunked_loss_sums, loss_sums
+from kd_shards.student_train.shard_stream import ShardStream, StreamPosition
 
 __all__ = [
     "Batch",

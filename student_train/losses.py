@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.causal_lm import chunked_head_sums
-from shared.distributions import TailPolicy, divergence_per_position, topk_divergence_sum
-from shared.loss_names import LOSSES, Loss  # noqa: F401 - LOSSES: importable beside the losses
+from kd_shards.shared.causal_lm import chunked_head_sums
+from kd_shards.shared.distributions import TailPolicy, divergence_per_position, topk_divergence_sum
+from kd_shards.shared.loss_names import LOSSES, Loss  # noqa: F401 - LOSSES: importable beside the losses
 
 DEFAULT_BETA = {"jsd": 0.5, "skew-kl": 0.1}
 """Default β: JSD's mixture weight (GKD) and skew KL's skew (DistiLLM)."""

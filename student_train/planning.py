@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from shared.shard_reader import LENGTH_COLUMNS, TRAINING_COLUMNS, Dump
-from student_train.batches import BatchShape, take_micro_batch
-from student_train.config import TrainConfig
-from student_train.distributed import Distributed, max_across_ranks
-from student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
+from kd_shards.shared.shard_reader import LENGTH_COLUMNS, TRAINING_COLUMNS, Dump
+from kd_shards.student_train.batches import BatchShape, take_micro_batch
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.distributed import Distributed, max_across_ranks
+from kd_shards.student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
 
 
 def learning_rate_multiplier(

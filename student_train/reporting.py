@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.files import atomic_write, atomic_write_text
+from kd_shards.shared.files import atomic_write, atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 CURVE_NAME = "curve.png"

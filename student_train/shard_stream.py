@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.manifest import MANIFEST_NAME, is_classify, storage_of_manifest
-from shared.errors import UserError
-from shared.shard_reader import (
+from kd_shards.schemas.manifest import MANIFEST_NAME, is_classify, storage_of_manifest
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import (
     TRAINING_COLUMNS,
     Dump,
     RowGroup,
@@ -45,7 +45,7 @@ from shared.shard_reader import (
     open_dump,
     refresh_dump,
 )
-from shared.storage import as_folder
+from kd_shards.shared.storage import as_folder
 
 
 @dataclass(frozen=True)

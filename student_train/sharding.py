@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from shared.causal_lm import causal_lm
-from shared.errors import UserError
-from student_train.distributed import Distributed
+from kd_shards.shared.causal_lm import causal_lm
+from kd_shards.shared.errors import UserError
+from kd_shards.student_train.distributed import Distributed
 
 SHARDED_DIRECTORY = "sharded"
 """The torch.distributed.checkpoint directory inside a checkpoint."""

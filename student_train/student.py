@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from shared.errors import UserError, one_line
+from kd_shards.shared.errors import UserError, one_line
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from schemas.manifest import check_dump_kind, classify_labels, storage_of_manifest
-from schemas.shard import HIDDEN_COLUMN
-from shared.config import config_to_dict
-from shared.errors import UserError
-from shared.files import atomic_write_json, directory_lock
-from shared.shard_reader import Dump, open_dump
-from student_train.batches import BatchShape, take_micro_batch
-from student_train.classify_data import labels_only_source
-from student_train.config import TrainConfig
-from student_train.distributed import (
+from kd_shards.schemas.manifest import check_dump_kind, classify_labels, storage_of_manifest
+from kd_shards.schemas.shard import HIDDEN_COLUMN
+from kd_shards.shared.config import config_to_dict
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.files import atomic_write_json, directory_lock
+from kd_shards.shared.shard_reader import Dump, open_dump
+from kd_shards.student_train.batches import BatchShape, take_micro_batch
+from kd_shards.student_train.classify_data import labels_only_source
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.distributed import (
     Distributed,
     barrier,
     start_distributed,
@@ -39,21 +39,21 @@ from student_train.distributed import (
     sum_across_ranks,
     sum_gradients,
 )
-from student_train.families import family_of
-from student_train.family import SUMS_WIDTH, Objective, StudentFamily
-from student_train.planning import make_optimizer, plan_steps, training_stream
-from student_train.reporting import (
+from kd_shards.student_train.families import family_of
+from kd_shards.student_train.family import SUMS_WIDTH, Objective, StudentFamily
+from kd_shards.student_train.planning import make_optimizer, plan_steps, training_stream
+from kd_shards.student_train.reporting import (
     CURVE_NAME,
     METRICS_NAME,
     append_metrics,
     plot_curve,
     truncate_metrics,
 )
-from student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
-from student_train.sharding import ShardedStudent, shard_student
-from student_train.student import Student
-from student_train.training_run import TrainingRun
-from student_train.training_state import (
+from kd_shards.student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
+from kd_shards.student_train.sharding import ShardedStudent, shard_student
+from kd_shards.student_train.student import Student
+from kd_shards.student_train.training_run import TrainingRun
+from kd_shards.student_train.training_state import (
     existing_checkpoint,
     publish_student,
     restore,

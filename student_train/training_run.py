@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from shared.shard_reader import Dump
-from student_train.batches import BatchShape
-from student_train.config import TrainConfig
-from student_train.distributed import Distributed
-from student_train.family import Objective
-from student_train.reporting import METRICS_NAME, append_metrics
-from student_train.shard_stream import ShardStream
-from student_train.sharding import ShardedStudent
-from student_train.student import Student
+from kd_shards.shared.shard_reader import Dump
+from kd_shards.student_train.batches import BatchShape
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.distributed import Distributed
+from kd_shards.student_train.family import Objective
+from kd_shards.student_train.reporting import METRICS_NAME, append_metrics
+from kd_shards.student_train.shard_stream import ShardStream
+from kd_shards.student_train.sharding import ShardedStudent
+from kd_shards.student_train.student import Student
 
 
 @dataclass

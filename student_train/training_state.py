@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from shared.config import config_to_dict
-from shared.errors import UserError
-from student_train.checkpoints import (
+from kd_shards.shared.config import config_to_dict
+from kd_shards.shared.errors import UserError
+from kd_shards.student_train.checkpoints import (
     FINAL_DIRECTORY,
     latest_checkpoint,
     publish_final,
@@ -21,17 +21,22 @@ from student_train.checkpoints import (
     remove_temporaries,
     save_checkpoint,
 )
-from student_train.config import RESUMABLE_FIELDS, TrainConfig
-from student_train.distributed import Distributed, barrier, broadcast_object, gather_objects
-from student_train.shard_stream import StreamPosition
-from student_train.sharding import (
+from kd_shards.student_train.config import RESUMABLE_FIELDS, TrainConfig
+from kd_shards.student_train.distributed import (
+    Distributed,
+    barrier,
+    broadcast_object,
+    gather_objects,
+)
+from kd_shards.student_train.shard_stream import StreamPosition
+from kd_shards.student_train.sharding import (
     ShardedStudent,
     full_model_copy,
     load_sharded,
     save_sharded,
     sharded_state,
 )
-from student_train.training_run import TrainingRun
+from kd_shards.student_train.training_run import TrainingRun
 
 
 def existing_checkpoint(

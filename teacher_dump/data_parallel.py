@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from shared.errors import UserError, one_line
-from teacher_dump.config import DumpConfig
-from teacher_dump.requests import DumpRequest
-from teacher_dump.rows import ShardRow
+from kd_shards.shared.errors import UserError, one_line
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.requests import DumpRequest
+from kd_shards.teacher_dump.rows import ShardRow
 
 POLL_SECONDS = 1.0
 """How often a waiting process looks whether the other side is still alive."""
@@ -137,8 +137,8 @@ def serve(rank: int, config: DumpConfig, plan: object, log: str, tasks, results)
         os.dup2(handle.fileno(), 2)
     parent = os.getppid()
     try:
-        from teacher_dump.modes import MODES
-        from teacher_dump.modes.interface import resolve_teacher
+        from kd_shards.teacher_dump.modes import MODES
+        from kd_shards.teacher_dump.modes.interface import resolve_teacher
 
         teacher = MODES[config.mode].start(config, resolve_teacher(config), plan)
         results.put(("ready", rank, json.dumps(teacher.description())))
@@ -171,7 +171,7 @@ def batch_bytes(teacher, batch: list[DumpRequest]) -> bytes:
     """The rows of `batch` as one Arrow IPC stream (teacher_dump.shards.rows_to_transfer_table)."""
     import pyarrow as pa
 
-    from teacher_dump.shards import rows_to_transfer_table
+    from kd_shards.teacher_dump.shards import rows_to_transfer_table
 
     rows = [row for _, prompt_rows in teacher.rows(batch) for row in prompt_rows]
     table = rows_to_transfer_table(rows)
@@ -185,7 +185,7 @@ def rows_of(payload: bytes) -> dict[int, list[ShardRow]]:
     """A child's answer back as each prompt's rows (by source index, in completion order)."""
     import pyarrow as pa
 
-    from teacher_dump.rows import rows_from_table
+    from kd_shards.teacher_dump.rows import rows_from_table
 
     prompt_rows: dict[int, list[ShardRow]] = {}
     for row in rows_from_table(pa.ipc.open_stream(payload).read_all()):

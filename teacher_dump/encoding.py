@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.shard import CODEBOOK_KEY, LOGPROB_STEP, PAD_ID, TAIL_EMPTY, TAIL_STEP, Storage
+from kd_shards.schemas.shard import (
+    CODEBOOK_KEY,
+    LOGPROB_STEP,
+    PAD_ID,
+    TAIL_EMPTY,
+    TAIL_STEP,
+    Storage,
+)
 
 # --- values and tails ---------------------------------------------------------------------
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.errors import UserError
-from shared.scoring import rouge_per_sample
-from shared.tasks.gsm8k import gsm8k_correct
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.scoring import rouge_per_sample
+from kd_shards.shared.tasks.gsm8k import gsm8k_correct
 
 FilterName = Literal["none", "answer-match", "rouge-l", "column"]
 """none: keep every completion; answer-match: the completion's final number equals the

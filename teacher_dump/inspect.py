@@ -17,18 +17,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import inside_directory, is_classify, storage_of_manifest
-from schemas.shard import V1_COLUMNS
-from shared.errors import UserError, one_line
-from shared.shard_reader import (
+from kd_shards.schemas.manifest import inside_directory, is_classify, storage_of_manifest
+from kd_shards.schemas.shard import V1_COLUMNS
+from kd_shards.shared.errors import UserError, one_line
+from kd_shards.shared.shard_reader import (
     checked_columns,
     physical_columns,
     read_codebook,
     read_manifest,
     shard_columns,
 )
-from shared.storage import Folder, as_folder
-from teacher_dump.shards import shards_on_disk
+from kd_shards.shared.storage import Folder, as_folder
+from kd_shards.teacher_dump.shards import shards_on_disk
 
 
 def column_bytes(metadata) -> dict[str, int]:

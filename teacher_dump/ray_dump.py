@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.config import config_to_dict
-from teacher_dump.config import DumpConfig
-from teacher_dump.modes import MODES
-from teacher_dump.modes.interface import resolve_teacher
-from teacher_dump.requests import DumpRequest
-from teacher_dump.rows import ShardRow, rows_from_table
-from teacher_dump.shards import rows_to_transfer_table
+from kd_shards.shared.config import config_to_dict
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.modes import MODES
+from kd_shards.teacher_dump.modes.interface import resolve_teacher
+from kd_shards.teacher_dump.requests import DumpRequest
+from kd_shards.teacher_dump.rows import ShardRow, rows_from_table
+from kd_shards.teacher_dump.shards import rows_to_transfer_table
 
 ENGINE_COLUMN = "engine"
 """An extra column of each batch the actors return: their engine's description (JSON)."""

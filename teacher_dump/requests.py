@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import UserError
-from shared.tasks import Example
-from shared.tokenizer import chunk_text, render_prompt, render_target
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.tasks import Example
+from kd_shards.shared.tokenizer import chunk_text, render_prompt, render_target
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.shard import NO_LABEL, PAD_ID, Storage, round_logprobs
-from shared.errors import UserError
-from teacher_dump.encoding import RowEntries, encode_row
-from teacher_dump.requests import DumpRequest
+from kd_shards.schemas.shard import NO_LABEL, PAD_ID, Storage, round_logprobs
+from kd_shards.shared.errors import UserError
+from kd_shards.teacher_dump.encoding import RowEntries, encode_row
+from kd_shards.teacher_dump.requests import DumpRequest
 
 
 @dataclass(frozen=True)

@@ -21,24 +21,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from schemas.manifest import MANIFEST_NAME, corrupt_manifest
-from schemas.shard import Storage
-from shared.config import config_to_dict
-from shared.errors import UserError
-from shared.files import remove_stale_temporaries
-from shared.records import LoadedRecords
-from shared.storage import Folder
-from shared.tasks import load_records, resolve_task
-from shared.tokenizer import tokenizer_fingerprint
-from teacher_dump.config import LOCAL_FIELDS, DumpConfig
-from teacher_dump.data_parallel import data_parallel_results, rank_environments
-from teacher_dump.filters import CompletionFilter, check_filter_data, select_rows
-from teacher_dump.modes import MODES
-from teacher_dump.modes.interface import ModeRequests, TeacherInputs, resolve_teacher
-from teacher_dump.ray_dump import ray_results
-from teacher_dump.requests import DumpRequest
-from teacher_dump.rows import ShardRow
-from teacher_dump.shards import (
+from kd_shards.schemas.manifest import MANIFEST_NAME, corrupt_manifest
+from kd_shards.schemas.shard import Storage
+from kd_shards.shared.config import config_to_dict
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.files import remove_stale_temporaries
+from kd_shards.shared.records import LoadedRecords
+from kd_shards.shared.storage import Folder
+from kd_shards.shared.tasks import load_records, resolve_task
+from kd_shards.shared.tokenizer import tokenizer_fingerprint
+from kd_shards.teacher_dump.config import LOCAL_FIELDS, DumpConfig
+from kd_shards.teacher_dump.data_parallel import data_parallel_results, rank_environments
+from kd_shards.teacher_dump.filters import CompletionFilter, check_filter_data, select_rows
+from kd_shards.teacher_dump.modes import MODES
+from kd_shards.teacher_dump.modes.interface import ModeRequests, TeacherInputs, resolve_teacher
+from kd_shards.teacher_dump.ray_dump import ray_results
+from kd_shards.teacher_dump.requests import DumpRequest
+from kd_shards.teacher_dump.rows import ShardRow
+from kd_shards.teacher_dump.shards import (
     ShardWriter,
     done_source_indices,
     exclusive_writer,

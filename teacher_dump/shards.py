@@ -26,14 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import (
+from kd_shards.schemas.manifest import (
     MANIFEST_NAME,
     SHARD_SUFFIX,
     inside_directory,
     is_safe_shard_name,
     totals,
 )
-from schemas.shard import (
+from kd_shards.schemas.shard import (
     HIDDEN_COLUMN,
     PARQUET_WRITE_OPTIONS_V1,
     Storage,
@@ -41,16 +41,16 @@ from schemas.shard import (
     parquet_write_options,
     shard_schema,
 )
-from shared.errors import UserError, one_line
-from shared.files import (
+from kd_shards.shared.errors import UserError, one_line
+from kd_shards.shared.files import (
     atomic_write,
     directory_lock,
     hold_lock,
     sha256_of_file,
 )
-from shared.storage import Folder, as_folder, parquet_bytes
-from teacher_dump.encoding import shard_columns
-from teacher_dump.rows import ENTRY_COLUMNS, ShardRow
+from kd_shards.shared.storage import Folder, as_folder, parquet_bytes
+from kd_shards.teacher_dump.encoding import shard_columns
+from kd_shards.teacher_dump.rows import ENTRY_COLUMNS, ShardRow
 
 ROW_GROUP_ROWS = 256
 """Rows per Parquet row group: the unit the training loader reads at a time."""

@@ -38,7 +38,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from tests.tiny_models import build_tiny_llama
+    from scripts.tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
@@ -63,7 +63,7 @@ def text_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engine(tiny_model):
     """One real vLLM engine over the tiny model, reused by every in-process dump test."""
-    from shared.engine import EngineSettings, TeacherEngine
+    from kd_shards.shared.engine import EngineSettings, TeacherEngine
 
     teacher = TeacherEngine(
         EngineSettings(
@@ -86,7 +86,7 @@ def engine(tiny_model):
 def dump_config(model: Path, data_path: Path, out: Path, **overrides):
     """A DumpConfig for the tiny model, as the CLI would build it (exact top-k storage unless
     `store` is given)."""
-    from teacher_dump.config import DumpConfig
+    from kd_shards.teacher_dump.config import DumpConfig
 
     values = dict(
         model=str(model),
@@ -108,7 +108,7 @@ def dump_config(model: Path, data_path: Path, out: Path, **overrides):
 def train_config(shards, student, out, **overrides):
     """A TrainConfig on the tiny student, as the CLI would build it (no progress bar; each
     test file passes its own steps, batch and buffer)."""
-    from student_train.config import TrainConfig
+    from kd_shards.student_train.config import TrainConfig
 
     values = dict(
         shards=str(shards), student=str(student), out=str(out), lr=3e-3, chunk_tokens=50,
@@ -124,7 +124,7 @@ def torchrun_student_train(*arguments: str, timeout: int = 600):
 
     command = [
         str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2",
-        "-m", "student_train.cli", *arguments, "--no-progress",
+        "-m", "kd_shards.student_train.cli", *arguments, "--no-progress",
     ]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(
@@ -135,13 +135,13 @@ def torchrun_student_train(*arguments: str, timeout: int = 600):
 def cli_command(*arguments: str) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "teacher_dump.cli", *arguments]
+    return [sys.executable, "-m", "kd_shards.teacher_dump.cli", *arguments]
 
 
 @pytest.fixture(scope="session")
 def student_model(tmp_path_factory) -> Path:
     """A differently initialized tiny Llama sharing the teacher's tokenizer."""
-    from tests.tiny_models import build_tiny_llama
+    from scripts.tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-student"), seed=1)
 
@@ -149,7 +149,7 @@ def student_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def text_shards(tiny_model, text_file, engine, tmp_path_factory) -> Path:
     """Real teacher-dump shards (text mode): 32 rows of 63 target tokens in 4 shards."""
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     out = tmp_path_factory.mktemp("text-shards")
     config = dump_config(
@@ -171,7 +171,7 @@ def eval_text_shards(tiny_model, engine, tmp_path_factory) -> Path:
     """Held-out teacher-dump shards over different text than text_shards."""
     import pydoc_data.topics
 
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     directory = tmp_path_factory.mktemp("eval-text")
     topics = pydoc_data.topics.topics

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from shared.shard_reader import iterate_rows, open_dump
+from kd_shards.shared.shard_reader import iterate_rows, open_dump
 
 
 def read_rows(directory: Path) -> dict[str, dict]:

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import MANIFEST_NAME, totals
-from schemas.shard import (
+from kd_shards.schemas.manifest import MANIFEST_NAME, totals
+from kd_shards.schemas.shard import (
     PAD_ID,
     PARQUET_WRITE_OPTIONS_V1,
     SCHEMA_V1,
@@ -27,11 +27,11 @@ from schemas.shard import (
     round_logprobs,
     storage_of,
 )
-from shared.files import sha256_of_file
-from teacher_dump.encoding import encode_row
-from teacher_dump.rows import ShardRow
-from teacher_dump.shards import describe_shard, shard_name, write_table
-from teacher_dump.shards import rows_to_table as v2_table
+from kd_shards.shared.files import sha256_of_file
+from kd_shards.teacher_dump.encoding import encode_row
+from kd_shards.teacher_dump.rows import ShardRow
+from kd_shards.teacher_dump.shards import describe_shard, shard_name, write_table
+from kd_shards.teacher_dump.shards import rows_to_table as v2_table
 
 V1_WRITE_OPTIONS = PARQUET_WRITE_OPTIONS_V1
 """How schema-v1 shards were written."""
@@ -199,7 +199,7 @@ def write_synthetic_dump(
 def write_synthetic_dump_for(model_directory: Path, directory: Path, rows: int, **options) -> Path:
     """A synthetic dump whose manifest names `model_directory`'s tokenizer (fingerprint and size),
     so that student-train accepts that model as the student and goes on to read the shards."""
-    from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from kd_shards.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(model_directory)
     return write_synthetic_dump(
@@ -263,8 +263,8 @@ def publish_synthetic_dump(
     until that file has content (at most 300 s), e.g. until a trainer has logged its first step."""
     import time
 
-    from shared.files import atomic_write_json
-    from teacher_dump.shards import ShardWriter
+    from kd_shards.shared.files import atomic_write_json
+    from kd_shards.teacher_dump.shards import ShardWriter
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

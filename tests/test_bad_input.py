@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from shared.errors import UserError
+from kd_shards.shared.errors import UserError
 from tests.conftest import dump_config
 
 
 def dump_error(config, engine=None) -> str:
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     with pytest.raises(UserError) as caught:
         run_dump(config, engine)
@@ -109,7 +109,7 @@ def test_pickle_weights_are_refused(tmp_path, gsm8k_file):
 
 
 def test_rerun_with_a_different_config_is_refused(tiny_model, gsm8k_file, engine, tmp_path):
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=2), engine)
     message = dump_error(dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=2, top_k=4))
@@ -124,8 +124,8 @@ def test_rerun_with_a_different_config_is_refused(tiny_model, gsm8k_file, engine
 def test_a_field_of_another_mode_does_not_refuse_a_resume(tiny_model, text_file, engine, tmp_path):
     import json
 
-    from teacher_dump.config import LOCAL_FIELDS
-    from teacher_dump.run import identity_hash, run_dump
+    from kd_shards.teacher_dump.config import LOCAL_FIELDS
+    from kd_shards.teacher_dump.run import identity_hash, run_dump
 
     out = tmp_path / "out"
     text = dict(data="text", mode="text", chunk_tokens=64, limit=2)
@@ -160,7 +160,7 @@ def test_k_above_a_reused_engines_cap(tiny_model, gsm8k_file, engine, tmp_path):
 
 
 def test_corrupt_shard_is_named_on_resume(tiny_model, gsm8k_file, engine, tmp_path):
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     config = dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=4, rows_per_shard=2)
     run_dump(config, engine)
@@ -171,7 +171,7 @@ def test_corrupt_shard_is_named_on_resume(tiny_model, gsm8k_file, engine, tmp_pa
 
 
 def test_schema_version_mismatch_and_unsafe_shard_names(tmp_path):
-    from shared.shard_reader import read_manifest
+    from kd_shards.shared.shard_reader import read_manifest
 
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99, "shards": []}))
     with pytest.raises(
@@ -188,7 +188,7 @@ def test_schema_version_mismatch_and_unsafe_shard_names(tmp_path):
 
 
 def test_tokenizer_mismatch_names_both_fingerprints():
-    from schemas.manifest import check_tokenizer_fingerprint
+    from kd_shards.schemas.manifest import check_tokenizer_fingerprint
 
     manifest = {"tokenizer": {"fingerprint": "a" * 64}}
     with pytest.raises(UserError) as caught:
@@ -198,9 +198,9 @@ def test_tokenizer_mismatch_names_both_fingerprints():
 
 
 def test_nan_or_inf_teacher_logprobs_are_refused():
-    from schemas.shard import Storage
-    from teacher_dump.requests import DumpRequest
-    from teacher_dump.rows import ScoredTarget, make_row
+    from kd_shards.schemas.shard import Storage
+    from kd_shards.teacher_dump.requests import DumpRequest
+    from kd_shards.teacher_dump.rows import ScoredTarget, make_row
 
     logprobs = np.full((2, 3), -1.0, dtype=np.float32)
     logprobs[1, 2] = np.nan
@@ -222,8 +222,8 @@ def test_nan_or_inf_teacher_logprobs_are_refused():
 
 
 def test_config_errors(tmp_path):
-    from shared.config import build_config
-    from teacher_dump.config import DumpConfig
+    from kd_shards.shared.config import build_config
+    from kd_shards.teacher_dump.config import DumpConfig
 
     base = {"model": "m", "data": "gsm8k", "out": "o"}
     (tmp_path / "c.toml").write_text('top_k = 4\ncolour = "red"\n')
@@ -251,7 +251,7 @@ def test_config_errors(tmp_path):
 
 
 def test_cli_prints_one_error_line_and_exits_2(tmp_path):
-    from teacher_dump.cli import main
+    from kd_shards.teacher_dump.cli import main
 
     result = CliRunner().invoke(
         main,
@@ -268,7 +268,7 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
 def test_a_corrupt_manifest_gets_one_fix_from_readers_and_teacher_dump(
     tiny_model, gsm8k_file, tmp_path
 ):
-    from shared.shard_reader import read_manifest
+    from kd_shards.shared.shard_reader import read_manifest
 
     out = tmp_path / "out"
     out.mkdir()
@@ -286,8 +286,8 @@ def test_a_corrupt_manifest_gets_one_fix_from_readers_and_teacher_dump(
 
 
 def test_a_deleted_manifest_is_rebuilt_by_the_rerun(tiny_model, gsm8k_file, engine, tmp_path):
-    from shared.shard_reader import read_manifest
-    from teacher_dump.run import run_dump
+    from kd_shards.shared.shard_reader import read_manifest
+    from kd_shards.teacher_dump.run import run_dump
 
     config = dump_config(tiny_model, gsm8k_file, tmp_path / "out", limit=2)
     run_dump(config, engine)
@@ -301,7 +301,7 @@ def test_a_deleted_manifest_is_rebuilt_by_the_rerun(tiny_model, gsm8k_file, engi
 def test_an_adaptive_dump_stored_without_top_1_first_is_not_resumed(
     tiny_model, text_file, tmp_path
 ):
-    from teacher_dump.run import manifest_header, prepare
+    from kd_shards.teacher_dump.run import manifest_header, prepare
 
     out = tmp_path / "out"
     text = dict(data="text", mode="text", chunk_tokens=64, limit=2, store="adaptive")

@@ -139,8 +139,8 @@ def test_bench_refuses_missing_data(tmp_path):
 
 @pytest.mark.parametrize("assignment", ["only=everything", "repeats=0"])
 def test_bench_config_refuses_bad_settings(assignment):
-    from shared.config import build_config
-    from shared.errors import UserError
+    from kd_shards.shared.config import build_config
+    from kd_shards.shared.errors import UserError
 
     with pytest.raises(UserError):
         build_config(BenchConfig, config_file=None, flags={}, assignments=(assignment,))

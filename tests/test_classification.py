@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.errors import UserError
+from kd_shards.shared.errors import UserError
+from scripts.tiny_models import build_tiny_bert
 from tests.conftest import ENGINE_TOP_K, dump_config
-from tests.tiny_models import build_tiny_bert
 
 TEXTS = [
     ("a charming and often affecting journey", "1"),
@@ -71,7 +71,7 @@ def tiny_encoder_student(tmp_path_factory, tiny_classifier) -> Path:
 
 
 def classify_dump(model: Path, data: Path, out: Path, **overrides):
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     values = dict(
         data="sst2",
@@ -118,7 +118,7 @@ def read_dump_rows(directory: Path) -> list[dict]:
 
 
 def test_classify_dump_validates_and_equals_a_transformers_forward(class_shards, tiny_classifier):
-    from teacher_dump.inspect import validate
+    from kd_shards.teacher_dump.inspect import validate
 
     manifest = json.loads((class_shards / "manifest.json").read_text())
     assert manifest["mode"] == "classify" and manifest["complete"]
@@ -129,7 +129,7 @@ def test_classify_dump_validates_and_equals_a_transformers_forward(class_shards,
     # Classify dumps keep schema v1's exact all-label layout, file metadata included.
     import pyarrow.parquet as pq
 
-    from schemas.shard import schema_version_of
+    from kd_shards.schemas.shard import schema_version_of
 
     assert manifest["schema_version"] == 1 and "storage" not in manifest
     for path in class_shards.glob("part-*.parquet"):
@@ -151,7 +151,7 @@ def test_classify_dump_validates_and_equals_a_transformers_forward(class_shards,
 def test_vllm_pooling_runner_dump_equals_a_transformers_forward(
     tiny_classifier, sst2_like, tmp_path
 ):
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     out = tmp_path / "vllm"
     manifest = run_dump(
@@ -179,8 +179,8 @@ def test_llm_verbalizer_teacher_equals_label_word_logprobs(tiny_model, sst2_like
     """A causal LM as the teacher: each label word's logprob as the reply, renormalized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared.tokenizer import render_prompt
-    from teacher_dump.config import DEFAULT_VERBALIZER_PROMPT
+    from kd_shards.shared.tokenizer import render_prompt
+    from kd_shards.teacher_dump.config import DEFAULT_VERBALIZER_PROMPT
 
     words = ("bad", "good")
     out = tmp_path / "verbalizer"
@@ -230,7 +230,7 @@ def reference_kd_loss(logits, gold, teacher, alpha, temperature):
 
 @pytest.mark.parametrize(("alpha", "temperature"), [(0.5, 5.0), (0.0, 1.0), (0.3, 2.0)])
 def test_classification_kd_loss_equals_an_independent_reference(alpha, temperature):
-    from student_train.losses import LossOptions, classification_loss_sums
+    from kd_shards.student_train.losses import LossOptions, classification_loss_sums
 
     def options(loss: str, alpha: float, temperature: float) -> LossOptions:
         return LossOptions(loss, alpha=alpha, beta=0.0, temperature=temperature, tail="bucket")
@@ -258,7 +258,7 @@ def test_classification_kd_loss_equals_an_independent_reference(alpha, temperatu
 
 
 def test_hidden_state_mse_with_a_width_projection():
-    from student_train.losses import hidden_state_mse_sum
+    from kd_shards.student_train.losses import hidden_state_mse_sum
 
     projection = torch.nn.Linear(3, 5)
     student, teacher = torch.randn(4, 3), torch.randn(4, 5)
@@ -270,8 +270,8 @@ def test_hidden_state_mse_with_a_width_projection():
 
 
 def train(out: Path, **values):
-    from student_train.config import TrainConfig
-    from student_train.train import run_training
+    from kd_shards.student_train.config import TrainConfig
+    from kd_shards.student_train.train import run_training
 
     defaults = dict(out=str(out), micro_batch=4, progress=False, lr=1e-3)
     return run_training(TrainConfig(**{**defaults, **values}))
@@ -321,8 +321,8 @@ def test_kd_with_hidden_states_through_a_projection_and_resume(
 def test_multi_teacher_targets_average_probabilities(
     class_shards, second_classifier, sst2_like, tmp_path
 ):
-    from shared.shard_reader import open_dump
-    from student_train.classify_data import combined_teacher_targets
+    from kd_shards.shared.shard_reader import open_dump
+    from kd_shards.student_train.classify_data import combined_teacher_targets
 
     other = tmp_path / "teacher-b"
     classify_dump(second_classifier, sst2_like, other)
@@ -382,7 +382,7 @@ def test_labels_only_lora_finetuning_with_rslora_and_merge(tiny_classifier, sst2
 def test_init_student_cuts_an_encoder_and_can_add_a_head(tiny_classifier, tmp_path):
     from safetensors.torch import load_file
 
-    from shared.model_preparation import derive_student
+    from kd_shards.shared.model_preparation import derive_student
 
     teacher = build_tiny_bert(
         tmp_path / "four", layers=4, labels=None, tokenizer_from=tiny_classifier
@@ -401,10 +401,10 @@ def test_init_student_cuts_an_encoder_and_can_add_a_head(tiny_classifier, tmp_pa
 def test_kd_eval_cls_table_predictions_fidelity_and_chart(
     tiny_classifier, second_classifier, sst2_like, class_shards, tmp_path
 ):
-    from kd_eval.config import EvalConfig
-    from kd_eval.evaluation import run_evaluation
-    from kd_eval.report import markdown_table
-    from shared.scoring import classification_metrics
+    from kd_shards.kd_eval.config import EvalConfig
+    from kd_shards.kd_eval.evaluation import run_evaluation
+    from kd_shards.kd_eval.report import markdown_table
+    from kd_shards.shared.scoring import classification_metrics
 
     test_dump = tmp_path / "test-dump"
     classify_dump(tiny_classifier, sst2_like, test_dump, split="test")
@@ -442,7 +442,7 @@ def test_kd_eval_cls_table_predictions_fidelity_and_chart(
 
 
 def test_macro_f1_and_accuracy_by_hand():
-    from shared.scoring import classification_metrics
+    from kd_shards.shared.scoring import classification_metrics
 
     gold = np.array([0, 0, 1, 1, 2, 2])
     predicted = np.array([0, 1, 1, 1, 0, 2])
@@ -455,8 +455,8 @@ def test_macro_f1_and_accuracy_by_hand():
 def test_a_chart_panel_spanning_decades_is_drawn_on_a_log_scale():
     import dataclasses
 
-    from kd_eval.report import chart_panels
-    from shared.tasks import TASKS
+    from kd_shards.kd_eval.report import chart_panels
+    from kd_shards.shared.tasks import TASKS
 
     def model(perplexity, kl):
         return {
@@ -518,12 +518,12 @@ def test_unlabelled_texts_from_a_file_are_dumped_and_distilled(
     tiny_classifier, tiny_encoder_student, tmp_path
 ):
     """A data file without labels: rows carry NO_LABEL, validate, and train by KD alone."""
-    from teacher_dump.inspect import validate
+    from kd_shards.teacher_dump.inspect import validate
 
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"review": text}) + "\n" for text, _ in TEXTS[:6]))
     out = tmp_path / "unlabelled"
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     config = dump_config(tiny_classifier, data, out, mode="classify", prompt_column="review")
     run_dump(replace(config, data=str(data), data_path=None, classify_backend="transformers"))
@@ -548,8 +548,8 @@ def test_a_classifier_config_without_id2label_has_the_labels_transformers_gives_
 
     from transformers import AutoConfig
 
-    from shared.classification import model_labels
-    from teacher_dump.run import prepare
+    from kd_shards.shared.classification import model_labels
+    from kd_shards.teacher_dump.run import prepare
 
     directory = tmp_path / "teacher"
     shutil.copytree(tiny_classifier, directory)

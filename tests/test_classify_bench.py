@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from kd_shards.shared.errors import UserError
 from scripts.classify_statistics import gap_closed, mcnemar_exact, mean_and_spread, paired_bootstrap
 from scripts.classify_transfer import Sizes, cut_dataset, pseudo_labelled, transfer_rows
-from shared.errors import UserError
 
 
 def two_sided_binomial_p(b: int, c: int) -> float:

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.errors import UserError
-from teacher_dump import data_parallel
-from teacher_dump.config import DumpConfig
-from teacher_dump.inspect import validate
-from teacher_dump.requests import DumpRequest
-from teacher_dump.run import identity_of, run_dump
+from kd_shards.shared.errors import UserError
+from kd_shards.teacher_dump import data_parallel
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.inspect import validate
+from kd_shards.teacher_dump.requests import DumpRequest
+from kd_shards.teacher_dump.run import identity_of, run_dump
 from tests.conftest import dump_config
 from tests.dump_comparison import assert_same_rows, read_rows
 

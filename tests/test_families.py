@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from shared.collation import collate
-from shared.shard_reader import TrainingRow
-from student_train.families import FAMILIES, family_of
-from student_train.families.causal_lm import CAUSAL_LM, LanguageModelObjective
-from student_train.families.sequence_classifier import (
+from kd_shards.shared.collation import collate
+from kd_shards.shared.shard_reader import TrainingRow
+from kd_shards.student_train.families import FAMILIES, family_of
+from kd_shards.student_train.families.causal_lm import CAUSAL_LM, LanguageModelObjective
+from kd_shards.student_train.families.sequence_classifier import (
     SEQUENCE_CLASSIFIER,
     ClassificationObjective,
 )
-from student_train.losses import LossOptions
-from tests.tiny_models import TOKENIZER_SIZE, build_tiny_bert, build_tiny_llama
+from kd_shards.student_train.losses import LossOptions
+from scripts.tiny_models import TOKENIZER_SIZE, build_tiny_bert, build_tiny_llama
 
 CE_ONLY = LossOptions(loss="ce", alpha=1.0, beta=0.0, temperature=1.0, tail="bucket")
 
@@ -51,7 +51,7 @@ def token_row(index: int, prompt: list[int], target: list[int]) -> TrainingRow:
 def test_causal_lm_objective_ce_equals_a_plain_forward(llama):
     from transformers import AutoModelForCausalLM
 
-    from shared.causal_lm import output_logits_function
+    from kd_shards.shared.causal_lm import output_logits_function
 
     model = AutoModelForCausalLM.from_pretrained(llama).eval()
     rows = [token_row(0, [5, 6, 7], [8, 9]), token_row(1, [11], [12, 13, 14, 15])]

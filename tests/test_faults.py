@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.errors import UserError
+from kd_shards.shared.errors import UserError
 from tests.conftest import dump_config
 from tests.conftest import train_config as shared_train_config
 from tests.synthetic_dumps import write_synthetic_dump_for
@@ -39,12 +39,12 @@ def shard_sample_ids(directory: Path) -> list[str]:
 def test_disk_full_during_a_shard_write_leaves_only_complete_shards(
     tiny_model, gsm8k_file, engine, tmp_path, monkeypatch
 ):
-    from teacher_dump.inspect import validate
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.inspect import validate
+    from kd_shards.teacher_dump.run import run_dump
 
     out = tmp_path / "out"
     config = dump_config(tiny_model, gsm8k_file, out, rows_per_shard=3, max_in_flight=2)
-    from teacher_dump import shards
+    from kd_shards.teacher_dump import shards
 
     real_write_table = shards.write_table
     writes = []
@@ -113,9 +113,9 @@ def train_config(shards: Path, student: Path, out: Path, **overrides):
 def test_disk_full_during_a_checkpoint_write_keeps_the_last_complete_one(
     student_model, tmp_path, monkeypatch
 ):
-    from student_train import checkpoints
-    from student_train.reporting import read_metrics
-    from student_train.train import run_training
+    from kd_shards.student_train import checkpoints
+    from kd_shards.student_train.reporting import read_metrics
+    from kd_shards.student_train.train import run_training
 
     shards = write_synthetic_dump_for(student_model, tmp_path / "dump", 32, top_k=4)
     run_training(train_config(shards, student_model, tmp_path / "uninterrupted"))
@@ -157,7 +157,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_last_complete_one(
 
 
 def test_a_full_disk_is_recognised_however_a_library_reports_it():
-    from shared.files import is_disk_full
+    from kd_shards.shared.files import is_disk_full
 
     try:
         with open(os.devnull, "wb") as handle:
@@ -175,7 +175,7 @@ def test_a_full_disk_is_recognised_however_a_library_reports_it():
 
 
 def test_one_writer_per_rank_and_one_world_size_at_a_time(tmp_path):
-    from teacher_dump.shards import exclusive_writer
+    from kd_shards.teacher_dump.shards import exclusive_writer
 
     rank_taken = pytest.raises(UserError, match="another teacher-dump with --rank 0 --world-size 2")
     other_split = pytest.raises(UserError, match="a teacher-dump with --world-size 2 is writing")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from shared.errors import UserError
+from kd_shards.shared.errors import UserError
 from tests.conftest import QUESTIONS, dump_config
 
 NO_MATCH = "§ never generated §"
@@ -40,7 +40,7 @@ ANSWERS = [
 
 @pytest.mark.parametrize(("completion", "reference"), ANSWERS)
 def test_answer_match_agrees_with_an_independent_extraction(completion, reference):
-    from teacher_dump.filters import answer_match_score
+    from kd_shards.teacher_dump.filters import answer_match_score
 
     expected = final_answer(completion) is not None and final_answer(completion) == final_answer(
         reference
@@ -50,8 +50,8 @@ def test_answer_match_agrees_with_an_independent_extraction(completion, referenc
 
 def test_answer_match_uses_the_gsm8k_tasks_extraction(monkeypatch):
     """The task's own extraction decides (a change there changes the filter), not a copy."""
-    from shared.tasks import gsm8k
-    from teacher_dump.filters import answer_match_score
+    from kd_shards.shared.tasks import gsm8k
+    from kd_shards.teacher_dump.filters import answer_match_score
 
     monkeypatch.setattr(gsm8k, "final_number", lambda text: "1")
     assert answer_match_score("#### 2", ["#### 3"]) == 1.0
@@ -60,7 +60,7 @@ def test_answer_match_uses_the_gsm8k_tasks_extraction(monkeypatch):
 def test_rouge_l_is_rouge_score_best_over_references():
     from rouge_score import rouge_scorer
 
-    from teacher_dump.filters import rouge_l_score
+    from kd_shards.teacher_dump.filters import rouge_l_score
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     completion = "the model learns summaries from the teacher's samples"
@@ -73,14 +73,14 @@ def test_rouge_l_is_rouge_score_best_over_references():
 
 
 def test_column_rule_keeps_completions_containing_the_value():
-    from teacher_dump.filters import column_score
+    from kd_shards.teacher_dump.filters import column_score
 
     assert column_score("the answer is Paris.", " Paris ") == 1.0
     assert column_score("the answer is paris.", "Paris") == 0.0  # case matters
 
 
 def test_select_rows_threshold_and_keep_best_of():
-    from teacher_dump.filters import select_rows
+    from kd_shards.teacher_dump.filters import select_rows
 
     rows = ["a", "b", "c"]
     assert select_rows(rows, [0.2, 0.5, 0.7], 0.5, False) == (["b", "c"], "kept")
@@ -109,7 +109,7 @@ def test_bad_filter_settings_are_refused(tmp_path, overrides, fragment):
 
 def test_a_reference_filter_on_data_without_references_names_the_fix(tiny_model, tmp_path):
     """Refused while preparing, before any engine starts (run_dump gets none here)."""
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     data = tmp_path / "questions.jsonl"
     data.write_text("".join(json.dumps({"question": question}) + "\n" for question, _ in QUESTIONS))
@@ -149,7 +149,7 @@ def filtered_data(tiny_model, gsm8k_file, engine, tmp_path):
     """A GSM8K file whose `expect` column holds one of the engine's own samples for prompts 0, 2
     and 4 (so they keep it) and a text it never writes for 1, 3 and 5; with the unfiltered
     dump's rows."""
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.run import run_dump
 
     run_dump(dump_config(tiny_model, gsm8k_file, tmp_path / "plain", **SAMPLING), engine)
     plain = shard_rows(tmp_path / "plain")
@@ -176,8 +176,8 @@ def filtered_config(tiny_model, data: Path, out: Path, **overrides):
 def test_a_filtered_dump_keeps_the_passing_samples_and_lists_the_rest(
     tiny_model, engine, filtered_data, tmp_path
 ):
-    from teacher_dump.inspect import format_summary, summarize, validate
-    from teacher_dump.run import run_dump
+    from kd_shards.teacher_dump.inspect import format_summary, summarize, validate
+    from kd_shards.teacher_dump.run import run_dump
 
     data, plain, kept = filtered_data
     assert kept and len(kept) < len(plain)
@@ -212,8 +212,8 @@ def test_a_filtered_dump_keeps_the_passing_samples_and_lists_the_rest(
 def test_a_resumed_filtered_dump_keeps_what_an_uninterrupted_one_keeps(
     tiny_model, engine, filtered_data, tmp_path, monkeypatch
 ):
-    from teacher_dump import run
-    from teacher_dump.shards import ShardWriter
+    from kd_shards.teacher_dump import run
+    from kd_shards.teacher_dump.shards import ShardWriter
 
     data, _, _ = filtered_data
     whole = run.run_dump(filtered_config(tiny_model, data, tmp_path / "whole"), engine)

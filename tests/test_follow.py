@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.errors import UserError
-from shared.shard_reader import open_dump
-from student_train.config import TrainConfig
-from student_train.reporting import read_metrics
-from student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
-from student_train.train import run_training
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import open_dump
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.reporting import read_metrics
+from kd_shards.student_train.shard_stream import DumpFollower, ShardStream, StreamPosition
+from kd_shards.student_train.train import run_training
 from tests.conftest import torchrun_student_train
 from tests.synthetic_dumps import publish_synthetic_dump
 

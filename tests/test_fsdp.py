@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from student_train.reporting import read_metrics
+from kd_shards.student_train.reporting import read_metrics
 from tests.conftest import torchrun_student_train
 from tests.synthetic_dumps import write_synthetic_dump_for
 

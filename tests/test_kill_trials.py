@@ -34,9 +34,9 @@ TRIALS = TrialsConfig(prompts=48, max_new_tokens=48, rows_per_shard=4, train_ste
 def reference_dump(tiny_model, engine, tmp_path_factory) -> tuple[Path, Path, dict, float]:
     """(settings file, dump, its rows, seconds the engine worked on it): the uninterrupted dump,
     made in this process with the session's engine."""
-    from shared.config import build_config
-    from teacher_dump.config import DumpConfig
-    from teacher_dump.run import run_dump
+    from kd_shards.shared.config import build_config
+    from kd_shards.teacher_dump.config import DumpConfig
+    from kd_shards.teacher_dump.run import run_dump
 
     work = tmp_path_factory.mktemp("kill-trials")
     data = write_prompts(work / "prompts.jsonl", TRIALS.prompts)

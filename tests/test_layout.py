@@ -15,6 +15,7 @@ process environment when it is imported.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -232,11 +233,19 @@ def test_ground_floor_modules_do_not_change_the_environment_at_import(path):
             assert "os.environ" not in text and "putenv" not in text, f"{path}: {text}"
 
 
-def test_the_packages_of_the_layout_are_the_installed_ones():
-    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    for package in FLOORS:
-        assert f'"{package}"' in pyproject
-        assert (ROOT / package / "__init__.py").is_file()
+def test_the_installed_packages_are_the_floors_under_one_namespace():
+    # The top floor (scripts/) and tests/ are not installed: they run from a checkout.
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"][
+        "setuptools"
+    ]
+    installed = (*CONTRACT, *GROUND_FLOOR, *COMMANDS)
+    expected = sorted(
+        ".".join((NAMESPACE, *path.parent.relative_to(ROOT).parts))
+        for package in installed
+        for path in (ROOT / package).rglob("__init__.py")
+    )
+    assert sorted(setuptools["packages"]) == expected
+    assert setuptools["package-dir"] == {f"{NAMESPACE}.{name}": name for name in installed}
 
 
 def test_the_option_tables_in_docs_are_generated_from_the_configs():

@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from shared.errors import UserError
-from shared.shard_reader import open_dump
-from student_train.batches import BatchShape, take_micro_batch
-from student_train.config import TrainConfig
-from student_train.distributed import Distributed
-from student_train.library import ShardDataset
-from student_train.planning import training_stream
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import open_dump
+from kd_shards.student_train.batches import BatchShape, take_micro_batch
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.distributed import Distributed
+from kd_shards.student_train.library import ShardDataset
+from kd_shards.student_train.planning import training_stream
+from scripts.tiny_models import build_tiny_llama
 from tests.synthetic_dumps import write_synthetic_dump, write_synthetic_dump_for
-from tests.tiny_models import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,6 @@ def test_the_documented_loop_runs_as_written(tmp_path, monkeypatch):
     paths = 'shards, student = "demo/shards/train", "demo/models/student-6-layers"'
     assert paths in loop
     loop = loop.replace(paths, f"shards, student = {str(shards)!r}, {str(student)!r}")
-    loop = loop.replace("from kd_shards.student_train.library", "from student_train.library")
     monkeypatch.chdir(tmp_path)
     printed = []
     exec(compile(loop, "docs/library.md", "exec"), {"print": printed.append})

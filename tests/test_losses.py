@@ -13,16 +13,16 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from schemas.shard import round_logprobs
-from shared.collation import collate
-from shared.distributions import (
+from kd_shards.schemas.shard import round_logprobs
+from kd_shards.shared.collation import collate
+from kd_shards.shared.distributions import (
     student_log_distribution,
     teacher_log_distribution,
     topk_divergence_sum,
 )
-from shared.fidelity import fidelity_sums
-from shared.shard_reader import TrainingRow
-from student_train.losses import LOSSES, LossOptions, chunked_loss_sums
+from kd_shards.shared.fidelity import fidelity_sums
+from kd_shards.shared.shard_reader import TrainingRow
+from kd_shards.student_train.losses import LOSSES, LossOptions, chunked_loss_sums
 
 KD_LOSSES = [loss for loss in LOSSES if loss != "ce"]
 TAILS = ["renormalize", "bucket"]
@@ -428,7 +428,7 @@ def tiny_causal_lm():
 
 
 def synthetic_training_rows(count: int, vocabulary: int, top_k: int) -> list[TrainingRow]:
-    from schemas.shard import round_logprobs
+    from kd_shards.schemas.shard import round_logprobs
     from tests.synthetic_dumps import synthetic_arrays
 
     rng = np.random.default_rng(0)
@@ -450,10 +450,10 @@ def synthetic_training_rows(count: int, vocabulary: int, top_k: int) -> list[Tra
 def step_gradient(model, rows: list[TrainingRow], micro_batches: int, loss: str) -> torch.Tensor:
     """The gradient the real training step (student_train.train.accumulate_gradients) leaves for
     `rows` split into `micro_batches` equal micro-batches, flattened over all parameters."""
-    from shared.causal_lm import output_logits_function
-    from student_train.distributed import Distributed
-    from student_train.families.causal_lm import LanguageModelObjective
-    from student_train.train import accumulate_gradients
+    from kd_shards.shared.causal_lm import output_logits_function
+    from kd_shards.student_train.distributed import Distributed
+    from kd_shards.student_train.families.causal_lm import LanguageModelObjective
+    from kd_shards.student_train.train import accumulate_gradients
 
     model.zero_grad()
     size = len(rows) // micro_batches

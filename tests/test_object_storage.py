@@ -19,15 +19,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from shared.errors import UserError
-from shared.shard_reader import open_dump
-from shared.storage import Folder
-from student_train.config import TrainConfig
-from student_train.reporting import read_metrics
-from student_train.shard_stream import ShardStream
-from student_train.train import run_training
-from teacher_dump.inspect import summarize, validate
-from teacher_dump.run import run_dump
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import open_dump
+from kd_shards.shared.storage import Folder
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.reporting import read_metrics
+from kd_shards.student_train.shard_stream import ShardStream
+from kd_shards.student_train.train import run_training
+from kd_shards.teacher_dump.inspect import summarize, validate
+from kd_shards.teacher_dump.run import run_dump
 from tests.conftest import REPO, cli_command, dump_config
 from tests.conftest import train_config as shared_train_config
 
@@ -136,7 +136,7 @@ def test_file_urls_work_on_every_command_line(
         [
             sys.executable,
             "-m",
-            "student_train.cli",
+            "kd_shards.student_train.cli",
             "--shards",
             url,
             "--student",

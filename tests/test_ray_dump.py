@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from teacher_dump.inspect import validate
-from teacher_dump.run import run_dump
+from kd_shards.teacher_dump.inspect import validate
+from kd_shards.teacher_dump.run import run_dump
 from tests.conftest import REPO, cli_command, dump_config
 from tests.dump_comparison import assert_same_rows, read_rows
 

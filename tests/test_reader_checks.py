@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import shared.shard_reader as shard_reader
-from schemas.shard import SCHEMA_V1
-from shared.errors import UserError
-from shared.shard_reader import checked_columns, open_dump, read_manifest
-from student_train.shard_stream import ShardStream
-from teacher_dump.inspect import summarize, validate
+import kd_shards.shared.shard_reader as shard_reader
+from kd_shards.schemas.shard import SCHEMA_V1
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import checked_columns, open_dump, read_manifest
+from kd_shards.student_train.shard_stream import ShardStream
+from kd_shards.teacher_dump.inspect import summarize, validate
 from tests.synthetic_dumps import rewrite_shard, write_synthetic_dump, write_synthetic_dump_for
 
 TOP_K, VOCABULARY = 4, 50
@@ -252,7 +252,7 @@ def test_student_train_refuses_a_silently_corrupt_shard_in_one_line(student_mode
     silently_wrong_bit_flip(directory / name)
     result = subprocess.run(
         [
-            sys.executable, "-m", "student_train.cli", "--shards", str(directory),
+            sys.executable, "-m", "kd_shards.student_train.cli", "--shards", str(directory),
             "--student", str(student_model), "--out", str(tmp_path / "out"), "--max-steps", "2",
             "--micro-batch", "4", "--no-progress",
         ],
@@ -284,7 +284,7 @@ def test_manifest_names_cannot_point_outside_the_dump(name, tmp_path):
 
 
 def test_a_symlinked_shard_leading_outside_the_dump_is_never_read(tmp_path):
-    from teacher_dump.shards import done_source_indices
+    from kd_shards.teacher_dump.shards import done_source_indices
 
     directory = make_dump(tmp_path / "dump")
     name = first_shard(directory)
@@ -333,7 +333,7 @@ def test_the_marker_pickle_does_run_code_when_loaded(tmp_path):
 
 
 def test_a_checkpoint_state_that_runs_code_is_refused_without_running_it(tmp_path):
-    from student_train.checkpoints import META_NAME, STATE_NAME, read_checkpoint
+    from kd_shards.student_train.checkpoints import META_NAME, STATE_NAME, read_checkpoint
 
     checkpoint = tmp_path / "checkpoints" / "step-00000001"
     checkpoint.mkdir(parents=True)
@@ -368,7 +368,7 @@ class PickledExtension(pa.ExtensionType):
 
 
 def test_a_shard_carrying_a_pickled_type_is_refused_without_running_it(tmp_path):
-    from teacher_dump.shards import describe_shard, done_source_indices
+    from kd_shards.teacher_dump.shards import describe_shard, done_source_indices
 
     directory = make_dump(tmp_path / "dump")
     name = first_shard(directory)
@@ -462,7 +462,7 @@ def test_the_pickle_scan_finds_what_it_looks_for():
 def model_with_custom_code(tmp_path_factory) -> tuple[Path, Path]:
     """The tiny Llama plus an auto_map to a modeling file of its own that, when imported,
     creates a marker file. Returns (model directory, marker path)."""
-    from tests.tiny_models import build_tiny_llama
+    from scripts.tiny_models import build_tiny_llama
 
     directory = build_tiny_llama(tmp_path_factory.mktemp("custom-code"))
     marker = directory.parent / "custom-code-ran"
@@ -493,7 +493,7 @@ def init_student_error(teacher: Path, out: Path) -> None:
     """`student-train init-student` (its click command): raise its one-line error as UserError."""
     from click.testing import CliRunner
 
-    from student_train.cli import main
+    from kd_shards.student_train.cli import main
 
     result = CliRunner().invoke(
         main, ["init-student", "--teacher", str(teacher), "--layers", "1", "--out", str(out)]
@@ -503,10 +503,10 @@ def init_student_error(teacher: Path, out: Path) -> None:
 
 
 def test_remote_code_runs_only_with_trust_remote_code(model_with_custom_code, gsm8k_file, tmp_path):
-    from kd_eval.evaluation import EvalConfig, run_evaluation
-    from shared.models import resolve_model
-    from student_train.families.causal_lm import load_student
-    from teacher_dump.run import prepare
+    from kd_shards.kd_eval.evaluation import EvalConfig, run_evaluation
+    from kd_shards.shared.models import resolve_model
+    from kd_shards.student_train.families.causal_lm import load_student
+    from kd_shards.teacher_dump.run import prepare
     from tests.conftest import dump_config
 
     directory, marker = model_with_custom_code

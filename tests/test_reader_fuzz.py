@@ -30,11 +30,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.shard import TAIL_EMPTY
-from shared.errors import UserError
-from shared.shard_reader import open_dump
-from student_train.shard_stream import ShardStream
-from teacher_dump.inspect import validate
+from kd_shards.schemas.shard import TAIL_EMPTY
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import open_dump
+from kd_shards.student_train.shard_stream import ShardStream
+from kd_shards.teacher_dump.inspect import validate
 from tests.conftest import REPO, cli_command
 from tests.synthetic_dumps import rewrite_shard
 
@@ -376,7 +376,7 @@ def test_the_commands_refuse_a_fuzzed_dump_in_one_line(pristine, student_model):
     out = directory.parent / "run"
     trained = subprocess.run(
         [
-            sys.executable, "-m", "student_train.cli", "--shards", str(directory),
+            sys.executable, "-m", "kd_shards.student_train.cli", "--shards", str(directory),
             "--student", str(student_model), "--out", str(out), "--max-steps", "2",
             "--micro-batch", "4", "--no-progress",
         ],

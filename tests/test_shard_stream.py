@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.collation import collate, fit_row
-from shared.errors import UserError
-from shared.shard_reader import TrainingRow, open_dump
-from student_train.batches import BatchShape, take_micro_batch
-from student_train.shard_stream import ShardStream, StreamPosition
+from kd_shards.shared.collation import collate, fit_row
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import TrainingRow, open_dump
+from kd_shards.student_train.batches import BatchShape, take_micro_batch
+from kd_shards.student_train.shard_stream import ShardStream, StreamPosition
 from tests.synthetic_dumps import write_synthetic_dump
 
 ROWS = 103

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from schemas.shard import CODEBOOK_KEY, LOGPROB_STEP, TAIL_STEP, Storage, round_logprobs
-from shared.errors import UserError
-from shared.shard_reader import iterate_rows, open_dump
+from kd_shards.schemas.shard import CODEBOOK_KEY, LOGPROB_STEP, TAIL_STEP, Storage, round_logprobs
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.shard_reader import iterate_rows, open_dump
 from tests.synthetic_dumps import write_v1_dump, write_v2_dump
 
 VOCABULARY = 1000
@@ -157,7 +157,7 @@ def test_a_row_without_target_positions_is_written_and_read_back_empty(tmp_path,
     read = {row.sample_id: row for row in iterate_rows(open_dump(tmp_path))}
     assert [len(read[str(index)].target_ids) for index in range(3)] == [20, 0, 20]
     assert read["1"].topk_ids.shape[0] == 0 and read["1"].topk_log_tail.shape == (0,)
-    from teacher_dump.inspect import validate
+    from kd_shards.teacher_dump.inspect import validate
 
     assert validate(tmp_path) == []
 
@@ -264,8 +264,8 @@ def stored_draws(full: np.ndarray, draws: int, replicates: int):
     """`replicates` independent sets of `draws` draws from p = exp(full), written with
     teacher-dump's sampled encoder and read back with the trainer's decoder (one set = one
     position)."""
-    from shared.shard_codec import decode_distributions
-    from teacher_dump.encoding import encode_row, shard_columns
+    from kd_shards.shared.shard_codec import decode_distributions
+    from kd_shards.teacher_dump.encoding import encode_row, shard_columns
 
     storage = Storage("sampled", top_k=0, draws=draws)
     rng = np.random.default_rng(5)
@@ -282,7 +282,7 @@ def stored_draws(full: np.ndarray, draws: int, replicates: int):
 def trainer_gradients(student_logits: torch.Tensor, ids, logprobs, log_tail) -> np.ndarray:
     """(positions, V) gradient of the trainer's forward-KL loss (bucket tail, T = 1) of each
     position w.r.t. the student's logits."""
-    from student_train.losses import LossOptions, loss_sums
+    from kd_shards.student_train.losses import LossOptions, loss_sums
 
     logits = student_logits.expand(len(ids), -1).clone().requires_grad_(True)
     sums = loss_sums(
@@ -331,9 +331,9 @@ def test_sampled_estimator_is_unbiased_for_the_forward_kl_gradient():
 
 
 def test_inspect_validate_and_the_reader_refuse_corrupt_v2_shards(tmp_path):
-    from shared.files import sha256_of_file
-    from teacher_dump.inspect import validate
-    from teacher_dump.shards import describe_shard
+    from kd_shards.shared.files import sha256_of_file
+    from kd_shards.teacher_dump.inspect import validate
+    from kd_shards.teacher_dump.shards import describe_shard
 
     full = teacher(60, seed=8)
     storage = Storage("adaptive", top_k=8, k_max=24, codebook=True)
@@ -365,8 +365,8 @@ def test_inspect_validate_and_the_reader_refuse_corrupt_v2_shards(tmp_path):
             values = change(column.values.to_numpy().copy())
             changed = pa.ListArray.from_arrays(column.offsets, pa.array(values, pa.int32()))
             table = table.set_column(table.schema.get_field_index(name), name, changed)
-        from schemas.shard import shard_schema
-        from teacher_dump.shards import write_table
+        from kd_shards.schemas.shard import shard_schema
+        from kd_shards.teacher_dump.shards import write_table
 
         footer.pop(b"kd_shards.schema_version")
         footer.pop(b"kd_shards.storage")
@@ -472,10 +472,10 @@ def test_the_documented_numpy_decoding_equals_the_reader(tmp_path):
 def test_a_v1_dump_of_real_teacher_output_validates_and_trains(
     text_shards, student_model, tmp_path
 ):
-    from student_train.config import TrainConfig
-    from student_train.reporting import read_metrics
-    from student_train.train import run_training
-    from teacher_dump.inspect import validate
+    from kd_shards.student_train.config import TrainConfig
+    from kd_shards.student_train.reporting import read_metrics
+    from kd_shards.student_train.train import run_training
+    from kd_shards.teacher_dump.inspect import validate
 
     manifest = json.loads((text_shards / "manifest.json").read_text())
     assert manifest["storage"]["representation"] == "topk"
@@ -530,8 +530,8 @@ def test_sampled_store_draws_from_the_teachers_full_distribution(tiny_model, tex
 
     from transformers import AutoModelForCausalLM
 
+    from scripts.tiny_models import TOKENIZER_SIZE
     from tests.conftest import REPO, cli_command
-    from tests.tiny_models import TOKENIZER_SIZE
 
     plugin = tmp_path / "plugin" / "kd_shards_entry_point-0.0.dist-info"
     plugin.mkdir(parents=True)

@@ -9,9 +9,9 @@ from typing import get_args
 import numpy as np
 import pytest
 
-from shared.errors import UserError
-from shared.tasks import BUILT_IN, TASKS, resolve_task
-from shared.tasks.interface import Example, TaskKind
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.tasks import BUILT_IN, TASKS, resolve_task
+from kd_shards.shared.tasks.interface import Example, TaskKind
 
 
 def perfect_predictions(task, examples):
@@ -113,11 +113,11 @@ def test_kd_eval_runs_a_task_it_has_never_seen_from_the_task_value_alone(
     import json
     from types import SimpleNamespace
 
-    from kd_eval.config import EvalConfig
-    from kd_eval.evaluation import run_evaluation
-    from kd_eval.report import markdown_table
-    from shared.tasks.interface import HubSource, MetricColumn, Task
-    from shared.tokenizer import load_tokenizer
+    from kd_shards.kd_eval.config import EvalConfig
+    from kd_shards.kd_eval.evaluation import run_evaluation
+    from kd_shards.kd_eval.report import markdown_table
+    from kd_shards.shared.tasks.interface import HubSource, MetricColumn, Task
+    from kd_shards.shared.tokenizer import load_tokenizer
 
     def to_example(row: dict, index: int) -> Example:
         return Example(index, row["question"], tuple(row["aliases"]))

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.errors import UserError
-from student_train.config import TrainConfig
-from student_train.reporting import read_metrics
-from student_train.train import run_training
+from kd_shards.shared.errors import UserError
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.reporting import read_metrics
+from kd_shards.student_train.train import run_training
 from tests.conftest import torchrun_student_train
 from tests.conftest import train_config as shared_train_config
 
@@ -34,7 +34,7 @@ def train_config(shards: Path, student: Path, out: Path, **overrides) -> TrainCo
 
 def student_train(*arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "student_train.cli", *arguments],
+        [sys.executable, "-m", "kd_shards.student_train.cli", *arguments],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -88,7 +88,7 @@ def test_kd_training_lowers_the_eval_kl_to_the_teacher(
 
 
 def test_a_student_with_another_tokenizer_is_refused(text_shards, tmp_path):
-    from tests.tiny_models import build_tiny_llama
+    from scripts.tiny_models import build_tiny_llama
 
     other = build_tiny_llama(tmp_path / "other", tokenizer_size=400)
     result = student_train(

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.errors import UserError
-from shared.records import (
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.records import (
     TABLE_SUFFIXES,
     TEXT_SUFFIXES,
     LoadedRecords,
@@ -21,9 +21,9 @@ from shared.records import (
     read_table_file,
     read_text_files,
 )
-from shared.tasks import agnews, gsm8k, sst2, summ, text
-from shared.tasks.interface import Example, HubSource, Task, require_columns, text_of
-from shared.tasks.labelled import classification_example
+from kd_shards.shared.tasks import agnews, gsm8k, sst2, summ, text
+from kd_shards.shared.tasks.interface import Example, HubSource, Task, require_columns, text_of
+from kd_shards.shared.tasks.labelled import classification_example
 
 __all__ = [
     "TASKS",

@@ -1,8 +1,8 @@
 """AG News: news titles and descriptions in four topics. A header-less TSV (`text<TAB>class
 name`); scored by accuracy and macro-F1."""
 
-from shared.tasks.interface import HubSource
-from shared.tasks.labelled import labelled_task
+from kd_shards.shared.tasks.interface import HubSource
+from kd_shards.shared.tasks.labelled import labelled_task
 
 LABELS = ("World", "Sports", "Business", "Sci/Tech")
 

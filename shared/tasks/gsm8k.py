@@ -9,7 +9,7 @@ from decimal import Decimal, InvalidOperation
 
 import numpy as np
 
-from shared.tasks.interface import (
+from kd_shards.shared.tasks.interface import (
     Example,
     HubSource,
     MetricColumn,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.errors import UserError
+from kd_shards.shared.errors import UserError
 
 TaskKind = Literal["generate", "text", "classify"]
 """How a model is run on a task, which fixes what `score(predictions, inputs)` receives:

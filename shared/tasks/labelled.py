@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from shared.classification import gold_index
-from shared.errors import UserError
-from shared.scoring import classification_metrics
-from shared.tasks.interface import (
+from kd_shards.shared.classification import gold_index
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.scoring import classification_metrics
+from kd_shards.shared.tasks.interface import (
     Example,
     HubSource,
     MetricColumn,

@@ -1,8 +1,8 @@
 """SST-2: movie-review sentences, negative or positive. GLUE's TSV (`sentence<TAB>label`, label
 0/1, with a header); scored by accuracy and macro-F1."""
 
-from shared.tasks.interface import HubSource
-from shared.tasks.labelled import labelled_task
+from kd_shards.shared.tasks.interface import HubSource
+from kd_shards.shared.tasks.labelled import labelled_task
 
 LABELS = ("negative", "positive")
 

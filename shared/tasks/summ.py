@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared.scoring import bleu_score, rouge_per_sample
-from shared.tasks.interface import (
+from kd_shards.shared.scoring import bleu_score, rouge_per_sample
+from kd_shards.shared.tasks.interface import (
     Example,
     HubSource,
     MetricColumn,

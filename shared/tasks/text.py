@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared.scoring import language_model_metrics
-from shared.tasks.interface import (
+from kd_shards.shared.scoring import language_model_metrics
+from kd_shards.shared.tasks.interface import (
     Example,
     HubSource,
     MetricColumn,

@@ -6,10 +6,10 @@ FAMILIES.
 
 from __future__ import annotations
 
-from shared.models import resolve_model
-from student_train.families.causal_lm import CAUSAL_LM
-from student_train.families.sequence_classifier import SEQUENCE_CLASSIFIER
-from student_train.family import StudentFamily
+from kd_shards.shared.models import resolve_model
+from kd_shards.student_train.families.causal_lm import CAUSAL_LM
+from kd_shards.student_train.families.sequence_classifier import SEQUENCE_CLASSIFIER
+from kd_shards.student_train.family import StudentFamily
 
 FAMILIES: tuple[StudentFamily, ...] = (CAUSAL_LM, SEQUENCE_CLASSIFIER)
 DEFAULT_FAMILY = CAUSAL_LM

@@ -12,20 +12,24 @@ from pathlib import Path
 
 import torch
 
-from schemas.manifest import check_tokenizer_fingerprint
-from shared.causal_lm import check_output_path, final_hidden_states, output_logits_function
-from shared.classification import is_causal_lm
-from shared.collation import Batch, collate
-from shared.errors import UserError, one_line
-from shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
-from shared.models import context_length, resolve_model
-from shared.shard_reader import TRAINING_COLUMNS, Dump, TrainingRow
-from shared.tokenizer import load_tokenizer, tokenizer_fingerprint
-from student_train.config import TrainConfig
-from student_train.distributed import Distributed
-from student_train.family import FamilySetup, StudentFamily
-from student_train.losses import LossOptions, chunked_loss_sums
-from student_train.student import NO_LORA, LoraOptions, Student, with_lora
+from kd_shards.schemas.manifest import check_tokenizer_fingerprint
+from kd_shards.shared.causal_lm import (
+    check_output_path,
+    final_hidden_states,
+    output_logits_function,
+)
+from kd_shards.shared.classification import is_causal_lm
+from kd_shards.shared.collation import Batch, collate
+from kd_shards.shared.errors import UserError, one_line
+from kd_shards.shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
+from kd_shards.shared.models import context_length, resolve_model
+from kd_shards.shared.shard_reader import TRAINING_COLUMNS, Dump, TrainingRow
+from kd_shards.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.distributed import Distributed
+from kd_shards.student_train.family import FamilySetup, StudentFamily
+from kd_shards.student_train.losses import LossOptions, chunked_loss_sums
+from kd_shards.student_train.student import NO_LORA, LoraOptions, Student, with_lora
 
 
 class LanguageModelObjective:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from schemas.manifest import classify_labels
-from schemas.shard import HIDDEN_COLUMN
-from shared.classification import (
+from kd_shards.schemas.manifest import classify_labels
+from kd_shards.schemas.shard import HIDDEN_COLUMN
+from kd_shards.shared.classification import (
     align_labels,
     encode_texts,
     is_causal_lm,
@@ -29,17 +29,21 @@ from shared.classification import (
     model_labels,
     pool,
 )
-from shared.distributions import divergence_per_position
-from shared.errors import UserError
-from shared.models import AUXILIARY_WEIGHTS, context_length, resolve_model
-from shared.shard_reader import CLASSIFY_COLUMNS, Dump, TrainingRow
-from shared.tokenizer import load_tokenizer
-from student_train.classify_data import combined_teacher_targets
-from student_train.config import TrainConfig
-from student_train.distributed import Distributed
-from student_train.family import FamilySetup, StudentFamily
-from student_train.losses import LossOptions, classification_loss_sums, hidden_state_mse_sum
-from student_train.student import NO_LORA, LoraOptions, Student, with_lora
+from kd_shards.shared.distributions import divergence_per_position
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.models import AUXILIARY_WEIGHTS, context_length, resolve_model
+from kd_shards.shared.shard_reader import CLASSIFY_COLUMNS, Dump, TrainingRow
+from kd_shards.shared.tokenizer import load_tokenizer
+from kd_shards.student_train.classify_data import combined_teacher_targets
+from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.distributed import Distributed
+from kd_shards.student_train.family import FamilySetup, StudentFamily
+from kd_shards.student_train.losses import (
+    LossOptions,
+    classification_loss_sums,
+    hidden_state_mse_sum,
+)
+from kd_shards.student_train.student import NO_LORA, LoraOptions, Student, with_lora
 
 PROJECTION_NAME = AUXILIARY_WEIGHTS[0]
 """The learned projection of the hidden-state loss, saved beside the student's weights."""

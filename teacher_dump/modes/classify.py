@@ -17,8 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.shard import CLASSIFY_CONVENTIONS, CLASSIFY_SCHEMA_VERSION, LOGPROB_STEP, NO_LABEL
-from shared.classification import (
+from kd_shards.schemas.shard import (
+    CLASSIFY_CONVENTIONS,
+    CLASSIFY_SCHEMA_VERSION,
+    LOGPROB_STEP,
+    NO_LABEL,
+)
+from kd_shards.shared.classification import (
     align_labels,
     gold_index,
     is_causal_lm,
@@ -26,16 +31,16 @@ from shared.classification import (
     log_softmax_rows,
     model_labels,
 )
-from shared.engine import classifier_settings
-from shared.errors import UserError
-from shared.models import ResolvedModel
-from shared.tasks import Example, Task, examples_from_records
-from shared.tokenizer import render_prompt
-from teacher_dump.config import DumpConfig
-from teacher_dump.modes.interface import ModeRequests, TeacherInputs
-from teacher_dump.modes.tokens import build_engine
-from teacher_dump.requests import DumpRequest
-from teacher_dump.rows import ShardRow, make_classification_row
+from kd_shards.shared.engine import classifier_settings
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.models import ResolvedModel
+from kd_shards.shared.tasks import Example, Task, examples_from_records
+from kd_shards.shared.tokenizer import render_prompt
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.modes.interface import ModeRequests, TeacherInputs
+from kd_shards.teacher_dump.modes.tokens import build_engine
+from kd_shards.teacher_dump.requests import DumpRequest
+from kd_shards.teacher_dump.rows import ShardRow, make_classification_row
 
 NAME = "classify"
 OWN_FIELDS = frozenset()
@@ -183,7 +188,7 @@ def manifest_section(config: DumpConfig, plan: ClassificationPlan) -> dict:
 
 
 def build_classifier_engine(config: DumpConfig, model: ResolvedModel, context: int):
-    from shared.engine import ClassifierEngine
+    from kd_shards.shared.engine import ClassifierEngine
 
     return ClassifierEngine(
         classifier_settings(

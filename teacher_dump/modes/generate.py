@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from shared.records import LoadedRecords
-from shared.tasks import Task
-from teacher_dump.config import DumpConfig
-from teacher_dump.modes import tokens
-from teacher_dump.modes.interface import ModeRequests, TeacherInputs
-from teacher_dump.requests import DumpRequest, sample_seed
-from teacher_dump.rows import ScoredTarget, ShardRow, first_invalid_position, make_row
+from kd_shards.shared.records import LoadedRecords
+from kd_shards.shared.tasks import Task
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.modes import tokens
+from kd_shards.teacher_dump.modes.interface import ModeRequests, TeacherInputs
+from kd_shards.teacher_dump.requests import DumpRequest, sample_seed
+from kd_shards.teacher_dump.rows import ScoredTarget, ShardRow, first_invalid_position, make_row
 
 NAME = "generate"
 OWN_FIELDS = frozenset(

@@ -12,15 +12,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from schemas.shard import Storage
-from shared.errors import UserError
-from shared.models import ResolvedModel, context_length, resolve_model
-from shared.records import LoadedRecords
-from shared.tasks import Task
-from shared.tokenizer import has_chat_template, load_tokenizer, stop_token_ids
-from teacher_dump.config import DumpConfig
-from teacher_dump.requests import DumpRequest
-from teacher_dump.rows import ShardRow
+from kd_shards.schemas.shard import Storage
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.models import ResolvedModel, context_length, resolve_model
+from kd_shards.shared.records import LoadedRecords
+from kd_shards.shared.tasks import Task
+from kd_shards.shared.tokenizer import has_chat_template, load_tokenizer, stop_token_ids
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.requests import DumpRequest
+from kd_shards.teacher_dump.rows import ShardRow
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,11 @@ dataset's target); the row holds the teacher's distribution at every target posi
 
 from __future__ import annotations
 
-from shared.records import LoadedRecords
-from shared.tasks import Task
-from teacher_dump.config import DumpConfig
-from teacher_dump.modes import scoring, tokens
-from teacher_dump.modes.interface import ModeRequests, TeacherInputs
+from kd_shards.shared.records import LoadedRecords
+from kd_shards.shared.tasks import Task
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.modes import scoring, tokens
+from kd_shards.teacher_dump.modes.interface import ModeRequests, TeacherInputs
 
 NAME = "score"
 OWN_FIELDS = frozenset()

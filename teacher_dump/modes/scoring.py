@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import partial
 
-from teacher_dump.config import DumpConfig
-from teacher_dump.modes import tokens
-from teacher_dump.modes.interface import ModeRequests, TeacherInputs
-from teacher_dump.requests import DumpRequest
-from teacher_dump.rows import ScoredTarget, ShardRow, make_row
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.modes import tokens
+from kd_shards.teacher_dump.modes.interface import ModeRequests, TeacherInputs
+from kd_shards.teacher_dump.requests import DumpRequest
+from kd_shards.teacher_dump.rows import ScoredTarget, ShardRow, make_row
 
 
 def forced_rows(

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from shared.errors import UserError
-from shared.records import LoadedRecords
-from shared.tasks import Task, examples_from_records
-from teacher_dump.config import DumpConfig
-from teacher_dump.modes import scoring, tokens
-from teacher_dump.modes.interface import ModeRequests, TeacherInputs
-from teacher_dump.requests import check_lengths, text_requests
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.records import LoadedRecords
+from kd_shards.shared.tasks import Task, examples_from_records
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.modes import scoring, tokens
+from kd_shards.teacher_dump.modes.interface import ModeRequests, TeacherInputs
+from kd_shards.teacher_dump.requests import check_lengths, text_requests
 
 NAME = "text"
 OWN_FIELDS = frozenset({"chunk_tokens"})

@@ -8,15 +8,15 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from schemas.shard import LOGPROB_STEP, SCHEMA_VERSION, Storage
-from shared.errors import UserError
-from shared.models import ResolvedModel
-from shared.records import LoadedRecords
-from shared.tasks import Task, examples_from_records
-from teacher_dump.config import DumpConfig
-from teacher_dump.modes.interface import ModeRequests, TeacherInputs
-from teacher_dump.requests import DumpRequest, check_lengths, prompt_requests
-from teacher_dump.rows import ShardRow
+from kd_shards.schemas.shard import LOGPROB_STEP, SCHEMA_VERSION, Storage
+from kd_shards.shared.errors import UserError
+from kd_shards.shared.models import ResolvedModel
+from kd_shards.shared.records import LoadedRecords
+from kd_shards.shared.tasks import Task, examples_from_records
+from kd_shards.teacher_dump.config import DumpConfig
+from kd_shards.teacher_dump.modes.interface import ModeRequests, TeacherInputs
+from kd_shards.teacher_dump.requests import DumpRequest, check_lengths, prompt_requests
+from kd_shards.teacher_dump.rows import ShardRow
 
 
 def check_vocabulary(config: DumpConfig, inputs: TeacherInputs) -> None:
@@ -85,7 +85,7 @@ def storage(config: DumpConfig, vocabulary: int) -> Storage:
 
 def build_engine(config: DumpConfig, model: ResolvedModel, *, sampled_logprobs: bool):
     """The vLLM engine of a dump (`sampled_logprobs`: --store sampled's draws)."""
-    from shared.engine import EngineSettings, TeacherEngine
+    from kd_shards.shared.engine import EngineSettings, TeacherEngine
 
     return TeacherEngine(
         EngineSettings(
