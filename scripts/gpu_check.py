@@ -145,54 +145,20 @@ def machine_facts(device: str) -> dict:
 def build_random_teacher(directory: Path, seed: int = 0) -> Path:
     """A small random Llama (4 layers, head_dim 64) with a BPE tokenizer trained on the Python
     docs: the teacher when no real model is available offline."""
-    import pydoc_data.topics
+    from scripts.tiny_models import build_tiny_tokenizer, random_llama
 
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2048,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(list(pydoc_data.topics.topics.values()), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        # Wider than the default init, and a wider head still (logits of std ~5), so that the
-        # distributions are peaked enough for top-1 agreement between engines to be decided by
-        # the model, not by near-ties (the default init gives an almost flat distribution).
-        for name, parameter in model.named_parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0.0, 0.3 if name.startswith("lm_head") else 0.08)
     temporary = directory.with_name(directory.name + ".partial")
     shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    tokenizer = build_tiny_tokenizer(temporary, size=2048)
+    # Wider than the default init, and a wider head still (logits of std ~5), so that the
+    # distributions are peaked enough for top-1 agreement between engines to be decided by the
+    # model, not by near-ties (the default init gives an almost flat distribution).
+    model = random_llama(
+        tokenizer, vocabulary=len(tokenizer), hidden=256, layers=4, heads=4, context=2048,
+        seed=seed, scale=0.08, head_scale=0.3,
+    )  # fmt: skip
     model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
     temporary.rename(directory)
     return directory
 

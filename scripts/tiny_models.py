@@ -50,34 +50,63 @@ def build_tiny_llama(
     tokenizer_size: int = TOKENIZER_SIZE,
 ) -> Path:
     """Save a tiny random Llama (head_dim 32, as vLLM's CPU kernels need) with its tokenizer."""
+    directory = Path(directory)
+    tokenizer = build_tiny_tokenizer(directory, tokenizer_size)
+    # Larger-than-default weights give peaked, well-separated logits, so top-k order is not
+    # decided by float noise when comparing engines.
+    model = random_llama(
+        tokenizer, vocabulary=EMBEDDING_ROWS, hidden=64, layers=layers, heads=2, context=512,
+        seed=seed, scale=scale,
+    )  # fmt: skip
+    model.save_pretrained(directory)
+    return directory
+
+
+def random_llama(
+    tokenizer,
+    *,
+    vocabulary: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    context: int,
+    seed: int,
+    scale: float,
+    head_scale: float | None = None,
+):
+    """A random LlamaForCausalLM (intermediate 2 x hidden, heads / 2 key-value heads, untied
+    head): every weight matrix drawn from N(0, scale), the LM head's from N(0, head_scale)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    directory = Path(directory)
-    tokenizer = build_tiny_tokenizer(directory, tokenizer_size)
     config = LlamaConfig(
-        vocab_size=EMBEDDING_ROWS,
-        hidden_size=64,
-        intermediate_size=128,
+        vocab_size=vocabulary,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    return redraw_weights(LlamaForCausalLM(config), scale, head_scale)
+
+
+def redraw_weights(model, scale: float, head_scale: float | None = None):
+    """`model` with every weight matrix drawn again from N(0, scale) (the LM head's from
+    N(0, head_scale) when given), in parameter order from torch's current seed."""
+    import torch
+
     with torch.no_grad():
-        # Larger-than-default weights give peaked, well-separated logits, so top-k order is
-        # not decided by float noise when comparing engines.
-        for parameter in model.parameters():
+        for name, parameter in model.named_parameters():
             if parameter.dim() > 1:
-                parameter.normal_(0.0, scale)
-    model.save_pretrained(directory)
-    return directory
+                head = name.startswith("lm_head") and head_scale is not None
+                parameter.normal_(0.0, head_scale if head else scale)
+    return model
 
 
 def build_tiny_bert_tokenizer(directory: Path):
@@ -158,11 +187,7 @@ def build_tiny_bert(
     )
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config) if labels else BertModel(config)
-    with torch.no_grad():
-        # Larger-than-default weights give well-separated class probabilities, so that engines
-        # and references are compared on distributions that are not all near uniform.
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0.0, scale)
-    model.save_pretrained(directory)
+    # Larger-than-default weights give well-separated class probabilities, so that engines and
+    # references are compared on distributions that are not all near uniform.
+    redraw_weights(model, scale).save_pretrained(directory)
     return directory
