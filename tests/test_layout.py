@@ -38,17 +38,26 @@ def without_namespace(module: str) -> str:
     return module[len(prefix) :] if module.startswith(prefix) else module
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module `path` imports, at any depth (functions included), namespace removed; for
-    `from package import name` both `package` and `package.name` (a submodule or not)."""
-    names = set()
+def import_statements(path: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """(module, names) of every absolute import in `path`, at any depth (functions included),
+    namespace removed: `import a.b` gives ("a.b", ()), `from a import b, c` ("a", ("b", "c"))."""
+    statements = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names.update(without_namespace(alias.name) for alias in node.names)
+            statements += [(without_namespace(alias.name), ()) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            module = without_namespace(node.module)
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
+            names = tuple(alias.name for alias in node.names)
+            statements.append((without_namespace(node.module), names))
+    return statements
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports; for `from package import name` both `package` and
+    `package.name` (a submodule or not)."""
+    names = set()
+    for module, imported in import_statements(path):
+        names.add(module)
+        names.update(f"{module}.{name}" for name in imported)
     return names
 
 
@@ -94,14 +103,11 @@ def imported_project_modules(path: Path, modules: set[str]) -> set[str]:
     package.name where that is a module (Python then runs package/__init__.py first anyway,
     as for any submodule), else to the package."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(without_namespace(alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            module = without_namespace(node.module)
-            for alias in node.names:
-                submodule = f"{module}.{alias.name}"
-                names.add(submodule if submodule in modules else module)
+    for module, imported in import_statements(path):
+        submodules = {f"{module}.{name}" for name in imported} & modules
+        names |= submodules
+        if len(submodules) < len(imported) or not imported:
+            names.add(module)
     return names & modules
 
 
