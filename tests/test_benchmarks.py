@@ -27,6 +27,7 @@ def test_step_seconds_from_cumulative_throughput(tmp_path):
     assert np.allclose(seconds, [2.0, 3.0, 5.0]) and tokens == 100
 
 
+@pytest.mark.smoke
 def test_bench_smoke_on_tiny_models(tiny_model, student_model, text_file, gsm8k_file, tmp_path):
     config = BenchConfig(
         out=str(tmp_path / "bench"),

@@ -102,6 +102,7 @@ def test_convert_gguf_gives_a_working_smollm2(tmp_path):
 
 
 @pytest.mark.engine
+@pytest.mark.smoke
 def test_reduced_demo_runs_every_stage_and_reuses_them(tiny_model, tmp_path):
     out = tmp_path / "demo"
     settings = [
