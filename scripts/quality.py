@@ -68,8 +68,9 @@ class QualityConfig:
     False keeps the raw file's "Eliot 's Four Quartets , a series"."""
     chunk_tokens: int = 128
     """Tokens per WikiText window."""
-    train_windows: int = 600
-    """Training windows the teacher scores."""
+    train_windows: int = 1280
+    """Training windows the teacher scores: steps × micro_batch × the largest budget, so that
+    no run sees a window twice."""
     heldout_windows: int = 64
     """Held-out windows (evaluation)."""
     top_k: int = 64
@@ -81,10 +82,21 @@ class QualityConfig:
     """Held-out evaluation every N steps (the curves)."""
     micro_batch: int = 8
     """Windows per optimizer step."""
-    lr: float = 3e-4
-    """Peak learning rate of every run (warm-up then cosine, as student-train does)."""
+    lr: float = 1e-3
+    """Peak learning rate of every run (warm-up then cosine, as student-train does). 1e-3: at
+    3e-4 (the earlier setting) one seed closed 4.2% of the CE gap and one at 1e-3 6.8%, so
+    every run is measured at 1e-3."""
     seeds: int = 2
     """Data orders of the headline pair (KD recipe and SFT), for the run-to-run spread."""
+    budgets: tuple[int, ...] = (1, 2, 4)
+    """Token budgets as multiples of `steps`: KD (the recipe) and SFT each train steps × b
+    optimizer steps, the schedule stretched over the run (b = 1 is the headline pair)."""
+    budget_seeds: int = 2
+    """Seeds of the KD/SFT pair at the largest budget (budgets between 1 and it: seed 0)."""
+    levers: tuple[str, ...] = ("adaptive-mass", "sampled")
+    """Stored-mass levers (`LEVER_STORES`): the recipe at `steps` on a dump of the first
+    steps × micro_batch training windows in that representation, against the same windows
+    stored as exact top-`top_k`."""
     loss: Divergence = "fkl"
     """The KD recipe's divergence."""
     alpha: float = 0.5
@@ -110,6 +122,8 @@ class QualityConfig:
     """SciTLDR dev abstracts scored with ROUGE."""
     summ_steps: int = 40
     """Optimizer steps of every summarization run."""
+    summ_lr: float = 3e-4
+    """Peak learning rate of the summarization runs (measured at 3e-4)."""
     summ_max_new_tokens: int = 64
     """Longest summary, for the teacher's outputs and the evaluation."""
     summ_temperature: float = 0.0
@@ -125,9 +139,20 @@ class QualityConfig:
 
     def __post_init__(self):
         check_choices(self)
+        unknown_levers = sorted(set(self.levers) - set(LEVER_STORES))
         check_all(
             [
                 (self.seeds >= 1, "--set seeds must be at least 1"),
+                (
+                    bool(self.budgets) and 1 in self.budgets and min(self.budgets) >= 1,
+                    "--set budgets: positive multiples of steps that include 1, e.g. 1,2,4",
+                ),
+                (self.budget_seeds >= 1, "--set budget_seeds must be at least 1"),
+                (
+                    not unknown_levers,
+                    f"--set levers: unknown {', '.join(unknown_levers)}; use "
+                    f"{', '.join(LEVER_STORES)}",
+                ),
                 (self.steps >= 1 and self.summ_steps >= 1, "steps must be at least 1"),
                 (all("=" in item for item in self.ablations), "ablations are KEY=VALUE items"),
             ]
@@ -141,6 +166,17 @@ class QualityConfig:
             "temperature": self.temperature,
             "tail": self.tail,
         }
+
+
+LEVER_STORES = {
+    "adaptive-mass": ["--store", "adaptive", "--adaptive-rule", "mass", "--mass-target", 0.99,
+                      "--k-max", 256],
+    "sampled": ["--store", "sampled", "--draws", 64],
+}  # fmt: skip
+"""teacher-dump flags of each stored-mass lever. On held-out text 22% of the target tokens lie
+outside the teacher's top 64 and carry half its CE: adaptive keeps up to 256 entries until 99%
+of each position's mass is held; sampled draws from the full distribution (unbiased forward KL
+in expectation)."""
 
 
 WIKITEXT_SPACING = (
@@ -211,6 +247,15 @@ def eval_curve(run: Path) -> list[dict]:
     return [entry for line in lines if "eval_kl" in (entry := json.loads(line))]
 
 
+def stored_bytes_per_token(shards: Path) -> float:
+    """A dump's shard bytes per target token (the manifest's shards, as written)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    shards_listed = manifest["shards"]
+    return sum(entry["bytes"] for entry in shards_listed) / sum(
+        entry["target_tokens"] for entry in shards_listed
+    )
+
+
 def teacher_heldout_ce(shards: Path) -> float:
     """The teacher's own CE on the held-out targets (its stored target logprobs)."""
     import numpy as np
@@ -228,31 +273,49 @@ def teacher_heldout_ce(shards: Path) -> float:
 
 
 def lm_runs(config: QualityConfig) -> dict[str, dict]:
-    """Every LM run: name -> {kind, seed, settings}. The headline pair for each seed, then the
-    ablations (seed 0)."""
+    """Every LM run: name -> {kind, seed, settings, budget, shards}. The headline pair for each
+    seed, the ablations (seed 0), the pair at each larger budget, then the stored-mass levers
+    with their exact top-k reference (seed 0, on the lever windows)."""
     runs = {}
+
+    def add(name: str, kind: str, seed: int, settings: dict, budget: int = 1, shards="train"):
+        runs[name] = {"kind": kind, "seed": seed, "settings": settings, "budget": budget,
+                      "shards": shards}  # fmt: skip
+
     for seed in range(config.seeds):
-        runs[f"kd-seed{seed}"] = {"kind": "kd", "seed": seed, "settings": dict(config.recipe)}
-        runs[f"sft-seed{seed}"] = {"kind": "sft", "seed": seed, "settings": {"loss": "ce"}}
+        add(f"kd-seed{seed}", "kd", seed, dict(config.recipe))
+        add(f"sft-seed{seed}", "sft", seed, {"loss": "ce"})
     for item in config.ablations:
         key, _, value = item.partition("=")
         if str(config.recipe.get(key)) == value:
             continue
-        runs[f"kd-{key}={value}"] = {
-            "kind": "ablation",
-            "seed": 0,
-            "settings": {**config.recipe, key: value},
-        }
+        add(f"kd-{key}={value}", "ablation", 0, {**config.recipe, key: value})
+    largest = max(config.budgets)
+    for budget in sorted(set(config.budgets) - {1}):
+        for seed in range(config.budget_seeds if budget == largest else 1):
+            add(f"kd-budget{budget}-seed{seed}", "kd", seed, dict(config.recipe), budget)
+            add(f"sft-budget{budget}-seed{seed}", "sft", seed, {"loss": "ce"}, budget)
+    if config.levers:
+        add("kd-lever-topk", "lever", 0, dict(config.recipe), shards="lever-topk")
+        for lever in config.levers:
+            add(f"kd-lever-{lever}", "lever", 0, dict(config.recipe), shards=f"lever-{lever}")
     return runs
 
 
-def train(config: QualityConfig, name: str, run: dict, common: list, runs_dir: Path) -> Path:
+def train(
+    config: QualityConfig, name: str, run: dict, common: list, shards: Path, runs_dir: Path
+) -> Path:
+    """One student-train run of `lm_runs`: its budget stretches the steps and the evaluation
+    interval alike, so every curve has the same number of points."""
     out = runs_dir / name
     settings = [
         part for key, value in run["settings"].items() for part in ("--set", f"{key}={value}")
     ]
+    budget = run["budget"]
     run_command(f"lm: train {name}", "student-train",
-                [*common, "--seed", run["seed"], *settings, "--out", out],
+                ["--shards", shards / run["shards"], *common, "--max-steps", config.steps * budget,
+                 "--eval-every", config.eval_every * budget, "--seed", run["seed"], *settings,
+                 "--out", out],
                 log=runs_dir / f"{name}.log")  # fmt: skip
     return out
 
@@ -265,23 +328,30 @@ def run_lm(config: QualityConfig, teacher: Path, student: Path, out: Path) -> di
         config.natural_spacing,
     )
     shards = out / "shards"
-    dump = ["--model", teacher, "--data", "text", "--mode", "text", "--chunk-tokens",
-            config.chunk_tokens, "--store", "topk", "--top-k", config.top_k, "--no-progress",
-            *engine_flags(config)]  # fmt: skip
+    scoring = ["--model", teacher, "--data", "text", "--mode", "text", "--chunk-tokens",
+               config.chunk_tokens, "--no-progress", *engine_flags(config)]  # fmt: skip
+    exact = ["--store", "topk", "--top-k", config.top_k]
+    dump = [*scoring, *exact]
     run_command("lm: the teacher scores the training windows", "teacher-dump",
                 [*dump, "--data-path", train_text, "--limit", config.train_windows,
                  "--out", shards / "train"])  # fmt: skip
     run_command("lm: ... and the held-out windows", "teacher-dump",
                 [*dump, "--data-path", heldout_text, "--limit", config.heldout_windows,
                  "--out", shards / "heldout"])  # fmt: skip
-    common = ["--shards", shards / "train", "--eval-shards", shards / "heldout",
-              "--student", student, "--max-steps", config.steps, "--micro-batch",
-              config.micro_batch, "--lr", config.lr, "--eval-every", config.eval_every,
-              "--resume", "--no-progress"]  # fmt: skip
+    if config.levers:
+        lever_windows = config.steps * config.micro_batch
+        lever_dumps = {"topk": exact} | {lever: LEVER_STORES[lever] for lever in config.levers}
+        for lever, store in lever_dumps.items():
+            run_command(f"lm: the first {lever_windows} training windows, stored as {lever}",
+                        "teacher-dump",
+                        [*scoring, *store, "--data-path", train_text, "--limit", lever_windows,
+                         "--out", shards / f"lever-{lever}"])  # fmt: skip
+    common = ["--eval-shards", shards / "heldout", "--student", student, "--micro-batch",
+              config.micro_batch, "--lr", config.lr, "--resume", "--no-progress"]  # fmt: skip
     runs = lm_runs(config)
     results = {}
     for name, run in runs.items():
-        directory = train(config, name, run, common, out / "runs")
+        directory = train(config, name, run, common, shards, out / "runs")
         results[name] = {**run, "curve": eval_curve(directory)}
     contenders = {
         "teacher": teacher,
@@ -301,6 +371,10 @@ def run_lm(config: QualityConfig, teacher: Path, student: Path, out: Path) -> di
     return {
         "teacher_ce": teacher_heldout_ce(shards / "heldout"),
         "runs": results,
+        "stored_bytes": {
+            directory.name: stored_bytes_per_token(directory)
+            for directory in sorted(shards.glob("lever-*"))
+        },
         "kd_eval": json.loads((out / "eval" / "lm" / "results.json").read_text()),
     }
 
@@ -320,7 +394,7 @@ def run_summ(config: QualityConfig, teacher: Path, student: Path, out: Path) -> 
     run_command("summ: the teacher scores the reference summaries", "teacher-dump",
                 [*dump, "--mode", "score", "--out", shards / "summ-references"])  # fmt: skip
     common = ["--student", student, "--max-steps", config.summ_steps, "--micro-batch",
-              config.micro_batch, "--lr", config.lr, "--resume", "--no-progress"]  # fmt: skip
+              config.micro_batch, "--lr", config.summ_lr, "--resume", "--no-progress"]  # fmt: skip
     students = {
         "sequence-kd": [shards / "summ-teacher", "--loss", "ce"],
         "logit-kd": [shards / "summ-teacher", *[part for key, value in config.recipe.items()
@@ -410,6 +484,58 @@ def headline(lm: dict) -> dict:
     return {"per_step": steps, "final": steps[-1]}
 
 
+def sft_tokens_to_reach(ce: float, sft: list[tuple[int, float]]) -> tuple[float, str]:
+    """The SFT tokens needed to reach held-out CE `ce`, from SFT's final CE at each measured
+    budget (tokens, CE), interpolated linearly in log(tokens) between the two budgets that
+    bracket it. Returns (tokens, bound): bound is "exact" inside the measured range, "at
+    least" (the largest budget's tokens) when SFT never got that low, "at most" (the smallest
+    budget's tokens) when SFT's smallest budget already did."""
+    import math
+
+    points = sorted(sft)
+    if ce >= points[0][1]:
+        return float(points[0][0]), "at most"
+    for (tokens_low, ce_low), (tokens_high, ce_high) in zip(points, points[1:], strict=False):
+        if ce_high <= ce < ce_low:
+            share = (ce_low - ce) / (ce_low - ce_high)
+            return math.exp(
+                math.log(tokens_low) + share * (math.log(tokens_high) - math.log(tokens_low))
+            ), "exact"
+    return float(points[-1][0]), "at least"
+
+
+def budget_table(lm: dict, config: QualityConfig) -> list[dict]:
+    """Per budget: tokens, KD and SFT final CE (seed means, spreads), the gap closed, and the
+    token-efficiency multiplier (SFT tokens to reach KD's CE ÷ KD's tokens)."""
+    tokens_per_step = config.micro_batch * config.chunk_tokens
+    finals: dict[tuple[str, int], list[float]] = {}
+    for run in lm["runs"].values():
+        if run["kind"] in ("kd", "sft"):
+            key = (run["kind"], run.get("budget", 1))
+            finals.setdefault(key, []).append(run["curve"][-1]["eval_ce"])
+    budgets = sorted(
+        budget for kind, budget in finals if kind == "kd" and ("sft", budget) in finals
+    )
+    sft_points = [
+        (config.steps * b * tokens_per_step, statistics.mean(finals["sft", b])) for b in budgets
+    ]
+    rows = []
+    for budget in budgets:
+        kd, sft = finals["kd", budget], finals["sft", budget]
+        tokens = config.steps * budget * tokens_per_step
+        needed, bound = sft_tokens_to_reach(statistics.mean(kd), sft_points)
+        rows.append(
+            {
+                "budget": budget, "tokens": tokens, "seeds": len(kd),
+                "kd_ce": statistics.mean(kd), "sft_ce": statistics.mean(sft),
+                "kd_ce_spread": max(kd) - min(kd), "sft_ce_spread": max(sft) - min(sft),
+                "gap_closed_ce": gap_closed(statistics.mean(sft), statistics.mean(kd), lm["teacher_ce"]),
+                "sft_tokens_to_reach_kd": needed, "multiplier": needed / tokens, "bound": bound,
+            }
+        )  # fmt: skip
+    return rows
+
+
 def markdown(results: dict, config: QualityConfig) -> str:
     """results.md: the headline, the ablations and the summarization table."""
     lines = []
@@ -434,6 +560,8 @@ def markdown(results: dict, config: QualityConfig) -> str:
         lines += ["", "| run | settings | CE | KL | top-1 | gap closed (CE) vs SFT seed mean |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for name, run in lm["runs"].items():
+            if run.get("budget", 1) != 1 or run["kind"] == "lever":
+                continue
             last = run["curve"][-1]
             settings = ", ".join(f"{k}={v}" for k, v in run["settings"].items())
             closed = gap_closed(final["sft_ce"], last["eval_ce"], lm["teacher_ce"])
@@ -441,6 +569,32 @@ def markdown(results: dict, config: QualityConfig) -> str:
                 f"| {name} | {settings} | {last['eval_ce']:.3f} | {last['eval_kl']:.3f} | "
                 f"{last['eval_top1']:.3f} | {closed:.1%} |"
             )
+        if results.get("budgets"):
+            lines += ["", "| budget | tokens | seeds | KD CE | SFT CE | gap closed (CE) | "
+                      "KD / SFT CE spread | SFT tokens to reach KD's CE | multiplier |",
+                      "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for row in results["budgets"]:
+                bound = {"exact": "", "at least": "≥ ", "at most": "≤ "}[row["bound"]]
+                lines.append(
+                    f"| {row['budget']}× | {row['tokens']:,} | {row['seeds']} | "
+                    f"{row['kd_ce']:.3f} | {row['sft_ce']:.3f} | {row['gap_closed_ce']:.1%} | "
+                    f"{row['kd_ce_spread']:.3f} / {row['sft_ce_spread']:.3f} | "
+                    f"{bound}{row['sft_tokens_to_reach_kd']:,.0f} | {bound}{row['multiplier']:.2f}× |"
+                )
+        levers = {name: run for name, run in lm["runs"].items() if run["kind"] == "lever"}
+        if levers:
+            reference = levers["kd-lever-topk"]["curve"][-1]["eval_ce"]
+            lines += ["", "| lever (recipe, seed 0, same windows and steps) | stored B/token | CE | "
+                      "KL | top-1 | CE − top-k's |", "|---|---|---|---|---|---|"]  # fmt: skip
+            for name, run in levers.items():
+                last = run["curve"][-1]
+                stored = lm.get("stored_bytes", {}).get(run["shards"])
+                lines.append(
+                    f"| {name.removeprefix('kd-lever-')} | "
+                    f"{'' if stored is None else f'{stored:.1f}'} | {last['eval_ce']:.3f} | "
+                    f"{last['eval_kl']:.3f} | {last['eval_top1']:.3f} | "
+                    f"{last['eval_ce'] - reference:+.3f} |"
+                )
     if "summ" in results:
         lines += ["", "| model | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|"]
         for name, model in results["summ"]["models"].items():
@@ -489,6 +643,42 @@ def plot_curves(path: Path, results: dict) -> None:
     plt.close(figure)
 
 
+def plot_budgets(path: Path, results: dict, config: QualityConfig) -> None:
+    """Held-out CE against training tokens: each budget's KD and SFT runs (thin: their curves;
+    markers: final CE of each seed), the teacher's CE as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lm = results["lm"]
+    tokens_per_step = config.micro_batch * config.chunk_tokens
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for run in lm["runs"].values():
+        if run["kind"] not in ("kd", "sft"):
+            continue
+        color = "C0" if run["kind"] == "kd" else "C3"
+        tokens = [max(point["step"], 1) * tokens_per_step for point in run["curve"]]
+        values = [point["eval_ce"] for point in run["curve"]]
+        axis.plot(tokens, values, color=color, linewidth=0.8, alpha=0.4)
+        axis.plot(tokens[-1], values[-1], "o" if run["kind"] == "kd" else "s", color=color)
+    for row in results.get("budgets", []):
+        axis.annotate(f"{row['multiplier']:.1f}×", (row["tokens"], row["kd_ce"]),
+                      textcoords="offset points", xytext=(4, -12), fontsize=8, color="C0")  # fmt: skip
+    axis.axhline(lm["teacher_ce"], color="k", linewidth=1, label="teacher")
+    axis.plot([], [], "o-", color="C0", label="KD (recipe)")
+    axis.plot([], [], "s-", color="C3", label="SFT")
+    axis.set_xscale("log")
+    axis.set_xlabel("training tokens")
+    axis.set_ylabel("held-out CE (nats)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title("KD vs SFT per token budget (labels: SFT tokens to reach KD's CE ÷ KD's)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def run_quality(config: QualityConfig) -> dict:
     out = Path(config.out)
     started = time.perf_counter()
@@ -509,7 +699,9 @@ def run_quality(config: QualityConfig) -> dict:
     if config.only in (None, "lm"):
         results["lm"] = run_lm(config, teacher, student, out)
         results["headline"] = headline(results["lm"])
+        results["budgets"] = budget_table(results["lm"], config)
         plot_curves(out / "curves.png", results)
+        plot_budgets(out / "ce-vs-tokens.png", results, config)
     if config.only in (None, "summ"):
         results["summ"] = run_summ(config, teacher, student, out)
     results["minutes"] = (time.perf_counter() - started) / 60

@@ -72,12 +72,76 @@ def test_the_gap_closed_is_read_from_the_seed_means_at_equal_steps():
 
 
 def test_runs_are_the_headline_pair_per_seed_then_each_ablation_that_changes_the_recipe():
-    config = QualityConfig(seeds=2, ablations=("alpha=0", "alpha=0.5", "loss=rkl"))
+    config = QualityConfig(
+        seeds=2, ablations=("alpha=0", "alpha=0.5", "loss=rkl"), budgets=(1,), levers=()
+    )
     runs = lm_runs(config)
     assert list(runs) == ["kd-seed0", "sft-seed0", "kd-seed1", "sft-seed1", "kd-alpha=0",
                           "kd-loss=rkl"]  # fmt: skip
     assert runs["kd-loss=rkl"]["settings"] == {**config.recipe, "loss": "rkl"}
-    assert runs["sft-seed1"] == {"kind": "sft", "seed": 1, "settings": {"loss": "ce"}}
+    assert runs["sft-seed1"] == {
+        "kind": "sft", "seed": 1, "settings": {"loss": "ce"}, "budget": 1, "shards": "train"
+    }  # fmt: skip
+
+
+def test_budget_runs_pair_kd_with_sft_and_the_largest_budget_has_its_own_seeds():
+    config = QualityConfig(seeds=2, ablations=(), budgets=(1, 2, 4), budget_seeds=2,
+                           levers=("sampled",))  # fmt: skip
+    runs = lm_runs(config)
+    assert list(runs) == [
+        "kd-seed0", "sft-seed0", "kd-seed1", "sft-seed1",
+        "kd-budget2-seed0", "sft-budget2-seed0",
+        "kd-budget4-seed0", "sft-budget4-seed0", "kd-budget4-seed1", "sft-budget4-seed1",
+        "kd-lever-topk", "kd-lever-sampled",
+    ]  # fmt: skip
+    assert runs["sft-budget4-seed1"]["budget"] == 4 and runs["sft-budget4-seed1"]["seed"] == 1
+    assert runs["kd-lever-sampled"]["shards"] == "lever-sampled"
+    assert runs["kd-lever-topk"]["settings"] == config.recipe
+    with pytest.raises(Exception, match="include 1"):
+        QualityConfig(budgets=(2, 4))
+    with pytest.raises(Exception, match="unknown nope"):
+        QualityConfig(levers=("nope",))
+
+
+def test_sft_tokens_to_reach_a_ce_interpolate_in_log_tokens_between_bracketing_budgets():
+    import math
+
+    from scripts.quality import sft_tokens_to_reach
+
+    sft = [(4000, 4.0), (1000, 5.0), (2000, 4.5)]  # unsorted on purpose
+    # 4.25 lies halfway between 4.5 (2000 tokens) and 4.0 (4000): the geometric mean
+    tokens, bound = sft_tokens_to_reach(4.25, sft)
+    assert bound == "exact" and tokens == pytest.approx(math.sqrt(2000 * 4000))
+    # 4.9 is a tenth of the way from 5.0 to 4.5: 1000 * 2 ** 0.2
+    assert sft_tokens_to_reach(4.9, sft)[0] == pytest.approx(1000 * 2**0.2)
+    assert sft_tokens_to_reach(3.9, sft) == (4000.0, "at least")
+    assert sft_tokens_to_reach(5.2, sft) == (1000.0, "at most")
+
+
+def test_the_budget_table_reads_seed_means_and_the_multiplier_from_sft_at_every_budget():
+    from scripts.quality import budget_table
+
+    def run(kind, budget, ce):
+        return {"kind": kind, "budget": budget, "curve": [{"step": 1, "eval_ce": ce}]}
+
+    config = QualityConfig(steps=10, micro_batch=2, chunk_tokens=5, budgets=(1, 2))
+    lm = {
+        "teacher_ce": 3.0,
+        "runs": {
+            "kd-seed0": run("kd", 1, 4.5), "kd-seed1": run("kd", 1, 4.7),
+            "sft-seed0": run("sft", 1, 5.0), "sft-seed1": run("sft", 1, 5.0),
+            "kd-budget2-seed0": run("kd", 2, 4.0), "sft-budget2-seed0": run("sft", 2, 4.4),
+            "kd-alpha=0": run("ablation", 1, 1.0),
+        },
+    }  # fmt: skip
+    first, second = budget_table(lm, config)
+    assert first["tokens"] == 100 and second["tokens"] == 200
+    assert first["kd_ce"] == pytest.approx(4.6) and first["kd_ce_spread"] == pytest.approx(0.2)
+    assert first["gap_closed_ce"] == pytest.approx(0.4 / 2.0)
+    # KD's 4.6 at 100 tokens: SFT gets there two thirds of the way (in log tokens) to 200
+    assert first["bound"] == "exact"
+    assert first["multiplier"] == pytest.approx(2 ** (0.4 / 0.6))
+    assert second["bound"] == "at least" and second["multiplier"] == pytest.approx(1.0)
 
 
 def test_the_paired_rouge_difference_has_a_bootstrap_interval_near_the_normal_one():
@@ -120,3 +184,33 @@ def test_an_evaluation_is_reused_only_for_the_same_models_none_newer(tmp_path):
     assert not evaluation_is_current(results, {"teacher": models["teacher"]})
     os.utime(models["student"] / "config.json", (3000, 3000))  # retrained after the evaluation
     assert not evaluation_is_current(results, models)
+
+
+def test_results_md_and_the_tokens_chart_show_the_budgets_and_the_levers(tmp_path):
+    from scripts.quality import budget_table, headline, markdown, plot_budgets
+
+    def run(kind, ce, budget=1, shards="train"):
+        curve = [{"step": 0, "eval_ce": 6.0, "eval_kl": 2.0, "eval_top1": 0.1},
+                 {"step": 10 * budget, "eval_ce": ce, "eval_kl": 1.0, "eval_top1": 0.4}]  # fmt: skip
+        return {"kind": kind, "seed": 0, "settings": {}, "budget": budget, "shards": shards,
+                "curve": curve}  # fmt: skip
+
+    config = QualityConfig(steps=10, budgets=(1, 2), levers=("sampled",))
+    lm = {
+        "teacher_ce": 3.0,
+        "runs": {
+            "kd-seed0": run("kd", 4.6), "sft-seed0": run("sft", 5.0),
+            "kd-budget2-seed0": run("kd", 4.2, 2), "sft-budget2-seed0": run("sft", 4.4, 2),
+            "kd-lever-topk": run("lever", 4.5, shards="lever-topk"),
+            "kd-lever-sampled": run("lever", 4.4, shards="lever-sampled"),
+        },
+        "stored_bytes": {"lever-topk": 250.0, "lever-sampled": 120.5},
+    }  # fmt: skip
+    results = {"lm": lm, "headline": headline(lm), "budgets": budget_table(lm, config)}
+    text = markdown(results, config)
+    assert "| 1× | 10,240 | 1 | 4.600 | 5.000 | 20.0% |" in text
+    assert "≥ 20,480 | ≥ 1.00× |" in text  # KD at 2x beats SFT's best budget
+    assert "| sampled | 120.5 | 4.400 | 1.000 | 0.400 | -0.100 |" in text
+    assert "kd-budget2-seed0 |" not in text  # budget runs are in the budget table only
+    plot_budgets(tmp_path / "chart.png", results, config)
+    assert (tmp_path / "chart.png").stat().st_size > 1000
