@@ -197,3 +197,26 @@ def test_a_verbalizer_puts_both_texts_of_a_pair_into_its_prompt(tiny_model, tmp_
     assert (
         verbalizer_prompt(both, example) == "Does 'A cat sat.' mean 'A cat was sitting.'? no, yes"
     )
+
+
+def test_a_dump_of_single_texts_has_no_pair_column_and_reads_as_before(pair_teacher, tmp_path):
+    import pyarrow.parquet as pq
+
+    from kd_shards.schemas.shard import PAIR_COLUMN, SCHEMA_V1
+    from kd_shards.shared.shard_reader import CLASSIFY_COLUMNS, iterate_rows, open_dump
+    from kd_shards.teacher_dump.run import run_dump
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": a, "label": int(g)}) + "\n" for a, _, g in PAIRS))
+    out = tmp_path / "dump"
+    run_dump(
+        dump_config(
+            pair_teacher, data, out, data=str(data), prompt_column="text", target_column="label",
+            mode="classify", classify_backend="transformers",
+        )
+    )  # fmt: skip
+    assert "text_pairs" not in open_dump(out).manifest["classify"]
+    for path in out.glob("part-*.parquet"):
+        assert pq.read_schema(path).names == SCHEMA_V1.names and PAIR_COLUMN not in SCHEMA_V1.names
+    rows = list(iterate_rows(open_dump(out), columns=CLASSIFY_COLUMNS))
+    assert len(rows) == len(PAIRS) and all(row.text_pair is None for row in rows)
