@@ -31,6 +31,15 @@ def gold_option(example: Example) -> int:
     return int(raw)
 
 
+def option_texts(example: Example) -> list[str]:
+    """How a prediction record shows the options: the continuations when every option shares
+    one context (Social IQa, AQuA-RAT), else each option's whole text (WinoGrande, whose
+    options fill a blank in the context)."""
+    if len({context for context, _ in example.choices}) == 1:
+        return [continuation.strip() for _, continuation in example.choices]
+    return [(context + continuation).strip() for context, continuation in example.choices]
+
+
 def choice_score(scores: Mapping[str, Sequence[np.ndarray]], examples: Sequence[Example]) -> Scores:
     """Accuracy of the highest-scored option (ties: the first), for every scoring in `scores`
     (name -> one (O,) array of option scores per example); "accuracy" is the first scoring's,
@@ -58,7 +67,7 @@ def choice_score(scores: Mapping[str, Sequence[np.ndarray]], examples: Sequence[
             {
                 "sample_id": str(position),
                 "question": example.prompt,
-                "options": [continuation.strip() for _, continuation in example.choices],
+                "options": option_texts(example),
                 "reference": LETTERS[gold[position]],
                 "prediction": LETTERS[chosen],
                 "correct": bool(chosen == gold[position]),
