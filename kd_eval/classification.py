@@ -17,7 +17,12 @@ import numpy as np
 
 from kd_shards.kd_eval.config import EvalConfig
 from kd_shards.schemas.manifest import check_dump_kind, classify_labels
-from kd_shards.shared.classification import align_labels, label_order, model_labels
+from kd_shards.shared.classification import (
+    align_labels,
+    classifier_input_ids,
+    label_order,
+    model_labels,
+)
 from kd_shards.shared.errors import UserError
 from kd_shards.shared.models import ResolvedModel, context_length
 from kd_shards.shared.tasks import TASKS, classification_example, load_records, resolve_task
@@ -94,10 +99,10 @@ def run_classifier(
     # Output j of the model is data label order[j]: put every model in the data's order.
     order = np.asarray([inputs.labels.index(label) for label in names])
     context = config.max_model_len or context_length(resolved.config) or 512
-    token_ids = []
-    for text in inputs.texts:
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-        token_ids.append(ids if len(ids) <= context else ids[: context - 1] + ids[-1:])
+    token_ids = [
+        classifier_input_ids(tokenizer, example.prompt, example.pair, context)[0]
+        for example in inputs.examples
+    ]
     owns_engine = engine is None
     if owns_engine:
         engine = ClassifierEngine(

@@ -42,9 +42,14 @@ def main(config_file, assignments, models, task, **flags) -> None:
     """Evaluate models on a task with identical prompts and decoding; print a table.
 
     \b
-    kd-eval --task gsm8k|summ|text|sst2|agnews|FILE --model NAME=PATH [--model NAME=PATH ...]
+    kd-eval --task TASK|FILE --model NAME=PATH [--model NAME=PATH ...]
             [--data-path P] [--split S] [--limit N] [--teacher-shards DIR] [--max-new-tokens N]
             [--out DIR]
+
+    \b
+    TASK: gsm8k, summ, text, triviaqa, aqua-rat-letter (generation or text); sst2, agnews,
+    mrpc, rte, qqp, cola, phrasebank, phrasebank-allagree (classification); winogrande,
+    social-iqa, aqua-rat (multiple choice)
     """
     if task is not None:
         if task in RENAMED:

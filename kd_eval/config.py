@@ -17,9 +17,13 @@ class EvalConfig:
     """The task (`--data` or `--task`), by the name teacher-dump takes (its module in shared/tasks/ says how models are
     run and scored). gsm8k: greedy answers, the final number must equal the reference's
     (accuracy); summ: greedy one-sentence summaries, ROUGE-1/2/L F1 and corpus BLEU; text:
-    perplexity and next-token acc@1/5 over raw-text windows; sst2, agnews, or a
-    .jsonl/.tsv/... file with `text` and `label` columns (labels: the models' own names):
-    sequence classifiers, accuracy and macro-F1."""
+    perplexity and next-token acc@1/5 over raw-text windows; triviaqa: greedy short answers,
+    exact match, token F1, precision and recall (best over the aliases); aqua-rat-letter:
+    greedy answers, accuracy of the named letter; sst2, agnews, phrasebank,
+    phrasebank-allagree, rte (accuracy, macro-F1), mrpc, qqp (accuracy, F1), cola (Matthews
+    correlation), or a .jsonl/.tsv/... file with `text` and `label` columns (labels: the
+    models' own names): sequence classifiers; winogrande, social-iqa, aqua-rat: multiple
+    choice, a causal LM by option likelihood, an encoder as choices, accuracy."""
     models: tuple[str, ...]
     """NAME=PATH pairs (PATH: a local model directory with safetensors, or a hub id)."""
     data_path: str | None = None
@@ -60,7 +64,8 @@ class EvalConfig:
     """Classification: who runs the classifiers. auto: vLLM's pooling runner where it supports the model
     here, else transformers (recorded per model); pass one to force the same for every model."""
     batch_size: int = 32
-    """Classification with transformers: texts per forward pass (the same for every model)."""
+    """Classification with transformers: texts per forward pass; multiple choice: option
+    sequences (causal LM) or questions (encoder) per forward pass (the same for every model)."""
     seed: int = 0
     """Engine seed (decoding is greedy, so results do not depend on it)."""
     progress: bool = True

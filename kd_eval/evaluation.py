@@ -199,6 +199,7 @@ def run_generation(
             "ms_per_sample": 1000.0 * seconds / max(len(texts), 1),
             "generated_tokens": generated,
             "tokens_per_second": generated / max(seconds, 1e-9),
+            "samples_per_second": len(texts) / max(seconds, 1e-9),
         },
         "prompt_ids_sha256": _sha256_of_arrays(prompt_ids),
         "chat_template": use_template,
@@ -307,7 +308,8 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
 
 
 RUNNERS = {"generate": run_generation, "text": run_language_model}
-"""How kd-eval runs a model on a task of each kind (classify: run_classification_evaluation)."""
+"""How kd-eval runs a model on a task of each kind (classify: run_classification_evaluation;
+choice: run_choice_evaluation)."""
 
 
 def task_section(task: Task, name: str | None = None) -> dict:
@@ -326,6 +328,8 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
     if task_kind(config.data) == "classify":
         return run_classification_evaluation(config, engines)
     task = TASKS[config.data]
+    if task.kind == "choice":
+        return run_choice_evaluation(config, task)
     inputs = load_task_inputs(config, task)
     # Every model and tokenizer is checked before the first engine starts: bad input fails in
     # seconds, not after minutes of evaluating the models before it.
@@ -416,6 +420,68 @@ def run_classification_evaluation(config: EvalConfig, engines: dict | None = Non
                 "labels": list(inputs.labels),
             },
             "decoding": {"classify_backend": config.classify_backend},
+        },
+        "models": results,
+    }
+    if config.out:
+        write_outputs(Path(config.out), report)
+    return report
+
+
+def run_choice_evaluation(config: EvalConfig, task: Task) -> dict:
+    """A multiple-choice task: every model scores every question's options (kd_eval/choices/:
+    a causal LM by option likelihood, an encoder as choices, in transformers), and the task
+    scores the best option of each."""
+    from kd_shards.kd_eval.choices import ChoiceSettings, scorer_for
+
+    inputs = load_task_inputs(config, task)
+    for example in inputs.examples:
+        if len(example.choices) < 2:
+            raise UserError(
+                f"record {example.index} of {inputs.source} has {len(example.choices)} option(s): "
+                "a multiple-choice question needs at least two"
+            )
+    settings = ChoiceSettings(config.batch_size, config.max_model_len, config.trust_remote_code)
+    models = []
+    for name, reference in (parse_model(text) for text in config.models):
+        resolved = resolve_model(
+            reference, flag="--model", trust_remote_code=config.trust_remote_code
+        )
+        scorer = scorer_for(resolved.config, f"--model {name}={reference}")
+        tokenizer = load_tokenizer(resolved.directory, trust_remote_code=config.trust_remote_code)
+        models.append((name, resolved, scorer, tokenizer))
+    results = {}
+    for name, resolved, scorer, tokenizer in models:
+        if config.progress:
+            print(f"kd-eval: {name} ({resolved.reference}) on {task.name}...", file=sys.stderr)
+        started = time.perf_counter()
+        scores = scorer.score(resolved.directory, tokenizer, inputs.examples, settings)
+        seconds = time.perf_counter() - started
+        metrics, predictions = task.score(scores, inputs.examples)
+        samples = len(inputs.examples)
+        results[name] = {
+            "path": str(resolved.directory),
+            "parameters": count_parameters(resolved.directory),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "metrics": {**metrics, "samples": samples},
+            "cost": {
+                "seconds": seconds,
+                "ms_per_sample": 1000.0 * seconds / max(samples, 1),
+                "samples_per_second": samples / max(seconds, 1e-9),
+            },
+            "backend": {"name": "transformers", "scorer": scorer.name},
+            "predictions": predictions,
+        }
+    report = {
+        **task_section(task),
+        "settings": {
+            "config": config_to_dict(config),
+            "data": {
+                "source": inputs.source,
+                "fingerprint": inputs.fingerprint,
+                "samples": len(inputs.examples),
+            },
+            "decoding": {"teacher_forced": True, "batch_size": config.batch_size},
         },
         "models": results,
     }

@@ -23,12 +23,16 @@ PANELS_PER_ROW = 3
 def markdown_table(report: dict) -> str:
     """One row per model: params, the task's metrics, fidelity and cost."""
     metric_columns = report["metric_columns"]
-    per_sample = report["kind"] == "classify"
+    per_sample = report["kind"] in ("classify", "choice")
     fidelity = any("fidelity" in result for result in report["models"].values())
     header = ["model", "params"] + [column["label"] for column in metric_columns]
     if fidelity:
         header += ["KL to teacher", "top-1 agreement"]
-    header += ["ms/sample", "samples/s" if per_sample else "tok/s"]
+    # Generation shows both speeds: tokens per second, and questions per second (TriviaQA).
+    both = report["kind"] == "generate"
+    header += ["ms/sample", "samples/s" if per_sample else "tok/s"] + (
+        ["samples/s"] if both else []
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in report["models"].items():
         millions = result["parameters"] / 1e6
@@ -44,6 +48,8 @@ def markdown_table(report: dict) -> str:
                 row += ["n/a", "n/a"]
         speed = "samples_per_second" if per_sample else "tokens_per_second"
         row += [f"{result['cost']['ms_per_sample']:.2f}", f"{result['cost'][speed]:.0f}"]
+        if both:
+            row.append(f"{result['cost'].get('samples_per_second', float('nan')):.2f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

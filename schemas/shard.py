@@ -290,6 +290,13 @@ manifest's classify.hidden.width records."""
 
 HIDDEN_FIELD = pa.field(HIDDEN_COLUMN, pa.list_(pa.float16()), nullable=False)
 
+PAIR_COLUMN = "text_pair"
+"""Optional classify column of a sentence-pair dump (manifest classify.text_pairs true): the
+example's second text, which the student tokenizes with prompt_text as a pair. Dumps of single
+texts have no such column and read as before."""
+
+PAIR_FIELD = pa.field(PAIR_COLUMN, pa.string(), nullable=False)
+
 CLASSIFY_CONVENTIONS = {
     "rows": "one row per example: sample_id = '<source index>', completion_index 0",
     "topk_ids": "one position holding ALL L label indices 0..L-1 in rank order (most likely "
@@ -303,14 +310,17 @@ CLASSIFY_CONVENTIONS = {
     "target_text": "the gold label's name ('' without one)",
     "finish_reason": "'label' when the gold label is known, 'unlabelled' otherwise",
     HIDDEN_COLUMN: "optional: the teacher's pooled hidden state (float16), when the dump asked",
+    PAIR_COLUMN: "optional: a sentence pair's second text (prompt_text is the first)",
 }
 """How a classify dump fills the shard columns (docs/classification.md, "Classification
 shards")."""
 
 
-def classify_schema(with_hidden: bool) -> pa.Schema:
-    """SCHEMA_V1, plus the teacher_hidden column when the dump stores pooled hidden states."""
-    return SCHEMA_V1.append(HIDDEN_FIELD) if with_hidden else SCHEMA_V1
+def classify_schema(with_hidden: bool, with_pair: bool = False) -> pa.Schema:
+    """SCHEMA_V1, plus the teacher_hidden column when the dump stores pooled hidden states and
+    the text_pair column when its examples are sentence pairs."""
+    schema = SCHEMA_V1.append(HIDDEN_FIELD) if with_hidden else SCHEMA_V1
+    return schema.append(PAIR_FIELD) if with_pair else schema
 
 
 def round_logprobs(values: np.ndarray) -> np.ndarray:
@@ -373,4 +383,6 @@ def describe_schema_mismatch(actual: pa.Schema, expected: pa.Schema) -> str | No
             return f"column {field.name} declares the Arrow extension type {name!r}"
     if HIDDEN_COLUMN in actual.names and actual.field(HIDDEN_COLUMN).type != HIDDEN_FIELD.type:
         return f"column {HIDDEN_COLUMN} has type {actual.field(HIDDEN_COLUMN).type}, expected {HIDDEN_FIELD.type}"
+    if PAIR_COLUMN in actual.names and actual.field(PAIR_COLUMN).type != PAIR_FIELD.type:
+        return f"column {PAIR_COLUMN} has type {actual.field(PAIR_COLUMN).type}, expected {PAIR_FIELD.type}"
     return None

@@ -113,9 +113,50 @@ def gold_index(references: Sequence[str], labels: Sequence[str], index: int) -> 
     )
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> dict:
-    """Token ids of texts as a model reads them (special tokens added, truncated to
-    `max_length`), right-padded to the longest: {"input_ids", "attention_mask"} (B, L) int64."""
+def classifier_input_ids(
+    tokenizer, text: str, pair: str | None, max_length: int
+) -> tuple[list[int], bool]:
+    """(token ids of one example as a classifier reads it, whether it was truncated): special
+    tokens added, a sentence pair as the tokenizer joins `text` and `pair` (BERT:
+    [CLS] a [SEP] b [SEP]), at most `max_length` ids. A single text keeps its start and its
+    closing special token; a pair is cut by the tokenizer, longest text first. Teacher-dump,
+    student-train (encode_texts) and kd-eval all tokenize this way, so every stage reads the
+    same ids. Token type (segment) ids are not passed: every model reads type 0."""
+    if pair is None:
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        if len(ids) <= max_length:
+            return ids, False
+        return ids[: max_length - 1] + ids[-1:], True
+    ids = list(tokenizer(text, pair, add_special_tokens=True)["input_ids"])
+    if len(ids) <= max_length:
+        return ids, False
+    cut = tokenizer(
+        text, pair, add_special_tokens=True, truncation="longest_first", max_length=max_length
+    )
+    return list(cut["input_ids"]), True
+
+
+def encode_texts(
+    tokenizer, texts: Sequence[str], max_length: int, pairs: Sequence[str | None] | None = None
+) -> dict:
+    """Token ids of texts (or, with `pairs`, of text pairs) as a model reads them, as
+    classifier_input_ids gives them, right-padded to the longest: {"input_ids",
+    "attention_mask"} (B, L) int64."""
+    if pairs is not None and any(pair is not None for pair in pairs):
+        if any(pair is None for pair in pairs):
+            raise UserError(
+                "a batch mixes single texts and text pairs: give every example a second text"
+            )
+        encoded = tokenizer(
+            list(texts),
+            list(pairs),
+            padding=True,
+            truncation="longest_first",
+            max_length=max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     encoded = tokenizer(
         list(texts),
         padding=True,

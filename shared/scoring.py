@@ -5,7 +5,8 @@ students are measured by the same code:
 - ROUGE-1/2/L F1 (rouge-score, Porter stemming, best over the references) and corpus BLEU
   (sacrebleu, all references).
 - perplexity, next-token accuracy @1 and @5, from the per-position logprobs and top-k.
-- accuracy and macro-F1 of predicted labels.
+- accuracy and macro-F1 of predicted labels; GLUE's Matthews correlation (CoLA) and F1 of
+  the positive class (MRPC, QQP).
 """
 
 from __future__ import annotations
@@ -82,6 +83,43 @@ def classification_metrics(predicted: np.ndarray, gold: np.ndarray, num_labels: 
         "accuracy": float((predicted == gold).mean()) if len(gold) else 0.0,
         "macro_f1": float(np.mean(scores)) if scores else 0.0,
     }
+
+
+def matthews_correlation(predicted: np.ndarray, gold: np.ndarray) -> float:
+    """Matthews correlation of two binary labelings (label 1 is the positive class), GLUE's
+    CoLA metric: (TP·TN − FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)), 0 when a factor of the
+    denominator is 0 (a constant prediction or gold), as scikit-learn defines it.
+
+    Args:
+        predicted, gold: (N,) int labels in {0, 1}.
+    """
+    predicted, gold = np.asarray(predicted) == 1, np.asarray(gold) == 1
+    true_positive = float((predicted & gold).sum())
+    true_negative = float((~predicted & ~gold).sum())
+    false_positive = float((predicted & ~gold).sum())
+    false_negative = float((~predicted & gold).sum())
+    denominator = math.sqrt(
+        (true_positive + false_positive)
+        * (true_positive + false_negative)
+        * (true_negative + false_positive)
+        * (true_negative + false_negative)
+    )
+    if denominator == 0:
+        return 0.0
+    return (true_positive * true_negative - false_positive * false_negative) / denominator
+
+
+def positive_f1(predicted: np.ndarray, gold: np.ndarray, positive: int = 1) -> float:
+    """F1 of the positive class, 2·TP / (2·TP + FP + FN) (GLUE's F1 for MRPC and QQP); 0 when
+    the class is neither predicted nor present.
+
+    Args:
+        predicted, gold: (N,) int label indices.
+    """
+    predicted, gold = np.asarray(predicted) == positive, np.asarray(gold) == positive
+    true_positive = int((predicted & gold).sum())
+    wrong = int((predicted != gold).sum())
+    return 2 * true_positive / (2 * true_positive + wrong) if true_positive + wrong else 0.0
 
 
 def bleu_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:

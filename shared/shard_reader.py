@@ -44,6 +44,7 @@ from kd_shards.schemas.shard import (
     HIDDEN_COLUMN,
     NO_LABEL,
     PAD_ID,
+    PAIR_COLUMN,
     PER_POSITION_COLUMNS,
     READABLE_VERSIONS,
     V1_COLUMNS,
@@ -137,6 +138,8 @@ class TrainingRow:
     """Classify rows: the example's text (prompt_text), which the student tokenizes itself."""
     hidden: np.ndarray | None = None
     """Classify rows: (H,) float16 pooled teacher hidden state, when the dump stores it."""
+    text_pair: str | None = None
+    """Classify rows of a sentence-pair dump: the second text (None for single texts)."""
 
     @property
     def length(self) -> int:
@@ -662,6 +665,7 @@ def decode_row_group(
         )
     target_offsets, prompt_offsets = decoded.target_offsets, decoded.prompt_offsets
     texts = table["prompt_text"].to_pylist() if "prompt_text" in columns else None
+    pairs = table[PAIR_COLUMN].to_pylist() if PAIR_COLUMN in columns else None
     hidden = None
     if HIDDEN_COLUMN in columns:
         array = table[HIDDEN_COLUMN].combine_chunks()
@@ -684,6 +688,7 @@ def decode_row_group(
                 ),
                 text=texts[row] if texts is not None else "",
                 hidden=hidden[row] if hidden is not None else None,
+                text_pair=pairs[row] if pairs is not None else None,
             )
         )
     return rows

@@ -30,8 +30,8 @@ def labels_only_source(config) -> tuple[Dump, object]:
         task = TASKS[config.data]
         if not task.is_classification:
             raise UserError(
-                f"--data {config.data} is not a classification task: use sst2, agnews or a "
-                "file with text and label columns"
+                f"--data {config.data} is not a classification task: use one (sst2, agnews, "
+                "mrpc, rte, qqp, cola, phrasebank, ...) or a file with text and label columns"
             )
         labels = list(task.labels)
         records = load_records(task, config.data, data_path, config.split)
@@ -61,6 +61,7 @@ def labels_only_source(config) -> tuple[Dump, object]:
                 topk_ids=None,
                 topk_logprobs=None,
                 text=example.prompt,
+                text_pair=example.pair,
             )
         )
     if not training_rows:
@@ -73,7 +74,7 @@ def labels_only_source(config) -> tuple[Dump, object]:
     manifest = {
         "mode": CLASSIFY_MODE,
         "identity": records.fingerprint,
-        "classify": {"labels": labels},
+        "classify": {"labels": labels, **({"text_pairs": True} if task.is_pair else {})},
         "top_k": len(labels),
         "tokenizer": {"fingerprint": None, "size": len(labels)},
         "data": {"task": config.data, "source": records.source, "split": config.split},

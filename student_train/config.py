@@ -58,7 +58,8 @@ class TrainConfig:
     """teacher-dump directory to train on (manifest.json + Parquet shards): token dumps for a
     causal LM student, a classify dump for a classifier student."""
     data: str | None = None
-    """Classification without a teacher: train on the gold labels of a task (sst2, agnews) or a
+    """Classification without a teacher: train on the gold labels of a task (sst2, agnews, mrpc,
+    rte, qqp, cola, phrasebank, ...; pairs tokenized as pairs) or a
     .jsonl/.tsv/... file with `text` and `label` columns (labels: their distinct values, sorted)
     instead of --shards; needs --loss ce. Used to fine-tune a teacher, and for the labels-only
     baseline (which can also be --shards with --loss ce: the same rows in the same order)."""

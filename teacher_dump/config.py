@@ -51,7 +51,9 @@ class DumpConfig:
     data: str
     """Data: a built-in task or a local file. gsm8k: question → worked answer ending `#### n`;
     summ: document → one-sentence summary (SciTLDR rows {source, target} or plain {document,
-    summary}); text: raw text; sst2, agnews: labelled texts (--mode classify); or a local
+    summary}); text: raw text; sst2, agnews, cola, phrasebank, phrasebank-allagree: labelled
+    texts, mrpc, rte, qqp: labelled sentence pairs (--mode classify); triviaqa,
+    aqua-rat-letter: questions (generate, score); or a local
     .jsonl/.json/.parquet/.csv/.tsv file used with --prompt-column (and --target-column). The
     same names as kd-eval's --data (shared/tasks/)."""
     out: str
@@ -60,7 +62,7 @@ class DumpConfig:
     """What the teacher does. generate: writes --num-samples completions per prompt
     (sequence-level KD data; greedy unless --temperature > 0); score: is teacher-forced on the data's reference answer; text:
     scores every position of raw text, cut into --chunk-tokens chunks; classify: stores the
-    teacher's log-probabilities over all labels per example (--data sst2, agnews, or a file with
+    teacher's log-probabilities over all labels per example (--data sst2, mrpc, ... or a file with
     --prompt-column and --target-column) from a *ForSequenceClassification teacher, or from a
     causal LM scoring --label-words."""
     data_path: str | None = None

@@ -29,6 +29,8 @@ class DumpRequest:
     """(T,) int32 teacher-forced target (score and text modes); None in generate mode."""
     prompt_text: str
     references: tuple[str, ...]
+    text_pair: str | None = None
+    """Classify mode, sentence pairs: the second text (the shard's text_pair column)."""
 
 
 def sample_seed(seed: int, source_index: int) -> int:

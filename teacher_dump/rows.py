@@ -46,6 +46,8 @@ class ShardRow:
     """Classify rows only: (1, L) float32 their logprobs, rounded to the storage grid."""
     hidden: np.ndarray | None = None
     """(H,) float16 pooled teacher hidden state (classify dumps that ask for it), else None."""
+    text_pair: str | None = None
+    """Classify rows of sentence pairs: the second text, else None."""
 
 
 def drop_padding_ids(
@@ -147,6 +149,7 @@ def make_classification_row(
     text: str,
     labels: list[str],
     hidden: np.ndarray | None,
+    text_pair: str | None = None,
 ) -> ShardRow:
     """The row of one classified example (schemas.shard.CLASSIFY_CONVENTIONS).
 
@@ -154,6 +157,7 @@ def make_classification_row(
         log_probabilities: (L,) the teacher's log-probabilities over all labels, label order.
         gold: the gold label's index, or NO_LABEL.
         hidden: (H,) pooled hidden state, or None.
+        text_pair: a sentence pair's second text, or None.
     """
     sample_id = str(source_index)
     log_probabilities = np.asarray(log_probabilities, dtype=np.float64).reshape(1, -1)
@@ -182,6 +186,7 @@ def make_classification_row(
         topk_ids=order.astype(np.int32),
         topk_logprobs=round_logprobs(ranked),
         hidden=None if hidden is None else np.asarray(hidden, dtype=np.float16),
+        text_pair=text_pair,
     )
 
 

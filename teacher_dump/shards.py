@@ -35,6 +35,7 @@ from kd_shards.schemas.manifest import (
 )
 from kd_shards.schemas.shard import (
     HIDDEN_COLUMN,
+    PAIR_COLUMN,
     PARQUET_WRITE_OPTIONS_V1,
     Storage,
     classify_schema,
@@ -187,7 +188,8 @@ def rows_to_transfer_table(rows: list[ShardRow]) -> pa.Table:
 
 def classify_table(rows: list[ShardRow], columns: dict[str, pa.Array]) -> pa.Table:
     """A classify shard's table: schema v1 (schemas.shard.CLASSIFY_SCHEMA_VERSION), every
-    label's logprob at the one position of each row, the pooled hidden state when present."""
+    label's logprob at the one position of each row, the pooled hidden state and a sentence
+    pair's second text when present."""
     columns = {
         **columns,
         "topk_ids": nested_list([row.topk_ids for row in rows], pa.int32()),
@@ -196,7 +198,10 @@ def classify_table(rows: list[ShardRow], columns: dict[str, pa.Array]) -> pa.Tab
     with_hidden = bool(rows) and rows[0].hidden is not None
     if with_hidden:
         columns[HIDDEN_COLUMN] = flat_list([row.hidden for row in rows], pa.float16())
-    schema = classify_schema(with_hidden)
+    with_pair = bool(rows) and rows[0].text_pair is not None
+    if with_pair:
+        columns[PAIR_COLUMN] = pa.array([row.text_pair for row in rows], pa.string())
+    schema = classify_schema(with_hidden, with_pair)
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 

@@ -21,7 +21,22 @@ from kd_shards.shared.records import (
     read_table_file,
     read_text_files,
 )
-from kd_shards.shared.tasks import agnews, gsm8k, sst2, summ, text
+from kd_shards.shared.tasks import (
+    agnews,
+    aqua_rat,
+    cola,
+    gsm8k,
+    mrpc,
+    phrasebank,
+    qqp,
+    rte,
+    social_iqa,
+    sst2,
+    summ,
+    text,
+    triviaqa,
+    winogrande,
+)
 from kd_shards.shared.tasks.interface import Example, HubSource, Task, require_columns, text_of
 from kd_shards.shared.tasks.labelled import classification_example
 
@@ -36,7 +51,24 @@ __all__ = [
     "resolve_task",
 ]
 
-BUILT_IN: tuple[Task, ...] = (gsm8k.TASK, summ.TASK, text.TASK, sst2.TASK, agnews.TASK)
+BUILT_IN: tuple[Task, ...] = (
+    gsm8k.TASK,
+    summ.TASK,
+    text.TASK,
+    sst2.TASK,
+    agnews.TASK,
+    mrpc.TASK,
+    rte.TASK,
+    qqp.TASK,
+    cola.TASK,
+    phrasebank.TASK,
+    phrasebank.ALL_AGREE,
+    winogrande.TASK,
+    social_iqa.TASK,
+    aqua_rat.TASK,
+    aqua_rat.LETTER_TASK,
+    triviaqa.TASK,
+)
 """Every built-in task, in the order help texts list them."""
 TASKS: dict[str, Task] = {task.name: task for task in BUILT_IN}
 
@@ -108,6 +140,8 @@ def load_records(task: Task, data: str, data_path: Path | None, split: str) -> L
         )
     if task.kind == "text" and data_path.suffix.lower() in TEXT_SUFFIXES:
         return read_text_files([data_path])
+    if task.read is not None:
+        return task.read(data_path)
     return read_table_file(data_path, task.columns)
 
 

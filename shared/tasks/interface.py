@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from kd_shards.shared.errors import UserError
+from kd_shards.shared.records import LoadedRecords
 
-TaskKind = Literal["generate", "text", "classify"]
+TaskKind = Literal["generate", "text", "classify", "choice"]
 """How a model is run on a task, which fixes what `score(predictions, inputs)` receives:
 - generate: one greedy answer per prompt; predictions are the answer strings, inputs the
   Examples.
@@ -22,8 +24,12 @@ TaskKind = Literal["generate", "text", "classify"]
   language_model_sums arrays (shared/scoring.py), inputs the windows' token ids.
 - classify: one distribution over the task's labels per example; predictions are an (N, L)
   array of log-probabilities in the task's label order, inputs the Examples.
-A task of a new kind (multiple choice scored by option likelihood) adds its kind here and its
-runner to kd-eval; a task of an existing kind is only its own module."""
+- choice: multiple choice; each Example's `choices` are its options. predictions map a scoring
+  name to one (O,) array of option scores per example (higher is better; causal LMs give
+  "sum" and "mean" log-probabilities, encoders "choice" logits); the first name is the one
+  reported as accuracy. inputs the Examples.
+A task of a new kind adds its kind here and its runner to kd-eval; a task of an existing kind
+is only its own module."""
 
 Scores = tuple[dict, list[dict]]
 """(metrics over the whole set, one record per sample for the predictions file)."""
@@ -39,7 +45,15 @@ class Example:
     """The user message (before any chat template); classify tasks: the text to label."""
     references: tuple[str, ...]
     """Reference answers; the first one is the teacher-forcing target in score mode. Classify
-    tasks: the gold label's name (empty when the record has none)."""
+    tasks: the gold label's name (empty when the record has none). Choice tasks: the gold
+    option's index (0-based, as a string)."""
+    pair: str | None = None
+    """Sentence-pair classification: the second text, tokenized with `prompt` as a pair
+    (shared.classification.classifier_input_ids); None for single texts."""
+    choices: tuple[tuple[str, str], ...] = ()
+    """Choice tasks: one (context, continuation) per option. A language model scores an option
+    by the log-probability of its continuation after its context; an encoder reads the two as
+    a text pair."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +100,20 @@ class Task:
     """Classify tasks: the label names, in the task's label order; None otherwise."""
     columns: tuple[str, ...] | None = None
     """Column names of the task's header-less CSV/TSV files (None: the file has a header)."""
+    read: Callable[[Path], LoadedRecords] | None = None
+    """Reads one local file of the task's own published format (e.g. PhraseBank's
+    `sentence@label` lines); None: shared.records.read_table_file."""
+    pair_column: str | None = None
+    """Sentence-pair classification: the column of the second text (None: single texts)."""
 
     @property
     def is_classification(self) -> bool:
         return self.kind == "classify"
+
+    @property
+    def is_pair(self) -> bool:
+        """Sentence-pair classification (each Example has a `pair`)."""
+        return self.pair_column is not None
 
 
 def require_columns(row: dict, index: int, *columns: str) -> list:

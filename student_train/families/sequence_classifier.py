@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from kd_shards.schemas.manifest import classify_labels
-from kd_shards.schemas.shard import HIDDEN_COLUMN
+from kd_shards.schemas.shard import HIDDEN_COLUMN, PAIR_COLUMN
 from kd_shards.shared.classification import (
     align_labels,
     encode_texts,
@@ -112,7 +112,12 @@ class ClassificationObjective:
 
     def batch(self, rows: list[TrainingRow], with_hidden: bool = True) -> ClassificationBatch:
         """`with_hidden=False`: leave out the teacher's hidden states (evaluation)."""
-        encoded = encode_texts(self.tokenizer, [row.text for row in rows], self.max_length)
+        encoded = encode_texts(
+            self.tokenizer,
+            [row.text for row in rows],
+            self.max_length,
+            pairs=[row.text_pair for row in rows],
+        )
         gold = torch.tensor([int(row.target_ids[0]) for row in rows], dtype=torch.int64)
         teacher = None
         if self.teacher_targets is not None:
@@ -322,6 +327,8 @@ def setup(
         hidden_loss=hidden_loss,
     )
     columns = CLASSIFY_COLUMNS if hidden_loss is None else (*CLASSIFY_COLUMNS, HIDDEN_COLUMN)
+    if (dump.manifest.get("classify") or {}).get("text_pairs"):
+        columns = (*columns, PAIR_COLUMN)  # sentence pairs: the second text of each example
     return FamilySetup(student, objective, columns)
 
 

@@ -25,6 +25,7 @@ from kd_shards.schemas.shard import (
 )
 from kd_shards.shared.classification import (
     align_labels,
+    classifier_input_ids,
     gold_index,
     is_causal_lm,
     is_sequence_classifier,
@@ -60,6 +61,8 @@ class ClassificationPlan:
     """Texts cut to the teacher's context."""
     pad_id: int
     """The teacher tokenizer's padding id (transformers batches)."""
+    text_pairs: bool = False
+    """The examples are sentence pairs (the shards carry the text_pair column)."""
 
 
 def teacher_labels(
@@ -109,6 +112,21 @@ def teacher_labels(
     return labels, kind, word_ids
 
 
+def verbalizer_prompt(config: DumpConfig, example: Example) -> str:
+    """--verbalizer-prompt filled in for one example. A sentence pair fills {text} and {pair}
+    when the prompt has both; otherwise {text} becomes the two texts on their own lines
+    ("Text 1: ...", "Text 2: ...")."""
+    labels = ", ".join(config.label_words)
+    if example.pair is None:
+        return config.verbalizer_prompt.format(text=example.prompt, labels=labels)
+    if "{pair}" in config.verbalizer_prompt:
+        return config.verbalizer_prompt.format(
+            text=example.prompt, pair=example.pair, labels=labels
+        )
+    both = f"\nText 1: {example.prompt}\nText 2: {example.pair}"
+    return config.verbalizer_prompt.format(text=both, labels=labels)
+
+
 def classification_requests(
     config: DumpConfig,
     model: ResolvedModel,
@@ -131,15 +149,10 @@ def classification_requests(
             )
         gold = gold_index(example.references, labels, example.index)
         if kind == "classifier":
-            ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
-            if len(ids) > context:
-                # Keep the start and the closing special token, as tokenizers truncate.
-                ids = ids[: context - 1] + ids[-1:]
-                truncated += 1
+            ids, cut = classifier_input_ids(tokenizer, example.prompt, example.pair, context)
+            truncated += cut
         else:
-            prompt = config.verbalizer_prompt.format(
-                text=example.prompt, labels=", ".join(config.label_words)
-            )
+            prompt = verbalizer_prompt(config, example)
             ids = render_prompt(tokenizer, prompt, use_chat_template=use_template)
             if len(ids) + longest_word + 1 > context:
                 raise UserError(
@@ -154,10 +167,12 @@ def classification_requests(
                 target_ids=np.asarray([gold], dtype=np.int32),
                 prompt_text=example.prompt,
                 references=(labels[gold],) if gold != NO_LABEL else (),
+                text_pair=example.pair,
             )
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return requests, ClassificationPlan(labels, kind, word_ids, truncated, pad_id)
+    pairs = bool(examples) and examples[0].pair is not None
+    return requests, ClassificationPlan(labels, kind, word_ids, truncated, pad_id, pairs)
 
 
 def manifest_section(config: DumpConfig, plan: ClassificationPlan) -> dict:
@@ -170,6 +185,7 @@ def manifest_section(config: DumpConfig, plan: ClassificationPlan) -> dict:
         "backend": None,
         "backend_reason": None,
         "truncated_texts": plan.truncated,
+        **({"text_pairs": True} if plan.text_pairs else {}),
         "hidden": (
             {"layer": config.hidden_layer, "pooling": config.hidden_pooling, "width": None}
             if config.hidden_layer is not None
@@ -267,7 +283,8 @@ def check_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -> None:
         raise UserError("--data text holds raw text without prompts: use --mode text with it")
     if not (task.is_classification or task.name == "columns"):
         raise UserError(
-            f"--mode classify needs labelled texts: use --data sst2 or agnews, or a file with "
+            f"--mode classify needs labelled texts: use a classification task (sst2, agnews, "
+            "mrpc, rte, qqp, cola, phrasebank, ...), or a file with "
             f"--prompt-column (the text) and --target-column (the label), not {config.data}"
         )
 
@@ -355,6 +372,7 @@ class ClassifyTeacher:
                 text=request.prompt_text,
                 labels=self.plan.labels,
                 hidden=hidden,
+                text_pair=request.text_pair,
             )
             yield request, [row]
 

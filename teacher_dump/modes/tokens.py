@@ -34,6 +34,12 @@ def check_prompted_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -
         raise UserError("--data text holds raw text without prompts: use --mode text with it")
     if task.is_classification:
         raise UserError(f"--data {config.data} is a classification task: use --mode classify")
+    if task.kind == "choice":
+        raise UserError(
+            f"--data {config.data} is a multiple-choice task, which kd-eval scores by option "
+            "likelihood: to dump a teacher on its questions, pass them as a file with "
+            "--prompt-column (and --target-column), or use --data aqua-rat-letter"
+        )
 
 
 def prompted_requests(
