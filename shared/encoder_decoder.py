@@ -11,17 +11,20 @@ reproduces the model's own logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from kd_shards.schemas.manifest import ENCODER_DECODER_ARCHITECTURE
+from kd_shards.shared.causal_lm import chunked_head_sums
 from kd_shards.shared.collation import Batch, collate
 from kd_shards.shared.errors import UserError
+from kd_shards.shared.fidelity import fidelity_sums
 from kd_shards.shared.shard_reader import TrainingRow
 
-ENCODER_DECODER = "encoder-decoder"
+ENCODER_DECODER = ENCODER_DECODER_ARCHITECTURE
 """The manifest's teacher.architecture for an encoder-decoder teacher (absent: decoder-only)."""
 ENCODER_ONLY_SUFFIXES = (
     "ForMaskedLM",
@@ -201,3 +204,41 @@ def check_output_path(
             f"--student: {architecture} computes its logits in a way student-train does not "
             f"reproduce (max difference {difference:.3g}): this architecture is not supported yet"
         )
+
+
+def fidelity_sums_over_batches(
+    model: torch.nn.Module,
+    output_logits: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[list[TrainingRow]],
+    *,
+    start_id: int,
+    pad_id: int,
+    chunk_tokens: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """(4,) float64 sums [CE, KL, top-1 matches, positions] over the rows of `batches`
+    (shared.fidelity's measures, for an encoder-decoder model)."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for rows in batches:
+            batch = collate_encoder_decoder(rows, start_id=start_id, pad_id=pad_id)
+            targets = batch.targets
+            per_position = (
+                targets.target_ids,
+                targets.topk_ids,
+                targets.topk_logprobs,
+                targets.topk_log_tail,
+            )
+            sums += chunked_head_sums(
+                target_hidden_states(model, batch, device),
+                output_logits,
+                fidelity_sums,
+                tuple(tensor.to(device) for tensor in per_position),
+                chunk_tokens=chunk_tokens,
+                width=4,
+            ).double()
+    model.train(was_training)
+    return sums
