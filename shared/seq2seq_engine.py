@@ -232,8 +232,9 @@ class Seq2SeqEngine:
         done, the rows before the target filled with PAD-like zeros (no distribution)."""
         if prompt_lengths is None:
             raise UserError(
-                "an encoder-decoder teacher scores a target given its prompt: this mode gives "
-                "it one token sequence only (use --mode generate or score)"
+                "an encoder-decoder model scores a target given its prompt, and raw text has no "
+                "prompt: use it on a prompted task (teacher-dump --mode generate or score; "
+                "kd-eval on a generation task)"
             )
         pending = zip(sequences, prompt_lengths, strict=True)
         while window := list(itertools.islice(pending, max_in_flight)):
