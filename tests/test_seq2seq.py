@@ -93,9 +93,7 @@ def reference_logprobs(model_dir: Path, prompt: list[int], target: list[int]) ->
 
 @pytest.mark.parametrize("mode", ["generate", "score"])
 @pytest.mark.parametrize("kind", ["t5", "bart"])
-def test_a_dump_equals_a_transformers_forward_at_every_target_position(
-    teachers, dumps, kind, mode
-):
+def test_a_dump_equals_a_transformers_forward_at_every_target_position(teachers, dumps, kind, mode):
     from transformers import AutoTokenizer
 
     out = dumps[kind, mode]
@@ -123,9 +121,7 @@ def test_a_dump_equals_a_transformers_forward_at_every_target_position(
             valid = top.indices < size  # padding-row ids are never stored
             stored = [token for token in ids if token != PAD_ID]
             assert stored == top.indices[valid].tolist(), (row["sample_id"], position)
-            np.testing.assert_allclose(
-                values[: len(stored)], top.values[valid].numpy(), atol=1e-3
-            )
+            np.testing.assert_allclose(values[: len(stored)], top.values[valid].numpy(), atol=1e-3)
         if mode == "score":
             assert row["finish_reason"] == "reference"
         else:
@@ -191,8 +187,8 @@ def test_a_sampled_dump_holds_draws_from_the_teacher(teachers, engines, gsm8k_fi
 def test_an_encoder_only_model_given_to_generate_is_refused_in_one_line(gsm8k_file, tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    from scripts.tiny_models import build_tiny_bert_tokenizer, redraw_weights
     from kd_shards.teacher_dump.run import run_dump
+    from scripts.tiny_models import build_tiny_bert_tokenizer, redraw_weights
 
     model_dir = tmp_path / "bert-mlm"
     tokenizer = build_tiny_bert_tokenizer(model_dir)
@@ -263,10 +259,14 @@ def test_the_student_loss_on_a_batch_equals_a_dense_computation(
     for row in rows:
         target = row.target_ids.tolist()
         with torch.no_grad():
-            logits = model(
-                input_ids=torch.tensor([row.prompt_ids.tolist()]),
-                decoder_input_ids=torch.tensor([[start, *target[:-1]]]),
-            ).logits[0, :, :vocabulary].double()
+            logits = (
+                model(
+                    input_ids=torch.tensor([row.prompt_ids.tolist()]),
+                    decoder_input_ids=torch.tensor([[start, *target[:-1]]]),
+                )
+                .logits[0, :, :vocabulary]
+                .double()
+            )
         for position, token in enumerate(target):
             z = logits[position]
             ce = -torch.log_softmax(z, -1)[token].item()
@@ -289,9 +289,8 @@ def test_the_student_loss_on_a_batch_equals_a_dense_computation(
 
 
 def test_init_student_keeps_the_chosen_encoder_and_decoder_layers(tmp_path):
-    from scripts.tiny_models import build_tiny_seq2seq
-
     from kd_shards.student_train.cli import init_student
+    from scripts.tiny_models import build_tiny_seq2seq
 
     teacher = build_tiny_seq2seq(tmp_path / "teacher", kind="t5", layers=4)
     out = tmp_path / "student"
@@ -299,7 +298,10 @@ def test_init_student_keeps_the_chosen_encoder_and_decoder_layers(tmp_path):
     init_student.main([*arguments, "--out", str(out)], standalone_mode=False)
     config = json.loads((out / "config.json").read_text())
     assert config["num_layers"] == 1 and config["num_decoder_layers"] == 3
-    student, original = load_file(out / "model.safetensors"), load_file(teacher / "model.safetensors")
+    student, original = (
+        load_file(out / "model.safetensors"),
+        load_file(teacher / "model.safetensors"),
+    )
     # 1 of 4 encoder layers: the last (evenly); 3 of 4 decoder layers: 0, 2 and 3.
     kept = {"encoder": [3], "decoder": [0, 2, 3]}
     for side, layers in kept.items():
@@ -349,8 +351,13 @@ def test_lora_on_a_seq2seq_student_trains_only_the_adapter(dumps, t5_student, tm
 
     summary = run_training(
         train_config(
-            dumps["t5", "score"], t5_student, tmp_path / "lora", max_steps=2, micro_batch=2,
-            lora_r=4, merge_lora=True,
+            dumps["t5", "score"],
+            t5_student,
+            tmp_path / "lora",
+            max_steps=2,
+            micro_batch=2,
+            lora_r=4,
+            merge_lora=True,
         )  # fmt: skip
     )
     described = json.loads((tmp_path / "lora" / "train_config.json").read_text())
