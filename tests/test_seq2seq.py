@@ -419,3 +419,36 @@ def test_kd_eval_greedy_answers_equal_transformers_generate(teachers, gsm8k_file
         )[0, 1:]  # after the decoder start
         answer = [token for token in generated.tolist() if token != tokenizer.eos_token_id]
         assert prediction["prediction"] == tokenizer.decode(answer, skip_special_tokens=True)
+
+
+def test_samples_do_not_depend_on_the_batch_they_are_drawn_in(teachers):
+    from kd_shards.shared.engine import EngineSettings
+    from kd_shards.shared.seq2seq_engine import Seq2SeqEngine
+
+    settings = EngineSettings(
+        model=str(teachers["bart"]), dtype="float32", max_model_len=512, max_logprobs=4,
+        sampled_logprobs=False, tensor_parallel_size=1, gpu_memory_utilization=None, seed=0,
+        enforce_eager=True, trust_remote_code=False,
+    )  # fmt: skip
+    prompts = [(index, list(range(5, 9 + 3 * index)), 100 + index) for index in range(3)]
+
+    def sampled(batch_rows: int, top_p: float) -> dict:
+        engine = Seq2SeqEngine(settings, batch_rows=batch_rows)
+        stream = engine.generate(
+            prompts, num_samples=2, temperature=1.0, top_p=top_p, max_new_tokens=6, top_k=4,
+            max_in_flight=8,
+        )  # fmt: skip
+        return {key: [c.token_ids.tolist() for c in completions] for key, completions in stream}
+
+    alone, together = sampled(2, 1.0), sampled(6, 1.0)
+    assert alone == together
+    assert any(first != second for first, second in alone.values())  # two samples, not one
+    # A tiny nucleus keeps only the most likely token: top-p 1e-6 is greedy decoding.
+    nucleus = sampled(6, 1e-6)
+    engine = Seq2SeqEngine(settings)
+    greedy = engine.generate(
+        prompts, num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=6, top_k=4,
+        max_in_flight=8,
+    )  # fmt: skip
+    for key, completions in greedy:
+        assert nucleus[key] == [completions[0].token_ids.tolist()] * 2
