@@ -394,7 +394,7 @@ def test_two_stage_distillation_continues_from_the_first_students_final(
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
-def test_kd_eval_greedy_answers_equal_transformers_generate(teachers, gsm8k_file, tmp_path):
+def test_kd_eval_greedy_answers_equal_transformers_generate(teachers, dumps, gsm8k_file, tmp_path):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from kd_shards.kd_eval.config import EvalConfig
@@ -404,11 +404,20 @@ def test_kd_eval_greedy_answers_equal_transformers_generate(teachers, gsm8k_file
     config = EvalConfig(
         data="gsm8k", data_path=str(gsm8k_file), models=(f"t5={teachers['t5']}",), limit=3,
         max_new_tokens=NEW_TOKENS, dtype="float32", progress=False, chat_template=False,
-        out=str(tmp_path / "eval"),
+        out=str(tmp_path / "eval"), teacher_shards=str(dumps["t5", "score"]),
     )  # fmt: skip
     report = run_evaluation(config)
     result = report["models"]["t5"]
     assert result["metrics"]["samples"] == 3 and result["cost"]["generated_tokens"] > 0
+    # The teacher against its own top-8: agreement everywhere, KL only the storage's rounding
+    # (as for a causal teacher in test_evaluation).
+    assert result["fidelity"]["top1_agreement"] == 1.0 and result["fidelity"]["kl"] < 0.01
+    assert (
+        result["fidelity"]["tokens"]
+        == json.loads((dumps["t5", "score"] / "manifest.json").read_text())["totals"][
+            "target_tokens"
+        ]
+    )
     tokenizer = AutoTokenizer.from_pretrained(teachers["t5"])
     model = AutoModelForSeq2SeqLM.from_pretrained(str(teachers["t5"])).eval()
     examples = load_task_inputs(config, TASKS["gsm8k"]).examples

@@ -180,7 +180,7 @@ def setup(
 
 
 SEQ2SEQ_LM = StudentFamily(
-    name="encoder-decoder",
+    name="seq2seq (encoder-decoder)",
     accepts=is_encoder_decoder,
     reads_class_dumps=False,
     shardable=False,
