@@ -25,6 +25,7 @@ import numpy as np
 from kd_shards.kd_eval.config import EvalConfig, parse_model
 from kd_shards.kd_eval.report import write_outputs
 from kd_shards.shared.config import config_to_dict
+from kd_shards.shared.encoder_decoder import is_encoder_decoder
 from kd_shards.shared.errors import UserError
 from kd_shards.shared.models import AUXILIARY_WEIGHTS, ResolvedModel, context_length, resolve_model
 from kd_shards.shared.records import LoadedRecords
@@ -145,9 +146,11 @@ def evaluate_model(
     }
     owns_engine = engine is None
     if owns_engine:
-        from kd_shards.shared.engine import TeacherEngine
+        from kd_shards.shared.seq2seq_engine import start_token_engine
 
-        engine = TeacherEngine(engine_settings(config, resolved.directory, LM_TOP_K))
+        # vLLM, or transformers for an encoder-decoder model: the same door as teacher-dump's.
+        settings = engine_settings(config, resolved.directory, LM_TOP_K)
+        engine = start_token_engine(settings, resolved.config)
     try:
         run = RUNNERS[task.kind]
         result.update(run(config, task, engine, tokenizer, inputs, resolved.directory))
@@ -283,21 +286,24 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
         # Draws estimate the teacher's distribution without bias only inside a loss's gradient;
         # a KL to the draws is not the KL to the teacher.
         return {"skipped": "the teacher shards hold sampled draws (--store sampled)"}
-    model = AutoModelForCausalLM.from_pretrained(
-        str(directory),
-        dtype=torch.float32,
-        trust_remote_code=config.trust_remote_code,
-        use_safetensors=True,
-    )
     rows = iter(itertools.islice(iterate_rows(dump), config.fidelity_limit))
     batches = iter(lambda: list(itertools.islice(rows, FIDELITY_BATCH_ROWS)), [])
-    sums = fidelity_sums_over_batches(
-        model,
-        output_logits_function(model, len(tokenizer)),
-        batches,
-        chunk_tokens=512,
-        device=torch.device("cpu"),
-    )
+    if is_encoder_decoder(json.loads((directory / "config.json").read_text())):
+        sums = encoder_decoder_fidelity(config, directory, len(tokenizer), batches)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory),
+            dtype=torch.float32,
+            trust_remote_code=config.trust_remote_code,
+            use_safetensors=True,
+        )
+        sums = fidelity_sums_over_batches(
+            model,
+            output_logits_function(model, len(tokenizer)),
+            batches,
+            chunk_tokens=512,
+            device=torch.device("cpu"),
+        )
     metrics = fidelity_metrics(sums)
     return {
         "kl": metrics["eval_kl"],
@@ -305,6 +311,32 @@ def measure_fidelity(config: EvalConfig, directory: Path, tokenizer) -> dict:
         "ce": metrics["eval_ce"],
         "tokens": metrics["eval_tokens"],
     }
+
+
+def encoder_decoder_fidelity(config: EvalConfig, directory: Path, vocabulary: int, batches):
+    """(4,) fidelity sums of an encoder-decoder model (shared.encoder_decoder) on `batches`."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from kd_shards.shared import encoder_decoder
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(
+        str(directory),
+        dtype=torch.float32,
+        trust_remote_code=config.trust_remote_code,
+        use_safetensors=True,
+    )
+    start_id = encoder_decoder.decoder_start_id(model.config)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else start_id
+    return encoder_decoder.fidelity_sums_over_batches(
+        model,
+        encoder_decoder.output_logits_function(model, vocabulary),
+        batches,
+        start_id=start_id,
+        pad_id=pad_id,
+        chunk_tokens=512,
+        device=torch.device("cpu"),
+    )
 
 
 RUNNERS = {"generate": run_generation, "text": run_language_model}

@@ -196,6 +196,17 @@ def check_dump_kind(manifest: dict, *, classify: bool, where: str) -> None:
         )
 
 
+ENCODER_DECODER_ARCHITECTURE = "encoder-decoder"
+"""teacher.architecture of a dump whose teacher is an encoder-decoder model (optional: absent
+in a decoder teacher's dump and in dumps written before it existed)."""
+
+
+def is_encoder_decoder_dump(manifest: dict) -> bool:
+    """Whether the dump's teacher was an encoder-decoder model: its prompts were the encoder's
+    input, and its targets the decoder's tokens."""
+    return (manifest.get("teacher") or {}).get("architecture") == ENCODER_DECODER_ARCHITECTURE
+
+
 def classify_labels(manifest: dict) -> list[str]:
     """A classify dump's label names; label index i of the shards is labels[i]."""
     return list((manifest.get("classify") or {}).get("labels") or [])

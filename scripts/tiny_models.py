@@ -191,3 +191,55 @@ def build_tiny_bert(
     # references are compared on distributions that are not all near uniform.
     redraw_weights(model, scale).save_pretrained(directory)
     return directory
+
+
+def build_tiny_seq2seq(
+    directory: Path, *, kind: str = "t5", seed: int = 0, layers: int = 2, scale: float = 0.3
+) -> Path:
+    """Save a tiny random encoder-decoder (kind "t5": T5ForConditionalGeneration with tied,
+    rescaled outputs; "bart": BartForConditionalGeneration with its final_logits_bias) with the
+    tiny BPE tokenizer: d_model 64, 2 heads of 32, `layers` encoder and decoder layers, 512
+    embedding rows for the tokenizer's 500 tokens."""
+    import torch
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    directory = Path(directory)
+    tokenizer = build_tiny_tokenizer(directory)
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "vocab_size": EMBEDDING_ROWS,
+    }
+    if kind == "t5":
+        config = T5Config(
+            d_model=64, d_kv=32, num_heads=2, d_ff=128, num_layers=layers,
+            num_decoder_layers=layers, decoder_start_token_id=tokenizer.pad_token_id,
+            n_positions=512, **special,
+        )  # fmt: skip
+        model_class = T5ForConditionalGeneration
+    elif kind == "bart":
+        config = BartConfig(
+            d_model=64, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+            max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+            decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=None, **special,
+        )  # fmt: skip
+        model_class = BartForConditionalGeneration
+    else:
+        raise ValueError(f"kind {kind!r}: t5 or bart")
+    torch.manual_seed(seed)
+    model = redraw_weights(model_class(config), scale)
+    with torch.no_grad():
+        if kind == "t5":
+            # T5 scales its tied outputs by d_model^-0.5: larger embeddings give peaked logits,
+            # so that top-k order is not decided by float noise when comparing with a reference.
+            model.shared.weight.normal_(0.0, 2.0)
+        else:  # a non-zero bias, so that leaving it out shows
+            model.final_logits_bias.normal_(0.0, 1.0)
+    model.save_pretrained(directory)
+    return directory

@@ -377,10 +377,13 @@ class TeacherEngine:
         *,
         top_k: int,
         max_in_flight: int,
+        prompt_lengths: Iterable[int] | None = None,
     ) -> Iterator[tuple[object, ScoredSequence]]:
         """Teacher-force each (key, token_ids); yield the top-k at every position as done.
 
         One prefill per sequence with prompt_logprobs=k and a single throw-away generated token.
+        `prompt_lengths` (where each sequence's prompt ends) is for encoder-decoder engines
+        (shared.seq2seq_engine); a decoder scores every position alike and ignores it.
         """
         from vllm.sampling_params import RequestOutputKind
 

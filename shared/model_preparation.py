@@ -130,25 +130,37 @@ def derive_student(
     trust_remote_code: bool = False,
     labels: tuple[str, ...] = (),
     seed: int = 0,
+    decoder_layers: int | None = None,
 ) -> Path:
     """A student that is the teacher with only `layers` of its layers (see LayerChoice), same
     embeddings, head and tokenizer: a DistilBERT-style initialization. Works for decoders
-    (layers in .layers of the decoder) and encoders (BERT/RoBERTa/MiniLM/DistilBERT/ModernBERT,
-    bare or with a classification head). `labels`: give a bare encoder a classification head
-    with these labels (initialized from `seed`), so that the untrained student can be evaluated
-    and every run starts from the same head."""
+    (layers in .layers of the decoder), encoders (BERT/RoBERTa/MiniLM/DistilBERT/ModernBERT,
+    bare or with a classification head) and encoder-decoders (T5, BART: `layers` encoder and
+    `decoder_layers`, default `layers`, decoder layers). `labels`: give a bare encoder a
+    classification head with these labels (initialized from `seed`), so that the untrained
+    student can be evaluated and every run starts from the same head."""
     import json
 
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from kd_shards.shared.classification import encoder_layers, is_causal_lm, is_sequence_classifier
+    from kd_shards.shared.encoder_decoder import is_encoder_decoder
     from kd_shards.shared.tokenizer import load_tokenizer
 
     teacher, out = Path(teacher), Path(out)
     if out.exists():
         raise UserError(f"--out {out} already exists: remove it or choose another directory")
     config = json.loads((teacher / "config.json").read_text())
+    if is_encoder_decoder(config):
+        if labels:
+            raise UserError("--labels gives an encoder a classification head, not a T5/BART model")
+        return derive_encoder_decoder_student(
+            teacher, layers, decoder_layers or layers, out, keep=keep,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    if decoder_layers is not None:
+        raise UserError("--decoder-layers is for an encoder-decoder teacher (T5, BART): drop it")
     if is_causal_lm(config):
         model_class = AutoModelForCausalLM
     elif is_sequence_classifier(config) or labels:
@@ -195,6 +207,76 @@ def derive_student(
         model.save_pretrained(str(temporary), safe_serialization=True)
         load_tokenizer(teacher, trust_remote_code=trust_remote_code).save_pretrained(str(temporary))
     return out
+
+
+ENCODER_DECODER_LAYER_KEYS = {
+    "encoder": ("num_layers", "encoder_layers"),
+    "decoder": ("num_decoder_layers", "decoder_layers"),
+}
+"""The config fields that count an encoder-decoder's encoder and decoder layers (T5, BART)."""
+
+
+def derive_encoder_decoder_student(
+    teacher: Path,
+    encoder_layers: int,
+    decoder_layers: int,
+    out: Path,
+    *,
+    keep: LayerChoice = "evenly",
+    trust_remote_code: bool = False,
+) -> Path:
+    """An encoder-decoder teacher (T5: encoder.block / decoder.block, BART: encoder.layers /
+    decoder.layers) with `encoder_layers` of its encoder's and `decoder_layers` of its
+    decoder's layers (see LayerChoice), the same embeddings, head and tokenizer."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from kd_shards.shared.tokenizer import load_tokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(
+        str(teacher), dtype=torch.float32, trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )  # fmt: skip
+    for side, wanted in (("encoder", encoder_layers), ("decoder", decoder_layers)):
+        stack_holder = getattr(model, f"get_{side}")()
+        name = next(
+            (name for name in ("block", "layers") if isinstance(getattr(stack_holder, name, None), torch.nn.ModuleList)),
+            None,
+        )  # fmt: skip
+        if name is None:
+            raise UserError(
+                f"{teacher}: {type(model).__name__} does not keep its {side} layers in .block or "
+                ".layers, where init-student looks; derive the student yourself"
+            )
+        original = getattr(stack_holder, name)
+        kept = kept_layers(len(original), wanted, keep)
+        stack = torch.nn.ModuleList(original[index] for index in kept)
+        share_position_bias(original[0], stack[0])
+        setattr(stack_holder, name, stack)
+        for new_index, layer in enumerate(stack):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_index  # the KV cache is indexed by position in the stack
+        for key in ENCODER_DECODER_LAYER_KEYS[side]:
+            if key in model.config.to_dict():
+                setattr(model.config, key, len(kept))
+    with publishing(out) as temporary:
+        model.save_pretrained(str(temporary), safe_serialization=True)
+        load_tokenizer(teacher, trust_remote_code=trust_remote_code).save_pretrained(str(temporary))
+    return out
+
+
+def share_position_bias(teacher_first, student_first) -> None:
+    """T5 keeps the relative position bias every layer uses in its first layer only: a student
+    whose first layer is another teacher layer gets the teacher's bias there (else transformers
+    would draw a new one when it loads the student)."""
+    if teacher_first is student_first:
+        return
+    targets = dict(student_first.named_modules())
+    for name, module in teacher_first.named_modules():
+        if getattr(module, "has_relative_attention_bias", False) and name in targets:
+            targets[name].relative_attention_bias = module.relative_attention_bias
+            targets[name].has_relative_attention_bias = True
 
 
 @contextlib.contextmanager

@@ -100,7 +100,18 @@ def print_summary(summary: dict) -> None:
 
 @main.command("init-student")
 @click.option("--teacher", required=True, help="Teacher model directory.")
-@click.option("--layers", required=True, type=int, help="Decoder or encoder layers to keep.")
+@click.option(
+    "--layers",
+    required=True,
+    type=int,
+    help="Decoder or encoder layers to keep (an encoder-decoder: its encoder's).",
+)
+@click.option(
+    "--decoder-layers",
+    type=int,
+    default=None,
+    help="An encoder-decoder teacher (T5, BART): decoder layers to keep [default: --layers].",
+)
 @click.option(
     "--keep",
     type=click.Choice(get_args(LayerChoice)),
@@ -116,7 +127,13 @@ def print_summary(summary: dict) -> None:
 )
 @click.option("--trust-remote-code", is_flag=True, default=False)
 def init_student(
-    teacher: str, layers: int, keep: str, out: Path, labels: str, trust_remote_code: bool
+    teacher: str,
+    layers: int,
+    decoder_layers: int | None,
+    keep: str,
+    out: Path,
+    labels: str,
+    trust_remote_code: bool,
 ) -> None:
     """Make a student from a teacher by keeping some of its layers (DistilBERT-style init)."""
     from kd_shards.shared.model_preparation import derive_student
@@ -128,8 +145,9 @@ def init_student(
         ).directory
         names = tuple(name.strip() for name in labels.split(",") if name.strip())
         derive_student(
-            directory, layers, out, keep=keep, trust_remote_code=trust_remote_code, labels=names
-        )
+            directory, layers, out, keep=keep, trust_remote_code=trust_remote_code, labels=names,
+            decoder_layers=decoder_layers,
+        )  # fmt: skip
     except UserError as error:
         exit_with(error)
     click.echo(str(out))

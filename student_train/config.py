@@ -49,7 +49,9 @@ class TrainConfig:
     student: str
     """Student: a local Hugging Face model directory (safetensors) or a hub id. A causal LM
     trains on token dumps: its tokenizer fingerprint must equal the dump's (refused with both
-    fingerprints otherwise) and its logits are sliced to len(tokenizer). A sequence classifier
+    fingerprints otherwise) and its logits are sliced to len(tokenizer). An encoder-decoder
+    (T5, BART: AutoModelForSeq2SeqLM) trains on token dumps the same way, the prompt its
+    encoder's input and the target its decoder's tokens. A sequence classifier
     or a bare encoder (BertModel, ...: it gets a new head) trains on classify dumps or --data,
     with its own tokenizer."""
     out: str

@@ -47,7 +47,9 @@ of the dump's identity, and a rerun into the same --out with a different value i
 class DumpConfig:
     model: str
     """Teacher: a local Hugging Face model directory (safetensors only) or a hub id (needs
-    network; offline it fails at once)."""
+    network; offline it fails at once). An encoder-decoder teacher (T5, Flan-T5, mT5, BART)
+    runs in transformers, since vLLM serves none (generate and score modes; the manifest
+    records teacher.architecture and engine.name)."""
     data: str
     """Data: a built-in task or a local file. gsm8k: question → worked answer ending `#### n`;
     summ: document → one-sentence summary (SciTLDR rows {source, target} or plain {document,

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from kd_shards.shared.models import resolve_model
 from kd_shards.student_train.families.causal_lm import CAUSAL_LM
+from kd_shards.student_train.families.seq2seq import SEQ2SEQ_LM
 from kd_shards.student_train.families.sequence_classifier import SEQUENCE_CLASSIFIER
 from kd_shards.student_train.family import StudentFamily
 
-FAMILIES: tuple[StudentFamily, ...] = (CAUSAL_LM, SEQUENCE_CLASSIFIER)
+FAMILIES: tuple[StudentFamily, ...] = (CAUSAL_LM, SEQ2SEQ_LM, SEQUENCE_CLASSIFIER)
 DEFAULT_FAMILY = CAUSAL_LM
 """Takes a model no family claims: its loader then says why the model cannot train."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kd_shards.schemas.manifest import check_tokenizer_fingerprint
+from kd_shards.schemas.manifest import check_tokenizer_fingerprint, is_encoder_decoder_dump
 from kd_shards.shared.causal_lm import (
     check_output_path,
     final_hidden_states,
@@ -143,6 +143,14 @@ def setup(
 ) -> FamilySetup:
     """The causal LM student, its objective and the columns it reads. Token ids only mean the
     same tokens under the teacher's tokenizer: the student's fingerprint must match every dump."""
+    for flag, checked in (("--shards", dump), ("--eval-shards", eval_dump)):
+        if checked is not None and is_encoder_decoder_dump(checked.manifest):
+            raise UserError(
+                f"{flag} {checked.directory} was dumped by an encoder-decoder teacher, whose "
+                "distributions are conditioned on an encoder's reading of the prompt, but "
+                f"--student {config.student} is a causal LM: train an encoder-decoder student "
+                "(T5, BART) on it, or dump a causal teacher"
+            )
     student = load_student(
         config.student,
         manifest=dump.manifest,

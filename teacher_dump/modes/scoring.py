@@ -23,6 +23,7 @@ def forced_rows(
         ((request, request.prompt_ids.tolist() + request.target_ids.tolist()) for request in todo),
         top_k=config.engine_logprobs,
         max_in_flight=config.max_in_flight,
+        prompt_lengths=(len(request.prompt_ids) for request in todo),
     )
     storage = config.storage(len(tokenizer))
     for request, scored in tokens.closing(stream):

@@ -21,6 +21,7 @@ record_engine = tokens.record_engine
 
 def check_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -> None:
     tokens.check_vocabulary(config, inputs)
+    tokens.check_token_teacher(config, inputs, raw_text=True)
     if task.name not in ("text", "columns"):
         raise UserError(
             f"--mode text needs raw text: use --data text (or a file with --prompt-column), not {config.data}"

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from kd_shards.schemas.shard import LOGPROB_STEP, SCHEMA_VERSION, Storage
+from kd_shards.shared.encoder_decoder import is_encoder_decoder, is_encoder_only
 from kd_shards.shared.errors import UserError
 from kd_shards.shared.models import ResolvedModel
 from kd_shards.shared.records import LoadedRecords
@@ -27,9 +28,28 @@ def check_vocabulary(config: DumpConfig, inputs: TeacherInputs) -> None:
         )
 
 
+def check_token_teacher(config: DumpConfig, inputs: TeacherInputs, *, raw_text: bool) -> None:
+    """A token mode needs a model that continues text: a decoder, or (with prompts, not
+    `raw_text`) an encoder-decoder, whose encoder reads the prompt."""
+    model_config = inputs.model.config
+    names = ", ".join(model_config.get("architectures") or ["unknown"])
+    if is_encoder_only(model_config):
+        raise UserError(
+            f"--model {config.model} is a {names}, an encoder with no decoder to generate or "
+            f"score with: --mode {config.mode} needs a causal LM or an encoder-decoder model "
+            "(T5, BART); use --mode classify for a sequence classifier"
+        )
+    if raw_text and is_encoder_decoder(model_config):
+        raise UserError(
+            f"--model {config.model} is an encoder-decoder model ({names}), which gives no "
+            "distribution over raw text without a prompt: use --mode generate or score"
+        )
+
+
 def check_prompted_task(config: DumpConfig, task: Task, inputs: TeacherInputs) -> None:
     """The prompted modes (generate, score) need prompts, not raw text or labelled texts."""
     check_vocabulary(config, inputs)
+    check_token_teacher(config, inputs, raw_text=False)
     if task.name == "text":
         raise UserError("--data text holds raw text without prompts: use --mode text with it")
     if task.is_classification:
@@ -90,10 +110,12 @@ def storage(config: DumpConfig, vocabulary: int) -> Storage:
 
 
 def build_engine(config: DumpConfig, model: ResolvedModel, *, sampled_logprobs: bool):
-    """The vLLM engine of a dump (`sampled_logprobs`: --store sampled's draws)."""
-    from kd_shards.shared.engine import EngineSettings, TeacherEngine
+    """The token engine of a dump (`sampled_logprobs`: --store sampled's draws): vLLM, or
+    transformers for an encoder-decoder teacher (shared.seq2seq_engine)."""
+    from kd_shards.shared.engine import EngineSettings
+    from kd_shards.shared.seq2seq_engine import start_token_engine
 
-    return TeacherEngine(
+    return start_token_engine(
         EngineSettings(
             model=str(model.directory),
             dtype=config.dtype,
@@ -105,7 +127,8 @@ def build_engine(config: DumpConfig, model: ResolvedModel, *, sampled_logprobs: 
             seed=config.seed,
             enforce_eager=config.enforce_eager,
             trust_remote_code=config.trust_remote_code,
-        )
+        ),
+        model.config,
     )
 
 
@@ -128,6 +151,9 @@ def check_engine_fits(config: DumpConfig, engine) -> None:
 def engine_description(engine) -> dict:
     """What actually ran, as the manifest records it (known only once the engine is built)."""
     return {
+        "name": getattr(engine, "backend", "vllm"),
+        # Set for an encoder-decoder teacher only: a decoder's dump records none.
+        "architecture": getattr(engine, "architecture", None),
         "dtype": engine.dtype,
         "requested_dtype": engine.settings.dtype,
         "version": engine.vllm_version,
@@ -139,6 +165,8 @@ def engine_description(engine) -> dict:
         "draws": (
             None
             if not engine.settings.sampled_logprobs
+            else "drawn by kd-shards' transformers backend (shared.seq2seq_engine)"
+            if getattr(engine, "backend", "vllm") == "transformers"
             else "kd-shards vLLM plugin patched in this process (entry point not installed; "
             "vLLM ran in-process)"
             if getattr(engine, "draws_in_process", False)
@@ -153,14 +181,16 @@ def record_engine(manifest: dict, engine: dict) -> None:
     logprobs differ from the model's."""
     if manifest["teacher"]["checkpoint_dtype"] == "float32" and engine["dtype"] != "float32":
         print(
-            f"warning: the teacher's weights are float32 but vLLM runs them in {engine['dtype']} "
+            f"warning: the teacher's weights are float32 but the engine runs them in {engine['dtype']} "
             f"(--dtype {engine['requested_dtype']}): stored logprobs can differ from a float32 "
             "forward by ~0.1 nats and near-tied ids can swap; pass --dtype float32 for exact values",
             file=sys.stderr,
         )
     manifest["teacher"]["dtype"] = engine["dtype"]
+    if engine.get("architecture"):
+        manifest["teacher"]["architecture"] = engine["architecture"]
     manifest["engine"] = {
-        "name": "vllm",
+        "name": engine.get("name", "vllm"),
         "version": engine["version"],
         "platform": engine["platform"],
         "arguments": engine["arguments"],
