@@ -15,6 +15,10 @@ from kd_shards.teacher_dump.filters import FilterName
 Executor = Literal["local", "ray"]
 """Who drives the engines: this process (one engine), or a Ray Data pipeline (several)."""
 
+WriterPlace = Literal["process", "thread", "inline"]
+"""Where the shards are encoded and written (teacher_dump.pipeline): a process beside the
+engine's loop, a thread beside it, or on the loop itself."""
+
 Mode = Literal["generate", "score", "text", "classify"]
 """generate: the teacher samples completions; score: it is teacher-forced on the reference;
 text: every position of raw text; classify: class distributions of a classifier (or of an LLM
@@ -36,6 +40,7 @@ LOCAL_FIELDS = frozenset(
         "ray_workers",
         "ray_address",
         "data_parallel_size",
+        "writer",
     }
 )
 """Fields that only say how this process works, not what the dump contains: a rerun may change
@@ -179,6 +184,11 @@ class DumpConfig:
     max_in_flight: int = 256
     """Prompts handed to the engine at once: it is fed continuously up to this many (bounded
     memory; vLLM batches within)."""
+    writer: WriterPlace = "process"
+    """Where the rows are encoded and the shards written, so that a fast (GPU) engine does not
+    wait for them: process (beside the engine's loop, through a bounded queue), thread (the
+    same, sharing the loop's GIL), or inline (on the engine's loop). The shards are the same
+    bytes in all three (docs/performance.md)."""
     rank: int = 0
     """This process's index among --world-size writers into one --out. Prompts are split by
     index (index % W == rank); each rank writes shards named after it, and all share one
