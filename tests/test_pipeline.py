@@ -222,3 +222,30 @@ def test_the_paced_clock_finishes_requests_at_the_rate_within_its_window():
     assert fast.finish_time(0, 10**6) == 3.0
     fast.took(0, 4.0)
     assert fast.finish_time(1, 10**6) == 4.0
+
+
+def test_text_chunks_with_a_limit_tokenize_only_the_blocks_they_need(tiny_model):
+    from kd_shards.shared.tokenizer import TEXT_BLOCK_CHARACTERS, chunk_text, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    lines = [
+        f"line {index} of the text, word {index * 7 % 13} and more\n" for index in range(40_000)
+    ]
+    text = "".join(lines)  # about 11 blocks
+    asked = []
+
+    class Counting:
+        """The tokenizer, counting the characters it is asked to tokenize."""
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, blocks, **options):
+            asked.append(sum(map(len, blocks)))
+            return tokenizer(blocks, **options)
+
+    everything = chunk_text([text], tokenizer, chunk_tokens=64, limit=None)
+    first = chunk_text([text], Counting(), chunk_tokens=64, limit=20)
+    assert len(everything) > 1000 and len(first) == 20
+    assert all(np.array_equal(a, b) for a, b in zip(first, everything[:20], strict=True))
+    assert sum(asked) <= 4 * TEXT_BLOCK_CHARACTERS + 1000 < len(text) / 2
