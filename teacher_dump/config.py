@@ -41,6 +41,7 @@ LOCAL_FIELDS = frozenset(
         "ray_address",
         "data_parallel_size",
         "writer",
+        "encoding_processes",
     }
 )
 """Fields that only say how this process works, not what the dump contains: a rerun may change
@@ -189,6 +190,10 @@ class DumpConfig:
     wait for them: process (beside the engine's loop, through a bounded queue), thread (the
     same, sharing the loop's GIL), or inline (on the engine's loop). The shards are the same
     bytes in all three (docs/performance.md)."""
+    encoding_processes: int = 0
+    """--writer process: processes that encode the rows' distributions in front of the writer
+    process, for an engine faster than one writer (the adaptive store's encoding is most of the
+    writer's work; docs/performance.md); 0: the writer encodes them itself."""
     rank: int = 0
     """This process's index among --world-size writers into one --out. Prompts are split by
     index (index % W == rank); each rank writes shards named after it, and all share one
@@ -258,6 +263,7 @@ class DumpConfig:
             (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
             (self.rows_per_shard >= 1, "--rows-per-shard must be at least 1"),
             (self.max_in_flight >= 1, "--max-in-flight must be at least 1"),
+            (self.encoding_processes >= 0, "--set encoding_processes must be at least 0"),
             (self.world_size >= 1, "--world-size must be at least 1"),
             (
                 0 <= self.rank < self.world_size,

@@ -26,6 +26,7 @@ What the pipeline keeps of the writer's guarantees (docs/reliability.md):
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from kd_shards.schemas.shard import Storage
 from kd_shards.shared.errors import one_line
 from kd_shards.shared.storage import Folder
-from kd_shards.teacher_dump.rows import ShardRow
+from kd_shards.teacher_dump.rows import ShardRow, encoded_row
 from kd_shards.teacher_dump.shards import ShardWriter, refresh_manifest, update_manifest
 
 QUEUE_PROMPTS = 64
@@ -143,82 +144,145 @@ class QueuedWriter:
     written; close() stops a writer that has not finished (the dump failed) without writing
     what is still queued, as the loop would not have written it either."""
 
-    def __init__(self, spec: WriterSpec, place: str, queue_prompts: int = QUEUE_PROMPTS):
+    def __init__(
+        self,
+        spec: WriterSpec,
+        place: str,
+        queue_prompts: int = QUEUE_PROMPTS,
+        encoders: int = 0,
+    ):
+        """`encoders` (process only): processes that encode the rows (stage 1 of
+        teacher_dump.encoding, the bulk of the adaptive store's work) in front of the writer,
+        prompt i by encoder i mod N, the writer taking them back in turn (so in order); 0: the
+        writer encodes them itself."""
         self.place = place
-        self.finished = False
+        self.finished = self.ending = self.done = False
+        self.handed = 0
         if place == "process":
             context = writer_context()
-            self.items = context.Queue(queue_prompts)
             self.replies = context.Queue()
             self.stop = context.Event()
-            self.worker = context.Process(
-                target=serve,
-                args=(spec, self.items, self.replies, self.stop, os.getpid()),
-                name="shard-writer",
-                daemon=True,
+            parent = os.getpid()
+            self.inboxes = [context.Queue(queue_prompts) for _ in range(max(encoders, 1))]
+            # Kept on self: a queue's semaphores go when its last reference here does, and a
+            # child may not have opened them yet.
+            self.outboxes = encoded = [context.Queue(queue_prompts) for _ in range(encoders)]
+            self.workers = [
+                context.Process(
+                    target=serve_encoder,
+                    args=(spec, inbox, outbox, self.replies, self.stop, parent),
+                    name=f"shard-encoder-{index}",
+                    daemon=True,
+                )
+                for index, (inbox, outbox) in enumerate(zip(self.inboxes, encoded, strict=False))
+            ]
+            self.workers.append(
+                context.Process(
+                    target=serve,
+                    args=(spec, encoded or self.inboxes, self.replies, self.stop, parent),
+                    name="shard-writer",
+                    daemon=True,
+                )
             )
         else:
-            self.items = queue.Queue(queue_prompts)
+            self.inboxes = [queue.Queue(queue_prompts)]
             self.replies = queue.Queue()
             self.stop = threading.Event()
-            self.worker = threading.Thread(
-                target=serve,
-                args=(spec, self.items, self.replies, self.stop, None),
-                name="shard-writer",
-                daemon=True,
-            )
-        self.worker.start()
+            self.workers = [
+                threading.Thread(
+                    target=serve,
+                    args=(spec, self.inboxes, self.replies, self.stop, None),
+                    name="shard-writer",
+                    daemon=True,
+                )
+            ]
+        for worker in self.workers:
+            worker.start()
+
+    @property
+    def items(self):
+        """The queue of the first (or only) worker."""
+        return self.inboxes[0]
+
+    @property
+    def worker(self):
+        """The process (or thread) that writes the shards."""
+        return self.workers[-1]
 
     def put(self, rows: list[ShardRow], judged: Outcomes | None) -> None:
         self.hand_over((rows, judged))
 
     def finish(self) -> None:
-        self.hand_over(None)
-        while True:
+        self.ending = True
+        for _ in self.inboxes:  # every encoder (or the writer) learns that the dump ends
+            self.hand_over(None)
+        while not self.done:
             try:
                 kind, error = self.replies.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 self.check_alive()
                 continue
-            self.finished = True
-            self.worker.join()
-            if kind == "failed":
-                raise error
-            return
+            self.settle(kind, error)
+        for worker in self.workers:
+            worker.join()
+
+    def settle(self, kind: str, error: BaseException | None) -> None:
+        """The writer's one reply: done, or its error raised here."""
+        self.finished = True
+        if kind == "failed":
+            self.close_workers()
+            raise error
+        self.done = True
 
     def close(self) -> None:
-        if self.finished:
-            return
+        if not self.finished:
+            self.close_workers()
+
+    def close_workers(self) -> None:
+        """Stop every worker (a process still busy after STOP_SECONDS is killed)."""
         self.stop.set()
-        self.worker.join(STOP_SECONDS)
-        if self.place == "process" and self.worker.is_alive():
-            self.worker.kill()
-            self.worker.join()
+        for worker in self.workers:
+            worker.join(STOP_SECONDS)
+            if self.place == "process" and worker.is_alive():
+                worker.kill()
+                worker.join()
 
     def hand_over(self, item) -> None:
-        """Queue `item`; while the queue is full, wait in polls that check the writer lives."""
+        """Queue `item` to the next worker in turn; while its queue is full, wait in polls that
+        check the workers live."""
         self.check_alive()
+        inbox = self.inboxes[self.handed % len(self.inboxes)]
+        self.handed += 1
         while True:
             try:
-                self.items.put(item, timeout=POLL_SECONDS)
+                inbox.put(item, timeout=POLL_SECONDS)
                 return
             except queue.Full:
                 self.check_alive()
 
     def check_alive(self) -> None:
-        """Raise the writer's error if it has stopped."""
-        if self.worker.is_alive():
+        """Raise the workers' error if one has stopped (an encoder ends once it has passed the
+        dump's end on: that is no error)."""
+        stopped = [worker for worker in self.workers if not worker.is_alive()]
+        if not stopped:
+            return
+        if (
+            self.ending
+            and self.worker not in stopped
+            and all(getattr(worker, "exitcode", 0) == 0 for worker in stopped)
+        ):
             return
         try:
             kind, error = self.replies.get(timeout=POLL_SECONDS)
         except queue.Empty:
-            code = getattr(self.worker, "exitcode", None)
+            codes = [getattr(worker, "exitcode", None) for worker in self.workers]
+            self.close_workers()
+            self.finished = True
             raise RuntimeError(
-                f"teacher-dump's shard writer stopped without a word (exit code {code}): rerun "
-                "the same command (it resumes)"
+                f"teacher-dump's shard writer stopped without a word (exit codes {codes}): "
+                "rerun the same command (it resumes)"
             ) from None
-        self.finished = True
-        raise error if kind == "failed" else RuntimeError("the shard writer stopped early")
+        self.settle(kind, error)
 
 
 def writer_context():
@@ -230,23 +294,19 @@ def writer_context():
     return context
 
 
-def serve(spec: WriterSpec, items, replies, stop, parent: int | None) -> None:
-    """The writer's life: prompts from `items` into shards until None (then one ("done",
-    None) on `replies`), or until `stop` is set or the dump's process `parent` is gone
-    (then nothing); an error is one ("failed", error) on `replies`. `parent` None: a thread."""
+def serve(spec: WriterSpec, inboxes: list, replies, stop, parent: int | None) -> None:
+    """The writer's life: prompts from `inboxes` (taken in turn) into shards until None (then
+    one ("done", None) on `replies`), or until `stop` is set or the dump's process `parent` is
+    gone (then nothing); an error is one ("failed", error) on `replies`. `parent` None: a
+    thread."""
     if parent is not None:
         die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the loop's to handle
     try:
         writer = PromptWriter(spec)
-        while True:
-            try:
-                item = items.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                if stop.is_set() or (parent is not None and not alive(parent)):
-                    return
-                continue
-            if stop.is_set():
+        for index in itertools.count():
+            item = next_item(inboxes[index % len(inboxes)], stop, parent)
+            if item is STOPPED:
                 return
             if item is None:
                 writer.finish()
@@ -254,9 +314,56 @@ def serve(spec: WriterSpec, items, replies, stop, parent: int | None) -> None:
                 return
             writer.add(*item)
     except BaseException as error:
-        if parent is not None and not isinstance(error, Exception):
-            return
-        replies.put(("failed", transferable(error) if parent is not None else error))
+        report_failure(error, replies, parent)
+
+
+def serve_encoder(spec: WriterSpec, inbox, outbox, replies, stop, parent: int) -> None:
+    """An encoder's life: each prompt of `inbox` with its rows encoded (stage 1 of
+    teacher_dump.encoding) onto `outbox`, then the closing None; stops as serve() does."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        while True:
+            item = next_item(inbox, stop, parent)
+            if item is STOPPED:
+                return
+            if item is not None:
+                rows, judged = item
+                item = ([encoded_row(row, spec.storage, spec.vocabulary) for row in rows], judged)
+            while True:
+                try:
+                    outbox.put(item, timeout=POLL_SECONDS)
+                    break
+                except queue.Full:
+                    if stop.is_set() or not alive(parent):
+                        return
+            if item is None:
+                return
+    except BaseException as error:
+        report_failure(error, replies, parent)
+
+
+STOPPED = object()
+"""next_item's answer when the worker is to stop without finishing."""
+
+
+def next_item(inbox, stop, parent: int | None):
+    """The next item of `inbox`, or STOPPED once `stop` is set or `parent` is gone."""
+    while True:
+        try:
+            item = inbox.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if stop.is_set() or (parent is not None and not alive(parent)):
+                return STOPPED
+            continue
+        return STOPPED if stop.is_set() else item
+
+
+def report_failure(error: BaseException, replies, parent: int | None) -> None:
+    """One ("failed", error) on `replies` (a process: not for SystemExit and the like)."""
+    if parent is not None and not isinstance(error, Exception):
+        return
+    replies.put(("failed", transferable(error) if parent is not None else error))
 
 
 def transferable(error: BaseException) -> BaseException:
@@ -295,12 +402,13 @@ def alive(pid: int) -> bool:
     return True
 
 
-def start_writer(spec: WriterSpec, place: str) -> InlineWriter | QueuedWriter:
-    """The writer of --writer `place` for `spec`. An object-storage dump writes from a thread
-    where a process is asked for: some fsspec stores (the in-memory one) live in this process
-    only, and its uploads wait on the network, not the GIL."""
+def start_writer(spec: WriterSpec, place: str, encoders: int = 0) -> InlineWriter | QueuedWriter:
+    """The writer of --writer `place` (with `encoders` encoding processes) for `spec`. An
+    object-storage dump writes from a thread where a process is asked for: some fsspec stores
+    (the in-memory one) live in this process only, and its uploads wait on the network, not
+    the GIL."""
     if place == "inline":
         return InlineWriter(spec)
     if place == "process" and not Folder(spec.out).is_local:
         place = "thread"
-    return QueuedWriter(spec, place)
+    return QueuedWriter(spec, place, encoders=encoders if place == "process" else 0)

@@ -419,7 +419,7 @@ def write_results(
     )
     tokens = 0
     started = time.perf_counter()
-    writer = start_writer(spec, config.writer)
+    writer = start_writer(spec, config.writer, config.encoding_processes)
     try:
         for request, rows in results:
             judged = None
