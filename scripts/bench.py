@@ -140,8 +140,8 @@ class BenchConfig:
     """Representations of the writer group (teacher-dump's defaults for each)."""
     writer_zstd_levels: tuple[int, ...] = (3, 19)
     """zstd levels of the writer group."""
-    writer_places: tuple[str, ...] = ("inline", "thread", "process")
-    """--writer values of the writer group."""
+    writer_places: tuple[str, ...] = ("inline", "thread", "process", "process:2")
+    """--writer values of the writer group (process:N: with N encoding processes)."""
     writer_seconds: float = 1.5
     """Engine seconds of each writer-group run (the infinitely fast engine: the tokens of the
     50k tokens/s run)."""

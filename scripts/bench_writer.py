@@ -8,7 +8,8 @@ It is paced like vLLM's engine core, which runs in its own process: requests fin
 another at the rate while the loop is busy, up to max_in_flight requests ahead of the loop
 (PacedClock). The dump (the real write_results: rows, encoding, Parquet, manifest) is timed
 from its first request to its last shard; dump rate ÷ engine rate is the row's figure, for
---writer inline (the work on the engine's loop) and process (beside it).
+--writer inline (the work on the engine's loop), thread, process (beside it) and process:N
+(with --set encoding_processes=N).
 
 The distributions are drawn, not computed by a model (Zipf-like ranks and id frequencies), so
 bytes per token differ from a real teacher's; the work per token has the real shape.
@@ -147,6 +148,7 @@ def measure_writer(
     from kd_shards.teacher_dump.requests import DumpRequest
     from kd_shards.teacher_dump.run import write_results
 
+    # `writers`: --writer values; "process:N" adds N encoding processes.
     tokenizer = load_tokenizer(Path(teacher))
     vocabulary = len(tokenizer)
     generator = np.random.default_rng(0)
@@ -175,7 +177,11 @@ def measure_writer(
                         )
                         for index in range(prompts)
                     ]
-                    run_config = replace(config, zstd_level=zstd_level, writer=writer)
+                    place, _, encoders = writer.partition(":")
+                    run_config = replace(
+                        config, zstd_level=zstd_level, writer=place,
+                        encoding_processes=int(encoders or 0),
+                    )  # fmt: skip
                     for repeat in range(repeats):
                         shutil.rmtree(out, ignore_errors=True)
                         Path(out).mkdir(parents=True)
