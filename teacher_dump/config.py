@@ -185,11 +185,11 @@ class DumpConfig:
     max_in_flight: int = 256
     """Prompts handed to the engine at once: it is fed continuously up to this many (bounded
     memory; vLLM batches within)."""
-    writer: WriterPlace = "process"
+    writer: WriterPlace = "thread"
     """Where the rows are encoded and the shards written, so that a fast (GPU) engine does not
-    wait for them: process (beside the engine's loop, through a bounded queue), thread (the
-    same, sharing the loop's GIL), or inline (on the engine's loop). The shards are the same
-    bytes in all three (docs/performance.md)."""
+    wait for them: thread (beside the engine's loop, through a bounded queue, sharing its GIL),
+    process (the same in a process of its own, with --set encoding_processes), or inline (on
+    the engine's loop). The shards are the same bytes in all three (docs/performance.md)."""
     encoding_processes: int = 0
     """--writer process: processes that encode the rows' distributions in front of the writer
     process, for an engine faster than one writer (the adaptive store's encoding is most of the

@@ -6,10 +6,10 @@ the rest in arrival order, exactly as the loop would: stage 1 of teacher_dump.en
 rows' entries), the shard-level coding, Parquet, the manifest and the filter's outcomes, with
 the same ShardWriter, so the shards are the same bytes. --writer says where it runs:
 
-- process (default): a process of its own, forked from a server started once per dump process,
-  so its numpy and Python hold no lock the engine's loop needs;
-- thread: beside the loop in this process, sharing its GIL (pyarrow's Parquet writing and zstd
-  release it; numpy on these small arrays mostly does not);
+- thread (default): beside the loop in this process, sharing its GIL (pyarrow's Parquet
+  writing and zstd release it; numpy on these small arrays mostly does not);
+- process: a process of its own, forked from a server started once per dump process, so its
+  numpy and Python hold no lock the engine's loop needs (and encoding_processes more);
 - inline: on the loop itself.
 
 What the pipeline keeps of the writer's guarantees (docs/reliability.md):
