@@ -1,6 +1,6 @@
 """`make bench`: the performance claims of kd-shards as ratios measured side by side in one run.
 
-Six groups of rows, each the median of `repeats` measurements with their spread (min-max):
+Seven groups of rows, each the median of `repeats` measurements with their spread (min-max):
 1. storage   every representation of schema v2 (scripts/bench_storage.py): bytes per target
              token by column, both fidelity figures against the teacher's full distribution, the
              training figure, dump speed and loader headroom, on WikiText-2 and GSM8K
@@ -13,6 +13,9 @@ Six groups of rows, each the median of `repeats` measurements with their spread 
 5. online    a KD step with the teacher's forward pass in the loop ÷ the offline step
 6. scale     teacher-dump tokens/s with 2 Ray workers ÷ 1 (and the local executor); follow-mode
              lag: from a shard's publication to the end of the first training step on its rows
+7. writer    teacher-dump's rows loop on a synthetic engine paced at 10k-100k tokens/s
+             (scripts/bench_writer.py): dump rate ÷ engine rate per representation, zstd level
+             and --writer, and the writer's own maximum
 
 Every measurement runs in a fresh process (its own peak RSS) and every figure comes from this
 run: the work directory is emptied first; only the converted models are kept between runs.
@@ -42,9 +45,9 @@ import click
 from kd_shards.shared.config import build_config
 from kd_shards.shared.errors import UserError, check_all, exit_with
 from kd_shards.shared.files import atomic_write_text
-from scripts import bench_storage
+from scripts import bench_storage, bench_writer
 
-GROUPS = ("storage", "dump", "training", "loader", "online", "scale")
+GROUPS = ("storage", "dump", "training", "loader", "online", "scale", "writer")
 ENGINE_GROUPS = ("storage", "dump", "training", "loader", "online")
 """The groups that need the storage dumps of the shared teacher engine measurement."""
 
@@ -131,8 +134,22 @@ class BenchConfig:
     """Text windows of the dump that student-train --follow trains on (scale group)."""
     follow_rows_per_shard: int = 8
     """Rows per shard of that dump (also the trainer's shuffle window and micro-batch)."""
+    writer_rates: tuple[float, ...] = (10_000, 50_000, 100_000, 0)
+    """Synthetic engine rates of the writer group, tokens/s (0: infinitely fast)."""
+    writer_stores: tuple[str, ...] = ("topk", "adaptive", "sampled")
+    """Representations of the writer group (teacher-dump's defaults for each)."""
+    writer_zstd_levels: tuple[int, ...] = (3, 19)
+    """zstd levels of the writer group."""
+    writer_places: tuple[str, ...] = ("inline", "thread", "process", "process:2")
+    """--writer values of the writer group (process:N: with N encoding processes)."""
+    writer_seconds: float = 1.5
+    """Engine seconds of each writer-group run (the infinitely fast engine: the tokens of the
+    50k tokens/s run)."""
+    writer_rows_per_shard: int = 64
+    """Rows per shard of the writer group's dumps (several shards per run)."""
     only: str | None = None
-    """Run one group of rows: storage, dump, training, loader, online or scale (default: all)."""
+    """Run one group of rows: storage, dump, training, loader, online, scale or writer
+    (default: all)."""
 
     @property
     def storage_ks(self) -> tuple[int, ...]:
@@ -738,6 +755,8 @@ def table_rows(config: BenchConfig, raw: dict, groups: tuple[str, ...]) -> list[
         rows += online_rows(config, raw["online"])
     if "scale" in groups:
         rows += scale_rows(config, raw["scale"])
+    if "writer" in groups:
+        rows += bench_writer.writer_rows(config, raw["writer"], Row)
     return rows
 
 
@@ -974,6 +993,17 @@ def run_bench(config: BenchConfig) -> dict:
                 for repeat in range(config.scale_repeats)
             ],
         }
+
+    if "writer" in groups:
+        stage("writer: the dump on a synthetic engine at set rates")
+        raw["writer"] = measurement(
+            "writer", work / "writer.log", teacher=str(teacher), out=str(work / "writer"),
+            rates=[rate or None for rate in config.writer_rates],
+            stores=list(config.writer_stores), zstd_levels=list(config.writer_zstd_levels),
+            writers=list(config.writer_places), chunk_tokens=config.chunk_tokens,
+            seconds=config.writer_seconds, rows_per_shard=config.writer_rows_per_shard,
+            repeats=config.repeats,
+        )  # fmt: skip
 
     return write_report(config, raw, groups, teacher, student, started)
 

@@ -666,6 +666,13 @@ def measure_loader(shards: str, micro_batch: int, buffer_rows: int) -> dict:
     }
 
 
+def measure_writer(**arguments) -> dict:
+    """The writer group (scripts/bench_writer.py)."""
+    from scripts.bench_writer import measure_writer as measure
+
+    return measure(**arguments)
+
+
 MEASUREMENTS = {
     "engine": measure_engine,
     "fidelity": measure_fidelity,
@@ -673,6 +680,7 @@ MEASUREMENTS = {
     "online": measure_online,
     "loss-memory": measure_loss_memory,
     "loader": measure_loader,
+    "writer": measure_writer,
 }
 
 

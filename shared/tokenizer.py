@@ -127,6 +127,9 @@ def _as_ids(rendered) -> list[int]:
 TEXT_BLOCK_CHARACTERS = 1 << 16
 """Raw text is tokenized in blocks of about this many characters, split at line ends."""
 
+TEXT_BLOCKS_PER_BATCH = 4
+"""Blocks tokenized per call when only the first chunks are wanted (a limit)."""
+
 
 def chunk_text(texts: list[str], tokenizer, *, chunk_tokens: int, limit: int | None) -> list:
     """Tokenize raw texts as one stream and cut it into chunks of `chunk_tokens` tokens.
@@ -143,9 +146,6 @@ def chunk_text(texts: list[str], tokenizer, *, chunk_tokens: int, limit: int | N
     joined = "".join(text if text.endswith("\n") else text + "\n\n" for text in texts if text)
     if not joined.strip():
         raise UserError("the text data is empty: pass a file with text in it")
-    blocks = _split_into_blocks(joined, TEXT_BLOCK_CHARACTERS)
-    encoded = tokenizer(blocks, add_special_tokens=False)["input_ids"]
-    tokens = np.fromiter((token for block in encoded for token in block), dtype=np.int32)
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
         # Models trained with a BOS expect it at the start of every window.
         chunk_body = chunk_tokens - 1
@@ -153,6 +153,22 @@ def chunk_text(texts: list[str], tokenizer, *, chunk_tokens: int, limit: int | N
     else:
         chunk_body = chunk_tokens
         bos = np.zeros(0, dtype=np.int32)
+    blocks = _split_into_blocks(joined, TEXT_BLOCK_CHARACTERS)
+    # With a limit, only the blocks that the first `limit` chunks need are tokenized (blocks
+    # are tokenized one by one anyway, so the chunks are the same): a short run on a long
+    # text does not pay for all of it.
+    needed = None if limit is None else limit * chunk_body
+    batch = len(blocks) if limit is None else TEXT_BLOCKS_PER_BATCH
+    encoded, count = [], 0
+    for start in range(0, len(blocks), batch):
+        for block in tokenizer(blocks[start : start + batch], add_special_tokens=False)[
+            "input_ids"
+        ]:
+            encoded.append(block)
+            count += len(block)
+        if needed is not None and count >= needed:
+            break
+    tokens = np.fromiter((token for block in encoded for token in block), dtype=np.int32)
     chunks = []
     for start in range(0, len(tokens), chunk_body):
         chunk = np.concatenate([bos, tokens[start : start + chunk_body]])

@@ -15,6 +15,10 @@ from kd_shards.teacher_dump.filters import FilterName
 Executor = Literal["local", "ray"]
 """Who drives the engines: this process (one engine), or a Ray Data pipeline (several)."""
 
+WriterPlace = Literal["process", "thread", "inline"]
+"""Where the shards are encoded and written (teacher_dump.pipeline): a process beside the
+engine's loop, a thread beside it, or on the loop itself."""
+
 Mode = Literal["generate", "score", "text", "classify"]
 """generate: the teacher samples completions; score: it is teacher-forced on the reference;
 text: every position of raw text; classify: class distributions of a classifier (or of an LLM
@@ -36,6 +40,8 @@ LOCAL_FIELDS = frozenset(
         "ray_workers",
         "ray_address",
         "data_parallel_size",
+        "writer",
+        "encoding_processes",
     }
 )
 """Fields that only say how this process works, not what the dump contains: a rerun may change
@@ -183,6 +189,15 @@ class DumpConfig:
     max_in_flight: int = 256
     """Prompts handed to the engine at once: it is fed continuously up to this many (bounded
     memory; vLLM batches within)."""
+    writer: WriterPlace = "thread"
+    """Where the rows are encoded and the shards written, so that a fast (GPU) engine does not
+    wait for them: thread (beside the engine's loop, through a bounded queue, sharing its GIL),
+    process (the same in a process of its own, with --set encoding_processes), or inline (on
+    the engine's loop). The shards are the same bytes in all three (docs/performance.md)."""
+    encoding_processes: int = 0
+    """--writer process: processes that encode the rows' distributions in front of the writer
+    process, for an engine faster than one writer (the adaptive store's encoding is most of the
+    writer's work; docs/performance.md); 0: the writer encodes them itself."""
     rank: int = 0
     """This process's index among --world-size writers into one --out. Prompts are split by
     index (index % W == rank); each rank writes shards named after it, and all share one
@@ -252,6 +267,7 @@ class DumpConfig:
             (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
             (self.rows_per_shard >= 1, "--rows-per-shard must be at least 1"),
             (self.max_in_flight >= 1, "--max-in-flight must be at least 1"),
+            (self.encoding_processes >= 0, "--set encoding_processes must be at least 0"),
             (self.world_size >= 1, "--world-size must be at least 1"),
             (
                 0 <= self.rank < self.world_size,

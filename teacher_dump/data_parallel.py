@@ -174,7 +174,8 @@ def batch_bytes(teacher, batch: list[DumpRequest]) -> bytes:
     from kd_shards.teacher_dump.shards import rows_to_transfer_table
 
     rows = [row for _, prompt_rows in teacher.rows(batch) for row in prompt_rows]
-    table = rows_to_transfer_table(rows)
+    vocabulary = len(teacher.tokenizer)
+    table = rows_to_transfer_table(rows, teacher.config.storage(vocabulary), vocabulary)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

@@ -71,7 +71,8 @@ class TeacherWorker:
         ]
         rows = [row for _, prompt_rows in self.teacher.rows(requests) for row in prompt_rows]
         # Stage 1 of the encoding only: the writer's shard decides the shard-level coding.
-        table = rows_to_transfer_table(rows)
+        vocabulary = len(self.teacher.tokenizer)
+        table = rows_to_transfer_table(rows, self.config.storage(vocabulary), vocabulary)
         return table.append_column(ENGINE_COLUMN, pa.array([self.description] * len(rows)))
 
 

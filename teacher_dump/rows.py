@@ -7,7 +7,7 @@ grid, the teacher's distributions encoded as the dump's representation: teacher_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -15,6 +15,17 @@ from kd_shards.schemas.shard import NO_LABEL, PAD_ID, Storage, round_logprobs
 from kd_shards.shared.errors import UserError
 from kd_shards.teacher_dump.encoding import RowEntries, encode_row
 from kd_shards.teacher_dump.requests import DumpRequest
+
+
+@dataclass(frozen=True)
+class EngineEntries:
+    """One row's distributions as the engine gave them, padding-row ids dropped, before stage 1
+    of teacher_dump.encoding (encode_row's arguments)."""
+
+    ids: np.ndarray
+    """(T, K) int32, rank order, PAD_ID after the real entries."""
+    logprobs: np.ndarray
+    """(T, K) float32 unrounded engine values, -inf after the real entries."""
 
 
 @dataclass(frozen=True)
@@ -30,10 +41,12 @@ class ShardRow:
     """(T,) int32."""
     target_logprobs: np.ndarray
     """(T,) float32."""
-    entries: RowEntries | None
-    """The teacher's distribution at each target position, as the dump stores it (stage 1 of
-    teacher_dump.encoding; the shard's writer finishes the coding). None in classify rows,
-    which keep every label exactly in topk_ids / topk_logprobs (schema v1)."""
+    entries: RowEntries | EngineEntries | None
+    """The teacher's distribution at each target position: as the dump stores it (RowEntries,
+    stage 1 of teacher_dump.encoding; the shard's writer finishes the coding), or still as the
+    engine gave it (EngineEntries: the shard's writer encodes them, off the engine's loop:
+    encoded_row). None in classify rows, which keep every label exactly in topk_ids /
+    topk_logprobs (schema v1)."""
     finish_reason: str
     prompt_text: str
     target_text: str
@@ -106,10 +119,15 @@ class ScoredTarget:
 
 
 def make_row(
-    request: DumpRequest, target: ScoredTarget, tokenizer_size: int, storage: Storage
+    request: DumpRequest,
+    target: ScoredTarget,
+    tokenizer_size: int,
+    storage: Storage | None = None,
 ) -> ShardRow:
     """Build the row of `request`'s `target`: ids >= tokenizer_size left out, the distributions
-    encoded as `storage` says (stage 1 of teacher_dump.encoding)."""
+    encoded as `storage` says (stage 1 of teacher_dump.encoding), or, with `storage` None (what
+    the token modes pass), kept as the engine's entries for the shard writer to encode beside
+    the engine (encoded_row; teacher_dump.pipeline)."""
     sample_id, target_ids = target.sample_id, target.target_ids
     if not np.array_equal(target.position_ids[:, 0], target_ids):
         raise RuntimeError(f"engine logprobs are misaligned with the targets of sample {sample_id}")
@@ -119,20 +137,30 @@ def make_row(
         np.ascontiguousarray(target.position_logprobs[:, 1:]),
         tokenizer_size,
     )
-    return ShardRow(
+    row = ShardRow(
         sample_id=sample_id,
         source_index=request.source_index,
         completion_index=target.completion_index,
         prompt_ids=np.asarray(request.prompt_ids, dtype=np.int32),
         target_ids=np.asarray(target_ids, dtype=np.int32),
         target_logprobs=round_logprobs(target.position_logprobs[:, 0]),
-        entries=encode_row(topk_ids, topk_logprobs, storage, tokenizer_size),
+        entries=EngineEntries(topk_ids, topk_logprobs),
         finish_reason=target.finish_reason,
         prompt_text=request.prompt_text,
         target_text=target.target_text,
         references=request.references,
         padded_topk_entries=dropped,
     )
+    return row if storage is None else encoded_row(row, storage, tokenizer_size)
+
+
+def encoded_row(row: ShardRow, storage: Storage | None, tokenizer_size: int) -> ShardRow:
+    """`row` with its EngineEntries encoded as `storage` says (stage 1 of
+    teacher_dump.encoding); a row already encoded (or a classify row) as it is."""
+    if not isinstance(row.entries, EngineEntries):
+        return row
+    entries = encode_row(row.entries.ids, row.entries.logprobs, storage, tokenizer_size)
+    return replace(row, entries=entries)
 
 
 def first_invalid_position(token_ids: np.ndarray, tokenizer_size: int) -> int | None:

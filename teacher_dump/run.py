@@ -9,7 +9,6 @@ this module keeps what every mode shares: resume, identity, manifest and writing
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import sys
@@ -35,14 +34,15 @@ from kd_shards.teacher_dump.data_parallel import data_parallel_results, rank_env
 from kd_shards.teacher_dump.filters import CompletionFilter, check_filter_data, select_rows
 from kd_shards.teacher_dump.modes import MODES
 from kd_shards.teacher_dump.modes.interface import ModeRequests, TeacherInputs, resolve_teacher
+from kd_shards.teacher_dump.pipeline import WriterSpec, start_writer
 from kd_shards.teacher_dump.ray_dump import ray_results
 from kd_shards.teacher_dump.requests import DumpRequest
 from kd_shards.teacher_dump.rows import ShardRow
 from kd_shards.teacher_dump.shards import (
-    ShardWriter,
     done_source_indices,
     exclusive_writer,
     refresh_manifest,
+    update_manifest,
 )
 
 MODE_FIELDS = frozenset().union(*(mode.OWN_FIELDS for mode in MODES.values()))
@@ -384,17 +384,6 @@ def checkpoint_dtype(model_config: dict) -> str | None:
     return model_config.get("dtype") or model_config.get("torch_dtype")
 
 
-def update_manifest(directory: Folder, change) -> None:
-    """Apply `change` (a function that edits the manifest in place) under the lock; write the
-    manifest only where it changed."""
-    with directory.lock():
-        manifest = json.loads(directory.read_text(MANIFEST_NAME))
-        before = copy.deepcopy(manifest)
-        change(manifest)
-        if manifest != before:
-            directory.write_json(MANIFEST_NAME, manifest)
-
-
 def write_results(
     config: DumpConfig,
     results: Iterator[tuple[DumpRequest, list[ShardRow]]],
@@ -405,18 +394,19 @@ def write_results(
     vocabulary: int,
     data_rows: list[dict] | None = None,
 ) -> int:
-    """Write each prompt's rows into this rank's shards as they come; returns target tokens
-    written. `total`: this rank's prompts, `todo`: those not yet dumped (for the progress);
-    `vocabulary`: the tokenizer's size (the shard codebook's range); `data_rows`: the data's
-    records (what --filter column reads)."""
-    storage = MODES[config.mode].storage(config, vocabulary)
-    writer = ShardWriter(
-        directory,
-        config.rank,
-        config.world_size,
-        config.rows_per_shard,
-        storage,
-        vocabulary,
+    """Hand each prompt's rows, as they come, to this rank's shard writer (--writer: beside the
+    engine's loop, teacher_dump.pipeline); returns target tokens written. `total`: this rank's
+    prompts, `todo`: those not yet dumped (for the progress); `vocabulary`: the tokenizer's size
+    (the shard codebook's range); `data_rows`: the data's records (what --filter column reads)."""
+    completion_filter = filter_of(config)
+    spec = WriterSpec(
+        out=directory.text,
+        rank=config.rank,
+        world_size=config.world_size,
+        rows_per_shard=config.rows_per_shard,
+        storage=MODES[config.mode].storage(config, vocabulary),
+        vocabulary=vocabulary,
+        filtering=completion_filter is not None,
     )
     progress = tqdm(
         total=total,
@@ -429,25 +419,22 @@ def write_results(
     )
     tokens = 0
     started = time.perf_counter()
-    completion_filter, outcomes = filter_of(config), {"none_kept": [], "best_kept": []}
+    writer = start_writer(spec, config.writer, config.encoding_processes)
     try:
         for request, rows in results:
+            judged = None
             if completion_filter is not None:
-                rows = filtered_rows(completion_filter, request, rows, data_rows, outcomes)
-            sequence = writer.sequence
-            writer.add_prompt_rows(rows)
-            if completion_filter is not None and writer.sequence != sequence:
-                # A shard was written: record the outcomes of the prompts judged before it.
-                outcomes = record_outcomes(directory, outcomes)
+                judged = {"none_kept": [], "best_kept": []}
+                rows = filtered_rows(completion_filter, request, rows, data_rows, judged)
+            writer.put(rows, judged)
             tokens += sum(len(row.target_ids) for row in rows)
             progress.update(1)
             progress.set_postfix_str(
                 f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f} tok/s", refresh=False
             )
-        writer.flush()
-        if completion_filter is not None:
-            record_outcomes(directory, outcomes)
+        writer.finish()
     finally:
+        writer.close()
         results.close()
         progress.close()
     return tokens
@@ -470,19 +457,6 @@ def filtered_rows(
     if outcome != "kept":
         outcomes[outcome].append(request.source_index)
     return kept
-
-
-def record_outcomes(directory: Folder, outcomes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Add the prompts of `outcomes` to the manifest's filter lists and refresh its counts
-    (every prompt before them is in a written shard); returns empty outcomes."""
-
-    def add(manifest: dict) -> None:
-        for key, indices in outcomes.items():
-            manifest["filter"][key] = sorted(set(manifest["filter"][key]) | set(indices))
-
-    update_manifest(directory, add)
-    refresh_manifest(directory, [])
-    return {key: [] for key in outcomes}
 
 
 def judged_without_rows(directory: Folder) -> set[int]:

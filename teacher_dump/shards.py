@@ -14,6 +14,7 @@ there are no locks there (what holds instead is stated in shared/storage.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import re
@@ -51,7 +52,7 @@ from kd_shards.shared.files import (
 )
 from kd_shards.shared.storage import Folder, as_folder, parquet_bytes
 from kd_shards.teacher_dump.encoding import shard_columns
-from kd_shards.teacher_dump.rows import ENTRY_COLUMNS, ShardRow
+from kd_shards.teacher_dump.rows import ENTRY_COLUMNS, ShardRow, encoded_row
 
 ROW_GROUP_ROWS = 256
 """Rows per Parquet row group: the unit the training loader reads at a time."""
@@ -173,10 +174,12 @@ def rows_to_table(
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema), footer
 
 
-def rows_to_transfer_table(rows: list[ShardRow]) -> pa.Table:
+def rows_to_transfer_table(rows: list[ShardRow], storage: Storage, vocabulary: int) -> pa.Table:
     """Token rows as an Arrow table to cross a process boundary (teacher_dump.rows
     .rows_from_table is the inverse): the row columns, each row's RowEntries before the
-    shard-level coding (ENTRY_COLUMNS) and its padding count. Not a shard."""
+    shard-level coding (ENTRY_COLUMNS; rows still holding the engine's entries are encoded
+    first, as `storage` says) and its padding count. Not a shard."""
+    rows = [encoded_row(row, storage, vocabulary) for row in rows]
     columns = {
         **row_columns(rows),
         "padded_topk_entries": pa.array([row.padded_topk_entries for row in rows], pa.int64()),
@@ -363,6 +366,17 @@ def count_filtered(manifest: dict, folder: Folder) -> None:
     manifest["data"]["expected_rows"] = manifest["totals"]["rows"] if manifest["complete"] else None
 
 
+def update_manifest(directory: Folder, change) -> None:
+    """Apply `change` (a function that edits the manifest in place) under the lock; write the
+    manifest only where it changed."""
+    with directory.lock():
+        manifest = json.loads(directory.read_text(MANIFEST_NAME))
+        before = copy.deepcopy(manifest)
+        change(manifest)
+        if manifest != before:
+            directory.write_json(MANIFEST_NAME, manifest)
+
+
 def number_publications(shards: list[dict], published: dict[str, int | None]) -> list[dict]:
     """`shards` with each entry's `published` number: the one it had (`published`, by name),
     else the next free number, given in list order (a name keeps its number for good)."""
@@ -400,8 +414,10 @@ class ShardWriter:
         self.buffer: list[ShardRow] = []
 
     def add_prompt_rows(self, rows: list[ShardRow]) -> None:
-        """Add all rows of one prompt; shards only break between prompts, so resume is per prompt."""
-        self.buffer.extend(rows)
+        """Add all rows of one prompt; shards only break between prompts, so resume is per prompt.
+        Rows still holding the engine's entries are encoded here (the buffer holds only what
+        is stored)."""
+        self.buffer.extend(encoded_row(row, self.storage, self.vocabulary) for row in rows)
         if len(self.buffer) >= self.rows_per_shard:
             self.flush()
 

@@ -42,6 +42,7 @@ def test_bench_smoke_on_tiny_models(tiny_model, student_model, text_file, gsm8k_
         dump_max_new_tokens=8, repeats=2, train_steps=1, online_steps=1, loss_positions=128,
         loss_chunk_tokens=32, loader_copies=2, loader_buffer_rows=8, max_model_len=512,
         scale_windows=4, follow_windows=6, follow_rows_per_shard=2, ray_dumps=False,
+        writer_seconds=0.02, writer_zstd_levels=(3,), writer_rows_per_shard=4,
     )  # fmt: skip
     report = run_bench(config)
 

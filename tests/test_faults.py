@@ -43,7 +43,11 @@ def test_disk_full_during_a_shard_write_leaves_only_complete_shards(
     from kd_shards.teacher_dump.run import run_dump
 
     out = tmp_path / "out"
-    config = dump_config(tiny_model, gsm8k_file, out, rows_per_shard=3, max_in_flight=2)
+    # A thread writer: the patched write_table below is this process's (tests/test_pipeline.py
+    # fails a writer process).
+    config = dump_config(
+        tiny_model, gsm8k_file, out, rows_per_shard=3, max_in_flight=2, writer="thread"
+    )
     from kd_shards.teacher_dump import shards
 
     real_write_table = shards.write_table

@@ -229,8 +229,8 @@ def test_a_resumed_filtered_dump_keeps_what_an_uninterrupted_one_keeps(
         real_add(writer, rows)
 
     monkeypatch.setattr(ShardWriter, "add_prompt_rows", add_then_crash)
-    with pytest.raises(RuntimeError, match="killed"):
-        run.run_dump(filtered_config(tiny_model, data, out), engine)
+    with pytest.raises(RuntimeError, match="killed"):  # inline: the patch is this process's
+        run.run_dump(filtered_config(tiny_model, data, out, writer="inline"), engine)
     monkeypatch.undo()
     interrupted = json.loads((out / "manifest.json").read_text())
     assert not interrupted["complete"] and interrupted["data"]["expected_rows"] is None

@@ -79,13 +79,12 @@ def sampled_rows(
         top_k=config.engine_logprobs,
         max_in_flight=config.max_in_flight,
     )
-    storage = config.storage(len(teacher.tokenizer))
     for request, completions in tokens.closing(stream):
-        yield request, completion_rows(request, completions, teacher.tokenizer, storage)
+        yield request, completion_rows(request, completions, teacher.tokenizer)
 
 
-def completion_rows(request: DumpRequest, completions, tokenizer, storage) -> list[ShardRow]:
-    """Rows of one prompt's sampled completions."""
+def completion_rows(request: DumpRequest, completions, tokenizer) -> list[ShardRow]:
+    """Rows of one prompt's sampled completions (their entries encoded by the shard writer)."""
     rows = []
     size = len(tokenizer)
     for index, completion in enumerate(completions):
@@ -113,5 +112,5 @@ def completion_rows(request: DumpRequest, completions, tokenizer, storage) -> li
             finish_reason=finish_reason,
             target_text=tokenizer.decode(token_ids.tolist(), skip_special_tokens=True),
         )
-        rows.append(make_row(request, target, size, storage))
+        rows.append(make_row(request, target, size))
     return rows

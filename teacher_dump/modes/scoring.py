@@ -25,7 +25,6 @@ def forced_rows(
         max_in_flight=config.max_in_flight,
         prompt_lengths=(len(request.prompt_ids) for request in todo),
     )
-    storage = config.storage(len(tokenizer))
     for request, scored in tokens.closing(stream):
         start = len(request.prompt_ids) - 1  # row j-1 predicts token j; targets start at token P
         target = ScoredTarget(
@@ -37,7 +36,8 @@ def forced_rows(
             finish_reason=finish_reason,
             target_text=tokenizer.decode(request.target_ids.tolist(), skip_special_tokens=True),
         )
-        yield request, [make_row(request, target, len(tokenizer), storage)]
+        # The entries are encoded by the shard writer, off the engine's loop.
+        yield request, [make_row(request, target, len(tokenizer))]
 
 
 def manifest_entries(config: DumpConfig, inputs: TeacherInputs, planned: ModeRequests) -> dict:
