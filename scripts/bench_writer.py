@@ -65,7 +65,8 @@ class PacedEngine:
         self.vllm_version, self.platform, self.dtype = "synthetic", "synthetic", "float32"
         self.engine_arguments = {}
 
-    def score(self, sequences, *, top_k: int, max_in_flight: int):
+    def score(self, sequences, *, top_k: int, max_in_flight: int, prompt_lengths=None):
+        # prompt_lengths: what an encoder-decoder engine needs; a causal engine ignores it
         from kd_shards.shared.engine import ScoredSequence
 
         clock = PacedClock(self.rate, max_in_flight, time.perf_counter())
