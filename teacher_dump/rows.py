@@ -46,6 +46,10 @@ class ShardRow:
     """Classify rows only: (1, L) float32 their logprobs, rounded to the storage grid."""
     hidden: np.ndarray | None = None
     """(H,) float16 pooled teacher hidden state (classify dumps that ask for it), else None."""
+    mask_positions: np.ndarray | None = None
+    """Masked-LM rows only: (T,) int32 index in prompt_ids of each target position."""
+    token_hidden: np.ndarray | None = None
+    """Masked-LM rows that ask for it: (P, H) float16 teacher hidden state per input token."""
 
 
 def drop_padding_ids(
