@@ -186,9 +186,7 @@ def is_masked_lm(manifest: dict) -> bool:
     return manifest.get("mode") == MASKED_LM_MODE
 
 
-def check_dump_kind(
-    manifest: dict, *, classify: bool, where: str, masked_lm: bool = False
-) -> None:
+def check_dump_kind(manifest: dict, *, classify: bool, where: str, masked_lm: bool = False) -> None:
     """Refuse a classify dump where token shards are needed, and the other way round; and a
     masked-LM dump where causal token shards are needed, and the other way round."""
     if masked_lm and not is_masked_lm(manifest):

@@ -401,7 +401,8 @@ MASKED_LM_CONVENTIONS = {
     "dump's representation (position t belongs to mask_positions[t])",
     TOKEN_HIDDEN_COLUMN: "optional: the teacher's hidden state at every prompt_ids token "
     "(float16), when the dump asked for it (--hidden-layer)",
-    "prompt_text": "empty", "finish_reason": "'masked'",
+    "prompt_text": "empty",
+    "finish_reason": "'masked'",
 }
 """How a masked-LM dump fills the shard columns (docs/shard-format.md, "Masked-LM shards").
 Readers that do not know the mode see valid schema-v2 token rows, so every trainer checks the

@@ -89,7 +89,9 @@ class MaskedLanguageModelEngine:
         self.version = transformers.__version__
         self.architecture = type(self.model).__name__
 
-    def run(self, windows: Iterable[tuple[object, np.ndarray, np.ndarray]]) -> Iterator[MaskedBatch]:
+    def run(
+        self, windows: Iterable[tuple[object, np.ndarray, np.ndarray]]
+    ) -> Iterator[MaskedBatch]:
         """(key, (P,) input ids, (T,) positions) per window -> their outputs, batch by batch."""
         batch = []
         for window in windows:

@@ -211,7 +211,9 @@ def engine_entries(
     else:
         count = min(config.engine_logprobs, log_probabilities.shape[1])
         top = np.argpartition(-log_probabilities, count - 1, axis=1)[:, :count]
-        order = np.argsort(-np.take_along_axis(log_probabilities, top, axis=1), axis=1, kind="stable")
+        order = np.argsort(
+            -np.take_along_axis(log_probabilities, top, axis=1), axis=1, kind="stable"
+        )
         drawn = np.take_along_axis(top, order, axis=1)
         values = np.take_along_axis(log_probabilities, drawn, axis=1)
     ids = np.concatenate([first[0], drawn], axis=1).astype(np.int32)
@@ -257,7 +259,9 @@ class MaskedTeacher:
             for index, (request, copy, masked, positions) in enumerate(batch.keys):
                 hidden = None if batch.hidden is None else batch.hidden[index]
                 pending.append(
-                    self.row(request, copy, masked, positions, batch.log_probabilities[index], hidden)
+                    self.row(
+                        request, copy, masked, positions, batch.log_probabilities[index], hidden
+                    )
                 )
                 if copy == copies - 1:  # a window's copies are consecutive
                     yield request, pending
@@ -280,7 +284,9 @@ class MaskedTeacher:
             finish_reason="masked",
             target_text=self.tokenizer.decode(originals.tolist(), skip_special_tokens=True),
         )
-        row = make_row(request, target, len(self.tokenizer), self.config.storage(len(self.tokenizer)))
+        row = make_row(
+            request, target, len(self.tokenizer), self.config.storage(len(self.tokenizer))
+        )
         if hidden is not None:
             self.hidden_width = int(hidden.shape[1])
         return replace(
