@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from kd_shards.schemas.errors import UserError
 from kd_shards.schemas.shard import (
     CLASSIFY_MODE,
+    MASKED_LM_MODE,
     READABLE_VERSIONS,
     REPRESENTATIONS,
     SCHEMA_VERSION,
@@ -179,8 +180,26 @@ def is_classify(manifest: dict) -> bool:
     return manifest.get("mode") == CLASSIFY_MODE
 
 
-def check_dump_kind(manifest: dict, *, classify: bool, where: str) -> None:
-    """Refuse a classify dump where token shards are needed, and the other way round."""
+def is_masked_lm(manifest: dict) -> bool:
+    """Whether a dump holds masked-LM rows (mode "mlm": masked inputs, the teacher's
+    distribution at the masked positions) rather than causal token rows."""
+    return manifest.get("mode") == MASKED_LM_MODE
+
+
+def check_dump_kind(manifest: dict, *, classify: bool, where: str, masked_lm: bool = False) -> None:
+    """Refuse a classify dump where token shards are needed, and the other way round; and a
+    masked-LM dump where causal token shards are needed, and the other way round."""
+    if masked_lm and not is_masked_lm(manifest):
+        raise UserError(
+            f"{where} is a {manifest.get('mode')!r} dump, but a masked-LM student needs masked-LM "
+            "rows: dump with teacher-dump --mode mlm, or pass a student of the dump's kind"
+        )
+    if not masked_lm and not classify and is_masked_lm(manifest):
+        raise UserError(
+            f"{where} is a masked-LM dump (teacher-dump --mode mlm), which only a *ForMaskedLM "
+            "student trains on: pass a masked-LM student, or a dump made with --mode "
+            "generate/score/text"
+        )
     if classify and not is_classify(manifest):
         raise UserError(
             f"{where} is a {manifest.get('mode')!r} dump of token distributions, but a "

@@ -386,3 +386,42 @@ def describe_schema_mismatch(actual: pa.Schema, expected: pa.Schema) -> str | No
     if PAIR_COLUMN in actual.names and actual.field(PAIR_COLUMN).type != PAIR_FIELD.type:
         return f"column {PAIR_COLUMN} has type {actual.field(PAIR_COLUMN).type}, expected {PAIR_FIELD.type}"
     return None
+
+
+MASKED_LM_MODE = "mlm"
+"""The manifest mode of a masked-LM dump (teacher-dump --mode mlm): schema-v2 token rows plus
+the optional masked-LM columns below (MASKED_LM_CONVENTIONS)."""
+
+MASK_POSITIONS_COLUMN = "mask_positions"
+"""Masked-LM column: per row, the index in prompt_ids of each masked position (list<int32>, one
+per target position, ascending)."""
+MASK_POSITIONS_FIELD = pa.field(MASK_POSITIONS_COLUMN, pa.list_(pa.int32()), nullable=False)
+TOKEN_HIDDEN_COLUMN = "teacher_token_hidden"
+"""Optional masked-LM column: the teacher's hidden state at every input token, list<float16>
+of len(prompt_ids) x the width the manifest's mlm.hidden.width records, token by token."""
+TOKEN_HIDDEN_FIELD = pa.field(TOKEN_HIDDEN_COLUMN, pa.list_(pa.float16()), nullable=False)
+
+MASKED_LM_CONVENTIONS = {
+    "rows": "one row per (text window, masking): sample_id = '<source index>-<copy>', "
+    "completion_index = the copy (0 .. masks_per_text - 1)",
+    "prompt_ids": "the student's input: the window with its special tokens, masked (80% "
+    "[MASK], 10% a random token, 10% unchanged at the chosen positions)",
+    MASK_POSITIONS_COLUMN: "the index in prompt_ids of each chosen position, ascending",
+    "target_ids": "the original token at each chosen position (what the MLM loss predicts)",
+    "target_logprobs": "the teacher's log-probability of the original token there",
+    "distribution columns": "the teacher's distribution at each chosen position, in the "
+    "dump's representation (position t belongs to mask_positions[t])",
+    TOKEN_HIDDEN_COLUMN: "optional: the teacher's hidden state at every prompt_ids token "
+    "(float16), when the dump asked for it (--hidden-layer)",
+    "prompt_text": "empty",
+    "finish_reason": "'masked'",
+}
+"""How a masked-LM dump fills the shard columns (docs/shard-format.md, "Masked-LM shards").
+Readers that do not know the mode see valid schema-v2 token rows, so every trainer checks the
+manifest's mode (schemas.manifest.check_dump_kind) before training on one."""
+
+
+def masked_lm_schema(storage: Storage, with_hidden: bool) -> pa.Schema:
+    """shard_schema(storage) plus mask_positions (and teacher_token_hidden when stored)."""
+    schema = shard_schema(storage).append(MASK_POSITIONS_FIELD)
+    return schema.append(TOKEN_HIDDEN_FIELD) if with_hidden else schema

@@ -243,3 +243,39 @@ def build_tiny_seq2seq(
             model.final_logits_bias.normal_(0.0, 1.0)
     model.save_pretrained(directory)
     return directory
+
+
+def build_tiny_masked_lm(
+    directory: Path,
+    *,
+    seed: int = 0,
+    layers: int = 4,
+    hidden: int = 64,
+    scale: float = 0.3,
+    tokenizer_from: Path | None = None,
+) -> Path:
+    """Save a tiny random BertForMaskedLM (head_dim 32). `tokenizer_from`: reuse that model's
+    tokenizer (e.g. MiniLM's); default: the tiny WordPiece tokenizer of the Python docs."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+        tokenizer.save_pretrained(directory)
+    else:
+        tokenizer = build_tiny_bert_tokenizer(directory)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(config)
+    redraw_weights(model, scale).save_pretrained(directory)
+    return directory

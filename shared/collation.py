@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kd_shards.schemas.shard import PAD_ID
+from kd_shards.shared.errors import UserError
 from kd_shards.shared.shard_reader import TrainingRow
 
 
@@ -56,6 +57,11 @@ def fit_row(row: TrainingRow, max_length: int) -> TrainingRow:
     tokens from the end."""
     if row.length <= max_length:
         return row
+    if row.mask_positions is not None:
+        raise UserError(
+            f"masked-LM row {row.sample_id} has {row.length} tokens, above --max-length "
+            f"{max_length} (or the student's context): raise it, or dump shorter --chunk-tokens"
+        )
     keep_prompt = max(1, max_length - len(row.target_ids))
     keep_target = max_length - keep_prompt
     return replace(

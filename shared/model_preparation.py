@@ -135,17 +135,23 @@ def derive_student(
     """A student that is the teacher with only `layers` of its layers (see LayerChoice), same
     embeddings, head and tokenizer: a DistilBERT-style initialization. Works for decoders
     (layers in .layers of the decoder), encoders (BERT/RoBERTa/MiniLM/DistilBERT/ModernBERT,
-    bare or with a classification head) and encoder-decoders (T5, BART: `layers` encoder and
-    `decoder_layers`, default `layers`, decoder layers). `labels`: give a bare encoder a
-    classification head with these labels (initialized from `seed`), so that the untrained
-    student can be evaluated and every run starts from the same head."""
+    bare, with a classification head or with a masked-LM head) and encoder-decoders (T5, BART:
+    `layers` encoder and `decoder_layers`, default `layers`, decoder layers). `labels`: give a
+    bare encoder a classification head with these labels (initialized from `seed`), so that the
+    untrained student can be evaluated and every run starts from the same head."""
     import json
 
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+    )
 
     from kd_shards.shared.classification import encoder_layers, is_causal_lm, is_sequence_classifier
     from kd_shards.shared.encoder_decoder import is_encoder_decoder
+    from kd_shards.shared.masked_lm import is_masked_lm
     from kd_shards.shared.tokenizer import load_tokenizer
 
     teacher, out = Path(teacher), Path(out)
@@ -165,6 +171,8 @@ def derive_student(
         model_class = AutoModelForCausalLM
     elif is_sequence_classifier(config) or labels:
         model_class = AutoModelForSequenceClassification
+    elif is_masked_lm(config):
+        model_class = AutoModelForMaskedLM  # keeps the MLM head (DistilBERT's init)
     else:
         model_class = AutoModel
     if labels and model_class is not AutoModelForSequenceClassification:

@@ -42,11 +42,13 @@ from kd_shards.schemas.manifest import (
 from kd_shards.schemas.shard import (
     CODEBOOK_KEY,
     HIDDEN_COLUMN,
+    MASK_POSITIONS_COLUMN,
     NO_LABEL,
     PAD_ID,
     PAIR_COLUMN,
     PER_POSITION_COLUMNS,
     READABLE_VERSIONS,
+    TOKEN_HIDDEN_COLUMN,
     V1_COLUMNS,
     Storage,
     describe_schema_mismatch,
@@ -101,6 +103,9 @@ LENGTH_COLUMNS = ("sample_id", "prompt_ids", "target_ids")
 """Enough to plan batches (count steps) without decoding the top-k."""
 CLASSIFY_COLUMNS = (*TRAINING_COLUMNS, "prompt_text")
 """What a classification student reads: the text, the gold label and the teacher's classes."""
+MASKED_LM_COLUMNS = (*TRAINING_COLUMNS, MASK_POSITIONS_COLUMN)
+"""What a masked-LM student reads: the masked input, the positions, the originals there and
+the teacher's distributions (add TOKEN_HIDDEN_COLUMN for the cosine loss)."""
 
 
 def id_space(manifest: dict) -> int:
@@ -137,12 +142,18 @@ class TrainingRow:
     text: str = ""
     """Classify rows: the example's text (prompt_text), which the student tokenizes itself."""
     hidden: np.ndarray | None = None
-    """Classify rows: (H,) float16 pooled teacher hidden state, when the dump stores it."""
+    """Classify rows: (H,) float16 pooled teacher hidden state, when the dump stores it.
+    Masked-LM rows: (P, H) float16 teacher hidden state per input token, when read."""
     text_pair: str | None = None
     """Classify rows of a sentence-pair dump: the second text (None for single texts)."""
+    mask_positions: np.ndarray | None = None
+    """Masked-LM rows: (T,) int32 index in prompt_ids of each target position."""
 
     @property
     def length(self) -> int:
+        """Tokens the model reads: prompt + target, or a masked-LM row's window alone."""
+        if self.mask_positions is not None:
+            return len(self.prompt_ids)
         return len(self.prompt_ids) + len(self.target_ids)
 
 
@@ -671,6 +682,15 @@ def decode_row_group(
         array = table[HIDDEN_COLUMN].combine_chunks()
         width = len(array[0]) if len(array) else 0
         hidden = array.values.to_numpy(zero_copy_only=False).reshape(len(array), width)
+    masked = masked_lm_columns(table, columns, decoded)
+    if isinstance(masked, str):
+        raise UserError(
+            f"shard {group.shard.name} row group {group.index}: {masked}: the shard is corrupt or "
+            "was not written by teacher-dump; run teacher-dump inspect --validate and redo it"
+        )
+    positions, token_hidden = masked
+    if token_hidden is not None:
+        hidden = token_hidden
     rows = []
     for row, sample_id in enumerate(decoded.sample_ids):
         first, last = target_offsets[row], target_offsets[row + 1]
@@ -689,9 +709,42 @@ def decode_row_group(
                 text=texts[row] if texts is not None else "",
                 hidden=hidden[row] if hidden is not None else None,
                 text_pair=pairs[row] if pairs is not None else None,
+                mask_positions=None if positions is None else positions[first:last],
             )
         )
     return rows
+
+
+def masked_lm_columns(table, columns: tuple[str, ...], decoded: ShardColumns):
+    """(mask positions (N,) int32 or None, per-row (P, H) teacher hidden states or None) of a
+    masked-LM row group, or a description of the first structural problem."""
+    if MASK_POSITIONS_COLUMN not in columns:
+        return None, None
+    array = table[MASK_POSITIONS_COLUMN].combine_chunks()
+    offsets = array.offsets.to_numpy()
+    positions = array.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    if not np.array_equal(np.diff(offsets), np.diff(decoded.target_offsets)):
+        return f"column {MASK_POSITIONS_COLUMN} has a different number of positions than target_ids"
+    prompt_lengths = np.diff(decoded.prompt_offsets)
+    row_of = np.repeat(np.arange(len(prompt_lengths)), np.diff(decoded.target_offsets))
+    if ((positions < 0) | (positions >= prompt_lengths[row_of])).any():
+        return f"column {MASK_POSITIONS_COLUMN} points outside prompt_ids"
+    if TOKEN_HIDDEN_COLUMN not in columns:
+        return positions, None
+    hidden_array = table[TOKEN_HIDDEN_COLUMN].combine_chunks()
+    hidden_offsets = hidden_array.offsets.to_numpy()
+    values = hidden_array.values.to_numpy(zero_copy_only=False)
+    lengths = np.diff(hidden_offsets)
+    if len(lengths) and (prompt_lengths == 0).any():
+        return "a masked-LM row without input tokens"
+    widths = lengths // np.maximum(prompt_lengths, 1)
+    if len(widths) and ((widths * prompt_lengths != lengths).any() or (widths != widths[0]).any()):
+        return f"column {TOKEN_HIDDEN_COLUMN} is not one vector of one width per input token"
+    hidden = [
+        values[hidden_offsets[row] : hidden_offsets[row + 1]].reshape(prompt_lengths[row], -1)
+        for row in range(len(lengths))
+    ]
+    return positions, hidden
 
 
 def iterate_rows(

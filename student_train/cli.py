@@ -24,7 +24,7 @@ FLAGS = (
     "lora_r", "lora_alpha", "lora_target", "rslora", "merge_lora", "eval_every", "save_every",
     "stop_at_step", "max_length", "chunk_tokens", "bf16", "resume", "trust_remote_code",
     "progress", "data", "data_path", "split", "limit", "more_shards", "teacher_weights",
-    "hidden_weight", "student_hidden_layer", "follow",
+    "hidden_weight", "student_hidden_layer", "follow", "masked_lm_weights",
     "parallel",
 )  # fmt: skip
 """The TrainConfig fields that have a flag; every field can be set with --set or --config."""

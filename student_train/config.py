@@ -39,6 +39,8 @@ Parallel = Literal["ddp", "fsdp"]
 DEFAULT_MICRO_BATCH = 8
 LANGUAGE_MODEL_DEFAULTS = {"alpha": 0.0, "temperature": 1.0}
 CLASSIFICATION_DEFAULTS = {"alpha": 0.5, "temperature": 5.0}
+MASKED_LM_TEMPERATURE = 2.0
+"""A masked-LM student's --temperature when not given (DistilBERT's T = 2)."""
 """--alpha and --temperature when not given: token KD on the teacher's distribution alone at
 T = 1; classification KD as in the classic recipe (Hinton et al.): 0.5 · CE(gold) +
 0.5 · T² · KL at T = 5 (class distributions of a confident teacher are near one-hot at T = 1)."""
@@ -84,6 +86,12 @@ class TrainConfig:
     the student's pooled hidden state (the teacher's pooling, layer --student-hidden-layer)
     through a learned linear projection P (student width → teacher width) and the teacher's
     pooled state stored in the dump (teacher-dump --hidden-layer). 0: off."""
+    masked_lm_weights: tuple[float, ...] = (5.0, 2.0, 1.0)
+    """Masked-LM students (an mlm dump): DistilBERT's weights (α_kd, α_mlm, α_cos) of
+    α_kd·T²·KL(p_T ‖ q_T) at the masked positions + α_mlm·CE of the original tokens there +
+    α_cos·(1 − cos) between the student's and the teacher's last hidden states at every
+    non-padding token (the dump needs teacher-dump --hidden-layer -1 unless α_cos is 0). The
+    temperature defaults to 2 for them."""
     student_hidden_layer: int = -1
     """Classification with --hidden-weight: the student layer whose pooled state is compared
     (0: embeddings, i: after layer i, -1: the last)."""
@@ -309,6 +317,10 @@ class TrainConfig:
         """(holds, message) for the ranges of the numeric settings."""
         return [
             (self.hidden_weight >= 0, "--hidden-weight must be >= 0"),
+            (
+                len(self.masked_lm_weights) == 3 and min(self.masked_lm_weights) >= 0,
+                "--masked-lm-weights takes three weights >= 0: α_kd, α_mlm, α_cos",
+            ),
             (self.limit is None or self.limit >= 1, "--limit must be at least 1"),
             (self.alpha is None or 0.0 <= self.alpha <= 1.0, "--alpha must be in [0, 1]"),
             (

@@ -101,3 +101,13 @@ class StudentFamily:
     setup: Callable[[TrainConfig, Distributed, Dump, Dump | None, Path | None], FamilySetup]
     """(config, context, dump, eval dump, checkpoint to resume or None) -> the loaded student,
     its objective and columns; refuses a student or dump it cannot train on."""
+    reads_masked_lm_dumps: bool = False
+    """Trains on masked-LM dumps (teacher-dump --mode mlm) rather than causal token dumps."""
+
+    def reads(self, manifest: dict) -> bool:
+        """Whether this family trains on the kind of dump `manifest` describes."""
+        if manifest.get("mode") == "classify":
+            return self.reads_class_dumps
+        if manifest.get("mode") == "mlm":
+            return self.reads_masked_lm_dumps
+        return not self.reads_class_dumps and not self.reads_masked_lm_dumps

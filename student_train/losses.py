@@ -187,3 +187,64 @@ def hidden_state_mse_sum(projected: torch.Tensor, teacher: torch.Tensor) -> torc
         Scalar: Σ_b mean_h (projected − teacher)².
     """
     return (projected.float() - teacher.float()).pow(2).mean(-1).sum()
+
+
+def masked_lm_distillation_sums(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    topk_log_tail: torch.Tensor | None,
+    student_hidden: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    token_weights: torch.Tensor | None,
+    *,
+    weights: tuple[float, float, float],
+    temperature: float,
+    tail: TailPolicy,
+) -> torch.Tensor:
+    """Summed DistilBERT triple loss: total = α_kd·KD + α_mlm·CE + α_cos·COS.
+
+    KD = Σ_masked T²·KL(p_T ‖ q_T) over the teacher's stored entries (tail per `tail`), CE =
+    Σ_masked −log q(original token) at T = 1, COS = Σ_tokens w·(1 − cos(h_s, h_t)).
+
+    The caller divides by the step's masked positions. `token_weights` carry the cosine term
+    to that divisor: with w = T_r / P_r for every token of row r (its masked positions over its
+    tokens), a row adds its mean cosine loss times T_r, so the step's COS is the mean over
+    tokens that DistilBERT takes, weighted as the other two terms are, and the sums still add
+    up over micro-batches whatever the split.
+
+    Args:
+        logits: (N, V) student logits at the N masked positions. target_ids: (N,) the original
+            tokens there. topk_ids, topk_logprobs: (N, K) the teacher's entries.
+            topk_log_tail: optional (N,) the teacher's stored log tail mass.
+        student_hidden, teacher_hidden: (M, H) last hidden states at the M tokens the cosine
+            term covers, or None when it is off (α_cos = 0). token_weights: (M,) their w.
+        weights: (α_kd, α_mlm, α_cos).
+    Returns:
+        (4,) float32: [total, ce, kd, cos] sums.
+    """
+    kd_weight, ce_weight, cosine_weight = weights
+    logits = logits.float()
+    log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+    target_logits = torch.gather(logits, 1, target_ids.long().unsqueeze(-1))
+    ce = (log_normalizer - target_logits).sum()
+    kd = topk_divergence_sum(
+        logits,
+        topk_ids,
+        topk_logprobs,
+        divergence="fkl",
+        beta=0.0,
+        temperature=temperature,
+        tail=tail,
+        log_normalizer=log_normalizer,
+        topk_log_tail=topk_log_tail,
+    )
+    cosine = ce.new_zeros(())
+    if student_hidden is not None:
+        similarity = torch.nn.functional.cosine_similarity(
+            student_hidden.float(), teacher_hidden.float(), dim=-1
+        )
+        cosine = (token_weights.float() * (1.0 - similarity)).sum()
+    total = kd_weight * kd + ce_weight * ce + cosine_weight * cosine
+    return torch.stack([total, ce, kd, cosine])

@@ -76,14 +76,15 @@ def run_training(config: TrainConfig) -> dict:
 def train(config: TrainConfig, context: Distributed) -> dict:
     out = Path(config.out)
     torch.manual_seed(config.seed)
-    family = family_of(config.student)
     dump, read_group, follower = training_source(config, context)
+    family = family_of(config.student, dump.manifest)
     where = f"--data {config.data}" if config.data is not None else f"--shards {config.shards}"
-    check_dump_kind(dump.manifest, classify=family.reads_class_dumps, where=where)
+    kind = {"classify": family.reads_class_dumps, "masked_lm": family.reads_masked_lm_dumps}
+    check_dump_kind(dump.manifest, where=where, **kind)
     eval_dump = open_dump(config.eval_shards, flag="--eval-shards") if config.eval_shards else None
     if eval_dump is not None:
         where = f"--eval-shards {config.eval_shards}"
-        check_dump_kind(eval_dump.manifest, classify=family.reads_class_dumps, where=where)
+        check_dump_kind(eval_dump.manifest, where=where, **kind)
     check_representations(config, dump, eval_dump)
     # One trainer at a time per output directory; a previous run is only continued with --resume.
     if context.is_main:

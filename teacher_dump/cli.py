@@ -20,6 +20,7 @@ FLAGS = (
     "max_model_len", "dtype", "chat_template", "skip_too_long", "trust_remote_code",
     "enforce_eager", "progress", "classify_backend", "hidden_layer", "hidden_pooling",
     "label_words", "verbalizer_prompt", "executor", "ray_workers", "data_parallel_size",
+    "masks_per_text", "mask_rate",
 )  # fmt: skip
 """The DumpConfig fields that have a flag; every field can be set with --set or --config."""
 NEGATED = {"chat_template": "--no-chat-template", "progress": "--no-progress"}

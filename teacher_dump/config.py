@@ -19,10 +19,10 @@ WriterPlace = Literal["process", "thread", "inline"]
 """Where the shards are encoded and written (teacher_dump.pipeline): a process beside the
 engine's loop, a thread beside it, or on the loop itself."""
 
-Mode = Literal["generate", "score", "text", "classify"]
+Mode = Literal["generate", "score", "text", "classify", "mlm"]
 """generate: the teacher samples completions; score: it is teacher-forced on the reference;
 text: every position of raw text; classify: class distributions of a classifier (or of an LLM
-through label words)."""
+through label words); mlm: a masked LM's distributions at masked positions of raw text."""
 
 DEFAULT_VERBALIZER_PROMPT = (
     "Classify the text into one of these labels: {labels}.\n\nText: {text}\n\n"
@@ -72,7 +72,9 @@ class DumpConfig:
     scores every position of raw text, cut into --chunk-tokens chunks; classify: stores the
     teacher's log-probabilities over all labels per example (--data sst2, mrpc, ... or a file with
     --prompt-column and --target-column) from a *ForSequenceClassification teacher, or from a
-    causal LM scoring --label-words."""
+    causal LM scoring --label-words; mlm: a *ForMaskedLM teacher's distributions at the masked
+    positions of raw text cut into --chunk-tokens windows, masked --masks-per-text times at
+    dump time (BERT's 80/10/10 of --mask-rate of the tokens)."""
     data_path: str | None = None
     """Local file or directory for a built-in task. A directory is searched for <split>.jsonl,
     <split>.parquet, <split>.txt and wiki.<split>.raw. Without it the task's hub dataset is
@@ -144,7 +146,14 @@ class DumpConfig:
     """Sampling seed; each prompt gets its own seed derived from it, so results do not depend on
     batching, ranks or resumes."""
     chunk_tokens: int = 512
-    """Text mode: tokens per chunk (each chunk is one row; its first token is the prompt)."""
+    """Text mode: tokens per chunk (each chunk is one row; its first token is the prompt). Mlm
+    mode: tokens per window, the tokenizer's special tokens ([CLS], [SEP]) included."""
+    masks_per_text: int = 1
+    """Mlm mode: differently masked copies of each window (static masking: each copy is one
+    row, its masks drawn from a seed derived from --seed, the window and the copy)."""
+    mask_rate: float = 0.15
+    """Mlm mode: the share of a window's non-special tokens chosen (BERT's 15%: at least one
+    per window); of those, 80% become [MASK], 10% a random non-special token, 10% stay."""
     classify_backend: ClassifierBackend = "auto"
     """Classify mode: who runs a classifier teacher. auto: vLLM's pooling runner where it
     supports the model here, else transformers (the manifest records which ran and why);
@@ -152,7 +161,8 @@ class DumpConfig:
     hidden_layer: int | None = None
     """Classify mode: also store the teacher's pooled hidden state of this layer (0: embeddings,
     i: after layer i, -1: the last) as float16, for student-train --hidden-weight. Runs the
-    teacher in transformers."""
+    teacher in transformers. Mlm mode: store this layer's hidden state at every input token
+    (float16; -1 for DistilBERT's cosine loss)."""
     hidden_pooling: Pooling = "cls"
     """Classify mode: how --hidden-layer's states are pooled: the first ([CLS]) token's, or the
     mean over the text's tokens."""
@@ -285,8 +295,19 @@ class DumpConfig:
                 "--num-samples > 1 needs --mode generate",
             ),
             (
-                self.mode == "classify" or (self.hidden_layer is None and not self.label_words),
-                "--hidden-layer and --label-words need --mode classify",
+                self.mode == "classify" or not self.label_words,
+                "--label-words needs --mode classify",
+            ),
+            (
+                self.mode in ("classify", "mlm") or self.hidden_layer is None,
+                "--hidden-layer needs --mode classify or mlm",
+            ),
+            (self.masks_per_text >= 1, "--masks-per-text must be at least 1"),
+            (0 < self.mask_rate < 1, "--mask-rate must be in (0, 1)"),
+            (
+                self.mode != "mlm" or (self.executor == "local" and self.data_parallel_size == 1),
+                "--mode mlm runs its teacher in this process: use --executor local and "
+                "--data-parallel-size 1 (split the work with --rank/--world-size)",
             ),
             (
                 not self.label_words or self.hidden_layer is None,

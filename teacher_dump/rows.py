@@ -61,6 +61,10 @@ class ShardRow:
     """(H,) float16 pooled teacher hidden state (classify dumps that ask for it), else None."""
     text_pair: str | None = None
     """Classify rows of sentence pairs: the second text, else None."""
+    mask_positions: np.ndarray | None = None
+    """Masked-LM rows only: (T,) int32 index in prompt_ids of each target position."""
+    token_hidden: np.ndarray | None = None
+    """Masked-LM rows that ask for it: (P, H) float16 teacher hidden state per input token."""
 
 
 def drop_padding_ids(

@@ -36,10 +36,13 @@ from kd_shards.schemas.manifest import (
 )
 from kd_shards.schemas.shard import (
     HIDDEN_COLUMN,
+    MASK_POSITIONS_COLUMN,
     PAIR_COLUMN,
     PARQUET_WRITE_OPTIONS_V1,
+    TOKEN_HIDDEN_COLUMN,
     Storage,
     classify_schema,
+    masked_lm_schema,
     parquet_write_options,
     shard_schema,
 )
@@ -171,6 +174,13 @@ def rows_to_table(
         columns[name] = flat_list(arrays, pa.int32())
     footer[PADDED_KEY] = str(sum(row.padded_topk_entries for row in rows)).encode()
     schema = shard_schema(storage)
+    if rows and rows[0].mask_positions is not None:
+        with_hidden = rows[0].token_hidden is not None
+        schema = masked_lm_schema(storage, with_hidden)
+        columns[MASK_POSITIONS_COLUMN] = flat_list([row.mask_positions for row in rows], pa.int32())
+        if with_hidden:
+            flat_hidden = [row.token_hidden.reshape(-1) for row in rows]
+            columns[TOKEN_HIDDEN_COLUMN] = flat_list(flat_hidden, pa.float16())
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema), footer
 
 

@@ -31,6 +31,7 @@ from kd_shards.shared.classification import (
 )
 from kd_shards.shared.distributions import divergence_per_position
 from kd_shards.shared.errors import UserError
+from kd_shards.shared.masked_lm import is_masked_lm
 from kd_shards.shared.models import AUXILIARY_WEIGHTS, context_length, resolve_model
 from kd_shards.shared.shard_reader import CLASSIFY_COLUMNS, Dump, TrainingRow
 from kd_shards.shared.tokenizer import load_tokenizer
@@ -235,10 +236,11 @@ def evaluation_counts(
 
 
 def is_classifier_student(config: dict) -> bool:
-    """A sequence classifier, or a bare encoder (it gets a new head); never a causal LM."""
+    """A sequence classifier, or a bare encoder or masked LM (it gets a new head, on the
+    encoder under its masked-LM head); never a causal LM."""
     if is_causal_lm(config):
         return False
-    return is_sequence_classifier(config) or is_encoder_body(config)
+    return is_sequence_classifier(config) or is_encoder_body(config) or is_masked_lm(config)
 
 
 def load_student(
