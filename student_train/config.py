@@ -33,6 +33,8 @@ RESUMABLE_FIELDS = frozenset(
 )
 """Fields a resumed run may change: they say how this process runs, not what it trains."""
 
+CrossTokenizer = Literal["none", "uld", "hybrid"]
+"""Logit KD from a dump of another tokenizer (see TrainConfig.cross_tokenizer)."""
 Parallel = Literal["ddp", "fsdp"]
 """How the ranks of a torchrun job share the student (see TrainConfig.parallel)."""
 
@@ -109,6 +111,15 @@ class TrainConfig:
     count as empty, 10⁻⁹) against the student's exact remaining mass. renormalize: compare
     both distributions restricted to the stored ids. Sampled (RS-KD) dumps need bucket, --loss
     fkl and --temperature 1: only then is their loss unbiased."""
+    cross_tokenizer: CrossTokenizer = "none"
+    """Logit KD across tokenizers (docs/cross-tokenizer.md): the dump's texts are re-tokenized by
+    the student, student and teacher positions whose tokens end at the same character are
+    aligned, and aligned positions get uld (Boizard et al. 2024: L1 between the sorted
+    probability vectors, no vocabulary mapping) or hybrid (GOLD-style: forward KL on teacher
+    ids that are exactly one student token, ULD on the rest); every student position gets
+    α·CE. Needs --temperature 1 and the default --loss. none: a student whose tokenizer
+    differs from the dump's trains only with --loss ce (sequence-level KD on the re-tokenized
+    texts, no logits needed); others are refused."""
     max_steps: int | None = None
     """Optimizer steps to train (the stream cycles through epochs as needed). Give this or
     --epochs."""
@@ -235,7 +246,34 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
-        check_all([*self.source_and_batch_checks(), *self.value_checks()])
+        check_all(
+            [
+                *self.source_and_batch_checks(),
+                *self.value_checks(),
+                *self.cross_tokenizer_checks(),
+            ]
+        )
+
+    def cross_tokenizer_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for --cross-tokenizer."""
+        if self.cross_tokenizer == "none":
+            return []
+        flag = f"--cross-tokenizer {self.cross_tokenizer}"
+        return [
+            (
+                self.loss == "fkl",
+                f"{flag} replaces the divergence (its KL part is forward KL): drop --loss "
+                f"{self.loss} (--loss ce without {flag} is sequence-level KD)",
+            ),
+            (
+                self.temperature in (None, 1.0),
+                f"{flag} compares the stored distributions at temperature 1: drop --temperature",
+            ),
+            (
+                self.teacher_top_k is None,
+                f"{flag} compares every stored entry: drop --set teacher_top_k",
+            ),
+        ]
 
     def source_and_batch_checks(self) -> list[tuple[bool, str]]:
         """(holds, message) for the data source, batching, follow and parallel settings."""

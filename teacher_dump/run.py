@@ -44,6 +44,7 @@ from kd_shards.teacher_dump.shards import (
     exclusive_writer,
     refresh_manifest,
 )
+from kd_shards.teacher_dump.tokenizer_files import keep_tokenizer
 
 MODE_FIELDS = frozenset().union(*(mode.OWN_FIELDS for mode in MODES.values()))
 """Fields that shape the rows of one mode only (TeacherMode.OWN_FIELDS): the other modes leave
@@ -282,6 +283,7 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     header = manifest_header(config, prepared)
     directory = Folder(config.out)
     open_output(directory, header, config, fingerprints_of(prepared))
+    keep_tokenizer(directory, prepared.tokenizer)
     with exclusive_writer(directory, config.rank, config.world_size):
         return dump_remaining(config, prepared, directory, engine, started)
 
