@@ -16,8 +16,13 @@ shards or configs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+
+from kd_shards.schemas.manifest import TOKENIZER_FOLDER
+from kd_shards.shared.storage import as_folder
+from kd_shards.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 NO_END = -1
 """A token that completes no character of the text: part of a multi-byte character, a special
@@ -112,3 +117,24 @@ def exact_token_map(
         stops = {*teacher_stop_ids, teacher_tokenizer.eos_token_id} - {None}
         mapping[sorted(stops)] = student_tokenizer.eos_token_id
     return mapping
+
+
+def dump_tokenizer(dump, *, trust_remote_code: bool = False):
+    """The teacher's tokenizer of `dump` (a shared.shard_reader.Dump): the files it keeps beside
+    its manifest (TOKENIZER_FOLDER), or for a dump written before it kept them, the teacher's
+    directory its manifest names; only a tokenizer with the dump's fingerprint. None if
+    neither is there."""
+    folder = as_folder(dump.directory)
+    candidates = []
+    if folder.is_local:
+        candidates.append(Path(folder.local) / TOKENIZER_FOLDER)
+    recorded = dump.manifest.get("teacher", {}).get("directory")
+    if recorded:
+        candidates.append(Path(recorded))
+    expected = dump.manifest["tokenizer"]["fingerprint"]
+    for candidate in candidates:
+        if (candidate / "tokenizer_config.json").is_file():
+            tokenizer = load_tokenizer(candidate, trust_remote_code=trust_remote_code)
+            if tokenizer_fingerprint(tokenizer) == expected:
+                return tokenizer
+    return None

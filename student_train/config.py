@@ -71,10 +71,13 @@ class TrainConfig:
     limit: int | None = None
     """With --data: use only the first N examples."""
     more_shards: tuple[str, ...] = ()
-    """Classification, multi-teacher: further classify dumps of the same samples and labels by
-    other teachers. Each example's teacher distribution becomes the weighted average of every
-    teacher's probabilities (--shards first, then these, weighted by --teacher-weights). Refused
-    when the dumps hold different data, samples or labels."""
+    """Multi-teacher: further dumps of the same samples by other teachers. Classification:
+    classify dumps with the same labels; each example's teacher distribution becomes the
+    weighted average of every teacher's probabilities (--shards first, then these, weighted by
+    --teacher-weights). Token dumps (a causal LM student): dumps of --shards' rows with its
+    tokenizer (teacher-dump --mode rescore --data SHARDS); each position's distribution becomes
+    the weighted average over the union of the stored ids (tails averaged too). Refused when
+    the dumps hold different data, samples, labels, targets or tokenizers."""
     teacher_weights: tuple[float, ...] = ()
     """Weights of the teachers of --shards and --more-shards, in that order (normalized to sum
     to 1); default: uniform."""

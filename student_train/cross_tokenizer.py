@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,9 +24,8 @@ from kd_shards.schemas.manifest import TOKENIZER_FOLDER
 from kd_shards.shared.causal_lm import chunked_head_sums, final_hidden_states
 from kd_shards.shared.errors import UserError
 from kd_shards.shared.shard_reader import Dump, TrainingRow, iterate_rows
-from kd_shards.shared.storage import as_folder
-from kd_shards.shared.token_alignment import aligned_positions, character_ends
-from kd_shards.shared.tokenizer import has_chat_template, load_tokenizer, render_prompt
+from kd_shards.shared.token_alignment import aligned_positions, character_ends, dump_tokenizer
+from kd_shards.shared.tokenizer import has_chat_template, render_prompt
 from kd_shards.student_train.cross_tokenizer_losses import cross_tokenizer_loss_sums
 from kd_shards.student_train.losses import LossOptions
 
@@ -345,23 +343,6 @@ def alignment_metrics(
         f"{prefix}teacher_aligned_share": aligned / max(teacher, 1.0),
         f"{prefix}mapped_mass": mass / max(aligned, 1.0),
     }
-
-
-def dump_tokenizer(dump: Dump, *, trust_remote_code: bool):
-    """The teacher's tokenizer as the dump keeps it (TOKENIZER_FOLDER beside the manifest); a
-    dump written before it did: the teacher's directory named in its manifest, if still there;
-    else None."""
-    folder = as_folder(dump.directory)
-    candidates = []
-    if folder.is_local:
-        candidates.append(Path(folder.local) / TOKENIZER_FOLDER)
-    recorded = dump.manifest.get("teacher", {}).get("directory")
-    if recorded:
-        candidates.append(Path(recorded))
-    for candidate in candidates:
-        if (candidate / "tokenizer_config.json").is_file():
-            return load_tokenizer(candidate, trust_remote_code=trust_remote_code)
-    return None
 
 
 def text_encoder(

@@ -15,10 +15,10 @@ from kd_shards.teacher_dump.filters import FilterName
 Executor = Literal["local", "ray"]
 """Who drives the engines: this process (one engine), or a Ray Data pipeline (several)."""
 
-Mode = Literal["generate", "score", "text", "classify"]
+Mode = Literal["generate", "score", "text", "classify", "rescore"]
 """generate: the teacher samples completions; score: it is teacher-forced on the reference;
 text: every position of raw text; classify: class distributions of a classifier (or of an LLM
-through label words)."""
+through label words); rescore: it is teacher-forced on the rows of an existing token dump."""
 
 DEFAULT_VERBALIZER_PROMPT = (
     "Classify the text into one of these labels: {labels}.\n\nText: {text}\n\n"
@@ -53,7 +53,8 @@ class DumpConfig:
     summ: document → one-sentence summary (SciTLDR rows {source, target} or plain {document,
     summary}); text: raw text; sst2, agnews: labelled texts (--mode classify); or a local
     .jsonl/.json/.parquet/.csv/.tsv file used with --prompt-column (and --target-column). The
-    same names as kd-eval's --data (shared/tasks/)."""
+    same names as kd-eval's --data (shared/tasks/). With --mode rescore: the directory of the
+    finished token dump whose rows are re-scored."""
     out: str
     """Output directory for shards and manifest.json (created; reruns resume it)."""
     mode: Mode = "generate"
@@ -62,7 +63,9 @@ class DumpConfig:
     scores every position of raw text, cut into --chunk-tokens chunks; classify: stores the
     teacher's log-probabilities over all labels per example (--data sst2, agnews, or a file with
     --prompt-column and --target-column) from a *ForSequenceClassification teacher, or from a
-    causal LM scoring --label-words."""
+    causal LM scoring --label-words; rescore: is teacher-forced on exactly the rows of the
+    token dump --data names (its prompts and targets, e.g. another teacher's samples; re-
+    tokenized from their texts when the tokenizers differ), keeping its sample ids."""
     data_path: str | None = None
     """Local file or directory for a built-in task. A directory is searched for <split>.jsonl,
     <split>.parquet, <split>.txt and wiki.<split>.raw. Without it the task's hub dataset is

@@ -87,10 +87,13 @@ def prepare(config: DumpConfig) -> PreparedDump:
     """Resolve model, tokenizer and data; build and validate this dump's requests (no engine)."""
     mode = MODES[config.mode]
     inputs = resolve_teacher(config)
-    task = resolve_task(config.data, config.prompt_column, config.target_column)
-    mode.check_task(config, task, inputs)
-    data_path = Path(config.data_path) if config.data_path else None
-    records = load_records(task, config.data, data_path, config.split)
+    if hasattr(mode, "load_source"):  # a mode whose --data is not a task (rescore: a dump)
+        task, records = mode.load_source(config, inputs)
+    else:
+        task = resolve_task(config.data, config.prompt_column, config.target_column)
+        mode.check_task(config, task, inputs)
+        data_path = Path(config.data_path) if config.data_path else None
+        records = load_records(task, config.data, data_path, config.split)
     planned = mode.requests(config, task, records, inputs)
     completion_filter = filter_of(config)
     if completion_filter is not None:

@@ -25,7 +25,7 @@ from kd_shards.shared.errors import UserError, one_line
 from kd_shards.shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
 from kd_shards.shared.files import atomic_write_json
 from kd_shards.shared.models import context_length, resolve_model
-from kd_shards.shared.shard_reader import TRAINING_COLUMNS, Dump, TrainingRow
+from kd_shards.shared.shard_reader import TRAINING_COLUMNS, Dump, TrainingRow, open_dump
 from kd_shards.shared.token_alignment import exact_token_map
 from kd_shards.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
 from kd_shards.student_train.config import TrainConfig
@@ -40,6 +40,7 @@ from kd_shards.student_train.cross_tokenizer import (
 from kd_shards.student_train.distributed import Distributed
 from kd_shards.student_train.family import FamilySetup, StudentFamily
 from kd_shards.student_train.losses import LossOptions, chunked_loss_sums
+from kd_shards.student_train.multi_teacher import CombinedTeachersObjective, teacher_lookups
 from kd_shards.student_train.student import NO_LORA, LoraOptions, Student, with_lora
 
 
@@ -175,8 +176,20 @@ def setup(
     check_output_path(student.model, student.vocabulary, context.device)
     output_logits = output_logits_function(student.model, student.vocabulary)
     if kind is not None:
+        if config.more_shards:
+            raise UserError(
+                "--more-shards averages teachers of the student's own tokenizer: train across "
+                "tokenizers on one dump (--shards) at a time"
+            )
         return cross_tokenizer_setup(config, context, dump, student, output_logits, kind)
     objective = LanguageModelObjective(output_logits, config.loss_options(), config.chunk_tokens)
+    if config.more_shards:
+        others = [
+            open_dump(path, allow_incomplete=config.allow_incomplete, flag="--more-shards")
+            for path in config.more_shards
+        ]
+        lookups, weights = teacher_lookups(dump, others, config.teacher_weights)
+        objective = CombinedTeachersObjective(objective, lookups, weights)
     return FamilySetup(student, objective, TRAINING_COLUMNS)
 
 
