@@ -5,16 +5,12 @@ boundaries)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from kd_shards.shared.errors import UserError
 from kd_shards.shared.token_alignment import aligned_positions, character_ends, exact_token_map
 from kd_shards.student_train.cross_tokenizer_losses import hybrid_sum, uld_sum
-from tests.conftest import train_config
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog: 3+4=7.",
@@ -172,7 +168,9 @@ def test_cross_tokenizer_losses_have_gradients():
     mapped = np.where(np.isfinite(logprobs), teacher_ids % 7 - 2, -1)
     for loss in (
         lambda z: uld_sum(z, torch.tensor(logprobs), torch.tensor(log_tail)),
-        lambda z: hybrid_sum(z, torch.tensor(logprobs), torch.tensor(mapped), torch.tensor(log_tail)),
+        lambda z: hybrid_sum(
+            z, torch.tensor(logprobs), torch.tensor(mapped), torch.tensor(log_tail)
+        ),
     ):
         logits = torch.tensor(rng.normal(size=(5, 20)), requires_grad=True)
         loss(logits).backward()

@@ -1,4 +1,4 @@
-"""student-train across tokenizers on a real generate dump of the tiny teacher (500-token BPE):
+"""student-train across tokenizers on a generate-style dump with texts under a 500-token BPE:
 a student with a 300-token BPE trains on the teacher's texts (sequence KD, ULD, hybrid), its
 batches and losses equal a plain transformers forward with the formulas written here, resume
 equals uninterrupted training, and bad input is refused in one line."""
@@ -26,19 +26,18 @@ from kd_shards.student_train.cross_tokenizer import (
 from kd_shards.student_train.losses import LossOptions
 from kd_shards.student_train.reporting import read_metrics
 from kd_shards.student_train.train import run_training
-from tests.conftest import dump_config, train_config
+from tests.conftest import train_config
 from tests.test_cross_tokenizer import reference_uld
-
-pytestmark = pytest.mark.engine  # the dump comes from the real engine
+from tests.text_dumps import write_text_dump
 
 
 @pytest.fixture(scope="module")
-def generate_shards(tiny_model, gsm8k_file, engine, tmp_path_factory) -> Path:
-    from kd_shards.teacher_dump.run import run_dump
+def generate_shards(tmp_path_factory) -> Path:
+    """A generate-style dump under the tiny teacher's 500-token tokenizer, with texts."""
+    from scripts.tiny_models import build_tiny_tokenizer
 
-    out = tmp_path_factory.mktemp("generate-shards")
-    run_dump(dump_config(tiny_model, gsm8k_file, out, mode="generate", rows_per_shard=4), engine)
-    return out
+    root = tmp_path_factory.mktemp("teacher-500")
+    return write_text_dump(root / "dump", build_tiny_tokenizer(root / "tokenizer", 500))
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +50,6 @@ def foreign_student(tmp_path_factory) -> Path:
 def cross_config(shards, student, out, **overrides):
     values = dict(max_steps=4, micro_batch=3, shuffle_buffer=6, alpha=0.5)
     return train_config(shards, student, out, **{**values, **overrides})
-
-
-def test_the_dump_keeps_the_teachers_tokenizer(generate_shards, tiny_model):
-    kept = load_tokenizer(generate_shards / TOKENIZER_FOLDER)
-    teacher = load_tokenizer(tiny_model)
-    assert kept.get_vocab() == teacher.get_vocab()
-    assert kept.chat_template == teacher.chat_template
 
 
 def test_sequence_kd_trains_on_the_teachers_text_in_the_students_tokens(
@@ -107,12 +99,12 @@ def completions(tokenizer, ids: list[int], text: str) -> list[int | None]:
 
 @pytest.mark.parametrize("kind", ["uld", "hybrid"])
 def test_logit_kd_loss_equals_a_transformers_forward_with_the_formula(
-    generate_shards, tiny_model, foreign_student, kind
+    generate_shards, foreign_student, kind
 ):
     from transformers import AutoModelForCausalLM
 
     student = load_tokenizer(foreign_student)
-    teacher = load_tokenizer(tiny_model)
+    teacher = load_tokenizer(generate_shards / TOKENIZER_FOLDER)
     dump = open_dump(generate_shards)
     encoder = text_encoder(
         dump, student, kd=kind, max_length=4096, trust_remote_code=False,
@@ -219,9 +211,7 @@ def test_hybrid_reports_alignment_and_resume_equals_uninterrupted(
         assert torch.equal(got[name], want[name]), name
 
 
-def test_bad_cross_tokenizer_input_is_refused(
-    generate_shards, foreign_student, tiny_model, tmp_path
-):
+def test_bad_cross_tokenizer_input_is_refused(generate_shards, foreign_student, tmp_path):
     from tests.synthetic_dumps import write_synthetic_dump_for
 
     with pytest.raises(UserError, match="pass --cross-tokenizer uld or hybrid"):
@@ -235,7 +225,9 @@ def test_bad_cross_tokenizer_input_is_refused(
             generate_shards, foreign_student, tmp_path / "b", temperature=2.0, cross_tokenizer="uld"
         )
     # A dump without texts (rows written without them) cannot be re-tokenized.
-    textless = write_synthetic_dump_for(tiny_model, tmp_path / "textless", 12)
+    textless = write_synthetic_dump_for(
+        generate_shards / TOKENIZER_FOLDER, tmp_path / "textless", 12
+    )
     with pytest.raises(UserError, match="stores no target texts") as refused:
         run_training(cross_config(textless, foreign_student, tmp_path / "c", loss="ce"))
     assert "\n" not in str(refused.value)
