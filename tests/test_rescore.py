@@ -107,10 +107,9 @@ def rescore_config(source: Path, model: Path, out: Path, **overrides):
 def test_rescore_with_the_same_tokenizer_scores_the_sources_ids(
     generate_shards, tiny_model, engine, tmp_path
 ):
-    from kd_shards.teacher_dump.run import run_dump
-
     from kd_shards.schemas.manifest import TOKENIZER_FOLDER
     from kd_shards.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from kd_shards.teacher_dump.run import run_dump
 
     # teacher-dump keeps its tokenizer beside the manifest, the same tokenizer as the model's.
     kept = load_tokenizer(generate_shards / TOKENIZER_FOLDER)
