@@ -51,7 +51,8 @@ class TrainConfig:
     student: str
     """Student: a local Hugging Face model directory (safetensors) or a hub id. A causal LM
     trains on token dumps: its tokenizer fingerprint must equal the dump's (refused with both
-    fingerprints otherwise) and its logits are sliced to len(tokenizer). A sequence classifier
+    fingerprints otherwise), unless it trains on the dump's texts (--loss ce or
+    --cross-tokenizer: docs/cross-tokenizer.md), and its logits are sliced to len(tokenizer). A sequence classifier
     or a bare encoder (BertModel, ...: it gets a new head) trains on classify dumps or --data,
     with its own tokenizer."""
     out: str
