@@ -113,11 +113,26 @@ class TeacherLookup:
         return self.cache[number][offset]
 
 
+def fit_target(row: TrainingRow, length: int) -> TrainingRow:
+    """`row` with its first `length` target positions only."""
+    if len(row.target_ids) <= length:
+        return row
+    return replace(
+        row,
+        target_ids=row.target_ids[:length],
+        topk_ids=row.topk_ids[:length],
+        topk_logprobs=row.topk_logprobs[:length],
+        topk_log_tail=None if row.topk_log_tail is None else row.topk_log_tail[:length],
+    )
+
+
 def combined_row(
     row: TrainingRow, lookups: list[TeacherLookup], weights: list[float]
 ) -> TrainingRow:
     """`row` (of --shards) with every teacher's distribution averaged in."""
-    others = [lookup.row(row.sample_id) for lookup in lookups]
+    # The stream may have cut the row to --max-length (fit_row: target tokens from the end);
+    # the other teachers' rows are cut alike.
+    others = [fit_target(lookup.row(row.sample_id), len(row.target_ids)) for lookup in lookups]
     for lookup, other in zip(lookups, others, strict=True):
         if not np.array_equal(other.target_ids, row.target_ids):
             raise UserError(

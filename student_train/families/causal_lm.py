@@ -184,6 +184,11 @@ def setup(
         return cross_tokenizer_setup(config, context, dump, student, output_logits, kind)
     objective = LanguageModelObjective(output_logits, config.loss_options(), config.chunk_tokens)
     if config.more_shards:
+        if config.teacher_top_k is not None:
+            raise UserError(
+                "--set teacher_top_k cuts the --shards teacher only, not --more-shards: drop it "
+                "when averaging teachers"
+            )
         others = [
             open_dump(path, allow_incomplete=config.allow_incomplete, flag="--more-shards")
             for path in config.more_shards
