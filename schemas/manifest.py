@@ -32,6 +32,9 @@ CORRUPT_MANIFEST_FIX = (
     "the manifest from the shards)"
 )
 SHARD_SUFFIX = ".parquet"
+TOKENIZER_FOLDER = "tokenizer"
+"""The teacher's tokenizer files (save_pretrained), kept beside the manifest: provenance, and what
+cross-tokenizer training decodes the teacher's ids with (docs/cross-tokenizer.md)."""
 
 
 def manifest_path(directory: Path) -> Path:

@@ -140,7 +140,10 @@ class TrainingRow:
     """(T,) float32 log of the teacher's mass outside the stored ids, as stored (-inf: none);
     NaN where the dump stores no tail (schema v1: it is 1 - sum(p) of the stored values)."""
     text: str = ""
-    """Classify rows: the example's text (prompt_text), which the student tokenizes itself."""
+    """The prompt text (prompt_text) when read: classify rows' example, which the student
+    tokenizes itself; a cross-tokenizer student's prompt."""
+    target_text: str = ""
+    """The target text (target_text) when read: what a cross-tokenizer student re-tokenizes."""
     hidden: np.ndarray | None = None
     """Classify rows: (H,) float16 pooled teacher hidden state, when the dump stores it.
     Masked-LM rows: (P, H) float16 teacher hidden state per input token, when read."""
@@ -677,6 +680,7 @@ def decode_row_group(
     target_offsets, prompt_offsets = decoded.target_offsets, decoded.prompt_offsets
     texts = table["prompt_text"].to_pylist() if "prompt_text" in columns else None
     pairs = table[PAIR_COLUMN].to_pylist() if PAIR_COLUMN in columns else None
+    target_texts = table["target_text"].to_pylist() if "target_text" in columns else None
     hidden = None
     if HIDDEN_COLUMN in columns:
         array = table[HIDDEN_COLUMN].combine_chunks()
@@ -707,6 +711,7 @@ def decode_row_group(
                     None if decoded.topk_log_tail is None else decoded.topk_log_tail[first:last]
                 ),
                 text=texts[row] if texts is not None else "",
+                target_text=target_texts[row] if target_texts is not None else "",
                 hidden=hidden[row] if hidden is not None else None,
                 text_pair=pairs[row] if pairs is not None else None,
                 mask_positions=None if positions is None else positions[first:last],

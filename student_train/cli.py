@@ -25,7 +25,7 @@ FLAGS = (
     "stop_at_step", "max_length", "chunk_tokens", "bf16", "resume", "trust_remote_code",
     "progress", "data", "data_path", "split", "limit", "more_shards", "teacher_weights",
     "hidden_weight", "student_hidden_layer", "follow", "masked_lm_weights",
-    "parallel",
+    "parallel", "cross_tokenizer",
 )  # fmt: skip
 """The TrainConfig fields that have a flag; every field can be set with --set or --config."""
 NEGATED = {"progress": "--no-progress"}

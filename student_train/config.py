@@ -33,6 +33,8 @@ RESUMABLE_FIELDS = frozenset(
 )
 """Fields a resumed run may change: they say how this process runs, not what it trains."""
 
+CrossTokenizer = Literal["none", "uld", "hybrid"]
+"""Logit KD from a dump of another tokenizer (see TrainConfig.cross_tokenizer)."""
 Parallel = Literal["ddp", "fsdp"]
 """How the ranks of a torchrun job share the student (see TrainConfig.parallel)."""
 
@@ -51,9 +53,10 @@ class TrainConfig:
     student: str
     """Student: a local Hugging Face model directory (safetensors) or a hub id. A causal LM
     trains on token dumps: its tokenizer fingerprint must equal the dump's (refused with both
-    fingerprints otherwise) and its logits are sliced to len(tokenizer). An encoder-decoder
-    (T5, BART: AutoModelForSeq2SeqLM) trains on token dumps the same way, the prompt its
-    encoder's input and the target its decoder's tokens. A sequence classifier
+    fingerprints otherwise), unless it trains on the dump's texts (--loss ce or
+    --cross-tokenizer: docs/cross-tokenizer.md), and its logits are sliced to len(tokenizer). An
+    encoder-decoder (T5, BART: AutoModelForSeq2SeqLM) trains on token dumps the same way, the
+    prompt its encoder's input and the target its decoder's tokens. A sequence classifier
     or a bare encoder (BertModel, ...: it gets a new head) trains on classify dumps or --data,
     with its own tokenizer."""
     out: str
@@ -74,10 +77,13 @@ class TrainConfig:
     limit: int | None = None
     """With --data: use only the first N examples."""
     more_shards: tuple[str, ...] = ()
-    """Classification, multi-teacher: further classify dumps of the same samples and labels by
-    other teachers. Each example's teacher distribution becomes the weighted average of every
-    teacher's probabilities (--shards first, then these, weighted by --teacher-weights). Refused
-    when the dumps hold different data, samples or labels."""
+    """Multi-teacher: further dumps of the same samples by other teachers. Classification:
+    classify dumps with the same labels; each example's teacher distribution becomes the
+    weighted average of every teacher's probabilities (--shards first, then these, weighted by
+    --teacher-weights). Token dumps (a causal LM student): dumps of --shards' rows with its
+    tokenizer (teacher-dump --mode rescore --data SHARDS); each position's distribution becomes
+    the weighted average over the union of the stored ids (tails averaged too). Refused when
+    the dumps hold different data, samples, labels, targets or tokenizers."""
     teacher_weights: tuple[float, ...] = ()
     """Weights of the teachers of --shards and --more-shards, in that order (normalized to sum
     to 1); default: uniform."""
@@ -120,6 +126,15 @@ class TrainConfig:
     count as empty, 10⁻⁹) against the student's exact remaining mass. renormalize: compare
     both distributions restricted to the stored ids. Sampled (RS-KD) dumps need bucket, --loss
     fkl and --temperature 1: only then is their loss unbiased."""
+    cross_tokenizer: CrossTokenizer = "none"
+    """Logit KD across tokenizers (docs/cross-tokenizer.md): the dump's texts are re-tokenized by
+    the student, student and teacher positions whose tokens end at the same character are
+    aligned, and aligned positions get uld (Boizard et al. 2024: L1 between the sorted
+    probability vectors, no vocabulary mapping) or hybrid (GOLD-style: forward KL on teacher
+    ids that are exactly one student token, ULD on the rest); every student position gets
+    α·CE. Needs --temperature 1 and the default --loss. none: a student whose tokenizer
+    differs from the dump's trains only with --loss ce (sequence-level KD on the re-tokenized
+    texts, no logits needed); others are refused."""
     max_steps: int | None = None
     """Optimizer steps to train (the stream cycles through epochs as needed). Give this or
     --epochs."""
@@ -246,7 +261,34 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
-        check_all([*self.source_and_batch_checks(), *self.value_checks()])
+        check_all(
+            [
+                *self.source_and_batch_checks(),
+                *self.value_checks(),
+                *self.cross_tokenizer_checks(),
+            ]
+        )
+
+    def cross_tokenizer_checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for --cross-tokenizer."""
+        if self.cross_tokenizer == "none":
+            return []
+        flag = f"--cross-tokenizer {self.cross_tokenizer}"
+        return [
+            (
+                self.loss == "fkl",
+                f"{flag} replaces the divergence (its KL part is forward KL): drop --loss "
+                f"{self.loss} (--loss ce without {flag} is sequence-level KD)",
+            ),
+            (
+                self.temperature in (None, 1.0),
+                f"{flag} compares the stored distributions at temperature 1: drop --temperature",
+            ),
+            (
+                self.teacher_top_k is None,
+                f"{flag} compares every stored entry: drop --set teacher_top_k",
+            ),
+        ]
 
     def source_and_batch_checks(self) -> list[tuple[bool, str]]:
         """(holds, message) for the data source, batching, follow and parallel settings."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from kd_shards.shared.config import config_to_dict
+from kd_shards.shared.config import config_to_dict, field_default
 from kd_shards.shared.errors import UserError
 from kd_shards.student_train.checkpoints import (
     FINAL_DIRECTORY,
@@ -60,7 +60,9 @@ def existing_checkpoint(
 
 def check_resumable(config: TrainConfig, meta: dict, context: Distributed) -> None:
     """Refuse to resume with a different training setup (what would silently change results)."""
-    saved = meta["config"]
+    # A field added since the checkpoint was written had its default then.
+    saved = {key: field_default(TrainConfig, key) for key in config_to_dict(config)}
+    saved.update(meta["config"])
     current = config_to_dict(config)
     changed = sorted(
         key for key in current if key not in RESUMABLE_FIELDS and saved.get(key) != current[key]

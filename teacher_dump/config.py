@@ -19,10 +19,11 @@ WriterPlace = Literal["process", "thread", "inline"]
 """Where the shards are encoded and written (teacher_dump.pipeline): a process beside the
 engine's loop, a thread beside it, or on the loop itself."""
 
-Mode = Literal["generate", "score", "text", "classify", "mlm"]
+Mode = Literal["generate", "score", "text", "classify", "mlm", "rescore"]
 """generate: the teacher samples completions; score: it is teacher-forced on the reference;
 text: every position of raw text; classify: class distributions of a classifier (or of an LLM
-through label words); mlm: a masked LM's distributions at masked positions of raw text."""
+through label words); mlm: a masked LM's distributions at masked positions of raw text;
+rescore: it is teacher-forced on the rows of an existing token dump."""
 
 DEFAULT_VERBALIZER_PROMPT = (
     "Classify the text into one of these labels: {labels}.\n\nText: {text}\n\n"
@@ -63,7 +64,8 @@ class DumpConfig:
     texts, mrpc, rte, qqp: labelled sentence pairs (--mode classify); triviaqa,
     aqua-rat-letter: questions (generate, score); or a local
     .jsonl/.json/.parquet/.csv/.tsv file used with --prompt-column (and --target-column). The
-    same names as kd-eval's --data (shared/tasks/)."""
+    same names as kd-eval's --data (shared/tasks/). With --mode rescore: the directory of the
+    finished token dump whose rows are re-scored."""
     out: str
     """Output directory for shards and manifest.json (created; reruns resume it)."""
     mode: Mode = "generate"
@@ -74,7 +76,9 @@ class DumpConfig:
     --prompt-column and --target-column) from a *ForSequenceClassification teacher, or from a
     causal LM scoring --label-words; mlm: a *ForMaskedLM teacher's distributions at the masked
     positions of raw text cut into --chunk-tokens windows, masked --masks-per-text times at
-    dump time (BERT's 80/10/10 of --mask-rate of the tokens)."""
+    dump time (BERT's 80/10/10 of --mask-rate of the tokens); rescore: is teacher-forced on exactly
+    the rows of the token dump --data names (its prompts and targets, e.g. another teacher's
+    samples; re-tokenized from their texts when the tokenizers differ), keeping its sample ids."""
     data_path: str | None = None
     """Local file or directory for a built-in task. A directory is searched for <split>.jsonl,
     <split>.parquet, <split>.txt and wiki.<split>.raw. Without it the task's hub dataset is

@@ -44,6 +44,7 @@ from kd_shards.teacher_dump.shards import (
     refresh_manifest,
     update_manifest,
 )
+from kd_shards.teacher_dump.tokenizer_files import keep_tokenizer
 
 MODE_FIELDS = frozenset().union(*(mode.OWN_FIELDS for mode in MODES.values()))
 """Fields that shape the rows of one mode only (TeacherMode.OWN_FIELDS): the other modes leave
@@ -86,10 +87,13 @@ def prepare(config: DumpConfig) -> PreparedDump:
     """Resolve model, tokenizer and data; build and validate this dump's requests (no engine)."""
     mode = MODES[config.mode]
     inputs = resolve_teacher(config)
-    task = resolve_task(config.data, config.prompt_column, config.target_column)
-    mode.check_task(config, task, inputs)
-    data_path = Path(config.data_path) if config.data_path else None
-    records = load_records(task, config.data, data_path, config.split)
+    if hasattr(mode, "load_source"):  # a mode whose --data is not a task (rescore: a dump)
+        task, records = mode.load_source(config, inputs)
+    else:
+        task = resolve_task(config.data, config.prompt_column, config.target_column)
+        mode.check_task(config, task, inputs)
+        data_path = Path(config.data_path) if config.data_path else None
+        records = load_records(task, config.data, data_path, config.split)
     planned = mode.requests(config, task, records, inputs)
     completion_filter = filter_of(config)
     if completion_filter is not None:
@@ -282,6 +286,7 @@ def run_dump(config: DumpConfig, engine=None) -> dict:
     header = manifest_header(config, prepared)
     directory = Folder(config.out)
     open_output(directory, header, config, fingerprints_of(prepared))
+    keep_tokenizer(directory, prepared.tokenizer)
     with exclusive_writer(directory, config.rank, config.world_size):
         return dump_remaining(config, prepared, directory, engine, started)
 

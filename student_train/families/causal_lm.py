@@ -1,7 +1,8 @@
 """The causal LM family: a decoder-only student (AutoModelForCausalLM) trained on token dumps.
 
-Its tokenizer must be the teacher's (token ids only mean the same tokens under one tokenizer).
-Rows are collated as prompt + target (shared.collation); the decoder runs to final hidden
+Token KD needs the teacher's tokenizer (token ids only mean the same tokens under one tokenizer).
+A student with another tokenizer trains on the dump's texts instead (--loss ce, or
+--cross-tokenizer uld|hybrid: student_train.cross_tokenizer). Rows are collated as prompt + target (shared.collation); the decoder runs to final hidden
 states, the positions that predict each target are kept, and the LM head is applied chunk by
 chunk inside the loss (shared.causal_lm), so no (B, L, V) logits tensor is built.
 """
@@ -22,13 +23,24 @@ from kd_shards.shared.classification import is_causal_lm
 from kd_shards.shared.collation import Batch, collate
 from kd_shards.shared.errors import UserError, one_line
 from kd_shards.shared.fidelity import fidelity_metrics, fidelity_sums_over_batches
+from kd_shards.shared.files import atomic_write_json
 from kd_shards.shared.models import context_length, resolve_model
-from kd_shards.shared.shard_reader import TRAINING_COLUMNS, Dump, TrainingRow
+from kd_shards.shared.shard_reader import TRAINING_COLUMNS, Dump, TrainingRow, open_dump
+from kd_shards.shared.token_alignment import exact_token_map
 from kd_shards.shared.tokenizer import load_tokenizer, tokenizer_fingerprint
 from kd_shards.student_train.config import TrainConfig
+from kd_shards.student_train.cross_tokenizer import (
+    ALIGNMENT_NAME,
+    TEXT_COLUMNS,
+    CrossTokenizerObjective,
+    alignment_report,
+    print_report,
+    text_encoder,
+)
 from kd_shards.student_train.distributed import Distributed
 from kd_shards.student_train.family import FamilySetup, StudentFamily
 from kd_shards.student_train.losses import LossOptions, chunked_loss_sums
+from kd_shards.student_train.multi_teacher import CombinedTeachersObjective, teacher_lookups
 from kd_shards.student_train.student import NO_LORA, LoraOptions, Student, with_lora
 
 
@@ -85,13 +97,14 @@ class LanguageModelObjective:
 def load_student(
     reference: str,
     *,
-    manifest: dict,
+    manifest: dict | None,
     trust_remote_code: bool,
     lora: LoraOptions = NO_LORA,
     device: torch.device | str = "cpu",
     weights_from: Path | None = None,
 ) -> Student:
-    """Load the student in float32, refusing one whose tokenizer differs from the teacher's.
+    """Load the student in float32, refusing one whose tokenizer differs from the teacher's
+    (the `manifest`'s; None: no check, for cross-tokenizer training).
 
     `weights_from`: a checkpoint directory whose weights (full model, or LoRA adapter) replace
     the student's, to resume training."""
@@ -99,7 +112,8 @@ def load_student(
 
     resolved = resolve_model(reference, flag="--student", trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(resolved.directory, trust_remote_code=trust_remote_code)
-    check_tokenizer_fingerprint(manifest, tokenizer_fingerprint(tokenizer), "student")
+    if manifest is not None:
+        check_tokenizer_fingerprint(manifest, tokenizer_fingerprint(tokenizer), "student")
     vocabulary = len(tokenizer)
     full_weights = weights_from if weights_from is not None and lora.r == 0 else None
     try:
@@ -142,7 +156,8 @@ def setup(
     checkpoint: Path | None,
 ) -> FamilySetup:
     """The causal LM student, its objective and the columns it reads. Token ids only mean the
-    same tokens under the teacher's tokenizer: the student's fingerprint must match every dump."""
+    same tokens under the teacher's tokenizer: the student's fingerprint must match every dump,
+    unless it trains across tokenizers (cross_tokenizer_kind)."""
     for flag, checked in (("--shards", dump), ("--eval-shards", eval_dump)):
         if checked is not None and is_encoder_decoder_dump(checked.manifest):
             raise UserError(
@@ -151,24 +166,91 @@ def setup(
                 f"--student {config.student} is a causal LM: train an encoder-decoder student "
                 "(T5, BART) on it, or dump a causal teacher"
             )
+    kind = cross_tokenizer_kind(config, dump)
     student = load_student(
         config.student,
-        manifest=dump.manifest,
+        manifest=dump.manifest if kind is None else None,
         trust_remote_code=config.trust_remote_code,
         lora=config.lora_options,
         device=context.device,
         weights_from=checkpoint,
     )
     if eval_dump is not None:
-        fingerprint = tokenizer_fingerprint(student.tokenizer)
+        if kind is None:
+            fingerprint = tokenizer_fingerprint(student.tokenizer)
+        else:  # the eval rows are aligned with the training dump's tokenizer
+            fingerprint = dump.manifest["tokenizer"]["fingerprint"]
         check_tokenizer_fingerprint(eval_dump.manifest, fingerprint, "student")
     check_output_path(student.model, student.vocabulary, context.device)
-    objective = LanguageModelObjective(
-        output_logits_function(student.model, student.vocabulary),
-        config.loss_options(),
-        config.chunk_tokens,
-    )
+    output_logits = output_logits_function(student.model, student.vocabulary)
+    if kind is not None:
+        if config.more_shards:
+            raise UserError(
+                "--more-shards averages teachers of the student's own tokenizer: train across "
+                "tokenizers on one dump (--shards) at a time"
+            )
+        return cross_tokenizer_setup(config, context, dump, student, output_logits, kind)
+    objective = LanguageModelObjective(output_logits, config.loss_options(), config.chunk_tokens)
+    if config.more_shards:
+        if config.teacher_top_k is not None:
+            raise UserError(
+                "--set teacher_top_k cuts the --shards teacher only, not --more-shards: drop it "
+                "when averaging teachers"
+            )
+        others = [
+            open_dump(path, allow_incomplete=config.allow_incomplete, flag="--more-shards")
+            for path in config.more_shards
+        ]
+        lookups, weights = teacher_lookups(dump, others, config.teacher_weights)
+        objective = CombinedTeachersObjective(objective, lookups, weights)
     return FamilySetup(student, objective, TRAINING_COLUMNS)
+
+
+def cross_tokenizer_kind(config: TrainConfig, dump: Dump) -> str | None:
+    """None: token KD on the dump's ids (the student shares its tokenizer); "sequence", "uld"
+    or "hybrid": training on the dump's texts (student_train.cross_tokenizer). A student of
+    another tokenizer with a logit loss but no --cross-tokenizer is refused."""
+    if config.cross_tokenizer != "none":
+        return config.cross_tokenizer
+    resolved = resolve_model(
+        config.student, flag="--student", trust_remote_code=config.trust_remote_code
+    )
+    tokenizer = load_tokenizer(resolved.directory, trust_remote_code=config.trust_remote_code)
+    expected = dump.manifest["tokenizer"]["fingerprint"]
+    if tokenizer_fingerprint(tokenizer) == expected:
+        return None
+    if config.loss == "ce":
+        return "sequence"
+    raise UserError(
+        f"tokenizer mismatch: the shards were written with tokenizer {expected[:16]} but "
+        f"student has tokenizer {tokenizer_fingerprint(tokenizer)[:16]}: pass --cross-tokenizer "
+        f"uld or hybrid for logit KD across tokenizers, --loss ce for sequence-level KD on the "
+        "teacher's texts, or a student that shares the teacher's tokenizer"
+    )
+
+
+def cross_tokenizer_setup(config, context, dump, student, output_logits, kind: str) -> FamilySetup:
+    """The cross-tokenizer objective; its alignment report (first rows of the dump) on stderr
+    and in OUT/alignment.json."""
+    encoder = text_encoder(
+        dump,
+        student.tokenizer,
+        kd=kind,
+        max_length=config.max_length or student.context or (1 << 30),
+        trust_remote_code=config.trust_remote_code,
+        token_map_of=lambda teacher: exact_token_map(
+            teacher, student.tokenizer, dump.manifest["tokenizer"].get("stop_token_ids") or ()
+        ),
+    )
+    report = alignment_report(dump, encoder)
+    if context.is_main:
+        print_report(report, kind)
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(config.out) / ALIGNMENT_NAME, {"kind": kind, **report})
+    objective = CrossTokenizerObjective(
+        output_logits, encoder, config.loss_options(), kind, config.chunk_tokens
+    )
+    return FamilySetup(student, objective, (*TRAINING_COLUMNS, *TEXT_COLUMNS))
 
 
 CAUSAL_LM = StudentFamily(
