@@ -12,13 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-# vLLM's engine core in the process that builds the engine instead of a spawned one, which
-# re-imports torch and vLLM first and then takes every step over a socket (docs/development.md
-# has the measured difference). This process and every command the tests start (CLIs,
-# data-parallel children, Ray workers) inherit it. The sampled-store test clears it, so the
-# default multiprocess path (the plugin's entry point reaching the engine core's process) stays
-# covered; VLLM_ENABLE_V1_MULTIPROCESSING=1 runs the whole suite that way.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
