@@ -29,7 +29,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-import pickle
 import queue
 import signal
 import sys
@@ -367,18 +366,18 @@ def report_failure(error: BaseException, replies, parent: int | None) -> None:
 
 
 def transferable(error: BaseException) -> BaseException:
-    """`error` as it can cross back to the dump's process: itself where it pickles (UserError,
-    OSError, ...), else a RuntimeError with its type and message; bugs print their traceback
-    here (the writer's stderr is the dump's)."""
+    """`error` rebuilt from plain values so it crosses back to the dump's process whatever its
+    type holds: a UserError keeps its one line, an OSError its errno and file (a full disk
+    reads as one), anything else becomes a RuntimeError with its type and message; bugs print
+    their traceback here (the writer's stderr is the dump's)."""
     from kd_shards.shared.errors import UserError
 
-    if not isinstance(error, UserError):
-        traceback.print_exc(file=sys.stderr)
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        return RuntimeError(f"the shard writer failed: {type(error).__name__}: {one_line(error)}")
+    if isinstance(error, UserError):
+        return UserError(str(error))
+    traceback.print_exc(file=sys.stderr)
+    if isinstance(error, OSError):
+        return OSError(error.errno, error.strerror or one_line(error), error.filename)
+    return RuntimeError(f"the shard writer failed: {type(error).__name__}: {one_line(error)}")
 
 
 def die_with_parent() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from kd_shards.schemas.shard import round_logprobs
@@ -125,6 +125,8 @@ def random_teacher_topk(
     loss=st.sampled_from(KD_LOSSES + ["jsd-0", "jsd-1"]),
     tail=st.sampled_from(TAILS),
 )
+@example(seed=0, vocabulary=194, k_fraction=0.5, padded=0, student_scale=12.0,
+         temperature=0.5, loss="rkl", tail="renormalize")  # fmt: skip
 def test_kd_loss_and_gradient_equal_a_dense_float64_reference(
     seed, vocabulary, k_fraction, padded, student_scale, temperature, loss, tail
 ):
@@ -147,8 +149,10 @@ def test_kd_loss_and_gradient_equal_a_dense_float64_reference(
     )
     reference.backward()
     assert ours.item() == pytest.approx(reference.item(), rel=2e-4, abs=2e-5)
+    # atol: float32 rounding of logits up to 24 in size (scale 12 / T 0.5) moves a gradient
+    # entry by ~2e-5 where its exact value is near 0 (seen: 2.9e-5, reverse KL, renormalized)
     torch.testing.assert_close(
-        ours_logits.grad.double(), reference_logits.grad, rtol=2e-3, atol=2e-5
+        ours_logits.grad.double(), reference_logits.grad, rtol=2e-3, atol=5e-5
     )
 
 
