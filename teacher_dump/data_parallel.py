@@ -298,6 +298,10 @@ def last_line(path: Path) -> str:
     return lines[-1].strip()[:300] if lines else "it exited without a message"
 
 
+GROUP_EXIT_SECONDS = 20.0
+"""How long stop waits for a killed child's process group to be gone."""
+
+
 def stop(children: list) -> None:
     """Kill what is left of each child's process group (its engine's processes included)."""
     for child in children:
@@ -305,3 +309,13 @@ def stop(children: list) -> None:
             os.killpg(child.pid, signal.SIGKILL)
         child.kill()  # one killed before its setsid has no group yet
         child.join(timeout=30)
+    # The group's other processes (the engine's) are reaped by init, not by us: wait until they
+    # are gone, so that no engine process outlives the dump that started it.
+    deadline = time.monotonic() + GROUP_EXIT_SECONDS
+    for child in children:
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(child.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.1)
