@@ -84,9 +84,11 @@ def test_a_dump_round_trips_through_an_in_memory_object_store(
     run_dump(text_dump(tiny_model, text_file, local), engine)
     assert manifest["complete"] and manifest["totals"]["rows"] == 12
 
-    # Only the shards and the manifest: no temporaries and no lock files in an object store.
+    # Only the shards, the manifest and the teacher's tokenizer folder: no temporaries and no
+    # lock files in an object store.
     names = Folder(url).names()
-    assert names == ["manifest.json"] + [f"part-r00000-w00001-00000{i}.parquet" for i in range(3)]
+    shards = [f"part-r00000-w00001-00000{i}.parquet" for i in range(3)]
+    assert names == ["manifest.json", *shards, "tokenizer"]
     assert memory_rows(url) == local_rows(local)
     assert validate(Folder(url)) == []
     assert summarize(Folder(url))["manifest"]["totals"] == manifest["totals"]
