@@ -377,6 +377,8 @@ def transferable(error: BaseException) -> BaseException:
     traceback.print_exc(file=sys.stderr)
     if isinstance(error, OSError):
         return OSError(error.errno, error.strerror or one_line(error), error.filename)
+    if type(error).__module__ == "builtins":  # ValueError, KeyError, ...: same type, its line
+        return type(error)(one_line(error))
     return RuntimeError(f"the shard writer failed: {type(error).__name__}: {one_line(error)}")
 
 
