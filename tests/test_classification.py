@@ -70,7 +70,8 @@ def tiny_encoder_student(tmp_path_factory, tiny_classifier) -> Path:
     )
 
 
-def classify_dump(model: Path, data: Path, out: Path, **overrides):
+def classify_dump(model: Path, data: Path, out: Path, engine=None, **overrides):
+    """A classify-mode dump; `engine`, when given, is the session's vLLM engine over `model`."""
     from kd_shards.teacher_dump.run import run_dump
 
     values = dict(
@@ -81,7 +82,7 @@ def classify_dump(model: Path, data: Path, out: Path, **overrides):
         rows_per_shard=5,
     )
     values.update(overrides)
-    return run_dump(dump_config(model, data, out, **values))
+    return run_dump(dump_config(model, data, out, **values), engine)
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +185,7 @@ def test_llm_verbalizer_teacher_equals_label_word_logprobs(tiny_model, sst2_like
 
     words = ("bad", "good")
     out = tmp_path / "verbalizer"
-    manifest = classify_dump(tiny_model, sst2_like, out, label_words=words, limit=4)
+    manifest = classify_dump(tiny_model, sst2_like, out, engine, label_words=words, limit=4)
     assert manifest["classify"]["teacher_kind"] == "verbalizer" and manifest["complete"]
     assert 0 < manifest["classify"]["verbalizer"]["mean_label_word_mass"] <= 1
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

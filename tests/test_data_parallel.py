@@ -70,6 +70,7 @@ def assert_all_gone(pids: list[int]) -> None:
 
 
 @pytest.mark.engine
+@pytest.mark.long
 def test_two_engines_finish_and_hand_back_the_rows_of_one_engine(
     tiny_model, gsm8k_file, engine, tmp_path, capfd, monkeypatch
 ):
@@ -104,6 +105,7 @@ def test_two_engines_finish_and_hand_back_the_rows_of_one_engine(
 
 
 @pytest.mark.engine
+@pytest.mark.long
 def test_a_child_that_cannot_start_its_engine_fails_the_dump_naming_its_rank(
     tiny_model, gsm8k_file, tmp_path, monkeypatch
 ):

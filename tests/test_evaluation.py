@@ -110,28 +110,34 @@ def eval_config(**values):
 
 
 @pytest.mark.engine
-def test_uniform_model_has_the_vocabulary_as_perplexity(tmp_path):
-    """A model whose LM head is zero predicts uniformly over its 512 embedding rows."""
+def test_text_perplexity_is_a_transformers_forwards_cross_entropy(tiny_model, engine, tmp_path):
+    """The engine's perplexity on text windows against the dense reference: exp of the mean
+    next-token cross-entropy of a plain transformers forward over the same windows (the session's
+    engine: no engine start of its own)."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
 
     from kd_shards.kd_eval.evaluation import run_evaluation
-    from scripts.tiny_models import build_tiny_llama
 
-    directory = build_tiny_llama(tmp_path / "uniform")
-    weights = load_file(directory / "model.safetensors")
-    weights["lm_head.weight"] = torch.zeros_like(weights["lm_head.weight"])
-    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     report = run_evaluation(
         eval_config(
-            data="text", models=(f"uniform={directory}",), data_path=str(text), chunk_tokens=64
-        )
+            data="text", models=(f"teacher={tiny_model}",), data_path=str(text), chunk_tokens=64
+        ),
+        engines={"teacher": engine},
     )
-    metrics = report["models"]["uniform"]["metrics"]
-    assert metrics["perplexity"] == pytest.approx(512.0, rel=1e-3)
-    assert metrics["tokens"] == sum(len(chunk) - 1 for chunk in _chunks(directory, text, 64))
+    metrics = report["models"]["teacher"]["metrics"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    total, tokens = 0.0, 0
+    for chunk in _chunks(tiny_model, text, 64):
+        ids = torch.tensor([list(chunk)], dtype=torch.long)
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        tokens += len(chunk) - 1
+    assert metrics["tokens"] == tokens
+    assert metrics["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-4)
 
 
 def _chunks(directory: Path, text: Path, chunk_tokens: int):
@@ -323,9 +329,20 @@ def test_bad_input_is_one_line(tiny_model, tmp_path):
         ),
         (("--data", "gsm8k", "--data-path", str(good)), "--models required"),
     ]
-    for arguments, expected in cases:
-        result = kd_eval(*arguments)
-        assert result.returncode == 2, (arguments, result.stderr[-2000:])
+    from click.testing import CliRunner
+
+    from kd_shards.kd_eval.cli import main
+
+    # The first case runs as its own process, so nothing else (a library's warning) may reach
+    # stderr; the rest run in this one through click's runner, a process start (seconds) each
+    # fewer, on the same code path from argument parsing to the exit status.
+    first = kd_eval(*cases[0][0])
+    lines = [line for line in first.stderr.splitlines() if line.strip()]
+    assert first.returncode == 2 and len(lines) == 1, first.stderr[-2000:]
+    assert lines[0].startswith("error: ") and cases[0][1] in lines[0], first.stderr[-2000:]
+    for arguments, expected in cases[1:]:
+        result = CliRunner().invoke(main, list(arguments))
+        assert result.exit_code == 2, (arguments, result.stderr[-2000:], result.exception)
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         assert expected in lines[-1], (arguments, result.stderr[-2000:])
         assert len(lines) == 1, (arguments, result.stderr[-2000:])

@@ -193,6 +193,7 @@ def test_one_writer_per_rank_and_one_world_size_at_a_time(tmp_path):
         pass
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("different", [True, False], ids=["different-configs", "same-rank"])
 def test_two_dumps_started_at_once_into_one_out_one_is_refused(
     tiny_model, gsm8k_file, tmp_path, different

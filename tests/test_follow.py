@@ -206,6 +206,7 @@ def train_losses(out: Path) -> list[tuple[int, float]]:
     ]
 
 
+@pytest.mark.long
 def test_follow_trains_on_a_dump_written_by_another_process_and_resumes_exactly(
     student_model, tmp_path
 ):
@@ -246,6 +247,7 @@ def test_follow_trains_on_a_dump_written_by_another_process_and_resumes_exactly(
         assert torch.equal(got[name], want[name]), name
 
 
+@pytest.mark.long
 def test_follow_under_torchrun_sees_every_sample_once_per_epoch(student_model, tmp_path):
     rows = 36
     shards, log, out = tmp_path / "shards", tmp_path / "published.jsonl", tmp_path / "ddp"

@@ -17,6 +17,8 @@ from kd_shards.student_train.reporting import read_metrics
 from tests.conftest import torchrun_student_train
 from tests.synthetic_dumps import write_synthetic_dump_for
 
+pytestmark = pytest.mark.long  # torchrun: two training processes per test
+
 RELATIVE_TOLERANCE = 1e-4
 """FSDP2 reduce-scatters and gathers in another order than DDP's all-reduce: float32 sums
 differ in their last bits, and 6 AdamW steps carry that forward (measured: 1.1e-7)."""

@@ -24,7 +24,7 @@ from scripts.kill_trials import (
     write_prompts,
 )
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.long]
 
 SEED = 11
 TRIALS = TrialsConfig(prompts=48, max_new_tokens=48, rows_per_shard=4, train_steps=12)

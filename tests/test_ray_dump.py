@@ -20,7 +20,7 @@ from tests.conftest import REPO, cli_command, dump_config
 from tests.dump_comparison import assert_same_rows, read_rows
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.long]
 
 ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

@@ -132,6 +132,7 @@ def test_resume_after_a_stop_equals_uninterrupted_training(
         assert torch.equal(got[name], want[name]), name
 
 
+@pytest.mark.long
 def test_torchrun_two_processes_see_each_sample_once_per_epoch(
     text_shards, student_model, tmp_path
 ):

@@ -25,7 +25,8 @@ import transformers
 
 from scripts.tiny_models import build_tiny_bert
 
-pytestmark = pytest.mark.engine  # the shards it reads come from the real engine
+# the shards it reads come from the real engine; a venv and a wheel install each run
+pytestmark = [pytest.mark.engine, pytest.mark.long]
 
 REPO = Path(__file__).resolve().parents[1]
 
