@@ -363,8 +363,16 @@ def run_evaluation(config: EvalConfig, engines: dict | None = None) -> dict:
     if task.kind == "choice":
         return run_choice_evaluation(config, task)
     inputs = load_task_inputs(config, task)
-    # Every model and tokenizer is checked before the first engine starts: bad input fails in
-    # seconds, not after minutes of evaluating the models before it.
+    # Every model and tokenizer, and the teacher's shards, are checked before the first engine
+    # starts: bad input fails in seconds, not after minutes of evaluating the models before it.
+    if config.teacher_shards:
+        from kd_shards.schemas.manifest import check_dump_kind
+        from kd_shards.shared.shard_reader import open_dump
+
+        dump = open_dump(config.teacher_shards, flag="--teacher-shards")
+        check_dump_kind(
+            dump.manifest, classify=False, where=f"--teacher-shards {config.teacher_shards}"
+        )
     models = []
     for name, reference in (parse_model(text) for text in config.models):
         resolved = resolve_model(

@@ -153,6 +153,51 @@ def test_mlm_dump_ranks_reproduce_the_single_run(masked_teacher, text_file, mlm_
             assert other[column] == row[column], column
 
 
+def test_an_interrupted_mlm_dump_resumes_to_the_uninterrupted_one(
+    masked_teacher, text_file, mlm_dump, tmp_path, monkeypatch
+):
+    from kd_shards.teacher_dump.shards import ShardWriter
+
+    out = tmp_path / "resumed"
+    real_add = ShardWriter.add_prompt_rows
+    calls = []
+
+    def add_then_crash(writer, rows):
+        calls.append(len(rows))
+        if len(calls) == 5:  # the process dies before this text's masked copies are written
+            raise RuntimeError("killed")
+        real_add(writer, rows)
+
+    monkeypatch.setattr(ShardWriter, "add_prompt_rows", add_then_crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_dump(mlm_config(masked_teacher, text_file, out, rows_per_shard=1))
+    monkeypatch.undo()
+    _, partial = shard_table(out)
+    _, single = shard_table(mlm_dump)
+    assert 0 < len(partial) < len(single)
+    run_dump(mlm_config(masked_teacher, text_file, out, rows_per_shard=1))
+    _, resumed = shard_table(out)
+    assert sorted(row["sample_id"] for row in resumed) == sorted(row["sample_id"] for row in single)
+    by_id = {row["sample_id"]: row for row in resumed}
+    for row in single:
+        for column in ("prompt_ids", "mask_positions", "target_ids", "target_logprobs"):
+            assert by_id[row["sample_id"]][column] == row[column], column
+
+
+def test_kd_eval_refuses_an_mlm_dump_as_teacher_shards_before_any_engine(
+    mlm_dump, tiny_model, text_file
+):
+    from kd_shards.kd_eval.config import EvalConfig
+    from kd_shards.kd_eval.evaluation import run_evaluation
+
+    config = EvalConfig(
+        data="text", data_path=str(text_file), models=(f"a={tiny_model}",),
+        teacher_shards=str(mlm_dump), chunk_tokens=64, progress=False,
+    )  # fmt: skip
+    with pytest.raises(UserError, match="is a masked-LM dump \\(teacher-dump --mode mlm\\)"):
+        run_evaluation(config)
+
+
 def test_triple_loss_equals_the_formula():
     torch.manual_seed(0)
     positions, vocabulary, tokens, width, temperature = 5, 11, 9, 6, 2.0
